@@ -1,0 +1,76 @@
+/// `svcd config default`: every key with its default value and what it does. This file parses to
+/// exactly [`crate::Config::default()`] (tested), and `docs/svcd.example.toml` is a copy of it
+/// (tested too), so the documentation cannot drift from the code.
+pub const DEFAULT_CONFIG_TOML: &str = r#"# svcd configuration. Every key is optional; the values below are the built-in defaults.
+# Precedence: command-line flag > SVCD_* environment variable > this file > default.
+# Check a file with: svcd config check FILE
+
+[admin]
+# Admin/API listener: /healthz, /readyz, /metrics, /v1/... . svcd refuses to listen on a
+# non-loopback address unless token_file is set.
+listen = "127.0.0.1:9901"
+# File holding a bearer token required on every admin request except /healthz and /readyz.
+# token_file = "/etc/svcd/admin.token"
+
+[dns]
+# DNS responder, UDP and TCP on the same address.
+listen = "127.0.0.1:8600"
+# Cluster domain: <svc>.<ns>.svc.<domain>
+domain = "cluster.local"
+# TTL of positive answers, and of negative answers (NXDOMAIN/NODATA, SOA minimum).
+ttl = "5s"
+negative_ttl = "5s"
+# Most address records in one UDP answer.
+max_answers = 20
+# Upstream resolvers for names outside the domain. Empty: such queries are REFUSED.
+forward = []
+
+[proxy]
+# Worker threads for the proxies; default: one per core.
+# workers = 2
+
+# HTTP proxy listeners; routes requests by Host to healthy instances. Several allowed;
+# `http = []` under [proxy] disables the HTTP proxy.
+[[proxy.http]]
+listen = "127.0.0.1:8080"
+
+[registry]
+# "embedded": in-process store (single node, nothing else needed).
+# "etcd": shared store for a cluster; set registry.etcd.endpoints. Giving endpoints without a
+# backend selects etcd.
+backend = "embedded"
+# Lease TTL of this daemon's registrations: entries of a dead daemon vanish after it.
+lease_ttl = "10s"
+# Full re-list and diff against the snapshot, a safety net under the watch.
+resync_interval = "5m"
+# Name of this node, stamped on registrations that do not name one. Default: the hostname.
+# node = "node-1"
+
+[registry.etcd]
+endpoints = []
+connect_timeout = "5s"
+request_timeout = "10s"
+# HTTP/2 keepalive pings to etcd, so a dead connection is noticed.
+keepalive_interval = "10s"
+keepalive_timeout = "5s"
+# username = "svcd"
+# password = "..."
+
+# Static registrations, for things outside the cluster. Held by this daemon's lease.
+# [[registry.static]]
+# service = "db.default"          # <svc> or <svc>.<ns>
+# id = "db-1"
+# ip = "10.0.0.9"
+# ports = { postgres = 5432 }
+# protocol = "tcp"                # tcp | http | h2 | grpc
+
+[shutdown]
+# On SIGTERM/SIGINT: stop accepting, then wait this long for in-flight work.
+drain_timeout = "10s"
+
+[log]
+# RUST_LOG-style filter (RUST_LOG itself wins when set).
+level = "info"
+# "human" or "json".
+format = "human"
+"#;

@@ -1,0 +1,188 @@
+//! The registration value: what one running process tells the cluster about itself. The same type
+//! is read from etcd, accepted by the admin API and written as a static entry in the config file.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::FieldError;
+use crate::names;
+
+/// Application protocol spoken on the instance's ports; the L7 proxy picks HTTP/1.1 or HTTP/2
+/// upstream from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Http,
+    H2,
+    Grpc,
+}
+
+/// Serving state. Only `Healthy` instances are handed out by DNS and the proxies; `Draining` keeps
+/// open connections but receives nothing new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    #[default]
+    Healthy,
+    Unhealthy,
+    Draining,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Healthy => "healthy",
+            State::Unhealthy => "unhealthy",
+            State::Draining => "draining",
+        }
+    }
+}
+
+/// One instance of a service. Unknown fields are rejected so a typo in an API call or config file
+/// (`"prots"`) is an error instead of an instance silently registered without ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    pub ip: IpAddr,
+    /// Named ports (`http = 8080`); names become SRV `_<name>._tcp` labels.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+    /// Node (machine) the instance runs on; informational and used for locality later.
+    #[serde(default)]
+    pub node: String,
+    /// Relative share of traffic and SRV weight, 1..=65535.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub state: State,
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl Instance {
+    pub fn new(ip: IpAddr) -> Self {
+        Self {
+            ip,
+            ports: BTreeMap::new(),
+            node: String::new(),
+            weight: 1,
+            tags: Vec::new(),
+            protocol: Protocol::default(),
+            state: State::default(),
+            meta: BTreeMap::new(),
+        }
+    }
+
+    /// Every semantic problem, with paths relative to the instance (`ports.HTTP`, `weight`).
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        for (name, port) in &self.ports {
+            if let Err(e) = names::check_port_name(name) {
+                errors.push(FieldError::new(
+                    format!("ports.{name}"),
+                    format!("port name {e}"),
+                ));
+            }
+            if *port == 0 {
+                errors.push(FieldError::new(
+                    format!("ports.{name}"),
+                    "port must be 1..=65535",
+                ));
+            }
+        }
+        if self.weight == 0 || self.weight > 65535 {
+            errors.push(FieldError::new(
+                "weight",
+                format!("{} is out of range 1..=65535", self.weight),
+            ));
+        }
+        if self.ip.is_unspecified() || self.ip.is_multicast() {
+            errors.push(FieldError::new(
+                "ip",
+                format!("{} is not a unicast address", self.ip),
+            ));
+        }
+        if self.node.len() > 253 {
+            errors.push(FieldError::new("node", "longer than 253 characters"));
+        }
+        for (i, tag) in self.tags.iter().enumerate() {
+            if tag.is_empty() || tag.len() > 255 {
+                errors.push(FieldError::new(
+                    format!("tags[{i}]"),
+                    "must be 1..=255 bytes",
+                ));
+            }
+        }
+        errors
+    }
+
+    /// Parses the JSON stored in etcd or sent to the API, then validates it. The error names the
+    /// offending field.
+    pub fn from_json(bytes: &[u8]) -> Result<Instance, FieldError> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let instance: Instance = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            let mut message = e.into_inner().to_string();
+            // serde_json appends " at line L column C"; useless for one-line values.
+            if let Some(pos) = message.find(" at line ") {
+                message.truncate(pos);
+            }
+            FieldError::new(path, message)
+        })?;
+        de.end()
+            .map_err(|e| FieldError::new("", format!("trailing data: {e}")))?;
+        if let Some(first) = instance.validate().into_iter().next() {
+            return Err(first);
+        }
+        Ok(instance)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("Instance serializes infallibly")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_roundtrip_and_defaults() {
+        let i = Instance::from_json(br#"{"ip":"10.0.0.5","ports":{"http":8080}}"#).unwrap();
+        assert_eq!(i.weight, 1);
+        assert_eq!(i.state, State::Healthy);
+        assert_eq!(i.protocol, Protocol::Tcp);
+        assert_eq!(Instance::from_json(&i.to_json()).unwrap(), i);
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let e = Instance::from_json(br#"{"ip":"nope"}"#).unwrap_err();
+        assert_eq!(e.path, "ip");
+        let e = Instance::from_json(br#"{"ip":"10.0.0.1","prots":{}}"#).unwrap_err();
+        assert!(e.message.contains("unknown field `prots`"), "{e}");
+        let e = Instance::from_json(br#"{"ip":"10.0.0.1","ports":{"http":70000}}"#).unwrap_err();
+        assert_eq!(e.path, "ports.http");
+        let e = Instance::from_json(br#"{"ip":"10.0.0.1","ports":{"HTTP":80}}"#).unwrap_err();
+        assert_eq!(e.path, "ports.HTTP");
+        let e = Instance::from_json(br#"{"ip":"10.0.0.1","weight":0}"#).unwrap_err();
+        assert_eq!(e.path, "weight");
+        let e = Instance::from_json(br#"{"ip":"10.0.0.1","state":"dead"}"#).unwrap_err();
+        assert_eq!(e.path, "state");
+        assert!(Instance::from_json(b"garbage").is_err());
+        assert!(Instance::from_json(br#"{"ip":"0.0.0.0"}"#).is_err());
+    }
+}

@@ -1,0 +1,42 @@
+//! svcd configuration: the one TOML file, layered with environment and CLI overrides, validated
+//! into a [`Config`] that the rest of the daemon trusts without re-checking.
+//!
+//! Data flow:
+//!
+//! ```text
+//! file text ──► toml::Table ──► overlay SVCD_* env ──► overlay CLI --set/flags ──► RawConfig (serde,
+//!   deny_unknown_fields) ──► validate() ──► Config   (or every error, each with its key path)
+//! ```
+//!
+//! Overrides are applied to the TOML table *before* deserialization, so a value given on the command
+//! line is checked by exactly the same code as one written in the file, and its error names the same
+//! key path. Precedence is CLI > environment > file > built-in default.
+//!
+//! This crate also owns the registration value model ([`Instance`]) and DNS-label rules
+//! ([`names`]), because static registrations in the config file use them and every crate above
+//! (registry, admin API, DNS) must agree on one definition.
+
+mod default_file;
+mod error;
+mod instance;
+pub mod names;
+mod raw;
+mod sources;
+mod validate;
+
+pub use default_file::DEFAULT_CONFIG_TOML;
+pub use error::{ConfigError, FieldError};
+pub use instance::{Instance, Protocol, State};
+pub use sources::{Env, Override, ProcessEnv, Sources, ENV_OVERRIDES};
+pub use validate::{
+    AdminConfig, Backend, Config, DnsConfig, EtcdConfig, HttpListenerConfig, LogConfig, LogFormat,
+    ProxyConfig, RegistryConfig, ShutdownConfig, StaticInstance,
+};
+
+/// Parse and validate one TOML document with no overrides (used by tests and `config check`).
+pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    Sources::new().file_text(text).load()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,86 @@
+//! The file as written: every key optional, every unknown key an error. Addresses and durations
+//! stay strings here so that a bad one becomes a validation error with its key path, collected
+//! together with every other, rather than a serde error that stops at the first.
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub admin: Option<RawAdmin>,
+    pub dns: Option<RawDns>,
+    pub proxy: Option<RawProxy>,
+    pub registry: Option<RawRegistry>,
+    pub shutdown: Option<RawShutdown>,
+    pub log: Option<RawLog>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    pub token_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    pub listen: Option<String>,
+    pub domain: Option<String>,
+    pub ttl: Option<String>,
+    pub negative_ttl: Option<String>,
+    pub max_answers: Option<i64>,
+    pub forward: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    pub http: Option<Vec<RawHttpListener>>,
+    pub workers: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpListener {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegistry {
+    pub backend: Option<String>,
+    pub lease_ttl: Option<String>,
+    pub resync_interval: Option<String>,
+    pub node: Option<String>,
+    pub etcd: Option<RawEtcd>,
+    /// Kept as tables: `service`/`id` are split off and the rest is checked as an
+    /// [`crate::Instance`] so the instance schema is defined once.
+    #[serde(rename = "static")]
+    pub static_instances: Option<Vec<toml::Table>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcd {
+    pub endpoints: Option<Vec<String>>,
+    pub connect_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+    pub keepalive_interval: Option<String>,
+    pub keepalive_timeout: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    pub drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<String>,
+}

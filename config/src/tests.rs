@@ -1,0 +1,264 @@
+//! Inline-TOML tests for defaults, validation (many errors at once) and precedence.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::*;
+
+fn errors_of(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.lines(),
+    }
+}
+
+#[test]
+fn empty_file_gives_useful_defaults() {
+    let c = parse("").unwrap();
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
+    assert_eq!(c.dns.listen.to_string(), "127.0.0.1:8600");
+    assert_eq!(c.proxy.http.len(), 1);
+    assert_eq!(c.proxy.http[0].listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.registry.backend, Backend::Embedded);
+    assert_eq!(c.registry.lease_ttl, Duration::from_secs(10));
+    assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(10));
+    assert_eq!(c.dns.domain, "cluster.local");
+    assert_eq!(c.dns.max_answers, 20);
+    assert_eq!(c.log.format, LogFormat::Human);
+    // Nothing non-loopback by default.
+    assert!(c.admin.listen.ip().is_loopback());
+    assert!(c.dns.listen.ip().is_loopback());
+    assert!(c.proxy.http.iter().all(|l| l.listen.ip().is_loopback()));
+}
+
+#[test]
+fn default_file_parses_to_defaults() {
+    assert_eq!(parse(DEFAULT_CONFIG_TOML).unwrap(), Config::default());
+}
+
+#[test]
+fn example_file_in_docs_is_the_default_file() {
+    let example = include_str!("../../docs/svcd.example.toml");
+    assert_eq!(
+        example, DEFAULT_CONFIG_TOML,
+        "docs/svcd.example.toml is stale: regenerate with `svcd config default > docs/svcd.example.toml`"
+    );
+}
+
+#[test]
+fn every_error_reported_at_once_with_key_paths() {
+    let errors = errors_of(
+        r#"
+        [admin]
+        listen = "nope"
+        [dns]
+        ttl = "5 parsecs"
+        max_answers = 0
+        [[proxy.http]]
+        listen = "127.0.0.1:8081"
+        [[proxy.http]]
+        listen = "x:99999"
+        [registry]
+        backend = "zookeeper"
+        [shutdown]
+        drain_timeout = "0s"
+        [log]
+        format = "xml"
+        "#,
+    );
+    let expect = [
+        "admin.listen: invalid socket address \"nope\"",
+        "dns.ttl: invalid duration \"5 parsecs\"",
+        "dns.max_answers: 0 is out of range 1..=1000",
+        "proxy.http[1].listen: invalid socket address \"x:99999\"",
+        "registry.backend: \"zookeeper\" is not one of",
+        "shutdown.drain_timeout: \"0s\" must be greater than zero",
+        "log.format: \"xml\" is not one of",
+    ];
+    for e in expect {
+        assert!(
+            errors.iter().any(|line| line.starts_with(e)),
+            "missing {e:?} in {errors:#?}"
+        );
+    }
+    assert_eq!(errors.len(), expect.len(), "{errors:#?}");
+}
+
+#[test]
+fn unknown_key_is_an_error_naming_the_key() {
+    let e = parse("[dns]\nlisen = \"127.0.0.1:53\"\n").unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("unknown field `lisen`"), "{text}");
+    assert!(text.starts_with("dns"), "{text}");
+    let e = parse("[[proxy.http]]\nlisten = \"127.0.0.1:1\"\nroute = 1\n").unwrap_err();
+    assert!(e.to_string().starts_with("proxy.http[0]"), "{e}");
+}
+
+#[test]
+fn wrong_type_is_an_error_naming_the_key() {
+    let e = parse("[dns]\nmax_answers = \"many\"\n").unwrap_err();
+    assert!(e.to_string().starts_with("dns.max_answers"), "{e}");
+}
+
+#[test]
+fn not_toml_is_an_error() {
+    assert!(matches!(parse("[admin\n"), Err(ConfigError::Syntax { .. })));
+}
+
+#[test]
+fn non_loopback_admin_needs_token() {
+    let errors = errors_of("[admin]\nlisten = \"0.0.0.0:9901\"\n");
+    assert!(errors[0].contains("admin.token_file"), "{errors:?}");
+    parse("[admin]\nlisten = \"0.0.0.0:9901\"\ntoken_file = \"/tmp/t\"\n").unwrap();
+}
+
+#[test]
+fn etcd_backend_needs_endpoints_and_endpoints_imply_etcd() {
+    let errors = errors_of("[registry]\nbackend = \"etcd\"\n");
+    assert!(
+        errors[0].starts_with("registry.etcd.endpoints: required"),
+        "{errors:?}"
+    );
+    let c = parse("[registry.etcd]\nendpoints = [\"127.0.0.1:2379\"]\n").unwrap();
+    assert_eq!(c.registry.backend, Backend::Etcd);
+    let errors =
+        errors_of("[registry.etcd]\nendpoints = [\"127.0.0.1\", \"http://h:2379\", \"h:0\"]\n");
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].starts_with("registry.etcd.endpoints[0]"));
+    assert!(errors[1].starts_with("registry.etcd.endpoints[2]"));
+}
+
+#[test]
+fn port_clash_names_both_keys() {
+    let errors = errors_of("[dns]\nlisten = \"127.0.0.1:9901\"\n");
+    assert_eq!(
+        errors,
+        vec!["dns.listen: 127.0.0.1:9901 is already used by admin.listen"]
+    );
+}
+
+#[test]
+fn static_instances_parse_and_report_paths() {
+    let c = parse(
+        r#"
+        [[registry.static]]
+        service = "db.prod"
+        id = "db-1"
+        ip = "10.0.0.9"
+        ports = { postgres = 5432 }
+        "#,
+    )
+    .unwrap();
+    let s = &c.registry.static_instances[0];
+    assert_eq!(
+        (s.service.as_str(), s.namespace.as_str(), s.id.as_str()),
+        ("db", "prod", "db-1")
+    );
+    assert_eq!(s.instance.ports["postgres"], 5432);
+
+    let errors = errors_of(
+        r#"
+        [[registry.static]]
+        service = "db"
+        id = "db-1"
+        ip = "10.0.0.9"
+        [[registry.static]]
+        service = "Bad"
+        id = "x_y"
+        ip = "10.0.0.9"
+        ports = { HTTP = 80 }
+        [[registry.static]]
+        service = "db"
+        id = "ok"
+        ip = "not-an-ip"
+        "#,
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("registry.static[1].service")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("registry.static[1].id")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("registry.static[1].ports.HTTP")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("registry.static[2].ip")),
+        "{errors:?}"
+    );
+    assert_eq!(errors.len(), 4, "{errors:?}");
+}
+
+#[test]
+fn precedence_cli_over_env_over_file_over_default() {
+    let file = "[admin]\nlisten = \"127.0.0.1:1001\"\n[dns]\nlisten = \"127.0.0.1:1002\"\n[log]\nlevel = \"warn\"\n";
+    let env: HashMap<String, String> = [
+        ("SVCD_DNS_LISTEN", "127.0.0.1:2002"),
+        ("SVCD_LOG_LEVEL", "debug"),
+        ("SVCD_ETCD_ENDPOINTS", "127.0.0.1:2379, 127.0.0.1:22379"),
+        ("SVCD_HTTP_LISTEN", "127.0.0.1:3001,127.0.0.1:3002"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let cli = vec![
+        Override::known("log.level", "trace"),
+        Override::parse_set("dns.max_answers=7").unwrap(),
+    ];
+    let c = Sources::new()
+        .file_text(file)
+        .env(env)
+        .cli(cli)
+        .load()
+        .unwrap();
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:1001"); // file
+    assert_eq!(c.dns.listen.to_string(), "127.0.0.1:2002"); // env over file
+    assert_eq!(c.log.level, "trace"); // cli over env over file
+    assert_eq!(c.dns.max_answers, 7); // cli --set, typed
+    assert_eq!(c.dns.ttl, Duration::from_secs(5)); // default
+    assert_eq!(c.registry.backend, Backend::Etcd);
+    assert_eq!(
+        c.registry.etcd.endpoints,
+        vec!["127.0.0.1:2379", "127.0.0.1:22379"]
+    );
+    assert_eq!(c.proxy.http.len(), 2);
+}
+
+#[test]
+fn override_errors_use_the_same_key_paths() {
+    let e = Sources::new()
+        .cli(vec![Override::known("admin.listen", "bogus")])
+        .load()
+        .unwrap_err();
+    assert!(
+        e.lines()[0].starts_with("admin.listen: invalid socket address"),
+        "{e}"
+    );
+    assert!(Override::parse_set("novalue").is_err());
+    assert!(Override::parse_set("a..b=1").is_err());
+    let o = Override::parse_set("dns.domain=example.org").unwrap();
+    assert_eq!(o.value, toml::Value::String("example.org".into()));
+}
+
+#[test]
+fn effective_config_redacts_secrets() {
+    let c = parse(
+        "[registry.etcd]\nendpoints = [\"h:2379\"]\nusername = \"u\"\npassword = \"hunter2\"\n",
+    )
+    .unwrap();
+    let text = c.to_toml();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("<redacted>"), "{text}");
+    assert!(text.contains("drain_timeout = \"10s\""), "{text}");
+}

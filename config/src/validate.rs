@@ -1,0 +1,539 @@
+//! `RawConfig` → `Config`: defaults filled in, every value checked, every error collected.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+use crate::error::FieldError;
+use crate::instance::Instance;
+use crate::names;
+use crate::raw::*;
+
+/// The validated, effective configuration. Everything here is already checked; consumers never
+/// re-validate. `Serialize` renders the effective config with secrets redacted.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub admin: AdminConfig,
+    pub dns: DnsConfig,
+    pub proxy: ProxyConfig,
+    pub registry: RegistryConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// File holding the bearer token; read at start and on reload so the token never sits in the
+    /// config text (and never appears in `/v1/config`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DnsConfig {
+    pub listen: SocketAddr,
+    /// Cluster domain, lower case, without trailing dot.
+    pub domain: String,
+    #[serde(serialize_with = "ser_duration")]
+    pub ttl: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub negative_ttl: Duration,
+    pub max_answers: usize,
+    pub forward: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProxyConfig {
+    pub http: Vec<HttpListenerConfig>,
+    /// Proxy worker threads; `None` means one per core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HttpListenerConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Embedded,
+    Etcd,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegistryConfig {
+    pub backend: Backend,
+    /// TTL of the lease this daemon holds its registrations under; a dead daemon's entries vanish
+    /// after it.
+    #[serde(serialize_with = "ser_duration")]
+    pub lease_ttl: Duration,
+    /// Full re-list and diff against the snapshot, to catch anything a watch could have missed.
+    #[serde(serialize_with = "ser_duration")]
+    pub resync_interval: Duration,
+    /// Name of this node, stamped on registrations that do not set one. Defaults to the hostname.
+    pub node: String,
+    pub etcd: EtcdConfig,
+    #[serde(rename = "static")]
+    pub static_instances: Vec<StaticInstance>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub request_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub keepalive_interval: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub keepalive_timeout: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(
+        serialize_with = "ser_redacted",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub password: Option<String>,
+}
+
+/// A registration written in the config file, for things outside the cluster (a managed database).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StaticInstance {
+    pub namespace: String,
+    pub service: String,
+    pub id: String,
+    #[serde(flatten)]
+    pub instance: Instance,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ShutdownConfig {
+    #[serde(serialize_with = "ser_duration")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogConfig {
+    /// `RUST_LOG`-style filter, e.g. `info,svcd_registry=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+fn ser_redacted<S: Serializer>(_: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("<redacted>")
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        validate(RawConfig::default()).expect("built-in defaults are valid")
+    }
+}
+
+impl Config {
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("Config serializes to TOML")
+    }
+}
+
+/// Collects errors while turning raw values into typed ones; each helper returns the default on
+/// error so checking continues and every problem is reported.
+struct Checker {
+    errors: Vec<FieldError>,
+}
+
+impl Checker {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError::new(path, message));
+    }
+
+    fn addr(&mut self, path: &str, value: Option<String>, default: &str) -> SocketAddr {
+        let text = value.unwrap_or_else(|| default.to_string());
+        text.parse().unwrap_or_else(|_| {
+            self.err(
+                path,
+                format!("invalid socket address {text:?} (want IP:PORT)"),
+            );
+            default.parse().expect("default address parses")
+        })
+    }
+
+    fn duration(&mut self, path: &str, value: Option<String>, default: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        match humantime::parse_duration(&text) {
+            Ok(d) if d.is_zero() => {
+                self.err(path, format!("{text:?} must be greater than zero"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(
+                    path,
+                    format!("invalid duration {text:?}: {e} (e.g. \"5s\", \"250ms\")"),
+                );
+                default
+            }
+        }
+    }
+
+    fn range(
+        &mut self,
+        path: &str,
+        value: Option<i64>,
+        default: usize,
+        min: i64,
+        max: i64,
+    ) -> usize {
+        match value {
+            None => default,
+            Some(v) if (min..=max).contains(&v) => v as usize,
+            Some(v) => {
+                self.err(path, format!("{v} is out of range {min}..={max}"));
+                default
+            }
+        }
+    }
+}
+
+/// Validates a raw config, returning the typed config or every error found.
+pub(crate) fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
+    let mut c = Checker { errors: Vec::new() };
+    let admin = admin(&mut c, raw.admin.unwrap_or_default());
+    let dns = dns(&mut c, raw.dns.unwrap_or_default());
+    let proxy = proxy(&mut c, raw.proxy.unwrap_or_default());
+    let registry = registry(&mut c, raw.registry.unwrap_or_default());
+    let shutdown = ShutdownConfig {
+        drain_timeout: c.duration(
+            "shutdown.drain_timeout",
+            raw.shutdown.unwrap_or_default().drain_timeout,
+            Duration::from_secs(10),
+        ),
+    };
+    let log = log(&mut c, raw.log.unwrap_or_default());
+    let config = Config {
+        admin,
+        dns,
+        proxy,
+        registry,
+        shutdown,
+        log,
+    };
+    check_port_clashes(&mut c, &config);
+    if c.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(c.errors)
+    }
+}
+
+fn admin(c: &mut Checker, raw: RawAdmin) -> AdminConfig {
+    let listen = c.addr("admin.listen", raw.listen, "127.0.0.1:9901");
+    let token_file = raw.token_file.map(PathBuf::from);
+    if !listen.ip().is_loopback() && token_file.is_none() {
+        c.err(
+            "admin.listen",
+            format!(
+                "{listen} is not a loopback address; set admin.token_file to expose the admin API"
+            ),
+        );
+    }
+    AdminConfig { listen, token_file }
+}
+
+fn dns(c: &mut Checker, raw: RawDns) -> DnsConfig {
+    let listen = c.addr("dns.listen", raw.listen, "127.0.0.1:8600");
+    let domain = raw
+        .domain
+        .unwrap_or_else(|| "cluster.local".into())
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if domain.is_empty() || domain.len() > 200 {
+        c.err("dns.domain", "must be 1..=200 characters");
+    }
+    for label in domain.split('.') {
+        if let Err(e) = names::check_label(label) {
+            c.err("dns.domain", format!("label {e}"));
+            break;
+        }
+    }
+    let ttl = c.duration("dns.ttl", raw.ttl, Duration::from_secs(5));
+    let negative_ttl = c.duration("dns.negative_ttl", raw.negative_ttl, Duration::from_secs(5));
+    let max_answers = c.range("dns.max_answers", raw.max_answers, 20, 1, 1000);
+    let mut forward = Vec::new();
+    for (i, text) in raw.forward.unwrap_or_default().into_iter().enumerate() {
+        let path = format!("dns.forward[{i}]");
+        // A bare IP means port 53, as in resolv.conf.
+        let text = if text.parse::<std::net::IpAddr>().is_ok() {
+            format!("{text}:53")
+        } else {
+            text
+        };
+        forward.push(c.addr(&path, Some(text), "127.0.0.1:53"));
+    }
+    DnsConfig {
+        listen,
+        domain,
+        ttl,
+        negative_ttl,
+        max_answers,
+        forward,
+    }
+}
+
+fn proxy(c: &mut Checker, raw: RawProxy) -> ProxyConfig {
+    let http = match raw.http {
+        None => vec![HttpListenerConfig {
+            listen: "127.0.0.1:8080".parse().expect("default parses"),
+        }],
+        Some(list) => list
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let path = format!("proxy.http[{i}].listen");
+                if l.listen.is_none() {
+                    c.err(
+                        &path,
+                        "missing; every [[proxy.http]] needs a listen address",
+                    );
+                }
+                HttpListenerConfig {
+                    listen: c.addr(&path, l.listen, "127.0.0.1:8080"),
+                }
+            })
+            .collect(),
+    };
+    let workers = raw
+        .workers
+        .map(|w| c.range("proxy.workers", Some(w), 1, 1, 1024));
+    ProxyConfig { http, workers }
+}
+
+fn registry(c: &mut Checker, raw: RawRegistry) -> RegistryConfig {
+    let etcd_raw = raw.etcd.unwrap_or_default();
+    let backend = match raw.backend.as_deref() {
+        None if etcd_raw.endpoints.as_ref().is_some_and(|e| !e.is_empty()) => Backend::Etcd,
+        None | Some("embedded") => Backend::Embedded,
+        Some("etcd") => Backend::Etcd,
+        Some(other) => {
+            c.err(
+                "registry.backend",
+                format!("{other:?} is not one of \"embedded\", \"etcd\""),
+            );
+            Backend::Embedded
+        }
+    };
+    let endpoints = etcd_raw.endpoints.unwrap_or_default();
+    if backend == Backend::Etcd && endpoints.is_empty() {
+        c.err(
+            "registry.etcd.endpoints",
+            "required when registry.backend = \"etcd\"",
+        );
+    }
+    for (i, e) in endpoints.iter().enumerate() {
+        let hostport = e
+            .strip_prefix("http://")
+            .or_else(|| e.strip_prefix("https://"))
+            .unwrap_or(e);
+        let valid = hostport.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !valid {
+            c.err(
+                format!("registry.etcd.endpoints[{i}]"),
+                format!("invalid endpoint {e:?} (want [http://]HOST:PORT)"),
+            );
+        }
+    }
+    let etcd = EtcdConfig {
+        endpoints,
+        connect_timeout: c.duration(
+            "registry.etcd.connect_timeout",
+            etcd_raw.connect_timeout,
+            Duration::from_secs(5),
+        ),
+        request_timeout: c.duration(
+            "registry.etcd.request_timeout",
+            etcd_raw.request_timeout,
+            Duration::from_secs(10),
+        ),
+        keepalive_interval: c.duration(
+            "registry.etcd.keepalive_interval",
+            etcd_raw.keepalive_interval,
+            Duration::from_secs(10),
+        ),
+        keepalive_timeout: c.duration(
+            "registry.etcd.keepalive_timeout",
+            etcd_raw.keepalive_timeout,
+            Duration::from_secs(5),
+        ),
+        username: etcd_raw.username,
+        password: etcd_raw.password,
+    };
+    if etcd.username.is_some() != etcd.password.is_some() {
+        c.err(
+            "registry.etcd.password",
+            "username and password must be set together",
+        );
+    }
+    let lease_ttl = c.duration("registry.lease_ttl", raw.lease_ttl, Duration::from_secs(10));
+    if lease_ttl < Duration::from_secs(2) {
+        c.err(
+            "registry.lease_ttl",
+            "must be at least 2s (etcd's minimum lease TTL)",
+        );
+    }
+    let resync_interval = c.duration(
+        "registry.resync_interval",
+        raw.resync_interval,
+        Duration::from_secs(300),
+    );
+    let node = raw.node.unwrap_or_else(local_hostname);
+    let static_instances = raw
+        .static_instances
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, table)| static_instance(c, i, table))
+        .collect();
+    RegistryConfig {
+        backend,
+        lease_ttl,
+        resync_interval,
+        node,
+        etcd,
+        static_instances,
+    }
+}
+
+fn static_instance(c: &mut Checker, i: usize, mut table: toml::Table) -> Option<StaticInstance> {
+    let base = format!("registry.static[{i}]");
+    let mut take = |key: &str| -> Option<String> {
+        match table.remove(key) {
+            Some(toml::Value::String(s)) => Some(s),
+            Some(_) => {
+                c.err(format!("{base}.{key}"), "must be a string");
+                None
+            }
+            None => None,
+        }
+    };
+    let service = take("service");
+    let id = take("id");
+    let mut ok = true;
+    let (service, namespace) = match service.as_deref().map(names::parse_service_ref) {
+        Some(Ok(pair)) => pair,
+        Some(Err(e)) => {
+            c.err(format!("{base}.service"), e);
+            ok = false;
+            Default::default()
+        }
+        None => {
+            c.err(
+                format!("{base}.service"),
+                "missing (\"<svc>\" or \"<svc>.<ns>\")",
+            );
+            ok = false;
+            Default::default()
+        }
+    };
+    let id = id.unwrap_or_default();
+    if let Err(e) = names::check_label(&id) {
+        c.err(format!("{base}.id"), format!("instance id {e}"));
+        ok = false;
+    }
+    let instance = match serde_path_to_error::deserialize::<_, Instance>(toml::Value::Table(table))
+    {
+        Ok(instance) => {
+            for e in instance.validate() {
+                c.err(format!("{base}.{}", e.path), e.message);
+                ok = false;
+            }
+            Some(instance)
+        }
+        Err(e) => {
+            let path = e.path().to_string();
+            let path = if path == "." {
+                base.clone()
+            } else {
+                format!("{base}.{path}")
+            };
+            c.err(path, e.into_inner().to_string());
+            None
+        }
+    };
+    let instance = instance?;
+    ok.then_some(StaticInstance {
+        namespace,
+        service,
+        id,
+        instance,
+    })
+}
+
+fn log(c: &mut Checker, raw: RawLog) -> LogConfig {
+    let level = raw.level.unwrap_or_else(|| "info".into());
+    if level.trim().is_empty() {
+        c.err(
+            "log.level",
+            "must not be empty (e.g. \"info\" or \"info,svcd_registry=debug\")",
+        );
+    }
+    let format = match raw.format.as_deref() {
+        None | Some("human") => LogFormat::Human,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            c.err(
+                "log.format",
+                format!("{other:?} is not one of \"human\", \"json\""),
+            );
+            LogFormat::Human
+        }
+    };
+    LogConfig { level, format }
+}
+
+/// Two listeners of the same transport on one address would fail at bind time with a less helpful
+/// message; catch it here with both key paths.
+fn check_port_clashes(c: &mut Checker, config: &Config) {
+    let mut tcp: Vec<(String, SocketAddr)> = vec![
+        ("admin.listen".into(), config.admin.listen),
+        ("dns.listen".into(), config.dns.listen),
+    ];
+    for (i, l) in config.proxy.http.iter().enumerate() {
+        tcp.push((format!("proxy.http[{i}].listen"), l.listen));
+    }
+    for (i, (path, addr)) in tcp.iter().enumerate() {
+        if addr.port() == 0 {
+            continue;
+        }
+        if let Some((other, _)) = tcp[..i].iter().find(|(_, a)| a == addr) {
+            c.err(path.clone(), format!("{addr} is already used by {other}"));
+        }
+    }
+}
+
+fn local_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}

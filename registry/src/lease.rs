@@ -1,0 +1,249 @@
+//! `LeaseKeeper`: this daemon's own registrations, held under one lease.
+//!
+//! Every key svcd writes is attached to the lease, so when this process or its machine dies,
+//! nobody keeps the lease alive and the entries vanish after the TTL. While alive, the keeper
+//! refreshes the lease every TTL/3; if the store says the lease is gone (expired during a
+//! partition, or revoked), it grants a new one and re-puts every registration it owns.
+//!
+//! Registrations may carry their own expiry (`svcd exec` uses it): the holder must renew within
+//! that time or the keeper deletes the entry — so a registering client that dies without
+//! deregistering is removed even though this daemon lives on.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use svcd_config::Instance;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::keys::InstanceKey;
+use crate::metrics::RegistryMetrics;
+use crate::store::{LeaseId, Store, StoreError, StoreResult};
+
+/// One registration held by this daemon.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnRegistration {
+    pub key: InstanceKey,
+    pub instance: Instance,
+    /// The client must renew (re-register) before this; `None` = held until deregistered.
+    pub expires: Option<(Duration, Instant)>,
+    /// Whether the current value is known to be in the store under the current lease.
+    pub written: bool,
+}
+
+struct KeeperState {
+    lease: Option<LeaseId>,
+    own: BTreeMap<String, OwnRegistration>,
+}
+
+pub struct LeaseKeeper {
+    store: Arc<dyn Store>,
+    ttl: Duration,
+    /// A tokio mutex: lease grant and puts must not interleave with a concurrent re-grant, and the
+    /// critical section awaits the store. Only registration traffic takes it, never queries.
+    state: Mutex<KeeperState>,
+    metrics: RegistryMetrics,
+}
+
+impl LeaseKeeper {
+    pub fn new(store: Arc<dyn Store>, ttl: Duration, metrics: RegistryMetrics) -> Self {
+        LeaseKeeper {
+            store,
+            ttl,
+            state: Mutex::new(KeeperState {
+                lease: None,
+                own: BTreeMap::new(),
+            }),
+            metrics,
+        }
+    }
+
+    /// Adds registrations to be written by [`Self::run`] (static config entries): no store call
+    /// here, so start-up does not depend on the store being reachable.
+    pub async fn adopt(&self, entries: impl IntoIterator<Item = (InstanceKey, Instance)>) {
+        let mut state = self.state.lock().await;
+        for (key, instance) in entries {
+            state.own.insert(
+                key.to_key(),
+                OwnRegistration {
+                    key,
+                    instance,
+                    expires: None,
+                    written: false,
+                },
+            );
+        }
+        self.metrics.own_registrations.set(state.own.len() as i64);
+    }
+
+    /// Registers (or renews) an instance and writes it to the store. Re-registering an identical
+    /// value only renews its expiry: no store write, no watch event across the cluster.
+    pub async fn register(
+        &self,
+        key: InstanceKey,
+        instance: Instance,
+        expires_after: Option<Duration>,
+    ) -> StoreResult<()> {
+        let mut state = self.state.lock().await;
+        let store_key = key.to_key();
+        let expires = expires_after.map(|d| (d, Instant::now() + d));
+        if let Some(existing) = state.own.get_mut(&store_key) {
+            if existing.instance == instance && existing.written {
+                existing.expires = expires;
+                return Ok(());
+            }
+        }
+        let lease = self.ensure_lease(&mut state).await?;
+        let value = instance.to_json();
+        match self.store.put(&store_key, value.clone(), Some(lease)).await {
+            Err(StoreError::LeaseNotFound(_)) => {
+                state.lease = None;
+                let lease = self.ensure_lease(&mut state).await?;
+                self.store.put(&store_key, value, Some(lease)).await?;
+            }
+            other => {
+                other?;
+            }
+        }
+        state.own.insert(
+            store_key,
+            OwnRegistration {
+                key,
+                instance,
+                expires,
+                written: true,
+            },
+        );
+        self.metrics.own_registrations.set(state.own.len() as i64);
+        Ok(())
+    }
+
+    /// Removes a registration from the store. Returns whether it existed (here or in the store).
+    pub async fn deregister(&self, key: &InstanceKey) -> StoreResult<bool> {
+        let mut state = self.state.lock().await;
+        let store_key = key.to_key();
+        let owned = state.own.remove(&store_key).is_some();
+        self.metrics.own_registrations.set(state.own.len() as i64);
+        let deleted = self.store.delete(&store_key).await?;
+        Ok(owned || deleted)
+    }
+
+    pub async fn owned(&self) -> Vec<OwnRegistration> {
+        self.state.lock().await.own.values().cloned().collect()
+    }
+
+    async fn ensure_lease(&self, state: &mut KeeperState) -> StoreResult<LeaseId> {
+        if let Some(id) = state.lease {
+            return Ok(id);
+        }
+        let id = self.store.grant(self.ttl).await?;
+        self.metrics.lease_grants.inc();
+        info!(lease = id, ttl = ?self.ttl, "granted registration lease");
+        state.lease = Some(id);
+        for reg in state.own.values_mut() {
+            reg.written = false;
+        }
+        Ok(id)
+    }
+
+    /// Writes every registration not yet in the store under the current lease.
+    async fn write_pending(&self, state: &mut KeeperState) -> StoreResult<()> {
+        let lease = self.ensure_lease(state).await?;
+        for reg in state.own.values_mut().filter(|r| !r.written) {
+            self.store
+                .put(&reg.key.to_key(), reg.instance.to_json(), Some(lease))
+                .await?;
+            reg.written = true;
+        }
+        Ok(())
+    }
+
+    /// Deletes registrations whose holder stopped renewing them.
+    async fn expire_stale(&self, state: &mut KeeperState) -> StoreResult<()> {
+        let now = Instant::now();
+        let stale: Vec<String> = state
+            .own
+            .iter()
+            .filter(|(_, r)| r.expires.is_some_and(|(_, at)| at <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            info!(%key, "registration not renewed in time; removing");
+            self.store.delete(&key).await?;
+            state.own.remove(&key);
+        }
+        self.metrics.own_registrations.set(state.own.len() as i64);
+        Ok(())
+    }
+
+    /// One keep-alive round: refresh, re-grant if gone, write what is pending, expire the stale.
+    async fn tick(&self) -> StoreResult<()> {
+        let mut state = self.state.lock().await;
+        if let Some(id) = state.lease {
+            if self.store.keep_alive(id).await?.is_none() {
+                warn!(
+                    lease = id,
+                    "registration lease gone; re-granting and re-registering"
+                );
+                state.lease = None;
+            }
+        }
+        if !state.own.is_empty() || state.lease.is_some() {
+            self.write_pending(&mut state).await?;
+        }
+        self.expire_stale(&mut state).await
+    }
+
+    /// Keeps the lease alive until `cancel`, then revokes it (deleting this daemon's entries at
+    /// once instead of after the TTL).
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let period = self.ttl / 3;
+        let mut next = Instant::now();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            next = match self.tick().await {
+                Ok(()) => Instant::now() + period,
+                Err(e) => {
+                    warn!(error = %e, "registration lease keep-alive failed; retrying");
+                    Instant::now() + (period / 4).max(Duration::from_millis(200))
+                }
+            };
+            // The shortest renewal window among registrations also bounds the period.
+            let earliest = self
+                .state
+                .lock()
+                .await
+                .own
+                .values()
+                .filter_map(|r| r.expires.map(|(_, at)| at))
+                .min();
+            if let Some(at) = earliest {
+                next = next.min(at.max(Instant::now() + Duration::from_millis(50)));
+            }
+        }
+        self.revoke().await;
+    }
+
+    /// Revokes the lease (clean shutdown).
+    pub async fn revoke(&self) {
+        let mut state = self.state.lock().await;
+        if let Some(id) = state.lease.take() {
+            match tokio::time::timeout(Duration::from_secs(2), self.store.revoke(id)).await {
+                Ok(Ok(())) => info!(lease = id, "revoked registration lease"),
+                Ok(Err(e)) => {
+                    warn!(lease = id, error = %e, "lease revoke failed; entries expire after the TTL")
+                }
+                Err(_) => warn!(
+                    lease = id,
+                    "lease revoke timed out; entries expire after the TTL"
+                ),
+            }
+        }
+    }
+}

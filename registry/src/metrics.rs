@@ -1,0 +1,96 @@
+//! Registry metrics, registered once into the daemon's one `prometheus::Registry`.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Handles resolved at start-up; updating one is an atomic op, never a registry lookup.
+#[derive(Clone)]
+pub struct RegistryMetrics {
+    pub connected: IntGauge,
+    pub revision: IntGauge,
+    pub snapshot_age_seconds: prometheus::Gauge,
+    pub events_put: IntCounter,
+    pub events_delete: IntCounter,
+    pub relists: IntCounter,
+    pub invalid_values: IntCounter,
+    pub publishes: IntCounter,
+    pub endpoints: IntGauge,
+    pub services: IntGauge,
+    pub lease_grants: IntCounter,
+    pub own_registrations: IntGauge,
+}
+
+impl RegistryMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let events = IntCounterVec::new(
+            Opts::new(
+                "svcd_registry_events_total",
+                "Watch events applied to the snapshot, by type.",
+            ),
+            &["type"],
+        )?;
+        let m = RegistryMetrics {
+            connected: IntGauge::new(
+                "svcd_registry_connected",
+                "1 while the watch on the store is healthy.",
+            )?,
+            revision: IntGauge::new(
+                "svcd_registry_revision",
+                "Store revision the snapshot reflects.",
+            )?,
+            snapshot_age_seconds: prometheus::Gauge::new(
+                "svcd_registry_snapshot_age_seconds",
+                "Seconds since the snapshot was last confirmed current with the store.",
+            )?,
+            events_put: events.with_label_values(&["put"]),
+            events_delete: events.with_label_values(&["delete"]),
+            relists: IntCounter::new(
+                "svcd_registry_relists_total",
+                "Full listings of the registry (start, compaction, reconciliation).",
+            )?,
+            invalid_values: IntCounter::new(
+                "svcd_registry_invalid_values_total",
+                "Keys under the endpoint prefix skipped because their key or value did not parse.",
+            )?,
+            publishes: IntCounter::new(
+                "svcd_registry_snapshot_publishes_total",
+                "Snapshots published.",
+            )?,
+            endpoints: IntGauge::new(
+                "svcd_registry_endpoints",
+                "Endpoints in the current snapshot.",
+            )?,
+            services: IntGauge::new(
+                "svcd_registry_services",
+                "Services in the current snapshot.",
+            )?,
+            lease_grants: IntCounter::new(
+                "svcd_registry_lease_grants_total",
+                "Leases granted for this daemon's registrations (first and re-grants).",
+            )?,
+            own_registrations: IntGauge::new(
+                "svcd_registry_own_registrations",
+                "Registrations this daemon holds under its lease.",
+            )?,
+        };
+        registry.register(Box::new(events))?;
+        for c in [&m.relists, &m.invalid_values, &m.publishes, &m.lease_grants] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        for g in [
+            &m.connected,
+            &m.revision,
+            &m.endpoints,
+            &m.services,
+            &m.own_registrations,
+        ] {
+            registry.register(Box::new(g.clone()))?;
+        }
+        registry.register(Box::new(m.snapshot_age_seconds.clone()))?;
+        Ok(m)
+    }
+
+    /// Handles registered nowhere, for unit tests.
+    pub fn unregistered() -> Self {
+        Self::new(&Registry::new()).expect("fresh registry accepts metrics")
+    }
+}

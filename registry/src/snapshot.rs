@@ -1,0 +1,394 @@
+//! The immutable endpoint snapshot that DNS and the proxies read, and the single writer that
+//! builds it.
+//!
+//! Readers `load()` an `Arc<EndpointSnapshot>` from arc-swap: no lock, no allocation. The writer
+//! ([`SnapshotBuilder`]) applies watch events to a working copy and, once per burst, builds a new
+//! snapshot in which only the services that changed are rebuilt; every other service (and every
+//! untouched namespace) is shared with the previous snapshot through its `Arc`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use svcd_config::{Instance, State};
+
+use crate::keys::InstanceKey;
+use crate::store::{Event, EventKind, KeyValue};
+
+/// One registered instance as served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub id: String,
+    pub instance: Instance,
+    /// Store revision of the value; lets a re-list tell changed entries from unchanged ones.
+    pub mod_revision: i64,
+}
+
+impl Endpoint {
+    pub fn is_healthy(&self) -> bool {
+        self.instance.state == State::Healthy
+    }
+}
+
+/// All instances of one service, sorted by id, plus the healthy subset precomputed so a pick is
+/// an index into a slice.
+#[derive(Debug, Default)]
+pub struct ServiceEndpoints {
+    pub namespace: String,
+    pub service: String,
+    pub all: Vec<Arc<Endpoint>>,
+    pub healthy: Vec<Arc<Endpoint>>,
+}
+
+type Namespace = HashMap<String, Arc<ServiceEndpoints>>;
+
+/// One consistent view of the registry at `revision`.
+#[derive(Debug, Default)]
+pub struct EndpointSnapshot {
+    pub revision: i64,
+    /// namespace → service → endpoints. Nested so lookups take two `&str` without building a key.
+    namespaces: HashMap<String, Arc<Namespace>>,
+    endpoint_count: usize,
+}
+
+impl EndpointSnapshot {
+    pub fn service(&self, namespace: &str, service: &str) -> Option<&Arc<ServiceEndpoints>> {
+        self.namespaces.get(namespace)?.get(service)
+    }
+
+    /// Every service, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceEndpoints>> {
+        self.namespaces.values().flat_map(|ns| ns.values())
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoint_count
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.namespaces.values().map(|ns| ns.len()).sum()
+    }
+}
+
+/// What applying one event did, for metrics and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Changed,
+    Unchanged,
+    /// The key or value did not parse; the key is treated as absent.
+    Invalid {
+        key: String,
+        reason: String,
+    },
+}
+
+/// The single writer: working state plus the set of services touched since the last publish.
+#[derive(Default)]
+pub struct SnapshotBuilder {
+    /// ns → svc → id → endpoint; the source of truth between publishes.
+    working: HashMap<String, HashMap<String, BTreeMap<String, Arc<Endpoint>>>>,
+    dirty: HashSet<(String, String)>,
+    revision: i64,
+    endpoint_count: usize,
+    /// Keys already reported invalid, so garbage is logged once, not on every re-list.
+    reported_invalid: HashSet<String>,
+}
+
+impl SnapshotBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Applies the events of one watch response. Events at or below the revision already applied
+    /// were seen before (a resumed watch may repeat them) and are ignored: revisions only go
+    /// forward. The floor is taken once per batch because one revision (a lease expiry, a
+    /// transaction) can carry several events.
+    pub fn apply_batch(&mut self, events: &[Event]) -> Vec<Applied> {
+        let floor = self.revision;
+        let mut results = Vec::with_capacity(events.len());
+        for event in events {
+            if event.mod_revision <= floor {
+                results.push(Applied::Unchanged);
+                continue;
+            }
+            self.revision = self.revision.max(event.mod_revision);
+            results.push(self.apply_unchecked(event));
+        }
+        results
+    }
+
+    /// Applies a single event (see [`Self::apply_batch`]).
+    pub fn apply(&mut self, event: &Event) -> Applied {
+        self.apply_batch(std::slice::from_ref(event))
+            .pop()
+            .expect("one result per event")
+    }
+
+    /// Moves the revision forward without events (watch progress).
+    pub fn advance(&mut self, revision: i64) {
+        self.revision = self.revision.max(revision);
+    }
+
+    fn apply_unchecked(&mut self, event: &Event) -> Applied {
+        let Some(key) = InstanceKey::parse(&event.key) else {
+            return self.invalid(
+                &event.key,
+                "key is not /svcd/v1/endpoints/<ns>/<service>/<id>".into(),
+            );
+        };
+        match event.kind {
+            EventKind::Delete => self.remove(&key),
+            EventKind::Put => match Instance::from_json(&event.value) {
+                Ok(instance) => {
+                    self.reported_invalid.remove(&event.key);
+                    self.upsert(key, instance, event.mod_revision)
+                }
+                Err(e) => {
+                    // The key now holds garbage: whatever it held before is gone.
+                    self.remove(&key);
+                    let reason = if e.path.is_empty() {
+                        e.message
+                    } else {
+                        format!("{}: {}", e.path, e.message)
+                    };
+                    self.invalid(&event.key, reason)
+                }
+            },
+        }
+    }
+
+    fn invalid(&mut self, key: &str, reason: String) -> Applied {
+        if self.reported_invalid.insert(key.to_string()) {
+            Applied::Invalid {
+                key: key.to_string(),
+                reason,
+            }
+        } else {
+            Applied::Unchanged
+        }
+    }
+
+    fn upsert(&mut self, key: InstanceKey, instance: Instance, mod_revision: i64) -> Applied {
+        let ids = self
+            .working
+            .entry(key.namespace.clone())
+            .or_default()
+            .entry(key.service.clone())
+            .or_default();
+        if let Some(old) = ids.get(&key.id) {
+            if old.instance == instance {
+                return Applied::Unchanged;
+            }
+        }
+        let endpoint = Arc::new(Endpoint {
+            id: key.id.clone(),
+            instance,
+            mod_revision,
+        });
+        if ids.insert(key.id, endpoint).is_none() {
+            self.endpoint_count += 1;
+        }
+        self.dirty.insert((key.namespace, key.service));
+        Applied::Changed
+    }
+
+    fn remove(&mut self, key: &InstanceKey) -> Applied {
+        let Some(services) = self.working.get_mut(&key.namespace) else {
+            return Applied::Unchanged;
+        };
+        let Some(ids) = services.get_mut(&key.service) else {
+            return Applied::Unchanged;
+        };
+        if ids.remove(&key.id).is_none() {
+            return Applied::Unchanged;
+        }
+        self.endpoint_count -= 1;
+        if ids.is_empty() {
+            services.remove(&key.service);
+            if services.is_empty() {
+                self.working.remove(&key.namespace);
+            }
+        }
+        self.dirty
+            .insert((key.namespace.clone(), key.service.clone()));
+        Applied::Changed
+    }
+
+    /// Replaces the working state with a full listing taken at `revision`, as the events that turn
+    /// the old state into the new one (deletes synthesized for keys that vanished), so a re-list
+    /// after compaction or a reconnect misses nothing and repeats nothing.
+    pub fn reset_to(&mut self, kvs: &[KeyValue], revision: i64) -> Vec<Applied> {
+        let listed: HashSet<&str> = kvs.iter().map(|kv| kv.key.as_str()).collect();
+        let mut vanished = Vec::new();
+        for (ns, services) in &self.working {
+            for (svc, ids) in services {
+                for id in ids.keys() {
+                    let key = format!("{}{ns}/{svc}/{id}", crate::keys::ENDPOINTS_PREFIX);
+                    if !listed.contains(key.as_str()) {
+                        vanished.push(key);
+                    }
+                }
+            }
+        }
+        let mut results = Vec::new();
+        for key in vanished {
+            results.push(self.apply_unchecked(&Event {
+                kind: EventKind::Delete,
+                key,
+                value: Vec::new(),
+                mod_revision: revision,
+            }));
+        }
+        for kv in kvs {
+            results.push(self.apply_unchecked(&Event {
+                kind: EventKind::Put,
+                key: kv.key.clone(),
+                value: kv.value.clone(),
+                mod_revision: kv.mod_revision,
+            }));
+        }
+        self.revision = self.revision.max(revision);
+        results
+    }
+
+    /// Builds the next snapshot from `previous`, rebuilding only dirty services.
+    pub fn build(&mut self, previous: &EndpointSnapshot) -> EndpointSnapshot {
+        let mut namespaces = previous.namespaces.clone();
+        let mut touched: HashMap<String, Namespace> = HashMap::new();
+        for (ns, svc) in self.dirty.drain() {
+            let services = touched.entry(ns.clone()).or_insert_with(|| {
+                namespaces
+                    .get(&ns)
+                    .map(|n| (**n).clone())
+                    .unwrap_or_default()
+            });
+            match self.working.get(&ns).and_then(|s| s.get(&svc)) {
+                Some(ids) => {
+                    let all: Vec<Arc<Endpoint>> = ids.values().cloned().collect();
+                    let healthy = all.iter().filter(|e| e.is_healthy()).cloned().collect();
+                    services.insert(
+                        svc.clone(),
+                        Arc::new(ServiceEndpoints {
+                            namespace: ns.clone(),
+                            service: svc.clone(),
+                            all,
+                            healthy,
+                        }),
+                    );
+                }
+                None => {
+                    services.remove(&svc);
+                }
+            }
+        }
+        for (ns, services) in touched {
+            if services.is_empty() {
+                namespaces.remove(&ns);
+            } else {
+                namespaces.insert(ns, Arc::new(services));
+            }
+        }
+        EndpointSnapshot {
+            revision: self.revision,
+            namespaces,
+            endpoint_count: self.endpoint_count,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, ip: &str, rev: i64) -> Event {
+        Event {
+            kind: EventKind::Put,
+            key: format!("/svcd/v1/endpoints/{key}"),
+            value: format!(r#"{{"ip":"{ip}"}}"#).into_bytes(),
+            mod_revision: rev,
+        }
+    }
+
+    fn del(key: &str, rev: i64) -> Event {
+        Event {
+            kind: EventKind::Delete,
+            key: format!("/svcd/v1/endpoints/{key}"),
+            value: vec![],
+            mod_revision: rev,
+        }
+    }
+
+    #[test]
+    fn unchanged_services_are_shared_between_snapshots() {
+        let mut b = SnapshotBuilder::new();
+        b.apply(&put("default/web/a", "10.0.0.1", 2));
+        b.apply(&put("default/db/a", "10.0.0.2", 3));
+        let s1 = b.build(&EndpointSnapshot::default());
+        b.apply(&put("default/web/b", "10.0.0.3", 4));
+        let s2 = b.build(&s1);
+        assert!(Arc::ptr_eq(
+            s1.service("default", "db").unwrap(),
+            s2.service("default", "db").unwrap()
+        ));
+        assert_eq!(s2.service("default", "web").unwrap().healthy.len(), 2);
+        assert_eq!(s2.endpoint_count(), 3);
+        assert_eq!(s2.revision, 4);
+    }
+
+    #[test]
+    fn old_revisions_ignored_and_garbage_skipped_once() {
+        let mut b = SnapshotBuilder::new();
+        assert_eq!(
+            b.apply(&put("default/web/a", "10.0.0.1", 5)),
+            Applied::Changed
+        );
+        assert_eq!(b.apply(&del("default/web/a", 4)), Applied::Unchanged);
+        let mut garbage = put("default/web/a", "x", 6);
+        garbage.value = b"{not json".to_vec();
+        assert!(matches!(b.apply(&garbage), Applied::Invalid { .. }));
+        let s = b.build(&EndpointSnapshot::default());
+        assert!(
+            s.service("default", "web").is_none(),
+            "garbage replaced the endpoint"
+        );
+        garbage.mod_revision = 7;
+        assert_eq!(b.apply(&garbage), Applied::Unchanged, "reported once");
+    }
+
+    #[test]
+    fn reset_synthesizes_deletes() {
+        let mut b = SnapshotBuilder::new();
+        b.apply(&put("default/web/a", "10.0.0.1", 2));
+        b.apply(&put("default/web/b", "10.0.0.2", 3));
+        let s1 = b.build(&EndpointSnapshot::default());
+        let kvs = vec![KeyValue {
+            key: "/svcd/v1/endpoints/default/web/b".into(),
+            value: br#"{"ip":"10.0.0.2"}"#.to_vec(),
+            mod_revision: 3,
+        }];
+        b.reset_to(&kvs, 10);
+        let s2 = b.build(&s1);
+        let web = s2.service("default", "web").unwrap();
+        assert_eq!(web.all.len(), 1);
+        assert_eq!(web.all[0].id, "b");
+        assert_eq!(s2.revision, 10);
+    }
+
+    #[test]
+    fn unhealthy_not_in_healthy_set() {
+        let mut b = SnapshotBuilder::new();
+        let mut e = put("default/web/a", "10.0.0.1", 2);
+        e.value = br#"{"ip":"10.0.0.1","state":"draining"}"#.to_vec();
+        b.apply(&e);
+        let s = b.build(&EndpointSnapshot::default());
+        let web = s.service("default", "web").unwrap();
+        assert_eq!((web.all.len(), web.healthy.len()), (1, 0));
+    }
+}

@@ -1,0 +1,265 @@
+//! The etcd backend over etcd-client. The client's balanced channel reconnects by itself; every
+//! call is bounded by the configured request timeout and maps transport failures to
+//! `StoreError::Unavailable` so the layers above retry instead of failing.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions,
+    WatchStream as EtcdWatchStream,
+};
+use svcd_config::EtcdConfig;
+
+use super::*;
+
+#[derive(Clone)]
+pub struct EtcdStore {
+    /// Cheap to clone (shared channel); each call clones it because etcd-client methods take
+    /// `&mut self`.
+    client: Client,
+    endpoints: String,
+}
+
+fn map_err(e: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(status) => {
+            let msg = status.message().to_string();
+            if msg.contains("required revision has been compacted") {
+                StoreError::Compacted {
+                    compact_revision: 0,
+                }
+            } else if msg.contains("requested lease not found") {
+                StoreError::LeaseNotFound(0)
+            } else {
+                use tonic::Code;
+                match status.code() {
+                    code @ (Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::Cancelled
+                    | Code::Unknown) => StoreError::Unavailable(format!("{code:?}: {msg}")),
+                    _ => StoreError::Other(msg),
+                }
+            }
+        }
+        E::TransportError(e) => StoreError::Unavailable(e.to_string()),
+        E::IoError(e) => StoreError::Unavailable(e.to_string()),
+        other => StoreError::Other(other.to_string()),
+    }
+}
+
+impl EtcdStore {
+    /// Builds the client. Connection is lazy: this succeeds while etcd is down, and calls fail
+    /// with `Unavailable` until it is reachable.
+    pub async fn connect(config: &EtcdConfig) -> StoreResult<Self> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(config.connect_timeout)
+            .with_timeout(config.request_timeout)
+            .with_keep_alive(config.keepalive_interval, config.keepalive_timeout)
+            .with_keep_alive_while_idle(true);
+        if let (Some(user), Some(password)) = (&config.username, &config.password) {
+            options = options.with_user(user, password);
+        }
+        let endpoints: Vec<String> = config
+            .endpoints
+            .iter()
+            .map(|e| {
+                if e.contains("://") {
+                    e.clone()
+                } else {
+                    format!("http://{e}")
+                }
+            })
+            .collect();
+        let client = Client::connect(&endpoints, Some(options))
+            .await
+            .map_err(map_err)?;
+        Ok(EtcdStore {
+            client,
+            endpoints: endpoints.join(","),
+        })
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn list(
+        &self,
+        prefix: &str,
+        start: &str,
+        revision: i64,
+        limit: usize,
+    ) -> StoreResult<ListPage> {
+        let start = if start.is_empty() { prefix } else { start };
+        let options = GetOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_revision(revision)
+            .with_limit(limit as i64);
+        let resp = self
+            .client
+            .clone()
+            .get(start, Some(options))
+            .await
+            .map_err(map_err)?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
+        let kvs = resp
+            .kvs()
+            .iter()
+            .map(|kv| KeyValue {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: kv.value().to_vec(),
+                mod_revision: kv.mod_revision(),
+            })
+            .collect();
+        Ok(ListPage {
+            kvs,
+            revision,
+            more: resp.more(),
+        })
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> StoreResult<i64> {
+        let options = lease.map(|id| PutOptions::new().with_lease(id));
+        let resp =
+            self.client
+                .clone()
+                .put(key, value, options)
+                .await
+                .map_err(|e| match map_err(e) {
+                    StoreError::LeaseNotFound(_) => StoreError::LeaseNotFound(lease.unwrap_or(0)),
+                    other => other,
+                })?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<bool> {
+        let resp = self
+            .client
+            .clone()
+            .delete(key, None)
+            .await
+            .map_err(map_err)?;
+        Ok(resp.deleted() > 0)
+    }
+
+    async fn grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
+        let secs = ttl.as_secs().max(1) as i64;
+        let resp = self
+            .client
+            .clone()
+            .lease_grant(secs, None)
+            .await
+            .map_err(map_err)?;
+        Ok(resp.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> StoreResult<Option<Duration>> {
+        let (mut keeper, mut stream) = self
+            .client
+            .clone()
+            .lease_keep_alive(lease)
+            .await
+            .map_err(map_err)?;
+        keeper.keep_alive().await.map_err(map_err)?;
+        match stream.message().await.map_err(map_err)? {
+            Some(resp) if resp.ttl() > 0 => Ok(Some(Duration::from_secs(resp.ttl() as u64))),
+            Some(_) => Ok(None),
+            None => Err(StoreError::Unavailable("keep-alive stream closed".into())),
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> StoreResult<()> {
+        match self
+            .client
+            .clone()
+            .lease_revoke(lease)
+            .await
+            .map_err(map_err)
+        {
+            Ok(_) | Err(StoreError::LeaseNotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn watch(&self, prefix: &str, from_revision: i64) -> StoreResult<Box<dyn WatchStream>> {
+        let mut options = WatchOptions::new().with_prefix().with_progress_notify();
+        if from_revision > 0 {
+            options = options.with_start_revision(from_revision);
+        }
+        let stream = self
+            .client
+            .clone()
+            .watch(prefix, Some(options))
+            .await
+            .map_err(map_err)?;
+        Ok(Box::new(EtcdWatch { stream }))
+    }
+
+    async fn compact(&self, revision: i64) -> StoreResult<()> {
+        self.client
+            .clone()
+            .compact(revision, None)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd({})", self.endpoints)
+    }
+}
+
+struct EtcdWatch {
+    stream: EtcdWatchStream,
+}
+
+#[async_trait]
+impl WatchStream for EtcdWatch {
+    async fn next(&mut self) -> StoreResult<Option<WatchMessage>> {
+        loop {
+            let Some(resp) = self.stream.message().await.map_err(map_err)? else {
+                return Ok(None);
+            };
+            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            if resp.compact_revision() > 0 {
+                return Ok(Some(WatchMessage::Compacted {
+                    compact_revision: resp.compact_revision(),
+                }));
+            }
+            if resp.canceled() {
+                return Err(StoreError::Unavailable(format!(
+                    "watch canceled: {}",
+                    resp.cancel_reason()
+                )));
+            }
+            if resp.created() && resp.events().is_empty() {
+                continue;
+            }
+            if resp.events().is_empty() {
+                return Ok(Some(WatchMessage::Progress { revision }));
+            }
+            let events = resp
+                .events()
+                .iter()
+                .filter_map(|e| {
+                    let kv = e.kv()?;
+                    Some(Event {
+                        kind: match e.event_type() {
+                            EventType::Put => EventKind::Put,
+                            EventType::Delete => EventKind::Delete,
+                        },
+                        key: String::from_utf8_lossy(kv.key()).into_owned(),
+                        value: kv.value().to_vec(),
+                        mod_revision: kv.mod_revision(),
+                    })
+                })
+                .collect();
+            return Ok(Some(WatchMessage::Events { revision, events }));
+        }
+    }
+
+    async fn request_progress(&mut self) -> StoreResult<()> {
+        self.stream.request_progress().await.map_err(map_err)
+    }
+}
