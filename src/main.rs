@@ -1,1 +1,89 @@
-fn main() {}
+//! svcd: service discovery and load balancing daemon.
+//!
+//! The binary owns the command line, the admin API and the wiring of the member crates:
+//! `svcd-config` (what to run) → `svcd-registry` (who is where) → `svcd-dns` / `svcd-proxy`
+//! (serving it). See `docs/` for the design.
+
+mod admin;
+mod cli;
+mod client;
+mod commands;
+mod daemon;
+mod exec;
+mod logging;
+mod metrics;
+mod readiness;
+
+use clap::Parser;
+use svcd_config::{ProcessEnv, Sources, DEFAULT_CONFIG_TOML};
+
+use crate::cli::{Cli, Command, ConfigCommand};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        // Client commands log warnings (e.g. `exec` renewal failures) plainly to stderr.
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .init();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("svcd: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("svcd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    match command {
+        Command::Run(args) => {
+            let mut sources = Sources::new()
+                .env(ProcessEnv)
+                .cli(args.overrides.to_overrides().map_err(anyhow::Error::msg)?);
+            if let Some(path) = &args.config {
+                sources = sources.file(path);
+            }
+            daemon::run(sources).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Default) => {
+            print!("{DEFAULT_CONFIG_TOML}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check { file, overrides }) => {
+            let sources = Sources::new()
+                .file(&file)
+                .env(ProcessEnv)
+                .cli(overrides.to_overrides().map_err(anyhow::Error::msg)?);
+            match sources.load() {
+                Ok(config) => {
+                    eprintln!("{}: ok", file.display());
+                    print!("{}", config.to_toml());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    for line in e.lines() {
+                        eprintln!("{}: {line}", file.display());
+                    }
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+        Command::Register(args) => commands::register(args).await,
+        Command::Deregister { instance, admin } => commands::deregister(&instance, &admin).await,
+        Command::List { service, admin } => commands::list(service.as_deref(), &admin).await,
+        Command::Resolve { service, port, admin } => commands::resolve(&service, port.as_deref(), &admin).await,
+        Command::Exec(args) => exec::run(args).await,
+    }
+}

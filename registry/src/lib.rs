@@ -69,6 +69,11 @@ impl SnapshotReader {
         self.snapshot.load()
     }
 
+    /// The current snapshot as an owned `Arc`, for work that outlives a short borrow.
+    pub fn load_full(&self) -> Arc<EndpointSnapshot> {
+        self.snapshot.load_full()
+    }
+
     /// Fires with the revision of every published snapshot.
     pub fn changes(&self) -> watch::Receiver<i64> {
         self.changes.clone()

@@ -1,0 +1,187 @@
+//! Admin API over hyper: health, readiness, metrics, effective config, and the registration
+//! endpoints. Read-only endpoints use GET; anything that changes state uses PUT/POST/DELETE.
+
+mod services;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus::{Encoder, TextEncoder};
+use serde_json::json;
+use svcd_config::Config;
+use svcd_registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::readiness::Readiness;
+
+/// Largest request body accepted (a registration is a few hundred bytes).
+const MAX_BODY: usize = 64 * 1024;
+
+pub type Body = Full<Bytes>;
+
+/// Everything the handlers read. Shared by all connections; nothing here takes a lock on the
+/// request path except the registration calls, which go through the lease keeper.
+pub struct AdminState {
+    pub config: Arc<ArcSwap<Config>>,
+    /// Bearer token from `admin.token_file`, re-read on reload. `None`: no auth (loopback only,
+    /// enforced by config validation).
+    pub token: ArcSwap<Option<String>>,
+    pub readiness: Arc<Readiness>,
+    pub prometheus: prometheus::Registry,
+    pub registry: Arc<Registry>,
+}
+
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut body = serde_json::to_vec_pretty(value).expect("JSON values serialize");
+    body.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+/// `{"error": "...", "field": "..."}` — every client error names what was wrong.
+pub fn json_error(status: StatusCode, field: &str, message: impl std::fmt::Display) -> Response<Body> {
+    let mut value = json!({ "error": message.to_string() });
+    if !field.is_empty() {
+        value["field"] = json!(field);
+    }
+    json_response(status, &value)
+}
+
+pub(crate) fn method_not_allowed(allow: &str) -> Response<Body> {
+    let mut resp = json_error(StatusCode::METHOD_NOT_ALLOWED, "", format!("method not allowed; use {allow}"));
+    resp.headers_mut()
+        .insert(header::ALLOW, allow.parse().expect("static header value"));
+    resp
+}
+
+/// Constant-time comparison so the token cannot be guessed byte by byte from response times.
+fn token_matches(expected: &str, given: &str) -> bool {
+    let (a, b) = (expected.as_bytes(), given.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl AdminState {
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let token = self.token.load();
+        let Some(expected) = token.as_deref() else {
+            return true;
+        };
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| token_matches(expected, given.trim()))
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let path = req.uri().path().to_string();
+        // Probes carry no credentials; everything else needs the token when one is configured.
+        let open = matches!(path.as_str(), "/healthz" | "/readyz");
+        if !open && !self.authorized(&req) {
+            let mut resp = json_error(StatusCode::UNAUTHORIZED, "", "missing or wrong bearer token");
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static header value"));
+            return Ok(resp);
+        }
+        let resp = match path.as_str() {
+            "/healthz" => get_only(&req, || text(StatusCode::OK, "ok\n")),
+            "/readyz" => get_only(&req, || match self.readiness.check() {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+            }),
+            "/metrics" => get_only(&req, || self.metrics()),
+            "/v1/config" => get_only(&req, || {
+                let config = self.config.load();
+                json_response(StatusCode::OK, &serde_json::to_value(&**config).expect("config serializes"))
+            }),
+            p if p == "/v1/services" || p.starts_with("/v1/services/") => services::route(&self, req).await,
+            _ => json_error(StatusCode::NOT_FOUND, "", format!("no such endpoint: {path}")),
+        };
+        Ok(resp)
+    }
+
+    fn metrics(&self) -> Response<Body> {
+        self.registry.refresh_gauges();
+        let families = self.prometheus.gather();
+        let mut buf = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n"));
+        }
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, TextEncoder::new().format_type())
+            .body(Full::new(Bytes::from(buf)))
+            .expect("static response parts are valid")
+    }
+}
+
+fn get_only(req: &Request<Incoming>, f: impl FnOnce() -> Response<Body>) -> Response<Body> {
+    match *req.method() {
+        Method::GET | Method::HEAD => f(),
+        _ => method_not_allowed("GET"),
+    }
+}
+
+/// Reads a request body up to [`MAX_BODY`].
+pub async fn read_body(body: Incoming) -> Result<Bytes, Response<Body>> {
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "",
+            format!("request body unreadable or over {MAX_BODY} bytes: {e}"),
+        )),
+    }
+}
+
+/// Accepts connections until `cancel`, then lets in-flight requests finish (the caller bounds
+/// the wait with the drain timeout).
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let service = service_fn(move |req| state.clone().handle(req));
+        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "admin connection ended with error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}

@@ -1,0 +1,166 @@
+//! `/v1/services…`: list services, show one, register / deregister instances.
+//!
+//! ```text
+//! GET    /v1/services
+//! GET    /v1/services/{ns}/{svc}
+//! PUT    /v1/services/{ns}/{svc}/instances/{id}[?ttl=10s]   body: Instance JSON
+//! GET    /v1/services/{ns}/{svc}/instances/{id}
+//! DELETE /v1/services/{ns}/{svc}/instances/{id}
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use svcd_registry::{Endpoint, Instance, InstanceKey, StoreError};
+
+use super::{json_error, json_response, read_body, AdminState, Body};
+
+pub async fn route(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let parts: Vec<&str> = path.split('/').skip(3).collect(); // after "", "v1", "services"
+    match (req.method().clone(), parts.as_slice()) {
+        (Method::GET, []) => list_services(state),
+        (_, []) => super::method_not_allowed("GET"),
+        (Method::GET, [ns, svc]) => show_service(state, ns, svc),
+        (_, [_, _]) => super::method_not_allowed("GET"),
+        (method, [ns, svc, "instances", id]) => {
+            let key = match InstanceKey::new(ns, svc, id) {
+                Ok(key) => key,
+                Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.path, e.message),
+            };
+            match method {
+                Method::GET => show_instance(state, &key),
+                Method::PUT => put_instance(state, key, req).await,
+                Method::DELETE => delete_instance(state, &key).await,
+                _ => super::method_not_allowed("GET, PUT, DELETE"),
+            }
+        }
+        _ => json_error(StatusCode::NOT_FOUND, "", format!("no such endpoint: {path}")),
+    }
+}
+
+fn list_services(state: &AdminState) -> Response<Body> {
+    let snapshot = state.registry.reader().load_full();
+    let mut services: Vec<Value> = snapshot
+        .services()
+        .map(|s| {
+            json!({
+                "namespace": s.namespace,
+                "service": s.service,
+                "instances": s.all.len(),
+                "healthy": s.healthy.len(),
+            })
+        })
+        .collect();
+    services.sort_by(|a, b| {
+        (a["namespace"].as_str(), a["service"].as_str()).cmp(&(b["namespace"].as_str(), b["service"].as_str()))
+    });
+    json_response(
+        StatusCode::OK,
+        &json!({ "revision": snapshot.revision, "services": services }),
+    )
+}
+
+fn endpoint_json(e: &Endpoint) -> Value {
+    let mut v = serde_json::to_value(&e.instance).expect("instance serializes");
+    v["id"] = json!(e.id);
+    v["mod_revision"] = json!(e.mod_revision);
+    v
+}
+
+fn show_service(state: &AdminState, ns: &str, svc: &str) -> Response<Body> {
+    let snapshot = state.registry.reader().load_full();
+    match snapshot.service(ns, svc) {
+        Some(s) => json_response(
+            StatusCode::OK,
+            &json!({
+                "namespace": s.namespace,
+                "service": s.service,
+                "revision": snapshot.revision,
+                "instances": s.all.iter().map(|e| endpoint_json(e)).collect::<Vec<_>>(),
+            }),
+        ),
+        None => json_error(StatusCode::NOT_FOUND, "", format!("service {svc}.{ns} has no instances")),
+    }
+}
+
+fn show_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {
+    let snapshot = state.registry.reader().load_full();
+    let found = snapshot
+        .service(&key.namespace, &key.service)
+        .and_then(|s| s.all.iter().find(|e| e.id == key.id).cloned());
+    match found {
+        Some(e) => json_response(StatusCode::OK, &endpoint_json(&e)),
+        None => json_error(StatusCode::NOT_FOUND, "", format!("instance {key} not found")),
+    }
+}
+
+fn store_failure(e: StoreError) -> Response<Body> {
+    json_error(StatusCode::SERVICE_UNAVAILABLE, "", format!("registry store: {e}"))
+}
+
+fn parse_ttl(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
+    let Some(query) = query else { return Ok(None) };
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "ttl" => {
+                return match humantime::parse_duration(v) {
+                    Ok(d) if d >= Duration::from_millis(500) => Ok(Some(d)),
+                    _ => Err(json_error(
+                        StatusCode::BAD_REQUEST,
+                        "ttl",
+                        format!("invalid ttl {v:?}: want a duration of at least 500ms, e.g. \"10s\""),
+                    )),
+                }
+            }
+            "" => {}
+            other => {
+                return Err(json_error(StatusCode::BAD_REQUEST, other, format!("unknown query parameter {other:?}")))
+            }
+        }
+    }
+    Ok(None)
+}
+
+async fn put_instance(state: &AdminState, key: InstanceKey, req: Request<Incoming>) -> Response<Body> {
+    let ttl = match parse_ttl(req.uri().query()) {
+        Ok(ttl) => ttl,
+        Err(resp) => return resp,
+    };
+    let body = match read_body(req.into_body()).await {
+        Ok(body) => body,
+        Err(resp) => return resp,
+    };
+    let mut instance = match Instance::from_json(&body) {
+        Ok(i) => i,
+        Err(e) => {
+            let field = if e.path.is_empty() { "body" } else { e.path.as_str() };
+            return json_error(StatusCode::BAD_REQUEST, field, e.message);
+        }
+    };
+    if instance.node.is_empty() {
+        instance.node = state.config.load().registry.node.clone();
+    }
+    match state.registry.keeper.register(key.clone(), instance.clone(), ttl).await {
+        Ok(()) => {
+            let mut v = serde_json::to_value(&instance).expect("instance serializes");
+            v["id"] = json!(key.id);
+            v["namespace"] = json!(key.namespace);
+            v["service"] = json!(key.service);
+            json_response(StatusCode::OK, &v)
+        }
+        Err(e) => store_failure(e),
+    }
+}
+
+async fn delete_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {
+    match state.registry.keeper.deregister(key).await {
+        Ok(true) => json_response(StatusCode::OK, &json!({ "deleted": key.to_string() })),
+        Ok(false) => json_error(StatusCode::NOT_FOUND, "", format!("instance {key} not found")),
+        Err(e) => store_failure(e),
+    }
+}

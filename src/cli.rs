@@ -1,0 +1,206 @@
+//! Command line: `svcd run` and the client commands that talk to a running daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use svcd_config::Override;
+
+#[derive(Debug, Parser)]
+#[command(name = "svcd", version, about = "Service discovery and load balancing daemon")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (embedded store and loopback listeners unless configured otherwise).
+    Run(RunArgs),
+    /// Validate or print configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Register an instance with the local daemon (held under the daemon's lease).
+    Register(RegisterArgs),
+    /// Remove an instance: SERVICE[.NS]/ID.
+    Deregister {
+        instance: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List services, or the instances of one service with their state.
+    List {
+        /// SERVICE[.NS]
+        service: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print the addresses DNS and the proxies would use for SERVICE[.NS] (healthy instances).
+    Resolve {
+        service: String,
+        /// Print IP:PORT for this named port instead of bare IPs.
+        #[arg(long)]
+        port: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Run CMD registered as an instance of a service while it lives; deregister the moment it
+    /// exits and exit with its status.
+    Exec(ExecArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate FILE (with the same environment and overrides as `run`) and print the effective
+    /// configuration.
+    Check {
+        file: PathBuf,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+    },
+    /// Print a fully commented default configuration file.
+    Default,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML configuration file; re-read on SIGHUP.
+    #[arg(long, short = 'c', env = "SVCD_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: OverrideArgs,
+}
+
+/// Flags that override configuration keys (they win over `SVCD_*` variables and the file).
+#[derive(Debug, Args, Default)]
+pub struct OverrideArgs {
+    /// admin.listen
+    #[arg(long)]
+    pub admin_listen: Option<String>,
+    /// dns.listen
+    #[arg(long)]
+    pub dns_listen: Option<String>,
+    /// proxy.http listeners, comma-separated
+    #[arg(long)]
+    pub http_listen: Option<String>,
+    /// registry.backend: embedded | etcd
+    #[arg(long)]
+    pub registry_backend: Option<String>,
+    /// registry.etcd.endpoints, comma-separated
+    #[arg(long)]
+    pub etcd_endpoints: Option<String>,
+    /// registry.lease_ttl
+    #[arg(long)]
+    pub lease_ttl: Option<String>,
+    /// shutdown.drain_timeout
+    #[arg(long)]
+    pub drain_timeout: Option<String>,
+    /// log.level (RUST_LOG-style filter)
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// log.format: human | json
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// Any key: --set dns.ttl=10s (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl OverrideArgs {
+    pub fn to_overrides(&self) -> Result<Vec<Override>, String> {
+        let flags = [
+            ("admin.listen", &self.admin_listen),
+            ("dns.listen", &self.dns_listen),
+            ("proxy.http", &self.http_listen),
+            ("registry.backend", &self.registry_backend),
+            ("registry.etcd.endpoints", &self.etcd_endpoints),
+            ("registry.lease_ttl", &self.lease_ttl),
+            ("shutdown.drain_timeout", &self.drain_timeout),
+            ("log.level", &self.log_level),
+            ("log.format", &self.log_format),
+        ];
+        let mut out: Vec<Override> = flags
+            .iter()
+            .filter_map(|(key, value)| value.as_deref().map(|v| Override::known(key, v)))
+            .collect();
+        for s in &self.set {
+            out.push(Override::parse_set(s)?);
+        }
+        Ok(out)
+    }
+}
+
+/// How client commands reach the daemon.
+#[derive(Debug, Args, Clone)]
+pub struct AdminArgs {
+    /// Admin API address of the local daemon.
+    #[arg(long = "admin", env = "SVCD_ADMIN_LISTEN", default_value = "127.0.0.1:9901")]
+    pub addr: SocketAddr,
+    /// File with the admin bearer token, if the daemon requires one.
+    #[arg(long, env = "SVCD_ADMIN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// The instance description shared by `register` and `exec`.
+#[derive(Debug, Args, Clone)]
+pub struct InstanceArgs {
+    /// Instance IP address.
+    #[arg(long)]
+    pub ip: Option<std::net::IpAddr>,
+    /// Named port NAME=PORT (repeatable).
+    #[arg(long = "port", value_name = "NAME=PORT")]
+    pub ports: Vec<String>,
+    /// tcp | http | h2 | grpc
+    #[arg(long)]
+    pub protocol: Option<String>,
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// Tag (repeatable).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Metadata KEY=VALUE (repeatable).
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    pub meta: Vec<String>,
+    /// Node name (default: the daemon's).
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// SERVICE[.NS]
+    pub service: String,
+    /// Instance id (RFC 1123 label).
+    pub id: String,
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// healthy | unhealthy | draining
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Remove the registration unless renewed (registered again) within this time.
+    #[arg(long)]
+    pub ttl: Option<String>,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// SERVICE[.NS] to register CMD under.
+    #[arg(long)]
+    pub service: String,
+    /// Instance id; default <service>-<hostname>-<pid>.
+    #[arg(long)]
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// The daemon removes the registration if svcd exec stops renewing it for this long (e.g. it
+    /// was SIGKILLed).
+    #[arg(long, default_value = "10s")]
+    pub ttl: String,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}

@@ -1,0 +1,152 @@
+//! Client commands: `register`, `deregister`, `list`, `resolve`.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use http::Method;
+use serde_json::{json, Value};
+use svcd_config::names;
+
+use crate::cli::{AdminArgs, InstanceArgs, RegisterArgs};
+use crate::client::AdminClient;
+
+/// `NAME=VALUE` pairs from repeated flags.
+fn pairs(flag: &str, items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|item| {
+            item.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("--{flag} {item:?}: expected NAME=VALUE"))
+        })
+        .collect()
+}
+
+/// The registration body from CLI flags; the daemon validates it (one set of rules).
+pub fn instance_json(args: &InstanceArgs, default_ip: &str) -> anyhow::Result<Value> {
+    let mut ports = serde_json::Map::new();
+    for (name, port) in pairs("port", &args.ports)? {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--port {name}={port}: port must be 1..=65535"))?;
+        ports.insert(name, json!(port));
+    }
+    let mut v = json!({
+        "ip": args.ip.map(|ip| ip.to_string()).unwrap_or_else(|| default_ip.to_string()),
+        "ports": ports,
+        "tags": args.tags,
+        "meta": pairs("meta", &args.meta)?,
+    });
+    if let Some(p) = &args.protocol {
+        v["protocol"] = json!(p);
+    }
+    if let Some(w) = args.weight {
+        v["weight"] = json!(w);
+    }
+    if let Some(n) = &args.node {
+        v["node"] = json!(n);
+    }
+    Ok(v)
+}
+
+/// `svc[.ns]` → API path segment `ns/svc`.
+pub fn service_path(service: &str) -> anyhow::Result<String> {
+    let (svc, ns) = names::parse_service_ref(service).map_err(anyhow::Error::msg)?;
+    Ok(format!("{ns}/{svc}"))
+}
+
+pub async fn register(args: RegisterArgs) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(&args.admin)?;
+    let mut body = instance_json(&args.instance, "127.0.0.1")?;
+    if let Some(state) = &args.state {
+        body["state"] = json!(state);
+    }
+    let mut path = format!("/v1/services/{}/instances/{}", service_path(&args.service)?, args.id);
+    if let Some(ttl) = &args.ttl {
+        path.push_str(&format!("?ttl={ttl}"));
+    }
+    let resp = client.call(Method::PUT, &path, Some(serde_json::to_vec(&body)?)).await?;
+    println!("registered {}.{}/{} at {}", resp["service"].as_str().unwrap_or(""), resp["namespace"].as_str().unwrap_or(""), args.id, resp["ip"].as_str().unwrap_or(""));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn deregister(instance: &str, admin: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let (service, id) = instance
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("{instance:?}: expected SERVICE[.NS]/ID"))?;
+    let client = AdminClient::new(admin)?;
+    client
+        .call(Method::DELETE, &format!("/v1/services/{}/instances/{id}", service_path(service)?), None)
+        .await?;
+    println!("deregistered {instance}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn list(service: Option<&str>, admin: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(admin)?;
+    match service {
+        None => {
+            let v = client.call(Method::GET, "/v1/services", None).await?;
+            println!("{:<40} {:>9} {:>7}", "SERVICE", "INSTANCES", "HEALTHY");
+            for s in v["services"].as_array().into_iter().flatten() {
+                let name = format!("{}.{}", s["service"].as_str().unwrap_or(""), s["namespace"].as_str().unwrap_or(""));
+                println!("{name:<40} {:>9} {:>7}", s["instances"], s["healthy"]);
+            }
+        }
+        Some(service) => {
+            let v = client.call(Method::GET, &format!("/v1/services/{}", service_path(service)?), None).await?;
+            println!("{:<24} {:<40} {:<10} {:<16} PORTS", "ID", "IP", "STATE", "NODE");
+            for i in v["instances"].as_array().into_iter().flatten() {
+                let ports: Vec<String> = i["ports"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, p)| format!("{k}={p}"))
+                    .collect();
+                println!(
+                    "{:<24} {:<40} {:<10} {:<16} {}",
+                    i["id"].as_str().unwrap_or(""),
+                    i["ip"].as_str().unwrap_or(""),
+                    i["state"].as_str().unwrap_or(""),
+                    i["node"].as_str().unwrap_or(""),
+                    ports.join(",")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one address per healthy instance: exactly the set DNS answers and the proxies pick from.
+pub async fn resolve(service: &str, port: Option<&str>, admin: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(admin)?;
+    let v = match client.call(Method::GET, &format!("/v1/services/{}", service_path(service)?), None).await {
+        Ok(v) => v,
+        Err(e) if e.downcast_ref::<crate::client::ApiError>().is_some_and(|a| a.status == 404) => {
+            eprintln!("{service}: no instances");
+            return Ok(ExitCode::from(1));
+        }
+        Err(e) => return Err(e),
+    };
+    let mut printed = 0;
+    for i in v["instances"].as_array().into_iter().flatten() {
+        if i["state"] != "healthy" {
+            continue;
+        }
+        let ip = i["ip"].as_str().unwrap_or("");
+        match port {
+            None => println!("{ip}"),
+            Some(name) => match i["ports"][name].as_u64() {
+                Some(p) if ip.contains(':') => println!("[{ip}]:{p}"),
+                Some(p) => println!("{ip}:{p}"),
+                None => continue,
+            },
+        }
+        printed += 1;
+    }
+    if printed == 0 {
+        eprintln!("{service}: no healthy instances");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}

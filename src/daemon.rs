@@ -1,0 +1,178 @@
+//! `svcd run`: load config, start the registry and listeners, then wait for signals.
+//!
+//! Lifecycle: one `CancellationToken` is the shutdown signal; every accept loop and background
+//! task selects on it and lives in one `JoinSet`. First SIGTERM/SIGINT: readiness goes false, the
+//! token is cancelled, tasks drain for up to `shutdown.drain_timeout`, exit 0. A second signal
+//! exits at once. SIGHUP re-reads the config file and swaps in what can change live.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use svcd_config::{Config, Sources};
+use svcd_registry::{InstanceKey, Registry, SyncOptions};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::logging::{self, LogControl};
+use crate::metrics::DaemonMetrics;
+use crate::readiness::Readiness;
+
+fn read_token(config: &Config) -> anyhow::Result<Option<String>> {
+    let Some(path) = &config.admin.token_file else { return Ok(None) };
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("admin.token_file: cannot read {}", path.display()))?;
+    let token = token.trim().to_string();
+    anyhow::ensure!(!token.is_empty(), "admin.token_file: {} is empty", path.display());
+    Ok(Some(token))
+}
+
+pub async fn run(sources: Sources) -> anyhow::Result<()> {
+    let config = match sources.load() {
+        Ok(c) => c,
+        Err(e) => {
+            for line in e.lines() {
+                eprintln!("svcd: {line}");
+            }
+            anyhow::bail!("invalid configuration");
+        }
+    };
+    let log = logging::init(&config.log);
+    let token = read_token(&config)?;
+    let metrics = DaemonMetrics::new()?;
+    let store = Registry::open_store(&config.registry).await?;
+    let registry = Arc::new(Registry::new(store.clone(), &config.registry, &metrics.registry)?);
+    registry
+        .keeper
+        .adopt(config.registry.static_instances.iter().filter_map(|s| {
+            InstanceKey::new(&s.namespace, &s.service, &s.id)
+                .ok()
+                .map(|key| (key, s.instance.clone()))
+        }))
+        .await;
+
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let sync_options = SyncOptions {
+        resync_interval: config.registry.resync_interval,
+        ..SyncOptions::default()
+    };
+    // The registry gets its own token so it outlives the listeners during drain: requests still
+    // in flight keep reading a live snapshot, and the lease is revoked last.
+    let registry_cancel = CancellationToken::new();
+    let mut registry_tasks = JoinSet::new();
+    registry.spawn(&mut registry_tasks, sync_options, registry_cancel.clone());
+
+    let readiness = Arc::new(Readiness::new(registry.status.clone()));
+    let admin_listener = TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("admin.listen: cannot bind {}", config.admin.listen))?;
+    let admin_addr = admin_listener.local_addr()?;
+    let config = Arc::new(ArcSwap::from_pointee(config));
+    let admin_state = Arc::new(AdminState {
+        config: config.clone(),
+        token: ArcSwap::from_pointee(token),
+        readiness: readiness.clone(),
+        prometheus: metrics.registry.clone(),
+        registry: registry.clone(),
+    });
+    tasks.spawn(admin::serve(admin_listener, admin_state.clone(), cancel.clone()));
+    readiness.listeners_bound.store(true, Ordering::Relaxed);
+    info!(admin = %admin_addr, store = %store.describe(), "svcd started");
+
+    wait_for_signals(&sources, &config, &admin_state, &log, &metrics).await?;
+
+    // Drain.
+    let drain_timeout = config.load().shutdown.drain_timeout;
+    info!(?drain_timeout, "shutting down: no new connections, draining");
+    readiness.shutting_down.store(true, Ordering::Relaxed);
+    cancel.cancel();
+    let second_signal = async {
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    };
+    let drain = async {
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        if tokio::time::timeout_at(deadline, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            warn!("drain timeout reached; closing remaining connections");
+            tasks.abort_all();
+        }
+        registry_cancel.cancel();
+        // Lease revoke is bounded inside the keeper; this bounds everything else.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+            while registry_tasks.join_next().await.is_some() {}
+        })
+        .await;
+    };
+    tokio::select! {
+        _ = drain => info!("svcd stopped"),
+        _ = second_signal => {
+            warn!("second signal: exiting now");
+            std::process::exit(130);
+        }
+    }
+    Ok(())
+}
+
+/// Returns on the first SIGTERM/SIGINT; handles SIGHUP reloads meanwhile.
+async fn wait_for_signals(
+    sources: &Sources,
+    config: &Arc<ArcSwap<Config>>,
+    admin: &AdminState,
+    log: &LogControl,
+    metrics: &DaemonMetrics,
+) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => match reload(sources, config, admin, log) {
+                Ok(()) => metrics.reloads_ok.inc(),
+                Err(lines) => {
+                    metrics.reloads_failed.inc();
+                    for line in &lines {
+                        error!(error = %line, "config reload rejected; keeping the running config");
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Keys that only take effect on restart; a reload that changes them says so.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    if old.admin.listen != new.admin.listen {
+        keys.push("admin.listen");
+    }
+    if old.registry != new.registry {
+        keys.push("registry");
+    }
+    keys
+}
+
+fn reload(sources: &Sources, config: &Arc<ArcSwap<Config>>, admin: &AdminState, log: &LogControl) -> Result<(), Vec<String>> {
+    let new = sources.load().map_err(|e| e.lines())?;
+    let token = read_token(&new).map_err(|e| vec![e.to_string()])?;
+    log.set_level(&new.log.level).map_err(|e| vec![e])?;
+    let old = config.load_full();
+    for key in restart_only_changes(&old, &new) {
+        warn!(key, "changed in the config file; takes effect on restart");
+    }
+    admin.token.store(Arc::new(token));
+    config.store(Arc::new(new));
+    info!(file = ?sources.file_path(), "configuration reloaded");
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! `svcd exec`: "when a process starts, add it; when it dies, remove it".
+//!
+//! Spawns CMD, registers it with the local daemon under a renewal TTL, forwards signals to it,
+//! and deregisters the moment it exits — so the instance leaves DNS and the proxies in
+//! milliseconds, not after a lease TTL — then exits with CMD's status. If `svcd exec` itself is
+//! killed, the daemon drops the registration once renewals stop (after `--ttl`).
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use http::Method;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::warn;
+
+use crate::cli::ExecArgs;
+use crate::client::AdminClient;
+use crate::commands::{instance_json, service_path};
+
+/// `<service>-<host>-<pid>`, folded into one valid DNS label.
+fn default_id(service: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let svc = service.split('.').next().unwrap_or(service);
+    let raw = format!("{svc}-{}-{}", host.trim(), std::process::id());
+    let mut id: String = raw
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    id.truncate(63);
+    id.trim_matches('-').to_string()
+}
+
+pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(&args.admin)?;
+    let ttl = humantime::parse_duration(&args.ttl).with_context(|| format!("--ttl {:?}", args.ttl))?;
+    anyhow::ensure!(ttl >= Duration::from_secs(1), "--ttl must be at least 1s");
+    let id = args.id.clone().unwrap_or_else(|| default_id(&args.service));
+    let instance_path = format!("/v1/services/{}/instances/{id}", service_path(&args.service)?);
+    let body = serde_json::to_vec(&instance_json(&args.instance, "127.0.0.1")?)?;
+    let put_path = format!("{instance_path}?ttl={}", humantime::format_duration(ttl));
+
+    let mut child = tokio::process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", args.command[0]))?;
+    let pid = Pid::from_raw(child.id().context("child has no pid")? as i32);
+
+    let mut registered = match client.call(Method::PUT, &put_path, Some(body.clone())).await {
+        Ok(_) => true,
+        Err(e) => {
+            warn!(error = %e, "registration failed; retrying while the command runs");
+            false
+        }
+    };
+
+    let forwarded = [
+        (SignalKind::terminate(), Signal::SIGTERM),
+        (SignalKind::interrupt(), Signal::SIGINT),
+        (SignalKind::hangup(), Signal::SIGHUP),
+        (SignalKind::quit(), Signal::SIGQUIT),
+        (SignalKind::user_defined1(), Signal::SIGUSR1),
+        (SignalKind::user_defined2(), Signal::SIGUSR2),
+    ];
+    let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel();
+    for (kind, sig) in forwarded {
+        let mut stream = signal(kind)?;
+        let tx = sig_tx.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if tx.send(sig).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    // Renew well inside the TTL; retry faster while not registered.
+    let renew_every = ttl / 3;
+    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            Some(sig) = sig_rx.recv() => {
+                let _ = kill(pid, sig);
+            }
+            _ = renew.tick() => {
+                match client.call(Method::PUT, &put_path, Some(body.clone())).await {
+                    Ok(_) => registered = true,
+                    Err(e) => warn!(error = %e, registered, "registration renewal failed"),
+                }
+            }
+        }
+    };
+
+    // Deregister first, then report: the instance must leave the cluster's view immediately.
+    if let Err(e) = client.call(Method::DELETE, &instance_path, None).await {
+        if registered {
+            warn!(error = %e, "deregistration failed; the daemon drops the entry after --ttl");
+        }
+    }
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(code as u8),
+        (None, Some(sig)) => ExitCode::from(128u8.wrapping_add(sig as u8)),
+        _ => ExitCode::FAILURE,
+    })
+}

@@ -1,0 +1,44 @@
+//! tracing-subscriber set-up with a reloadable filter, so SIGHUP can change the log level.
+
+use svcd_config::{LogConfig, LogFormat};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
+
+/// Changes the active filter after start-up.
+pub struct LogControl {
+    handle: reload::Handle<EnvFilter, Registry>,
+    /// `RUST_LOG` wins over the config file, as users expect of a Rust program.
+    env_override: bool,
+}
+
+impl LogControl {
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        if self.env_override {
+            return Ok(());
+        }
+        let filter = EnvFilter::try_new(level).map_err(|e| format!("log.level {level:?}: {e}"))?;
+        self.handle.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
+/// Installs the global subscriber (logs go to stderr).
+pub fn init(config: &LogConfig) -> LogControl {
+    let env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let env_override = env.is_some();
+    let spec = env.unwrap_or_else(|| config.level.clone());
+    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+        eprintln!("svcd: invalid log filter {spec:?} ({e}); using \"info\"");
+        EnvFilter::new("info")
+    });
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    match config.format {
+        LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr)).init(),
+        LogFormat::Human => registry
+            .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
+            .init(),
+    }
+    LogControl { handle, env_override }
+}

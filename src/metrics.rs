@@ -1,0 +1,34 @@
+//! The daemon's one `prometheus::Registry` and the metrics the binary itself owns.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+pub struct DaemonMetrics {
+    pub registry: Registry,
+    pub reloads_ok: IntCounter,
+    pub reloads_failed: IntCounter,
+}
+
+impl DaemonMetrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        let build = IntGauge::with_opts(
+            Opts::new("svcd_build_info", "Build information; always 1.")
+                .const_label("version", env!("CARGO_PKG_VERSION"))
+                .const_label("profile", if cfg!(debug_assertions) { "debug" } else { "release" }),
+        )?;
+        build.set(1);
+        registry.register(Box::new(build))?;
+        let reloads = IntCounterVec::new(
+            Opts::new("svcd_config_reloads_total", "Configuration reloads (SIGHUP) by result."),
+            &["result"],
+        )?;
+        registry.register(Box::new(reloads.clone()))?;
+        Ok(DaemonMetrics {
+            registry,
+            reloads_ok: reloads.with_label_values(&["ok"]),
+            reloads_failed: reloads.with_label_values(&["failed"]),
+        })
+    }
+}
