@@ -49,6 +49,8 @@ pub enum Command {
     Exec(ExecArgs),
 }
 
+// Parsed once per process; variant size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate FILE (with the same environment and overrides as `run`) and print the effective

@@ -157,3 +157,6 @@ impl Registry {
             .set(self.status.snapshot_age().as_secs_f64());
     }
 }
+
+#[cfg(test)]
+mod tests;

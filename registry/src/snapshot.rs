@@ -72,6 +72,8 @@ impl EndpointSnapshot {
 /// What applying one event did, for metrics and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
+    /// Already applied (a resumed watch repeated it); not counted as an event.
+    Stale,
     Changed,
     Unchanged,
     /// The key or value did not parse; the key is treated as absent.
@@ -115,7 +117,7 @@ impl SnapshotBuilder {
         let mut results = Vec::with_capacity(events.len());
         for event in events {
             if event.mod_revision <= floor {
-                results.push(Applied::Unchanged);
+                results.push(Applied::Stale);
                 continue;
             }
             self.revision = self.revision.max(event.mod_revision);
@@ -349,7 +351,7 @@ mod tests {
             b.apply(&put("default/web/a", "10.0.0.1", 5)),
             Applied::Changed
         );
-        assert_eq!(b.apply(&del("default/web/a", 4)), Applied::Unchanged);
+        assert_eq!(b.apply(&del("default/web/a", 4)), Applied::Stale);
         let mut garbage = put("default/web/a", "x", 6);
         garbage.value = b"{not json".to_vec();
         assert!(matches!(b.apply(&garbage), Applied::Invalid { .. }));

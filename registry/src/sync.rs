@@ -145,6 +145,7 @@ fn record(metrics: &RegistryMetrics, results: &[Applied], kinds: impl Iterator<I
                 metrics.invalid_values.inc();
                 warn!(%key, %reason, "skipping invalid registry entry");
             }
+            Applied::Stale => {}
             Applied::Changed | Applied::Unchanged => {
                 if is_put {
                     metrics.events_put.inc();

@@ -143,11 +143,33 @@ fn get_only(req: &Request<Incoming>, f: impl FnOnce() -> Response<Body>) -> Resp
     }
 }
 
+/// A client-facing failure; becomes `{"error", "field"}` JSON with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub field: String,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, field: &str, message: impl std::fmt::Display) -> Self {
+        ApiError {
+            status,
+            field: field.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        json_error(self.status, &self.field, self.message)
+    }
+}
+
 /// Reads a request body up to [`MAX_BODY`].
-pub async fn read_body(body: Incoming) -> Result<Bytes, Response<Body>> {
+pub async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
     match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(json_error(
+        Err(e) => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "",
             format!("request body unreadable or over {MAX_BODY} bytes: {e}"),

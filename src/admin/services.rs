@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use svcd_registry::{Endpoint, Instance, InstanceKey, StoreError};
 
-use super::{json_error, json_response, read_body, AdminState, Body};
+use super::{json_error, json_response, read_body, AdminState, ApiError, Body};
 
 pub async fn route(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().trim_end_matches('/').to_string();
@@ -98,69 +98,65 @@ fn show_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {
     }
 }
 
-fn store_failure(e: StoreError) -> Response<Body> {
-    json_error(StatusCode::SERVICE_UNAVAILABLE, "", format!("registry store: {e}"))
+fn store_failure(e: StoreError) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "", format!("registry store: {e}"))
 }
 
-fn parse_ttl(query: Option<&str>) -> Result<Option<Duration>, Response<Body>> {
-    let Some(query) = query else { return Ok(None) };
-    for pair in query.split('&') {
+fn parse_ttl(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    let mut ttl = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
-            "ttl" => {
-                return match humantime::parse_duration(v) {
-                    Ok(d) if d >= Duration::from_millis(500) => Ok(Some(d)),
-                    _ => Err(json_error(
-                        StatusCode::BAD_REQUEST,
-                        "ttl",
-                        format!("invalid ttl {v:?}: want a duration of at least 500ms, e.g. \"10s\""),
-                    )),
-                }
-            }
-            "" => {}
-            other => {
-                return Err(json_error(StatusCode::BAD_REQUEST, other, format!("unknown query parameter {other:?}")))
+        if k != "ttl" {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, k, format!("unknown query parameter {k:?}")));
+        }
+        match humantime::parse_duration(v) {
+            Ok(d) if d >= Duration::from_millis(500) => ttl = Some(d),
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "ttl",
+                    format!("invalid ttl {v:?}: want a duration of at least 500ms, e.g. \"10s\""),
+                ))
             }
         }
     }
-    Ok(None)
+    Ok(ttl)
 }
 
 async fn put_instance(state: &AdminState, key: InstanceKey, req: Request<Incoming>) -> Response<Body> {
-    let ttl = match parse_ttl(req.uri().query()) {
-        Ok(ttl) => ttl,
-        Err(resp) => return resp,
-    };
-    let body = match read_body(req.into_body()).await {
-        Ok(body) => body,
-        Err(resp) => return resp,
-    };
-    let mut instance = match Instance::from_json(&body) {
-        Ok(i) => i,
-        Err(e) => {
-            let field = if e.path.is_empty() { "body" } else { e.path.as_str() };
-            return json_error(StatusCode::BAD_REQUEST, field, e.message);
-        }
-    };
+    match try_put_instance(state, key, req).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn try_put_instance(state: &AdminState, key: InstanceKey, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let ttl = parse_ttl(req.uri().query())?;
+    let body = read_body(req.into_body()).await?;
+    let mut instance = Instance::from_json(&body).map_err(|e| {
+        let field = if e.path.is_empty() { "body" } else { e.path.as_str() };
+        ApiError::new(StatusCode::BAD_REQUEST, field, &e.message)
+    })?;
     if instance.node.is_empty() {
         instance.node = state.config.load().registry.node.clone();
     }
-    match state.registry.keeper.register(key.clone(), instance.clone(), ttl).await {
-        Ok(()) => {
-            let mut v = serde_json::to_value(&instance).expect("instance serializes");
-            v["id"] = json!(key.id);
-            v["namespace"] = json!(key.namespace);
-            v["service"] = json!(key.service);
-            json_response(StatusCode::OK, &v)
-        }
-        Err(e) => store_failure(e),
-    }
+    state
+        .registry
+        .keeper
+        .register(key.clone(), instance.clone(), ttl)
+        .await
+        .map_err(store_failure)?;
+    let mut v = serde_json::to_value(&instance).expect("instance serializes");
+    v["id"] = json!(key.id);
+    v["namespace"] = json!(key.namespace);
+    v["service"] = json!(key.service);
+    Ok(json_response(StatusCode::OK, &v))
 }
 
 async fn delete_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {
     match state.registry.keeper.deregister(key).await {
         Ok(true) => json_response(StatusCode::OK, &json!({ "deleted": key.to_string() })),
         Ok(false) => json_error(StatusCode::NOT_FOUND, "", format!("instance {key} not found")),
-        Err(e) => store_failure(e),
+        Err(e) => store_failure(e).into_response(),
     }
 }

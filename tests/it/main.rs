@@ -1,1 +1,11 @@
+//! svcd integration tests: one binary, real processes, real sockets, real etcd.
+//!
+//! Tests that need etcd start their own (`support::etcd::Etcd`) on free ports with a temporary
+//! data dir; a missing `etcd` binary fails the test with the install hint, never skips it.
 
+mod support;
+
+mod config_cli;
+mod lifecycle;
+mod registry_e2e;
+mod store_conformance;

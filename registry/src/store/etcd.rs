@@ -43,6 +43,7 @@ fn map_err(e: etcd_client::Error) -> StoreError {
                 }
             }
         }
+        E::LeaseKeepAliveError(msg) if msg.contains("not found") => StoreError::LeaseNotFound(0),
         E::TransportError(e) => StoreError::Unavailable(e.to_string()),
         E::IoError(e) => StoreError::Unavailable(e.to_string()),
         other => StoreError::Other(other.to_string()),
@@ -155,17 +156,16 @@ impl Store for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> StoreResult<Option<Duration>> {
-        let (mut keeper, mut stream) = self
-            .client
-            .clone()
-            .lease_keep_alive(lease)
-            .await
-            .map_err(map_err)?;
-        keeper.keep_alive().await.map_err(map_err)?;
-        match stream.message().await.map_err(map_err)? {
-            Some(resp) if resp.ttl() > 0 => Ok(Some(Duration::from_secs(resp.ttl() as u64))),
-            Some(_) => Ok(None),
-            None => Err(StoreError::Unavailable("keep-alive stream closed".into())),
+        let once = async {
+            let (mut keeper, mut stream) = self.client.clone().lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            stream.message().await
+        };
+        match once.await.map_err(map_err) {
+            Ok(Some(resp)) if resp.ttl() > 0 => Ok(Some(Duration::from_secs(resp.ttl() as u64))),
+            Ok(Some(_)) | Err(StoreError::LeaseNotFound(_)) => Ok(None),
+            Ok(None) => Err(StoreError::Unavailable("keep-alive stream closed".into())),
+            Err(e) => Err(e),
         }
     }
 

@@ -1,0 +1,227 @@
+//! Timing logic under `tokio::time::pause()`: lease expiry and re-grant, renewal expiry, the
+//! watchdog on a hung watch, burst coalescing. Real-etcd behaviour is tested in `tests/it`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::*;
+use crate::*;
+
+fn instance(ip: &str) -> Instance {
+    Instance::new(ip.parse().unwrap())
+}
+
+async fn keys(store: &dyn Store) -> Vec<String> {
+    list_all(store, ENDPOINTS_PREFIX, 100)
+        .await
+        .unwrap()
+        .0
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn embedded_lease_expires_after_ttl() {
+    let store = EmbeddedStore::new();
+    let lease = store.grant(Duration::from_secs(10)).await.unwrap();
+    store.put("/svcd/v1/endpoints/default/a/b", b"{}".to_vec(), Some(lease)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(keys(&store).await.len(), 1);
+    assert!(store.keep_alive(lease).await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(keys(&store).await.len(), 1, "keep-alive extended the lease");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(keys(&store).await.is_empty());
+    assert_eq!(store.keep_alive(lease).await.unwrap(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn keeper_regrants_and_reputs_after_losing_its_lease() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new());
+    let metrics = RegistryMetrics::unregistered();
+    let keeper = Arc::new(LeaseKeeper::new(store.clone(), Duration::from_secs(3), metrics.clone()));
+    let key = InstanceKey::new("default", "web", "w1").unwrap();
+    keeper.register(key.clone(), instance("10.0.0.1"), None).await.unwrap();
+    assert_eq!(keys(store.as_ref()).await, [key.to_key()]);
+    // Nobody keeps the lease alive (a long pause, a partition): it expires with its key.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(keys(store.as_ref()).await.is_empty());
+    // The keeper notices on its next round and puts everything back under a new lease.
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(keeper.clone().run(cancel.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(keys(store.as_ref()).await, [key.to_key()]);
+    assert_eq!(metrics.lease_grants.get(), 2);
+    // Kept alive from now on.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(keys(store.as_ref()).await, [key.to_key()]);
+    // Clean shutdown revokes: entries go at once.
+    cancel.cancel();
+    task.await.unwrap();
+    assert!(keys(store.as_ref()).await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn keeper_drops_registrations_not_renewed_in_time() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new());
+    let keeper = Arc::new(LeaseKeeper::new(store.clone(), Duration::from_secs(10), RegistryMetrics::unregistered()));
+    let cancel = CancellationToken::new();
+    tokio::spawn(keeper.clone().run(cancel.clone()));
+    let key = InstanceKey::new("default", "job", "j1").unwrap();
+    keeper.register(key.clone(), instance("10.0.0.1"), Some(Duration::from_secs(2))).await.unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Renewing with the same value writes nothing, only extends the deadline.
+        keeper.register(key.clone(), instance("10.0.0.1"), Some(Duration::from_secs(2))).await.unwrap();
+    }
+    assert_eq!(keys(store.as_ref()).await, [key.to_key()]);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert!(keys(store.as_ref()).await.is_empty(), "not renewed: removed");
+    cancel.cancel();
+}
+
+/// Wraps a store; the first watch hangs forever (no events, no progress), later ones work.
+struct HangingFirstWatch {
+    inner: EmbeddedStore,
+    watches: AtomicUsize,
+}
+
+struct Hung;
+
+#[async_trait]
+impl WatchStream for Hung {
+    async fn next(&mut self) -> StoreResult<Option<WatchMessage>> {
+        std::future::pending().await
+    }
+    async fn request_progress(&mut self) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for HangingFirstWatch {
+    async fn list(&self, p: &str, s: &str, r: i64, l: usize) -> StoreResult<ListPage> {
+        self.inner.list(p, s, r, l).await
+    }
+    async fn put(&self, k: &str, v: Vec<u8>, l: Option<LeaseId>) -> StoreResult<i64> {
+        self.inner.put(k, v, l).await
+    }
+    async fn delete(&self, k: &str) -> StoreResult<bool> {
+        self.inner.delete(k).await
+    }
+    async fn grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
+        self.inner.grant(ttl).await
+    }
+    async fn keep_alive(&self, l: LeaseId) -> StoreResult<Option<Duration>> {
+        self.inner.keep_alive(l).await
+    }
+    async fn revoke(&self, l: LeaseId) -> StoreResult<()> {
+        self.inner.revoke(l).await
+    }
+    async fn watch(&self, p: &str, from: i64) -> StoreResult<Box<dyn WatchStream>> {
+        if self.watches.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Ok(Box::new(Hung));
+        }
+        self.inner.watch(p, from).await
+    }
+    async fn compact(&self, r: i64) -> StoreResult<()> {
+        self.inner.compact(r).await
+    }
+    fn describe(&self) -> String {
+        "hanging".into()
+    }
+}
+
+struct Harness {
+    snapshot: Arc<ArcSwap<EndpointSnapshot>>,
+    metrics: RegistryMetrics,
+    changes: watch::Receiver<i64>,
+    cancel: CancellationToken,
+}
+
+fn start_sync(store: Arc<dyn Store>, options: SyncOptions) -> Harness {
+    let snapshot = Arc::new(ArcSwap::from_pointee(EndpointSnapshot::default()));
+    let metrics = RegistryMetrics::unregistered();
+    let (tx, changes) = watch::channel(0);
+    let cancel = CancellationToken::new();
+    let publisher = Publisher {
+        snapshot: snapshot.clone(),
+        changes: tx,
+        status: Arc::new(SyncStatus::default()),
+        metrics: metrics.clone(),
+    };
+    tokio::spawn(run_sync(store, publisher, options, cancel.clone()));
+    Harness {
+        snapshot,
+        metrics,
+        changes,
+        cancel,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn hung_watch_is_detected_and_resumed_without_loss() {
+    let inner = EmbeddedStore::new();
+    let store = Arc::new(HangingFirstWatch {
+        inner: inner.clone(),
+        watches: AtomicUsize::new(0),
+    });
+    let h = start_sync(store.clone(), SyncOptions::default());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    inner
+        .put("/svcd/v1/endpoints/default/web/a", br#"{"ip":"10.0.0.1"}"#.to_vec(), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(h.snapshot.load().service("default", "web").is_none(), "the hung stream delivered nothing");
+    // Past the watchdog the stream is replaced and resumes from the last revision.
+    tokio::time::sleep(SyncOptions::default().watchdog + Duration::from_secs(6)).await;
+    let snap = h.snapshot.load();
+    assert_eq!(snap.service("default", "web").unwrap().all.len(), 1);
+    assert!(store.watches.load(Ordering::SeqCst) >= 2);
+    h.cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_events_is_one_publish() {
+    let inner = EmbeddedStore::new();
+    let mut h = start_sync(Arc::new(inner.clone()), SyncOptions::default());
+    h.changes.changed().await.unwrap(); // initial listing
+    let before = h.metrics.publishes.get();
+    for i in 0..200 {
+        inner
+            .put(&format!("/svcd/v1/endpoints/default/web/i{i}"), br#"{"ip":"10.0.0.1"}"#.to_vec(), None)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let snap = h.snapshot.load();
+    assert_eq!(snap.service("default", "web").unwrap().all.len(), 200);
+    let publishes = h.metrics.publishes.get() - before;
+    assert!(publishes <= 2, "200 events took {publishes} publishes");
+    h.cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn compaction_does_not_disturb_a_live_watch() {
+    let inner = EmbeddedStore::new();
+    let h = start_sync(Arc::new(inner.clone()), SyncOptions::default());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let relists = h.metrics.relists.get();
+    // A watch resuming from before the compaction point gets Compacted and must re-list.
+    let rev = inner.put("/svcd/v1/endpoints/default/web/a", br#"{"ip":"10.0.0.1"}"#.to_vec(), None).await.unwrap();
+    inner.compact(rev).await.unwrap();
+    let mut w = inner.watch(ENDPOINTS_PREFIX, 1).await.unwrap();
+    assert!(matches!(w.next().await, Ok(Some(WatchMessage::Compacted { .. }))));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(h.snapshot.load().endpoint_count(), 1);
+    assert_eq!(h.metrics.relists.get(), relists, "a live watch is not disturbed by compaction");
+    h.cancel.cancel();
+}

@@ -1,0 +1,207 @@
+//! A real `svcd run` process on free ports with a config file in a temp dir.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{eventually, free_port, svcd_bin};
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+/// A minimal HTTP/1.1 response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Config text with every listener on a free loopback port, then `extra`.
+pub fn base_config(admin_port: u16) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[dns]\nlisten = \"127.0.0.1:{}\"\n[[proxy.http]]\nlisten = \"127.0.0.1:{}\"\n",
+        free_port(),
+        free_port()
+    )
+}
+
+impl Daemon {
+    /// Starts `svcd run` with the base config plus `extra` TOML and waits for `/readyz`.
+    pub async fn start(extra: &str) -> Daemon {
+        Self::start_with(extra, &[]).await
+    }
+
+    pub async fn start_with(extra: &str, env: &[(&str, &str)]) -> Daemon {
+        let d = Self::spawn(extra, env);
+        d.wait_ready().await;
+        d
+    }
+
+    /// Starts without waiting for readiness.
+    pub fn spawn(extra: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let admin_port = free_port();
+        let config_path = dir.path().join("svcd.toml");
+        std::fs::write(&config_path, format!("{}{extra}", base_config(admin_port))).expect("write config");
+        let log = std::fs::File::create(dir.path().join("svcd.log")).expect("log file");
+        let mut cmd = Command::new(svcd_bin());
+        cmd.args(["run", "--config", config_path.to_str().expect("utf-8 path")])
+            .env_remove("RUST_LOG")
+            .env("SVCD_LOG_LEVEL", "info,svcd_registry=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn svcd");
+        Daemon {
+            child: Some(child),
+            admin: format!("127.0.0.1:{admin_port}").parse().expect("addr"),
+            dir,
+            config_path,
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        let admin = self.admin;
+        let log = self.dir.path().join("svcd.log");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = http(admin, "GET", "/readyz", None).await {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("svcd not ready in 20s; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("svcd.log")).unwrap_or_default()
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        http(self.admin, "GET", path, None).await.expect("admin request")
+    }
+
+    pub async fn request(&self, method: &str, path: &str, body: Option<&str>) -> Reply {
+        http(self.admin, method, path, body).await.expect("admin request")
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).expect("signal svcd");
+    }
+
+    /// Waits for exit; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("svcd did not exit within {timeout:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs a client command (`svcd register …`) against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(svcd_bin())
+            .args(args)
+            .env("SVCD_ADMIN_LISTEN", self.admin.to_string())
+            .output()
+            .expect("run svcd client command")
+    }
+
+    /// Value of one sample in `/metrics`, e.g. `svcd_config_reloads_total{result="failed"}`.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let body = self.get("/metrics").await.body;
+        body.lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// Ids of the instances of `ns/svc` in this daemon's snapshot.
+    pub async fn instance_ids(&self, ns: &str, svc: &str) -> Vec<String> {
+        let r = self.get(&format!("/v1/services/{ns}/{svc}")).await;
+        if r.status == 404 {
+            return Vec::new();
+        }
+        r.json()["instances"]
+            .as_array()
+            .expect("instances array")
+            .iter()
+            .map(|i| i["id"].as_str().expect("id").to_string())
+            .collect()
+    }
+
+    /// Waits until the instance ids of `ns/svc` are exactly `want` (sorted).
+    pub async fn wait_instances(&self, ns: &str, svc: &str, want: &[&str], timeout: Duration) {
+        let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        eventually(timeout, &format!("{svc}.{ns} instances == {want:?}"), || {
+            let want = want.clone();
+            async move { (self.instance_ids(ns, svc).await == want).then_some(()) }
+        })
+        .await
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> std::io::Result<Reply> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {text}")))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok(Reply { status, body })
+}

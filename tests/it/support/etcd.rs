@@ -1,0 +1,112 @@
+//! A real etcd server for one test: free ports, temp data dir, killed on drop. Can be stopped
+//! and restarted on the same ports and data (to test reconnects).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{eventually, free_port};
+
+pub struct Etcd {
+    pub client_url: String,
+    peer_url: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+const INSTALL_HINT: &str = "etcd is required for this test and was not found on PATH.\n\
+     Install it with: apt-get install -y etcd-server   (or run ./scripts/test, which installs it)";
+
+fn etcd_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("SVCD_TEST_ETCD") {
+        return PathBuf::from(path);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let candidate = PathBuf::from(dir).join("etcd");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("{INSTALL_HINT}");
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub async fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut etcd = Etcd {
+            client_url: format!("http://127.0.0.1:{}", free_port()),
+            peer_url: format!("http://127.0.0.1:{}", free_port()),
+            dir,
+            child: None,
+        };
+        etcd.resume().await;
+        etcd
+    }
+
+    /// `host:port` of the client endpoint, as svcd's config takes it.
+    pub fn endpoint(&self) -> String {
+        self.client_url.trim_start_matches("http://").to_string()
+    }
+
+    /// (Re)starts the process on the same ports and data dir.
+    pub async fn resume(&mut self) {
+        assert!(self.child.is_none(), "etcd already running");
+        let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log file");
+        let child = Command::new(etcd_binary())
+            .args([
+                "--name",
+                "svcd-test",
+                "--data-dir",
+                self.dir.path().join("data").to_str().expect("utf-8 temp path"),
+                "--listen-client-urls",
+                &self.client_url,
+                "--advertise-client-urls",
+                &self.client_url,
+                "--listen-peer-urls",
+                &self.peer_url,
+                "--initial-advertise-peer-urls",
+                &self.peer_url,
+                "--initial-cluster",
+                &format!("svcd-test={}", self.peer_url),
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start etcd: {e}\n{INSTALL_HINT}"));
+        self.child = Some(child);
+        let url = self.client_url.clone();
+        eventually(Duration::from_secs(20), "etcd to answer", || {
+            let url = url.clone();
+            async move {
+                let mut client = etcd_client::Client::connect([url], None).await.ok()?;
+                client.get("health-probe", None).await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// Kills the process (SIGKILL); data stays for `resume`.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.client_url.clone()], None)
+            .await
+            .expect("connect to test etcd")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
