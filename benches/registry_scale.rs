@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use etcd_client::{Txn, TxnOp};
 use svcd_config::EtcdConfig;
-use svcd_registry::{run_sync, EndpointSnapshot, EtcdStore, Publisher, RegistryMetrics, Store, SyncOptions, SyncStatus};
+use svcd_registry::{
+    run_sync, EndpointSnapshot, EtcdStore, Publisher, RegistryMetrics, Store, SyncOptions,
+    SyncStatus,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -52,12 +55,19 @@ async fn load(etcd: &Etcd) {
                 let ops: Vec<TxnOp> = (0..PER_SERVICE)
                     .map(|i| TxnOp::put(key(s, i), value(s, i, 0), None))
                     .collect();
-                client.txn(Txn::new().and_then(ops)).await.expect("load txn");
+                client
+                    .txn(Txn::new().and_then(ops))
+                    .await
+                    .expect("load txn");
             }
         });
     }
     while tasks.join_next().await.is_some() {}
-    eprintln!("loaded {} endpoints in {:.1?}", SERVICES * PER_SERVICE, started.elapsed());
+    eprintln!(
+        "loaded {} endpoints in {:.1?}",
+        SERVICES * PER_SERVICE,
+        started.elapsed()
+    );
 }
 
 struct Sync {
@@ -76,8 +86,17 @@ fn start_sync(store: Arc<dyn Store>) -> Sync {
         status: Arc::new(SyncStatus::default()),
         metrics: RegistryMetrics::unregistered(),
     };
-    tokio::spawn(run_sync(store, publisher, SyncOptions::default(), cancel.clone()));
-    Sync { snapshot, changes, cancel }
+    tokio::spawn(run_sync(
+        store,
+        publisher,
+        SyncOptions::default(),
+        cancel.clone(),
+    ));
+    Sync {
+        snapshot,
+        changes,
+        cancel,
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -96,22 +115,31 @@ async fn initial_sync(store: Arc<dyn Store>) -> Duration {
         let mut sync = start_sync(store.clone());
         sync.changes.changed().await.expect("first publish");
         times.push(started.elapsed());
-        assert_eq!(sync.snapshot.load().endpoint_count(), SERVICES * PER_SERVICE);
+        assert_eq!(
+            sync.snapshot.load().endpoint_count(),
+            SERVICES * PER_SERVICE
+        );
         sync.cancel.cancel();
     }
     times.sort();
-    eprintln!("initial sync runs: {:?}", times.iter().map(|d| ms(*d)).collect::<Vec<_>>());
+    eprintln!(
+        "initial sync runs: {:?}",
+        times.iter().map(|d| ms(*d)).collect::<Vec<_>>()
+    );
     times[2]
 }
+
+/// (service, instance) → (latest seq written, when its put was sent).
+type Pending = HashMap<(usize, usize), (u64, Instant)>;
 
 async fn churn(etcd: &Etcd, store: Arc<dyn Store>) -> Vec<Duration> {
     let mut sync = start_sync(store);
     sync.changes.changed().await.expect("first publish");
-    // (service, instance) → (seq, sent at)
-    let pending: Arc<Mutex<HashMap<(usize, usize), (u64, Instant)>>> = Arc::default();
+    let pending: Arc<Mutex<Pending>> = Arc::default();
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let observer = {
-        let (pending, latencies, snapshot) = (pending.clone(), latencies.clone(), sync.snapshot.clone());
+        let (pending, latencies, snapshot) =
+            (pending.clone(), latencies.clone(), sync.snapshot.clone());
         let mut changes = sync.changes.clone();
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
@@ -121,8 +149,15 @@ async fn churn(etcd: &Etcd, store: Arc<dyn Store>) -> Vec<Duration> {
                 pending.retain(|(s, i), (seq, sent)| {
                     let visible = snap
                         .service("default", &format!("svc-{s}"))
-                        .and_then(|svc| svc.all.iter().find(|e| e.id == format!("inst-{i}")).cloned())
-                        .is_some_and(|e| e.instance.meta.get("seq").and_then(|v| v.parse::<u64>().ok()) >= Some(*seq));
+                        .and_then(|svc| {
+                            svc.all
+                                .iter()
+                                .find(|e| *e.id == *format!("inst-{i}"))
+                                .cloned()
+                        })
+                        .is_some_and(|e| {
+                            e.meta("seq").and_then(|v| v.parse::<u64>().ok()) >= Some(*seq)
+                        });
                     if visible {
                         latencies.lock().unwrap().push(now - *sent);
                     }
@@ -145,7 +180,10 @@ async fn churn(etcd: &Etcd, store: Arc<dyn Store>) -> Vec<Duration> {
         writers.spawn(async move {
             let sent = Instant::now();
             pending.lock().unwrap().insert((s, i), (seq, sent));
-            client.put(key(s, i), value(s, i, seq), None).await.expect("churn put");
+            client
+                .put(key(s, i), value(s, i, seq), None)
+                .await
+                .expect("churn put");
         });
         while writers.try_join_next().is_some() {}
     }
@@ -159,7 +197,12 @@ async fn churn(etcd: &Etcd, store: Arc<dyn Store>) -> Vec<Duration> {
     observer.abort();
     let mut l = latencies.lock().unwrap().clone();
     l.sort();
-    eprintln!("churn: {} changes in {:.1?} ({:.0}/s), {missing} not seen", seq, started.elapsed(), seq as f64 / started.elapsed().as_secs_f64());
+    eprintln!(
+        "churn: {} changes in {:.1?} ({:.0}/s), {missing} not seen",
+        seq,
+        started.elapsed(),
+        seq as f64 / started.elapsed().as_secs_f64()
+    );
     l
 }
 
@@ -183,17 +226,34 @@ async fn exec_kill_latency(a: &Daemon, b: &Daemon, rounds: usize) -> Vec<Duratio
         let id = format!("job-{round}");
         let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
         let mut exec = std::process::Command::new(support::svcd_bin())
-            .args(["exec", "--service", "job", "--id", &id, "--ip", "10.1.0.1", "--", "sh", "-c", &script])
+            .args([
+                "exec",
+                "--service",
+                "job",
+                "--id",
+                &id,
+                "--ip",
+                "10.1.0.1",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ])
             .env("SVCD_ADMIN_LISTEN", a.admin.to_string())
             .spawn()
             .expect("svcd exec");
-        b.wait_instances("default", "job", &[id.as_str()], Duration::from_secs(10)).await;
+        b.wait_instances("default", "job", &[id.as_str()], Duration::from_secs(10))
+            .await;
         let pid: i32 = support::eventually(Duration::from_secs(5), "pid file", || async {
             std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
         })
         .await;
         let killed = Instant::now();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill child");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill child");
         loop {
             if b.instance_ids("default", "job").await.is_empty() {
                 break;
@@ -237,27 +297,74 @@ async fn main() {
 
     let a = Daemon::start(&etcd_config(&etcd.endpoint())).await;
     let b = Daemon::start(&etcd_config(&etcd.endpoint())).await;
-    support::eventually(Duration::from_secs(30), "daemon to hold 100k endpoints", || async {
-        (b.metric("svcd_registry_endpoints").await == Some((SERVICES * PER_SERVICE) as f64)).then_some(())
-    })
+    support::eventually(
+        Duration::from_secs(30),
+        "daemon to hold 100k endpoints",
+        || async {
+            (b.metric("svcd_registry_endpoints").await == Some((SERVICES * PER_SERVICE) as f64))
+                .then_some(())
+        },
+    )
     .await;
     let full_rss = rss_kib(b.pid().as_raw() as u32);
     let exec_latencies = exec_kill_latency(&a, &b, 30).await;
 
     println!();
-    println!("registry_scale ({} endpoints in {} services, etcd 3.4 on loopback)", SERVICES * PER_SERVICE, SERVICES);
+    println!(
+        "registry_scale ({} endpoints in {} services, etcd 3.4 on loopback)",
+        SERVICES * PER_SERVICE,
+        SERVICES
+    );
     println!("{:<52} {:>12} {:>12}", "measure", "result", "target");
-    println!("{:<52} {:>12} {:>12}", "initial sync → published snapshot (median of 5)", ms(sync_median), "< 2000 ms");
     println!(
         "{:<52} {:>12} {:>12}",
-        format!("churn put → visible p50 ({} samples)", churn_latencies.len()),
+        "initial sync → published snapshot (median of 5)",
+        ms(sync_median),
+        "< 2000 ms"
+    );
+    println!(
+        "{:<52} {:>12} {:>12}",
+        format!(
+            "churn put → visible p50 ({} samples)",
+            churn_latencies.len()
+        ),
         ms(percentile(&churn_latencies, 0.5)),
         ""
     );
-    println!("{:<52} {:>12} {:>12}", "churn put → visible p99", ms(percentile(&churn_latencies, 0.99)), "< 50 ms");
-    println!("{:<52} {:>12} {:>12}", "churn put → visible max", ms(*churn_latencies.last().unwrap()), "");
-    println!("{:<52} {:>9} MiB {:>12}", "daemon RSS, empty registry", empty_rss / 1024, "");
-    println!("{:<52} {:>9} MiB {:>12}", "daemon RSS holding 100k endpoints", full_rss / 1024, "< 100 MB");
-    println!("{:<52} {:>12} {:>12}", "exec child SIGKILL → gone on other daemon p50 (30)", ms(percentile(&exec_latencies, 0.5)), "");
-    println!("{:<52} {:>12} {:>12}", "exec child SIGKILL → gone on other daemon p99 (30)", ms(percentile(&exec_latencies, 0.99)), "< 250 ms");
+    println!(
+        "{:<52} {:>12} {:>12}",
+        "churn put → visible p99",
+        ms(percentile(&churn_latencies, 0.99)),
+        "< 50 ms"
+    );
+    println!(
+        "{:<52} {:>12} {:>12}",
+        "churn put → visible max",
+        ms(*churn_latencies.last().unwrap()),
+        ""
+    );
+    println!(
+        "{:<52} {:>9} MiB {:>12}",
+        "daemon RSS, empty registry",
+        empty_rss / 1024,
+        ""
+    );
+    println!(
+        "{:<52} {:>9} MiB {:>12}",
+        "daemon RSS holding 100k endpoints",
+        full_rss / 1024,
+        "< 100 MB"
+    );
+    println!(
+        "{:<52} {:>12} {:>12}",
+        "exec child SIGKILL → gone on other daemon p50 (30)",
+        ms(percentile(&exec_latencies, 0.5)),
+        ""
+    );
+    println!(
+        "{:<52} {:>12} {:>12}",
+        "exec child SIGKILL → gone on other daemon p99 (30)",
+        ms(percentile(&exec_latencies, 0.99)),
+        "< 250 ms"
+    );
 }

@@ -12,8 +12,13 @@ fn event(service: usize, instance: usize, rev: i64) -> Event {
     Event {
         kind: EventKind::Put,
         key: format!("/svcd/v1/endpoints/default/svc-{service}/inst-{instance}"),
-        value: format!(r#"{{"ip":"10.{}.{}.{}","ports":{{"http":8080}},"meta":{{"rev":"{rev}"}}}}"#, service / 256 % 256, service % 256, instance % 200 + 1)
-            .into_bytes(),
+        value: format!(
+            r#"{{"ip":"10.{}.{}.{}","ports":{{"http":8080}},"meta":{{"rev":"{rev}"}}}}"#,
+            service / 256 % 256,
+            service % 256,
+            instance % 200 + 1
+        )
+        .into_bytes(),
         mod_revision: rev,
     }
 }
@@ -52,7 +57,13 @@ fn bench(c: &mut Criterion) {
     });
     c.bench_function("lookup_service_in_100k_snapshot", |b| {
         let (_, snapshot, _) = loaded(10_000, 10);
-        b.iter(|| black_box(snapshot.service(black_box("default"), black_box("svc-4242")).map(|s| s.healthy.len())))
+        b.iter(|| {
+            black_box(
+                snapshot
+                    .service(black_box("default"), black_box("svc-4242"))
+                    .map(|s| s.healthy.len()),
+            )
+        })
     });
 }
 

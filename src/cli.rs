@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use svcd_config::Override;
 
 #[derive(Debug, Parser)]
-#[command(name = "svcd", version, about = "Service discovery and load balancing daemon")]
+#[command(
+    name = "svcd",
+    version,
+    about = "Service discovery and load balancing daemon"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -136,7 +140,11 @@ impl OverrideArgs {
 #[derive(Debug, Args, Clone)]
 pub struct AdminArgs {
     /// Admin API address of the local daemon.
-    #[arg(long = "admin", env = "SVCD_ADMIN_LISTEN", default_value = "127.0.0.1:9901")]
+    #[arg(
+        long = "admin",
+        env = "SVCD_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9901"
+    )]
     pub addr: SocketAddr,
     /// File with the admin bearer token, if the daemon requires one.
     #[arg(long, env = "SVCD_ADMIN_TOKEN_FILE")]

@@ -49,8 +49,15 @@ impl AdminClient {
 
     /// Sends one request; a 2xx JSON body is returned, anything else becomes an error naming the
     /// daemon's reason.
-    pub async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<Value> {
-        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<Value> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
@@ -61,12 +68,20 @@ impl AdminClient {
         let resp = tokio::time::timeout(Duration::from_secs(15), self.http.request(req))
             .await
             .context("admin API did not answer within 15s")?
-            .with_context(|| format!("cannot reach the svcd admin API at {} (is `svcd run` up?)", self.base))?;
+            .with_context(|| {
+                format!(
+                    "cannot reach the svcd admin API at {} (is `svcd run` up?)",
+                    self.base
+                )
+            })?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if !status.is_success() {
-            let message = value["error"].as_str().map(str::to_string).unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            let message = value["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
             let message = match value["field"].as_str() {
                 Some(field) => format!("{field}: {message}"),
                 None => message,

@@ -61,12 +61,24 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<ExitCode> {
     if let Some(state) = &args.state {
         body["state"] = json!(state);
     }
-    let mut path = format!("/v1/services/{}/instances/{}", service_path(&args.service)?, args.id);
+    let mut path = format!(
+        "/v1/services/{}/instances/{}",
+        service_path(&args.service)?,
+        args.id
+    );
     if let Some(ttl) = &args.ttl {
         path.push_str(&format!("?ttl={ttl}"));
     }
-    let resp = client.call(Method::PUT, &path, Some(serde_json::to_vec(&body)?)).await?;
-    println!("registered {}.{}/{} at {}", resp["service"].as_str().unwrap_or(""), resp["namespace"].as_str().unwrap_or(""), args.id, resp["ip"].as_str().unwrap_or(""));
+    let resp = client
+        .call(Method::PUT, &path, Some(serde_json::to_vec(&body)?))
+        .await?;
+    println!(
+        "registered {}.{}/{} at {}",
+        resp["service"].as_str().unwrap_or(""),
+        resp["namespace"].as_str().unwrap_or(""),
+        args.id,
+        resp["ip"].as_str().unwrap_or("")
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -76,7 +88,11 @@ pub async fn deregister(instance: &str, admin: &AdminArgs) -> anyhow::Result<Exi
         .ok_or_else(|| anyhow::anyhow!("{instance:?}: expected SERVICE[.NS]/ID"))?;
     let client = AdminClient::new(admin)?;
     client
-        .call(Method::DELETE, &format!("/v1/services/{}/instances/{id}", service_path(service)?), None)
+        .call(
+            Method::DELETE,
+            &format!("/v1/services/{}/instances/{id}", service_path(service)?),
+            None,
+        )
         .await?;
     println!("deregistered {instance}");
     Ok(ExitCode::SUCCESS)
@@ -89,13 +105,26 @@ pub async fn list(service: Option<&str>, admin: &AdminArgs) -> anyhow::Result<Ex
             let v = client.call(Method::GET, "/v1/services", None).await?;
             println!("{:<40} {:>9} {:>7}", "SERVICE", "INSTANCES", "HEALTHY");
             for s in v["services"].as_array().into_iter().flatten() {
-                let name = format!("{}.{}", s["service"].as_str().unwrap_or(""), s["namespace"].as_str().unwrap_or(""));
+                let name = format!(
+                    "{}.{}",
+                    s["service"].as_str().unwrap_or(""),
+                    s["namespace"].as_str().unwrap_or("")
+                );
                 println!("{name:<40} {:>9} {:>7}", s["instances"], s["healthy"]);
             }
         }
         Some(service) => {
-            let v = client.call(Method::GET, &format!("/v1/services/{}", service_path(service)?), None).await?;
-            println!("{:<24} {:<40} {:<10} {:<16} PORTS", "ID", "IP", "STATE", "NODE");
+            let v = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/services/{}", service_path(service)?),
+                    None,
+                )
+                .await?;
+            println!(
+                "{:<24} {:<40} {:<10} {:<16} PORTS",
+                "ID", "IP", "STATE", "NODE"
+            );
             for i in v["instances"].as_array().into_iter().flatten() {
                 let ports: Vec<String> = i["ports"]
                     .as_object()
@@ -118,11 +147,25 @@ pub async fn list(service: Option<&str>, admin: &AdminArgs) -> anyhow::Result<Ex
 }
 
 /// Prints one address per healthy instance: exactly the set DNS answers and the proxies pick from.
-pub async fn resolve(service: &str, port: Option<&str>, admin: &AdminArgs) -> anyhow::Result<ExitCode> {
+pub async fn resolve(
+    service: &str,
+    port: Option<&str>,
+    admin: &AdminArgs,
+) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(admin)?;
-    let v = match client.call(Method::GET, &format!("/v1/services/{}", service_path(service)?), None).await {
+    let v = match client
+        .call(
+            Method::GET,
+            &format!("/v1/services/{}", service_path(service)?),
+            None,
+        )
+        .await
+    {
         Ok(v) => v,
-        Err(e) if e.downcast_ref::<crate::client::ApiError>().is_some_and(|a| a.status == 404) => {
+        Err(e)
+            if e.downcast_ref::<crate::client::ApiError>()
+                .is_some_and(|a| a.status == 404) =>
+        {
             eprintln!("{service}: no instances");
             return Ok(ExitCode::from(1));
         }

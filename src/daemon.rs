@@ -24,11 +24,17 @@ use crate::metrics::DaemonMetrics;
 use crate::readiness::Readiness;
 
 fn read_token(config: &Config) -> anyhow::Result<Option<String>> {
-    let Some(path) = &config.admin.token_file else { return Ok(None) };
+    let Some(path) = &config.admin.token_file else {
+        return Ok(None);
+    };
     let token = std::fs::read_to_string(path)
         .with_context(|| format!("admin.token_file: cannot read {}", path.display()))?;
     let token = token.trim().to_string();
-    anyhow::ensure!(!token.is_empty(), "admin.token_file: {} is empty", path.display());
+    anyhow::ensure!(
+        !token.is_empty(),
+        "admin.token_file: {} is empty",
+        path.display()
+    );
     Ok(Some(token))
 }
 
@@ -46,7 +52,11 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     let token = read_token(&config)?;
     let metrics = DaemonMetrics::new()?;
     let store = Registry::open_store(&config.registry).await?;
-    let registry = Arc::new(Registry::new(store.clone(), &config.registry, &metrics.registry)?);
+    let registry = Arc::new(Registry::new(
+        store.clone(),
+        &config.registry,
+        &metrics.registry,
+    )?);
     registry
         .keeper
         .adopt(config.registry.static_instances.iter().filter_map(|s| {
@@ -81,7 +91,11 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         prometheus: metrics.registry.clone(),
         registry: registry.clone(),
     });
-    tasks.spawn(admin::serve(admin_listener, admin_state.clone(), cancel.clone()));
+    tasks.spawn(admin::serve(
+        admin_listener,
+        admin_state.clone(),
+        cancel.clone(),
+    ));
     readiness.listeners_bound.store(true, Ordering::Relaxed);
     info!(admin = %admin_addr, store = %store.describe(), "svcd started");
 
@@ -89,7 +103,10 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
 
     // Drain.
     let drain_timeout = config.load().shutdown.drain_timeout;
-    info!(?drain_timeout, "shutting down: no new connections, draining");
+    info!(
+        ?drain_timeout,
+        "shutting down: no new connections, draining"
+    );
     readiness.shutting_down.store(true, Ordering::Relaxed);
     cancel.cancel();
     let second_signal = async {
@@ -99,9 +116,11 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     };
     let drain = async {
         let deadline = tokio::time::Instant::now() + drain_timeout;
-        if tokio::time::timeout_at(deadline, async { while tasks.join_next().await.is_some() {} })
-            .await
-            .is_err()
+        if tokio::time::timeout_at(deadline, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
         {
             warn!("drain timeout reached; closing remaining connections");
             tasks.abort_all();
@@ -163,7 +182,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     keys
 }
 
-fn reload(sources: &Sources, config: &Arc<ArcSwap<Config>>, admin: &AdminState, log: &LogControl) -> Result<(), Vec<String>> {
+fn reload(
+    sources: &Sources,
+    config: &Arc<ArcSwap<Config>>,
+    admin: &AdminState,
+    log: &LogControl,
+) -> Result<(), Vec<String>> {
     let new = sources.load().map_err(|e| e.lines())?;
     let token = read_token(&new).map_err(|e| vec![e.to_string()])?;
     log.set_level(&new.log.level).map_err(|e| vec![e])?;

@@ -36,10 +36,14 @@ fn default_id(service: &str) -> String {
 
 pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(&args.admin)?;
-    let ttl = humantime::parse_duration(&args.ttl).with_context(|| format!("--ttl {:?}", args.ttl))?;
+    let ttl =
+        humantime::parse_duration(&args.ttl).with_context(|| format!("--ttl {:?}", args.ttl))?;
     anyhow::ensure!(ttl >= Duration::from_secs(1), "--ttl must be at least 1s");
     let id = args.id.clone().unwrap_or_else(|| default_id(&args.service));
-    let instance_path = format!("/v1/services/{}/instances/{id}", service_path(&args.service)?);
+    let instance_path = format!(
+        "/v1/services/{}/instances/{id}",
+        service_path(&args.service)?
+    );
     let body = serde_json::to_vec(&instance_json(&args.instance, "127.0.0.1")?)?;
     let put_path = format!("{instance_path}?ttl={}", humantime::format_duration(ttl));
 
@@ -49,7 +53,10 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot start {:?}", args.command[0]))?;
     let pid = Pid::from_raw(child.id().context("child has no pid")? as i32);
 
-    let mut registered = match client.call(Method::PUT, &put_path, Some(body.clone())).await {
+    let mut registered = match client
+        .call(Method::PUT, &put_path, Some(body.clone()))
+        .await
+    {
         Ok(_) => true,
         Err(e) => {
             warn!(error = %e, "registration failed; retrying while the command runs");
@@ -80,7 +87,8 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
 
     // Renew well inside the TTL; retry faster while not registered.
     let renew_every = ttl / 3;
-    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
+    let mut renew =
+        tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
     let status = loop {
         tokio::select! {
             status = child.wait() => break status?,

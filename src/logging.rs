@@ -35,10 +35,15 @@ pub fn init(config: &LogConfig) -> LogControl {
     let registry = tracing_subscriber::registry().with(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match config.format {
-        LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr)).init(),
+        LogFormat::Json => registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .init(),
         LogFormat::Human => registry
             .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
             .init(),
     }
-    LogControl { handle, env_override }
+    LogControl {
+        handle,
+        env_override,
+    }
 }

@@ -25,10 +25,16 @@ fn main() -> std::process::ExitCode {
         // Client commands log warnings (e.g. `exec` renewal failures) plainly to stderr.
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
-            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
             .init();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("svcd: cannot start the runtime: {e}");
@@ -83,7 +89,11 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Register(args) => commands::register(args).await,
         Command::Deregister { instance, admin } => commands::deregister(&instance, &admin).await,
         Command::List { service, admin } => commands::list(service.as_deref(), &admin).await,
-        Command::Resolve { service, port, admin } => commands::resolve(&service, port.as_deref(), &admin).await,
+        Command::Resolve {
+            service,
+            port,
+            admin,
+        } => commands::resolve(&service, port.as_deref(), &admin).await,
         Command::Exec(args) => exec::run(args).await,
     }
 }

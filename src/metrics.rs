@@ -12,16 +12,28 @@ impl DaemonMetrics {
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let build = IntGauge::with_opts(
             Opts::new("svcd_build_info", "Build information; always 1.")
                 .const_label("version", env!("CARGO_PKG_VERSION"))
-                .const_label("profile", if cfg!(debug_assertions) { "debug" } else { "release" }),
+                .const_label(
+                    "profile",
+                    if cfg!(debug_assertions) {
+                        "debug"
+                    } else {
+                        "release"
+                    },
+                ),
         )?;
         build.set(1);
         registry.register(Box::new(build))?;
         let reloads = IntCounterVec::new(
-            Opts::new("svcd_config_reloads_total", "Configuration reloads (SIGHUP) by result."),
+            Opts::new(
+                "svcd_config_reloads_total",
+                "Configuration reloads (SIGHUP) by result.",
+            ),
             &["result"],
         )?;
         registry.register(Box::new(reloads.clone()))?;

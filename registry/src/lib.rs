@@ -22,6 +22,7 @@
 //! * [`sync`]: the list/watch loop, resilient to broken streams, compaction and hung watches.
 //! * [`lease`]: [`LeaseKeeper`], holding this daemon's registrations under one TTL lease.
 
+pub mod endpoint;
 pub mod keys;
 pub mod lease;
 pub mod metrics;
@@ -37,10 +38,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use endpoint::Endpoint;
 pub use keys::{InstanceKey, ENDPOINTS_PREFIX};
 pub use lease::{LeaseKeeper, OwnRegistration};
 pub use metrics::RegistryMetrics;
-pub use snapshot::{Endpoint, EndpointSnapshot, ServiceEndpoints, SnapshotBuilder};
+pub use snapshot::{EndpointSnapshot, ServiceEndpoints, SnapshotBuilder};
 pub use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 pub use svcd_config::{Instance, Protocol, State};
 pub use sync::{run_sync, Publisher, SyncOptions, SyncStatus};

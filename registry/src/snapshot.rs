@@ -9,25 +9,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use svcd_config::{Instance, State};
+use svcd_config::Instance;
+
+use crate::endpoint::{Endpoint, Interner};
 
 use crate::keys::InstanceKey;
 use crate::store::{Event, EventKind, KeyValue};
-
-/// One registered instance as served.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    pub id: String,
-    pub instance: Instance,
-    /// Store revision of the value; lets a re-list tell changed entries from unchanged ones.
-    pub mod_revision: i64,
-}
-
-impl Endpoint {
-    pub fn is_healthy(&self) -> bool {
-        self.instance.state == State::Healthy
-    }
-}
 
 /// All instances of one service, sorted by id, plus the healthy subset precomputed so a pick is
 /// an index into a slice.
@@ -114,6 +101,12 @@ impl EndpointSnapshot {
     }
 }
 
+/// Keys seen so far by a re-list in progress.
+#[derive(Default)]
+pub struct Relist {
+    listed: HashSet<String>,
+}
+
 /// What applying one event did, for metrics and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
@@ -138,6 +131,8 @@ pub struct SnapshotBuilder {
     endpoint_count: usize,
     /// Keys already reported invalid, so garbage is logged once, not on every re-list.
     reported_invalid: HashSet<String>,
+    /// Shares port names, node names and tag/meta keys between endpoints.
+    interner: Interner,
 }
 
 impl SnapshotBuilder {
@@ -166,7 +161,12 @@ impl SnapshotBuilder {
                 continue;
             }
             self.revision = self.revision.max(event.mod_revision);
-            results.push(self.apply_unchecked(event));
+            results.push(self.apply_unchecked(
+                event.kind,
+                &event.key,
+                &event.value,
+                event.mod_revision,
+            ));
         }
         results
     }
@@ -183,29 +183,35 @@ impl SnapshotBuilder {
         self.revision = self.revision.max(revision);
     }
 
-    fn apply_unchecked(&mut self, event: &Event) -> Applied {
-        let Some(key) = InstanceKey::parse(&event.key) else {
+    fn apply_unchecked(
+        &mut self,
+        kind: EventKind,
+        key: &str,
+        value: &[u8],
+        mod_revision: i64,
+    ) -> Applied {
+        let Some(parsed) = InstanceKey::parse(key) else {
             return self.invalid(
-                &event.key,
+                key,
                 "key is not /svcd/v1/endpoints/<ns>/<service>/<id>".into(),
             );
         };
-        match event.kind {
-            EventKind::Delete => self.remove(&key),
-            EventKind::Put => match Instance::from_json(&event.value) {
+        match kind {
+            EventKind::Delete => self.remove(&parsed),
+            EventKind::Put => match Instance::from_json(value) {
                 Ok(instance) => {
-                    self.reported_invalid.remove(&event.key);
-                    self.upsert(key, instance, event.mod_revision)
+                    self.reported_invalid.remove(key);
+                    self.upsert(parsed, instance, mod_revision)
                 }
                 Err(e) => {
                     // The key now holds garbage: whatever it held before is gone.
-                    self.remove(&key);
+                    self.remove(&parsed);
                     let reason = if e.path.is_empty() {
                         e.message
                     } else {
                         format!("{}: {}", e.path, e.message)
                     };
-                    self.invalid(&event.key, reason)
+                    self.invalid(key, reason)
                 }
             },
         }
@@ -230,15 +236,11 @@ impl SnapshotBuilder {
             .entry(key.service.clone())
             .or_default();
         if let Some(old) = ids.get(&key.id) {
-            if old.instance == instance {
+            if old.same_as(&instance) {
                 return Applied::Unchanged;
             }
         }
-        let endpoint = Arc::new(Endpoint {
-            id: key.id.clone(),
-            instance,
-            mod_revision,
-        });
+        let endpoint = Arc::new(self.interner.endpoint(&key.id, instance, mod_revision));
         if ids.insert(key.id, endpoint).is_none() {
             self.endpoint_count += 1;
         }
@@ -268,40 +270,52 @@ impl SnapshotBuilder {
         Applied::Changed
     }
 
-    /// Replaces the working state with a full listing taken at `revision`, as the events that turn
-    /// the old state into the new one (deletes synthesized for keys that vanished), so a re-list
-    /// after compaction or a reconnect misses nothing and repeats nothing.
-    pub fn reset_to(&mut self, kvs: &[KeyValue], revision: i64) -> Vec<Applied> {
-        let listed: HashSet<&str> = kvs.iter().map(|kv| kv.key.as_str()).collect();
+    /// Starts applying a full listing taken at one revision. Pages are applied as they arrive
+    /// ([`Self::relist_page`]) so a 100k-key registry is never held twice in memory; keys the
+    /// listing did not contain are deleted by [`Self::finish_relist`]. Together they turn the old
+    /// state into the new one as events, so a re-list after compaction or a reconnect misses
+    /// nothing and repeats nothing.
+    pub fn begin_relist(&mut self) -> Relist {
+        Relist::default()
+    }
+
+    pub fn relist_page(&mut self, relist: &mut Relist, kvs: &[KeyValue]) -> Vec<Applied> {
+        kvs.iter()
+            .map(|kv| {
+                relist.listed.insert(kv.key.clone());
+                self.apply_unchecked(EventKind::Put, &kv.key, &kv.value, kv.mod_revision)
+            })
+            .collect()
+    }
+
+    pub fn finish_relist(&mut self, relist: Relist, revision: i64) -> Vec<Applied> {
         let mut vanished = Vec::new();
         for (ns, services) in &self.working {
             for (svc, ids) in services {
                 for id in ids.keys() {
                     let key = format!("{}{ns}/{svc}/{id}", crate::keys::ENDPOINTS_PREFIX);
-                    if !listed.contains(key.as_str()) {
+                    if !relist.listed.contains(&key) {
                         vanished.push(key);
                     }
                 }
             }
         }
-        let mut results = Vec::new();
-        for key in vanished {
-            results.push(self.apply_unchecked(&Event {
-                kind: EventKind::Delete,
-                key,
-                value: Vec::new(),
-                mod_revision: revision,
-            }));
-        }
-        for kv in kvs {
-            results.push(self.apply_unchecked(&Event {
-                kind: EventKind::Put,
-                key: kv.key.clone(),
-                value: kv.value.clone(),
-                mod_revision: kv.mod_revision,
-            }));
-        }
+        let results = vanished
+            .iter()
+            .map(|key| self.apply_unchecked(EventKind::Delete, key, &[], revision))
+            .collect();
         self.revision = self.revision.max(revision);
+        self.reported_invalid
+            .retain(|key| relist.listed.contains(key));
+        self.interner.prune();
+        results
+    }
+
+    /// A whole listing in one call (tests, small registries).
+    pub fn reset_to(&mut self, kvs: &[KeyValue], revision: i64) -> Vec<Applied> {
+        let mut relist = self.begin_relist();
+        let mut results = self.relist_page(&mut relist, kvs);
+        results.extend(self.finish_relist(relist, revision));
         results
     }
 
@@ -418,7 +432,7 @@ mod tests {
         let s2 = b.build(&s1);
         let web = s2.service("default", "web").unwrap();
         assert_eq!(web.all.len(), 1);
-        assert_eq!(web.all[0].id, "b");
+        assert_eq!(&*web.all[0].id, "b");
         assert_eq!(s2.revision, 10);
     }
 

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use crate::keys::ENDPOINTS_PREFIX;
 use crate::metrics::RegistryMetrics;
 use crate::snapshot::{Applied, EndpointSnapshot, SnapshotBuilder};
-use crate::store::{list_all, Store, StoreError, WatchMessage, WatchStream};
+use crate::store::{Store, StoreError, StoreResult, WatchMessage, WatchStream};
 
 /// Timings of the sync loop; tests shrink them.
 #[derive(Debug, Clone)]
@@ -141,10 +141,7 @@ impl Publisher {
 fn record(metrics: &RegistryMetrics, results: &[Applied], kinds: impl Iterator<Item = bool>) {
     for (result, is_put) in results.iter().zip(kinds) {
         match result {
-            Applied::Invalid { key, reason } => {
-                metrics.invalid_values.inc();
-                warn!(%key, %reason, "skipping invalid registry entry");
-            }
+            Applied::Invalid { .. } => report_invalid(metrics, std::slice::from_ref(result)),
             Applied::Stale => {}
             Applied::Changed | Applied::Unchanged => {
                 if is_put {
@@ -185,6 +182,41 @@ impl Backoff {
     }
 }
 
+/// Lists the whole prefix at one revision, page by page, applying each page as it arrives.
+/// Returns the revision of the listing.
+async fn relist(
+    store: &dyn Store,
+    builder: &mut SnapshotBuilder,
+    metrics: &RegistryMetrics,
+    page_size: usize,
+) -> StoreResult<i64> {
+    let mut relist = builder.begin_relist();
+    let mut revision = 0;
+    let mut start = ENDPOINTS_PREFIX.to_string();
+    loop {
+        let page = store
+            .list(ENDPOINTS_PREFIX, &start, revision, page_size)
+            .await?;
+        revision = page.revision;
+        report_invalid(metrics, &builder.relist_page(&mut relist, &page.kvs));
+        match page.kvs.last() {
+            Some(last) if page.more => start = format!("{}\0", last.key),
+            _ => break,
+        }
+    }
+    report_invalid(metrics, &builder.finish_relist(relist, revision));
+    Ok(revision)
+}
+
+fn report_invalid(metrics: &RegistryMetrics, results: &[Applied]) {
+    for r in results {
+        if let Applied::Invalid { key, reason } = r {
+            metrics.invalid_values.inc();
+            warn!(%key, %reason, "skipping invalid registry entry");
+        }
+    }
+}
+
 /// Why a watch session ended.
 enum WatchEnd {
     Cancelled,
@@ -207,24 +239,16 @@ pub async fn run_sync(
         // 1. Full listing at one revision, applied as a diff.
         let listed = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = list_all(store.as_ref(), ENDPOINTS_PREFIX, options.page_size) => r,
+            r = relist(store.as_ref(), &mut builder, &publisher.metrics, options.page_size) => r,
         };
-        let revision = match listed {
-            Ok((kvs, revision)) => {
-                let results = builder.reset_to(&kvs, revision);
-                for r in &results {
-                    if let Applied::Invalid { key, reason } = r {
-                        publisher.metrics.invalid_values.inc();
-                        warn!(%key, %reason, "skipping invalid registry entry");
-                    }
-                }
+        match listed {
+            Ok(revision) => {
                 publisher.metrics.relists.inc();
                 publisher.publish(&mut builder);
                 publisher.status.synced.store(true, Ordering::Relaxed);
                 publisher.set_connected(true);
                 publisher.status.confirm();
-                debug!(revision, endpoints = kvs.len(), "registry listed");
-                revision
+                debug!(revision, "registry listed");
             }
             Err(e) => {
                 publisher.set_connected(false);
@@ -235,9 +259,8 @@ pub async fn run_sync(
                     _ = sleep(delay) => continue 'relist,
                 }
             }
-        };
+        }
         let resync_at = Instant::now() + options.resync_interval;
-        debug_assert_eq!(builder.revision(), revision.max(builder.revision()));
         // 2. Watch from the revision after everything applied, re-opening as needed.
         loop {
             let from = builder.revision() + 1;

@@ -31,7 +31,14 @@ async fn keys(store: &dyn Store) -> Vec<String> {
 async fn embedded_lease_expires_after_ttl() {
     let store = EmbeddedStore::new();
     let lease = store.grant(Duration::from_secs(10)).await.unwrap();
-    store.put("/svcd/v1/endpoints/default/a/b", b"{}".to_vec(), Some(lease)).await.unwrap();
+    store
+        .put(
+            "/svcd/v1/endpoints/default/a/b",
+            b"{}".to_vec(),
+            Some(lease),
+        )
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(9)).await;
     assert_eq!(keys(&store).await.len(), 1);
     assert!(store.keep_alive(lease).await.unwrap().is_some());
@@ -46,9 +53,16 @@ async fn embedded_lease_expires_after_ttl() {
 async fn keeper_regrants_and_reputs_after_losing_its_lease() {
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new());
     let metrics = RegistryMetrics::unregistered();
-    let keeper = Arc::new(LeaseKeeper::new(store.clone(), Duration::from_secs(3), metrics.clone()));
+    let keeper = Arc::new(LeaseKeeper::new(
+        store.clone(),
+        Duration::from_secs(3),
+        metrics.clone(),
+    ));
     let key = InstanceKey::new("default", "web", "w1").unwrap();
-    keeper.register(key.clone(), instance("10.0.0.1"), None).await.unwrap();
+    keeper
+        .register(key.clone(), instance("10.0.0.1"), None)
+        .await
+        .unwrap();
     assert_eq!(keys(store.as_ref()).await, [key.to_key()]);
     // Nobody keeps the lease alive (a long pause, a partition): it expires with its key.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -71,19 +85,40 @@ async fn keeper_regrants_and_reputs_after_losing_its_lease() {
 #[tokio::test(start_paused = true)]
 async fn keeper_drops_registrations_not_renewed_in_time() {
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new());
-    let keeper = Arc::new(LeaseKeeper::new(store.clone(), Duration::from_secs(10), RegistryMetrics::unregistered()));
+    let keeper = Arc::new(LeaseKeeper::new(
+        store.clone(),
+        Duration::from_secs(10),
+        RegistryMetrics::unregistered(),
+    ));
     let cancel = CancellationToken::new();
     tokio::spawn(keeper.clone().run(cancel.clone()));
     let key = InstanceKey::new("default", "job", "j1").unwrap();
-    keeper.register(key.clone(), instance("10.0.0.1"), Some(Duration::from_secs(2))).await.unwrap();
+    keeper
+        .register(
+            key.clone(),
+            instance("10.0.0.1"),
+            Some(Duration::from_secs(2)),
+        )
+        .await
+        .unwrap();
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         // Renewing with the same value writes nothing, only extends the deadline.
-        keeper.register(key.clone(), instance("10.0.0.1"), Some(Duration::from_secs(2))).await.unwrap();
+        keeper
+            .register(
+                key.clone(),
+                instance("10.0.0.1"),
+                Some(Duration::from_secs(2)),
+            )
+            .await
+            .unwrap();
     }
     assert_eq!(keys(store.as_ref()).await, [key.to_key()]);
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    assert!(keys(store.as_ref()).await.is_empty(), "not renewed: removed");
+    assert!(
+        keys(store.as_ref()).await.is_empty(),
+        "not renewed: removed"
+    );
     cancel.cancel();
 }
 
@@ -176,11 +211,18 @@ async fn hung_watch_is_detected_and_resumed_without_loss() {
     let h = start_sync(store.clone(), SyncOptions::default());
     tokio::time::sleep(Duration::from_millis(10)).await;
     inner
-        .put("/svcd/v1/endpoints/default/web/a", br#"{"ip":"10.0.0.1"}"#.to_vec(), None)
+        .put(
+            "/svcd/v1/endpoints/default/web/a",
+            br#"{"ip":"10.0.0.1"}"#.to_vec(),
+            None,
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(h.snapshot.load().service("default", "web").is_none(), "the hung stream delivered nothing");
+    assert!(
+        h.snapshot.load().service("default", "web").is_none(),
+        "the hung stream delivered nothing"
+    );
     // Past the watchdog the stream is replaced and resumes from the last revision.
     tokio::time::sleep(SyncOptions::default().watchdog + Duration::from_secs(6)).await;
     let snap = h.snapshot.load();
@@ -197,7 +239,11 @@ async fn a_burst_of_events_is_one_publish() {
     let before = h.metrics.publishes.get();
     for i in 0..200 {
         inner
-            .put(&format!("/svcd/v1/endpoints/default/web/i{i}"), br#"{"ip":"10.0.0.1"}"#.to_vec(), None)
+            .put(
+                &format!("/svcd/v1/endpoints/default/web/i{i}"),
+                br#"{"ip":"10.0.0.1"}"#.to_vec(),
+                None,
+            )
             .await
             .unwrap();
     }
@@ -216,12 +262,26 @@ async fn compaction_does_not_disturb_a_live_watch() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     let relists = h.metrics.relists.get();
     // A watch resuming from before the compaction point gets Compacted and must re-list.
-    let rev = inner.put("/svcd/v1/endpoints/default/web/a", br#"{"ip":"10.0.0.1"}"#.to_vec(), None).await.unwrap();
+    let rev = inner
+        .put(
+            "/svcd/v1/endpoints/default/web/a",
+            br#"{"ip":"10.0.0.1"}"#.to_vec(),
+            None,
+        )
+        .await
+        .unwrap();
     inner.compact(rev).await.unwrap();
     let mut w = inner.watch(ENDPOINTS_PREFIX, 1).await.unwrap();
-    assert!(matches!(w.next().await, Ok(Some(WatchMessage::Compacted { .. }))));
+    assert!(matches!(
+        w.next().await,
+        Ok(Some(WatchMessage::Compacted { .. }))
+    ));
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(h.snapshot.load().endpoint_count(), 1);
-    assert_eq!(h.metrics.relists.get(), relists, "a live watch is not disturbed by compaction");
+    assert_eq!(
+        h.metrics.relists.get(),
+        relists,
+        "a live watch is not disturbed by compaction"
+    );
     h.cancel.cancel();
 }

@@ -60,7 +60,11 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
 }
 
 /// `{"error": "...", "field": "..."}` — every client error names what was wrong.
-pub fn json_error(status: StatusCode, field: &str, message: impl std::fmt::Display) -> Response<Body> {
+pub fn json_error(
+    status: StatusCode,
+    field: &str,
+    message: impl std::fmt::Display,
+) -> Response<Body> {
     let mut value = json!({ "error": message.to_string() });
     if !field.is_empty() {
         value["field"] = json!(field);
@@ -69,7 +73,11 @@ pub fn json_error(status: StatusCode, field: &str, message: impl std::fmt::Displ
 }
 
 pub(crate) fn method_not_allowed(allow: &str) -> Response<Body> {
-    let mut resp = json_error(StatusCode::METHOD_NOT_ALLOWED, "", format!("method not allowed; use {allow}"));
+    let mut resp = json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "",
+        format!("method not allowed; use {allow}"),
+    );
     resp.headers_mut()
         .insert(header::ALLOW, allow.parse().expect("static header value"));
     resp
@@ -99,24 +107,42 @@ impl AdminState {
         // Probes carry no credentials; everything else needs the token when one is configured.
         let open = matches!(path.as_str(), "/healthz" | "/readyz");
         if !open && !self.authorized(&req) {
-            let mut resp = json_error(StatusCode::UNAUTHORIZED, "", "missing or wrong bearer token");
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static header value"));
+            let mut resp = json_error(
+                StatusCode::UNAUTHORIZED,
+                "",
+                "missing or wrong bearer token",
+            );
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("static header value"),
+            );
             return Ok(resp);
         }
         let resp = match path.as_str() {
             "/healthz" => get_only(&req, || text(StatusCode::OK, "ok\n")),
             "/readyz" => get_only(&req, || match self.readiness.check() {
                 Ok(()) => text(StatusCode::OK, "ready\n"),
-                Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+                Err(reason) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {reason}\n"),
+                ),
             }),
             "/metrics" => get_only(&req, || self.metrics()),
             "/v1/config" => get_only(&req, || {
                 let config = self.config.load();
-                json_response(StatusCode::OK, &serde_json::to_value(&**config).expect("config serializes"))
+                json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(&**config).expect("config serializes"),
+                )
             }),
-            p if p == "/v1/services" || p.starts_with("/v1/services/") => services::route(&self, req).await,
-            _ => json_error(StatusCode::NOT_FOUND, "", format!("no such endpoint: {path}")),
+            p if p == "/v1/services" || p.starts_with("/v1/services/") => {
+                services::route(&self, req).await
+            }
+            _ => json_error(
+                StatusCode::NOT_FOUND,
+                "",
+                format!("no such endpoint: {path}"),
+            ),
         };
         Ok(resp)
     }
@@ -126,7 +152,10 @@ impl AdminState {
         let families = self.prometheus.gather();
         let mut buf = Vec::with_capacity(16 * 1024);
         if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
-            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n"));
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("encoding metrics: {e}\n"),
+            );
         }
         Response::builder()
             .status(StatusCode::OK)
@@ -196,7 +225,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
         };
         let state = state.clone();
         let service = service_fn(move |req| state.clone().handle(req));
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

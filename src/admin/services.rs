@@ -38,7 +38,11 @@ pub async fn route(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<
                 _ => super::method_not_allowed("GET, PUT, DELETE"),
             }
         }
-        _ => json_error(StatusCode::NOT_FOUND, "", format!("no such endpoint: {path}")),
+        _ => json_error(
+            StatusCode::NOT_FOUND,
+            "",
+            format!("no such endpoint: {path}"),
+        ),
     }
 }
 
@@ -56,7 +60,8 @@ fn list_services(state: &AdminState) -> Response<Body> {
         })
         .collect();
     services.sort_by(|a, b| {
-        (a["namespace"].as_str(), a["service"].as_str()).cmp(&(b["namespace"].as_str(), b["service"].as_str()))
+        (a["namespace"].as_str(), a["service"].as_str())
+            .cmp(&(b["namespace"].as_str(), b["service"].as_str()))
     });
     json_response(
         StatusCode::OK,
@@ -65,7 +70,7 @@ fn list_services(state: &AdminState) -> Response<Body> {
 }
 
 fn endpoint_json(e: &Endpoint) -> Value {
-    let mut v = serde_json::to_value(&e.instance).expect("instance serializes");
+    let mut v = serde_json::to_value(e.to_instance()).expect("instance serializes");
     v["id"] = json!(e.id);
     v["mod_revision"] = json!(e.mod_revision);
     v
@@ -83,7 +88,11 @@ fn show_service(state: &AdminState, ns: &str, svc: &str) -> Response<Body> {
                 "instances": s.all.iter().map(|e| endpoint_json(e)).collect::<Vec<_>>(),
             }),
         ),
-        None => json_error(StatusCode::NOT_FOUND, "", format!("service {svc}.{ns} has no instances")),
+        None => json_error(
+            StatusCode::NOT_FOUND,
+            "",
+            format!("service {svc}.{ns} has no instances"),
+        ),
     }
 }
 
@@ -91,15 +100,23 @@ fn show_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {
     let snapshot = state.registry.reader().load_full();
     let found = snapshot
         .service(&key.namespace, &key.service)
-        .and_then(|s| s.all.iter().find(|e| e.id == key.id).cloned());
+        .and_then(|s| s.all.iter().find(|e| *e.id == *key.id).cloned());
     match found {
         Some(e) => json_response(StatusCode::OK, &endpoint_json(&e)),
-        None => json_error(StatusCode::NOT_FOUND, "", format!("instance {key} not found")),
+        None => json_error(
+            StatusCode::NOT_FOUND,
+            "",
+            format!("instance {key} not found"),
+        ),
     }
 }
 
 fn store_failure(e: StoreError) -> ApiError {
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "", format!("registry store: {e}"))
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "",
+        format!("registry store: {e}"),
+    )
 }
 
 fn parse_ttl(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
@@ -107,7 +124,11 @@ fn parse_ttl(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if k != "ttl" {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, k, format!("unknown query parameter {k:?}")));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                k,
+                format!("unknown query parameter {k:?}"),
+            ));
         }
         match humantime::parse_duration(v) {
             Ok(d) if d >= Duration::from_millis(500) => ttl = Some(d),
@@ -123,18 +144,30 @@ fn parse_ttl(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
     Ok(ttl)
 }
 
-async fn put_instance(state: &AdminState, key: InstanceKey, req: Request<Incoming>) -> Response<Body> {
+async fn put_instance(
+    state: &AdminState,
+    key: InstanceKey,
+    req: Request<Incoming>,
+) -> Response<Body> {
     match try_put_instance(state, key, req).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     }
 }
 
-async fn try_put_instance(state: &AdminState, key: InstanceKey, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn try_put_instance(
+    state: &AdminState,
+    key: InstanceKey,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let ttl = parse_ttl(req.uri().query())?;
     let body = read_body(req.into_body()).await?;
     let mut instance = Instance::from_json(&body).map_err(|e| {
-        let field = if e.path.is_empty() { "body" } else { e.path.as_str() };
+        let field = if e.path.is_empty() {
+            "body"
+        } else {
+            e.path.as_str()
+        };
         ApiError::new(StatusCode::BAD_REQUEST, field, &e.message)
     })?;
     if instance.node.is_empty() {
@@ -156,7 +189,11 @@ async fn try_put_instance(state: &AdminState, key: InstanceKey, req: Request<Inc
 async fn delete_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {
     match state.registry.keeper.deregister(key).await {
         Ok(true) => json_response(StatusCode::OK, &json!({ "deleted": key.to_string() })),
-        Ok(false) => json_error(StatusCode::NOT_FOUND, "", format!("instance {key} not found")),
+        Ok(false) => json_error(
+            StatusCode::NOT_FOUND,
+            "",
+            format!("instance {key} not found"),
+        ),
         Err(e) => store_failure(e).into_response(),
     }
 }

@@ -16,13 +16,19 @@ async fn ready_then_sigterm_exits_zero_within_drain_timeout() {
     assert_eq!(d.get("/readyz").await.body, "ready\n");
     let metrics = d.get("/metrics").await.body;
     assert!(metrics.contains("svcd_build_info{"), "{metrics}");
-    assert!(metrics.contains("process_resident_memory_bytes"), "process metrics missing");
+    assert!(
+        metrics.contains("process_resident_memory_bytes"),
+        "process metrics missing"
+    );
     assert!(metrics.contains("svcd_registry_connected 1"));
     let started = Instant::now();
     d.signal(Signal::SIGTERM);
     let status = d.wait_exit(Duration::from_secs(3));
     assert_eq!(status.code(), Some(0), "log:\n{}", d.log());
-    assert!(started.elapsed() < Duration::from_secs(2), "idle daemon exits promptly");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "idle daemon exits promptly"
+    );
 }
 
 #[tokio::test]
@@ -30,19 +36,31 @@ async fn drain_is_bounded_and_second_signal_exits_at_once() {
     // A half-sent request keeps a connection in flight, so the drain has something to wait for.
     let mut d = Daemon::start("[shutdown]\ndrain_timeout = \"1500ms\"\n").await;
     let mut stuck = tokio::net::TcpStream::connect(d.admin).await.unwrap();
-    stuck.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    stuck
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
     d.signal(Signal::SIGTERM);
     let status = d.wait_exit(Duration::from_secs(4));
     let took = started.elapsed();
     assert_eq!(status.code(), Some(0));
-    assert!(took >= Duration::from_millis(1400), "drained for the timeout, took {took:?}");
-    assert!(took < Duration::from_millis(3500), "drain bounded by the timeout, took {took:?}");
+    assert!(
+        took >= Duration::from_millis(1400),
+        "drained for the timeout, took {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(3500),
+        "drain bounded by the timeout, took {took:?}"
+    );
 
     let mut d = Daemon::start("[shutdown]\ndrain_timeout = \"30s\"\n").await;
     let mut stuck = tokio::net::TcpStream::connect(d.admin).await.unwrap();
-    stuck.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    stuck
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     d.signal(Signal::SIGTERM);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -59,7 +77,8 @@ async fn sighup_applies_a_valid_file_and_rejects_a_broken_one() {
     let base = std::fs::read_to_string(&d.config_path).unwrap();
     assert_eq!(d.get("/v1/config").await.json()["dns"]["ttl"], "5s");
 
-    let changed = format!("{base}[shutdown]\ndrain_timeout = \"3s\"\n").replace("[dns]\n", "[dns]\nttl = \"7s\"\n");
+    let changed = format!("{base}[shutdown]\ndrain_timeout = \"3s\"\n")
+        .replace("[dns]\n", "[dns]\nttl = \"7s\"\n");
     std::fs::write(&d.config_path, changed).unwrap();
     d.signal(Signal::SIGHUP);
     eventually(Duration::from_secs(5), "reload ok counter", || async {
@@ -73,10 +92,17 @@ async fn sighup_applies_a_valid_file_and_rejects_a_broken_one() {
     std::fs::write(&d.config_path, "[dns]\nttl = \"whenever\"\nbogus = 1\n").unwrap();
     d.signal(Signal::SIGHUP);
     eventually(Duration::from_secs(5), "reload failed counter", || async {
-        (d.metric("svcd_config_reloads_total{result=\"failed\"}").await == Some(1.0)).then_some(())
+        (d.metric("svcd_config_reloads_total{result=\"failed\"}")
+            .await
+            == Some(1.0))
+        .then_some(())
     })
     .await;
-    assert_eq!(d.get("/v1/config").await.json()["dns"]["ttl"], "7s", "old config keeps serving");
+    assert_eq!(
+        d.get("/v1/config").await.json()["dns"]["ttl"],
+        "7s",
+        "old config keeps serving"
+    );
     assert_eq!(d.get("/readyz").await.status, 200);
     assert!(d.log().contains("config reload rejected"), "{}", d.log());
 }
@@ -85,7 +111,10 @@ async fn sighup_applies_a_valid_file_and_rejects_a_broken_one() {
 async fn readyz_says_why_until_the_registry_syncs() {
     // etcd backend pointing at a port nobody listens on: alive, not ready, with the reason.
     let dead = free_port();
-    let d = Daemon::spawn(&format!("[registry.etcd]\nendpoints = [\"127.0.0.1:{dead}\"]\n"), &[]);
+    let d = Daemon::spawn(
+        &format!("[registry.etcd]\nendpoints = [\"127.0.0.1:{dead}\"]\n"),
+        &[],
+    );
     let reply = eventually(Duration::from_secs(10), "admin to answer", || async {
         http(d.admin, "GET", "/readyz", None).await.ok()
     })
@@ -108,7 +137,11 @@ async fn admin_token_guards_everything_but_probes() {
     assert_eq!(d.get("/metrics").await.status, 401);
     let token_path = token.to_str().unwrap();
     let out = d.cli(&["list", "--token-file", token_path]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = d.cli(&["list"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));

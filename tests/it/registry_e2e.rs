@@ -8,8 +8,8 @@ use nix::unistd::Pid;
 
 use crate::support::daemon::Daemon;
 use crate::support::etcd::Etcd;
-use crate::support::gate::Gate;
 use crate::support::eventually;
+use crate::support::gate::Gate;
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -32,40 +32,102 @@ async fn registrations_from_api_cli_and_config_reach_a_second_daemon() {
     let b = Daemon::start(&etcd_config(&etcd.endpoint())).await;
 
     // API on A
-    let r = a.request("PUT", "/v1/services/default/web/instances/web-1", Some(&body("10.0.0.1"))).await;
+    let r = a
+        .request(
+            "PUT",
+            "/v1/services/default/web/instances/web-1",
+            Some(&body("10.0.0.1")),
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     // CLI on B
-    let out = b.cli(&["register", "web", "web-2", "--ip", "10.0.0.2", "--port", "http=8080", "--tag", "canary"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = b.cli(&[
+        "register",
+        "web",
+        "web-2",
+        "--ip",
+        "10.0.0.2",
+        "--port",
+        "http=8080",
+        "--tag",
+        "canary",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    a.wait_instances("default", "web", &["web-1", "web-2"], WAIT).await;
-    b.wait_instances("default", "web", &["web-1", "web-2"], WAIT).await;
+    a.wait_instances("default", "web", &["web-1", "web-2"], WAIT)
+        .await;
+    b.wait_instances("default", "web", &["web-1", "web-2"], WAIT)
+        .await;
     b.wait_instances("prod", "db", &["db-1"], WAIT).await; // static entry of A
 
     let out = b.cli(&["resolve", "web", "--port", "http"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "10.0.0.1:8080\n10.0.0.2:8080\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "10.0.0.1:8080\n10.0.0.2:8080\n"
+    );
     let out = b.cli(&["list"]);
     let listing = String::from_utf8_lossy(&out.stdout);
-    assert!(listing.contains("web.default") && listing.contains("db.prod"), "{listing}");
+    assert!(
+        listing.contains("web.default") && listing.contains("db.prod"),
+        "{listing}"
+    );
 
     // Bad registrations: 400 naming the field, nothing stored.
-    let r = a.request("PUT", "/v1/services/default/web/instances/web-3", Some(r#"{"ip":"10.0.0.3","weight":0}"#)).await;
+    let r = a
+        .request(
+            "PUT",
+            "/v1/services/default/web/instances/web-3",
+            Some(r#"{"ip":"10.0.0.3","weight":0}"#),
+        )
+        .await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["field"], "weight");
-    let r = a.request("PUT", "/v1/services/default/Web/instances/x", Some(&body("10.0.0.3"))).await;
-    assert_eq!((r.status, r.json()["field"].as_str()), (400, Some("service")));
-    let r = a.request("PUT", "/v1/services/default/web/instances/web-3", Some("{")).await;
+    let r = a
+        .request(
+            "PUT",
+            "/v1/services/default/Web/instances/x",
+            Some(&body("10.0.0.3")),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json()["field"].as_str()),
+        (400, Some("service"))
+    );
+    let r = a
+        .request("PUT", "/v1/services/default/web/instances/web-3", Some("{"))
+        .await;
     assert_eq!(r.status, 400);
-    let r = a.request("PUT", "/v1/services/default/web/instances/web-3?ttl=soon", Some(&body("10.0.0.3"))).await;
+    let r = a
+        .request(
+            "PUT",
+            "/v1/services/default/web/instances/web-3?ttl=soon",
+            Some(&body("10.0.0.3")),
+        )
+        .await;
     assert_eq!((r.status, r.json()["field"].as_str()), (400, Some("ttl")));
-    let out = a.cli(&["register", "web", "web-3", "--ip", "10.0.0.3", "--port", "http=x"]);
+    let out = a.cli(&[
+        "register", "web", "web-3", "--ip", "10.0.0.3", "--port", "http=x",
+    ]);
     assert!(!out.status.success());
 
     // Deregister through the CLI of the other daemon (keys are shared).
     let out = b.cli(&["deregister", "web/web-1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     a.wait_instances("default", "web", &["web-2"], WAIT).await;
-    assert_eq!(a.request("DELETE", "/v1/services/default/web/instances/nope", None).await.status, 404);
+    assert_eq!(
+        a.request("DELETE", "/v1/services/default/web/instances/nope", None)
+            .await
+            .status,
+        404
+    );
 }
 
 #[tokio::test]
@@ -78,7 +140,21 @@ async fn exec_child_killed_leaves_at_once_and_dead_daemon_leaves_after_ttl() {
     let pidfile = a.dir.path().join("child.pid");
     let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
     let mut exec = std::process::Command::new(crate::support::svcd_bin())
-        .args(["exec", "--service", "job", "--id", "job-1", "--ip", "10.1.0.1", "--port", "http=80", "--", "sh", "-c", &script])
+        .args([
+            "exec",
+            "--service",
+            "job",
+            "--id",
+            "job-1",
+            "--ip",
+            "10.1.0.1",
+            "--port",
+            "http=80",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
         .env("SVCD_ADMIN_LISTEN", a.admin.to_string())
         .spawn()
         .unwrap();
@@ -89,39 +165,77 @@ async fn exec_child_killed_leaves_at_once_and_dead_daemon_leaves_after_ttl() {
     .await;
     let killed = Instant::now();
     kill(Pid::from_raw(child_pid), Signal::SIGKILL).unwrap();
-    b.wait_instances("default", "job", &[], Duration::from_secs(1)).await;
+    b.wait_instances("default", "job", &[], Duration::from_secs(1))
+        .await;
     let gone_after = killed.elapsed();
-    assert!(gone_after < Duration::from_millis(1000), "took {gone_after:?}");
+    assert!(
+        gone_after < Duration::from_millis(1000),
+        "took {gone_after:?}"
+    );
     let status = exec.wait().unwrap();
-    assert_eq!(status.code(), Some(128 + 9), "exec exits with the child's status");
+    assert_eq!(
+        status.code(),
+        Some(128 + 9),
+        "exec exits with the child's status"
+    );
 
     // Daemon A dies hard: nobody keeps its lease alive, its entries vanish after the TTL (2s).
-    let r = a.request("PUT", "/v1/services/default/web/instances/web-a", Some(&body("10.0.0.1"))).await;
+    let r = a
+        .request(
+            "PUT",
+            "/v1/services/default/web/instances/web-a",
+            Some(&body("10.0.0.1")),
+        )
+        .await;
     assert_eq!(r.status, 200);
     b.wait_instances("default", "web", &["web-a"], WAIT).await;
     a.kill9();
     let died = Instant::now();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(b.instance_ids("default", "web").await, ["web-a"], "still there before the TTL");
-    b.wait_instances("default", "web", &[], Duration::from_secs(4)).await;
+    assert_eq!(
+        b.instance_ids("default", "web").await,
+        ["web-a"],
+        "still there before the TTL"
+    );
+    b.wait_instances("default", "web", &[], Duration::from_secs(4))
+        .await;
     let gone_after = died.elapsed();
-    assert!(gone_after <= Duration::from_secs(3) + Duration::from_millis(500), "gone after {gone_after:?} (TTL 2s + 1s)");
+    assert!(
+        gone_after <= Duration::from_secs(3) + Duration::from_millis(500),
+        "gone after {gone_after:?} (TTL 2s + 1s)"
+    );
 }
 
 #[tokio::test]
 async fn exec_registration_expires_when_exec_itself_is_killed() {
     let a = Daemon::start("").await;
     let mut exec = std::process::Command::new(crate::support::svcd_bin())
-        .args(["exec", "--service", "job", "--id", "job-1", "--ttl", "1s", "--", "sleep", "30"])
+        .args([
+            "exec",
+            "--service",
+            "job",
+            "--id",
+            "job-1",
+            "--ttl",
+            "1s",
+            "--",
+            "sleep",
+            "30",
+        ])
         .env("SVCD_ADMIN_LISTEN", a.admin.to_string())
         .spawn()
         .unwrap();
     a.wait_instances("default", "job", &["job-1"], WAIT).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(a.instance_ids("default", "job").await, ["job-1"], "renewed while exec lives");
+    assert_eq!(
+        a.instance_ids("default", "job").await,
+        ["job-1"],
+        "renewed while exec lives"
+    );
     exec.kill().unwrap();
     exec.wait().unwrap();
-    a.wait_instances("default", "job", &[], Duration::from_secs(3)).await;
+    a.wait_instances("default", "job", &[], Duration::from_secs(3))
+        .await;
 }
 
 #[tokio::test]
@@ -132,9 +246,16 @@ async fn etcd_restart_with_changes_meanwhile_misses_and_repeats_nothing() {
     let key = |id: &str| format!("/svcd/v1/endpoints/default/web/{id}");
     client.put(key("w1"), body("10.0.0.1"), None).await.unwrap();
     client.put(key("w2"), body("10.0.0.2"), None).await.unwrap();
-    b.wait_instances("default", "web", &["w1", "w2"], WAIT).await;
-    let puts_before = b.metric("svcd_registry_events_total{type=\"put\"}").await.unwrap();
-    let deletes_before = b.metric("svcd_registry_events_total{type=\"delete\"}").await.unwrap();
+    b.wait_instances("default", "web", &["w1", "w2"], WAIT)
+        .await;
+    let puts_before = b
+        .metric("svcd_registry_events_total{type=\"put\"}")
+        .await
+        .unwrap();
+    let deletes_before = b
+        .metric("svcd_registry_events_total{type=\"delete\"}")
+        .await
+        .unwrap();
 
     etcd.stop();
     eventually(WAIT, "svcd to notice etcd is gone", || async {
@@ -149,17 +270,33 @@ async fn etcd_restart_with_changes_meanwhile_misses_and_repeats_nothing() {
     let mut client = etcd.client().await;
     client.put(key("w3"), body("10.0.0.3"), None).await.unwrap();
     client.delete(key("w1"), None).await.unwrap();
-    client.put(key("w2"), body("10.0.0.22"), None).await.unwrap();
-    b.wait_instances("default", "web", &["w2", "w3"], Duration::from_secs(10)).await;
+    client
+        .put(key("w2"), body("10.0.0.22"), None)
+        .await
+        .unwrap();
+    b.wait_instances("default", "web", &["w2", "w3"], Duration::from_secs(10))
+        .await;
     let w2 = b.get("/v1/services/default/web/instances/w2").await.json();
     assert_eq!(w2["ip"], "10.0.0.22");
     eventually(WAIT, "reconnected", || async {
         (b.metric("svcd_registry_connected").await == Some(1.0)).then_some(())
     })
     .await;
-    let puts = b.metric("svcd_registry_events_total{type=\"put\"}").await.unwrap() - puts_before;
-    let deletes = b.metric("svcd_registry_events_total{type=\"delete\"}").await.unwrap() - deletes_before;
-    assert_eq!((puts, deletes), (2.0, 1.0), "each change applied exactly once");
+    let puts = b
+        .metric("svcd_registry_events_total{type=\"put\"}")
+        .await
+        .unwrap()
+        - puts_before;
+    let deletes = b
+        .metric("svcd_registry_events_total{type=\"delete\"}")
+        .await
+        .unwrap()
+        - deletes_before;
+    assert_eq!(
+        (puts, deletes),
+        (2.0, 1.0),
+        "each change applied exactly once"
+    );
 }
 
 #[tokio::test]
@@ -172,7 +309,8 @@ async fn compaction_during_a_partition_relists_to_the_right_answer() {
     for id in ["w1", "w2", "w3"] {
         client.put(key(id), body("10.0.0.1"), None).await.unwrap();
     }
-    b.wait_instances("default", "web", &["w1", "w2", "w3"], WAIT).await;
+    b.wait_instances("default", "web", &["w1", "w2", "w3"], WAIT)
+        .await;
     let relists_before = b.metric("svcd_registry_relists_total").await.unwrap();
 
     gate.cut();
@@ -182,14 +320,29 @@ async fn compaction_during_a_partition_relists_to_the_right_answer() {
     .await;
     client.delete(key("w1"), None).await.unwrap();
     client.put(key("w4"), body("10.0.0.4"), None).await.unwrap();
-    let rev = client.put(key("w2"), body("10.0.0.2"), None).await.unwrap().header().unwrap().revision();
+    let rev = client
+        .put(key("w2"), body("10.0.0.2"), None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     client.compact(rev, None).await.unwrap();
     gate.restore();
 
-    b.wait_instances("default", "web", &["w2", "w3", "w4"], Duration::from_secs(15)).await;
+    b.wait_instances(
+        "default",
+        "web",
+        &["w2", "w3", "w4"],
+        Duration::from_secs(15),
+    )
+    .await;
     let w2 = b.get("/v1/services/default/web/instances/w2").await.json();
     assert_eq!(w2["ip"], "10.0.0.2");
-    assert!(b.metric("svcd_registry_relists_total").await.unwrap() > relists_before, "re-listed after compaction");
+    assert!(
+        b.metric("svcd_registry_relists_total").await.unwrap() > relists_before,
+        "re-listed after compaction"
+    );
     assert!(b.log().contains("compacted"), "{}", b.log());
 }
 
@@ -198,17 +351,38 @@ async fn garbage_values_are_skipped_logged_and_counted() {
     let etcd = Etcd::start().await;
     let mut client = etcd.client().await;
     let key = |id: &str| format!("/svcd/v1/endpoints/default/web/{id}");
-    client.put(key("good"), body("10.0.0.1"), None).await.unwrap();
-    client.put(key("bad-json"), "{not json", None).await.unwrap();
-    client.put("/svcd/v1/endpoints/default/web", body("10.0.0.9"), None).await.unwrap(); // short key
+    client
+        .put(key("good"), body("10.0.0.1"), None)
+        .await
+        .unwrap();
+    client
+        .put(key("bad-json"), "{not json", None)
+        .await
+        .unwrap();
+    client
+        .put("/svcd/v1/endpoints/default/web", body("10.0.0.9"), None)
+        .await
+        .unwrap(); // short key
     let b = Daemon::start(&etcd_config(&etcd.endpoint())).await;
     b.wait_instances("default", "web", &["good"], WAIT).await;
-    assert_eq!(b.metric("svcd_registry_invalid_values_total").await, Some(2.0));
+    assert_eq!(
+        b.metric("svcd_registry_invalid_values_total").await,
+        Some(2.0)
+    );
     // Live garbage over a valid entry removes it (the key no longer holds a valid instance).
-    client.put(key("good"), r#"{"ip":"10.0.0.1","weight":-1}"#, None).await.unwrap();
+    client
+        .put(key("good"), r#"{"ip":"10.0.0.1","weight":-1}"#, None)
+        .await
+        .unwrap();
     b.wait_instances("default", "web", &[], WAIT).await;
-    assert_eq!(b.metric("svcd_registry_invalid_values_total").await, Some(3.0));
-    client.put(key("good"), body("10.0.0.1"), None).await.unwrap();
+    assert_eq!(
+        b.metric("svcd_registry_invalid_values_total").await,
+        Some(3.0)
+    );
+    client
+        .put(key("good"), body("10.0.0.1"), None)
+        .await
+        .unwrap();
     b.wait_instances("default", "web", &["good"], WAIT).await;
     assert!(b.log().contains("skipping invalid registry entry"));
     assert_eq!(b.get("/readyz").await.status, 200);

@@ -21,7 +21,10 @@ async fn next_events(w: &mut Box<dyn WatchStream>) -> Vec<(EventKind, String, i6
             .expect("watch ok")
             .expect("watch open");
         if let WatchMessage::Events { events, .. } = m {
-            return events.into_iter().map(|e| (e.kind, e.key, e.mod_revision)).collect();
+            return events
+                .into_iter()
+                .map(|e| (e.kind, e.key, e.mod_revision))
+                .collect();
         }
     }
 }
@@ -32,7 +35,9 @@ async fn suite(store: Arc<dyn Store>) {
     let r1 = s.put(&format!("{P}a"), b"1".to_vec(), None).await.unwrap();
     let r2 = s.put(&format!("{P}b"), b"2".to_vec(), None).await.unwrap();
     let r3 = s.put(&format!("{P}c"), b"3".to_vec(), None).await.unwrap();
-    s.put("/conformance-other/x", b"x".to_vec(), None).await.unwrap();
+    s.put("/conformance-other/x", b"x".to_vec(), None)
+        .await
+        .unwrap();
     assert!(r1 < r2 && r2 < r3, "revisions increase: {r1} {r2} {r3}");
 
     // paged listing at one revision: a write between pages is not seen
@@ -40,11 +45,10 @@ async fn suite(store: Arc<dyn Store>) {
     assert_eq!(page1.kvs.len(), 2);
     assert!(page1.more);
     let (all, rev) = list_all(s, P, 2).await.unwrap();
-    assert_eq!(all.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(), [
-        format!("{P}a"),
-        format!("{P}b"),
-        format!("{P}c")
-    ]);
+    assert_eq!(
+        all.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(),
+        [format!("{P}a"), format!("{P}b"), format!("{P}c")]
+    );
     assert_eq!(all[1].value, b"2");
     assert_eq!(all[2].mod_revision, r3);
     assert!(rev >= r3);
@@ -67,12 +71,20 @@ async fn suite(store: Arc<dyn Store>) {
 
     // live events
     let r4 = s.put(&format!("{P}d"), b"4".to_vec(), None).await.unwrap();
-    assert_eq!(next_events(&mut w).await, vec![(EventKind::Put, format!("{P}d"), r4)]);
+    assert_eq!(
+        next_events(&mut w).await,
+        vec![(EventKind::Put, format!("{P}d"), r4)]
+    );
 
     // progress on request
     w.request_progress().await.unwrap();
     let progress = loop {
-        match tokio::time::timeout(Duration::from_secs(5), w.next()).await.expect("progress in 5s").unwrap().unwrap() {
+        match tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .expect("progress in 5s")
+            .unwrap()
+            .unwrap()
+        {
             WatchMessage::Progress { revision } => break revision,
             WatchMessage::Events { .. } => continue,
             other => panic!("unexpected {other:?}"),
@@ -82,8 +94,12 @@ async fn suite(store: Arc<dyn Store>) {
 
     // leases: put under a lease, keep alive, revoke deletes its keys in one revision
     let lease = s.grant(Duration::from_secs(30)).await.unwrap();
-    s.put(&format!("{P}l1"), b"x".to_vec(), Some(lease)).await.unwrap();
-    s.put(&format!("{P}l2"), b"x".to_vec(), Some(lease)).await.unwrap();
+    s.put(&format!("{P}l1"), b"x".to_vec(), Some(lease))
+        .await
+        .unwrap();
+    s.put(&format!("{P}l2"), b"x".to_vec(), Some(lease))
+        .await
+        .unwrap();
     assert_eq!(next_events(&mut w).await.len(), 1);
     assert_eq!(next_events(&mut w).await.len(), 1);
     assert!(s.keep_alive(lease).await.unwrap().is_some());
@@ -93,8 +109,15 @@ async fn suite(store: Arc<dyn Store>) {
         deletes.extend(next_events(&mut w).await);
     }
     assert!(deletes.iter().all(|(k, _, _)| *k == EventKind::Delete));
-    assert_eq!(deletes[0].2, deletes[1].2, "lease revocation deletes in one revision");
-    assert_eq!(s.keep_alive(lease).await.unwrap(), None, "revoked lease is gone");
+    assert_eq!(
+        deletes[0].2, deletes[1].2,
+        "lease revocation deletes in one revision"
+    );
+    assert_eq!(
+        s.keep_alive(lease).await.unwrap(),
+        None,
+        "revoked lease is gone"
+    );
     s.revoke(lease).await.unwrap(); // idempotent
 
     // put with an unknown lease fails
@@ -105,7 +128,9 @@ async fn suite(store: Arc<dyn Store>) {
 
     // lease expiry without keep-alive
     let short = s.grant(Duration::from_secs(1)).await.unwrap();
-    s.put(&format!("{P}ttl"), b"x".to_vec(), Some(short)).await.unwrap();
+    s.put(&format!("{P}ttl"), b"x".to_vec(), Some(short))
+        .await
+        .unwrap();
     eventually(Duration::from_secs(5), "leased key to expire", || async {
         let page = s.list(&format!("{P}ttl"), "", 0, 0).await.ok()?;
         page.kvs.is_empty().then_some(())
@@ -116,7 +141,9 @@ async fn suite(store: Arc<dyn Store>) {
     let now = s.put(&format!("{P}e"), b"5".to_vec(), None).await.unwrap();
     s.compact(now).await.unwrap();
     let mut old = s.watch(P, r1).await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(5), old.next()).await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), old.next())
+        .await
+        .unwrap();
     assert!(
         matches!(m, Ok(Some(WatchMessage::Compacted { .. }))),
         "expected Compacted, got {m:?}"

@@ -58,7 +58,8 @@ impl Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let admin_port = free_port();
         let config_path = dir.path().join("svcd.toml");
-        std::fs::write(&config_path, format!("{}{extra}", base_config(admin_port))).expect("write config");
+        std::fs::write(&config_path, format!("{}{extra}", base_config(admin_port)))
+            .expect("write config");
         let log = std::fs::File::create(dir.path().join("svcd.log")).expect("log file");
         let mut cmd = Command::new(svcd_bin());
         cmd.args(["run", "--config", config_path.to_str().expect("utf-8 path")])
@@ -89,7 +90,10 @@ impl Daemon {
                 }
             }
             if Instant::now() > deadline {
-                panic!("svcd not ready in 20s; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                panic!(
+                    "svcd not ready in 20s; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -100,11 +104,15 @@ impl Daemon {
     }
 
     pub async fn get(&self, path: &str) -> Reply {
-        http(self.admin, "GET", path, None).await.expect("admin request")
+        http(self.admin, "GET", path, None)
+            .await
+            .expect("admin request")
     }
 
     pub async fn request(&self, method: &str, path: &str, body: Option<&str>) -> Reply {
-        http(self.admin, method, path, body).await.expect("admin request")
+        http(self.admin, method, path, body)
+            .await
+            .expect("admin request")
     }
 
     pub fn pid(&self) -> Pid {
@@ -150,8 +158,13 @@ impl Daemon {
     /// Value of one sample in `/metrics`, e.g. `svcd_config_reloads_total{result="failed"}`.
     pub async fn metric(&self, sample: &str) -> Option<f64> {
         let body = self.get("/metrics").await.body;
-        body.lines()
-            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+        body.lines().find_map(|line| {
+            line.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 
     /// Ids of the instances of `ns/svc` in this daemon's snapshot.
@@ -171,10 +184,14 @@ impl Daemon {
     /// Waits until the instance ids of `ns/svc` are exactly `want` (sorted).
     pub async fn wait_instances(&self, ns: &str, svc: &str, want: &[&str], timeout: Duration) {
         let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
-        eventually(timeout, &format!("{svc}.{ns} instances == {want:?}"), || {
-            let want = want.clone();
-            async move { (self.instance_ids(ns, svc).await == want).then_some(()) }
-        })
+        eventually(
+            timeout,
+            &format!("{svc}.{ns} instances == {want:?}"),
+            || {
+                let want = want.clone();
+                async move { (self.instance_ids(ns, svc).await == want).then_some(()) }
+            },
+        )
         .await
     }
 }
@@ -186,8 +203,14 @@ impl Drop for Daemon {
 }
 
 /// One HTTP/1.1 request over a fresh connection.
-pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> std::io::Result<Reply> {
-    let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<Reply> {
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
     let body = body.unwrap_or("");
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
@@ -202,6 +225,9 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad response: {text}")))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok(Reply { status, body })
 }

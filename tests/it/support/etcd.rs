@@ -58,7 +58,11 @@ impl Etcd {
                 "--name",
                 "svcd-test",
                 "--data-dir",
-                self.dir.path().join("data").to_str().expect("utf-8 temp path"),
+                self.dir
+                    .path()
+                    .join("data")
+                    .to_str()
+                    .expect("utf-8 temp path"),
                 "--listen-client-urls",
                 &self.client_url,
                 "--advertise-client-urls",

@@ -35,7 +35,9 @@ impl Gate {
                 }
                 let token = epoch2.lock().unwrap().clone();
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = token.cancelled() => {}
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
@@ -43,7 +45,12 @@ impl Gate {
                 });
             }
         });
-        Gate { addr, open, epoch, stop }
+        Gate {
+            addr,
+            open,
+            epoch,
+            stop,
+        }
     }
 
     /// Drops every connection and refuses new ones.
