@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use svcd_config::{Config, Sources};
+use svcd_dns::DnsServer;
 use svcd_registry::{InstanceKey, Registry, SyncOptions};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -96,10 +97,18 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         admin_state.clone(),
         cancel.clone(),
     ));
-    readiness.listeners_bound.store(true, Ordering::Relaxed);
-    info!(admin = %admin_addr, store = %store.describe(), "svcd started");
 
-    wait_for_signals(&sources, &config, &admin_state, &log, &metrics).await?;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let current = config.load_full();
+    let dns = DnsServer::start(&current.dns, workers, registry.reader(), &metrics.registry).await?;
+    readiness.listeners_bound.store(true, Ordering::Relaxed);
+    info!(admin = %admin_addr, dns = %dns.addr, store = %store.describe(), "svcd started");
+
+    let live = LiveParts {
+        admin: &admin_state,
+        dns: &dns,
+    };
+    wait_for_signals(&sources, &config, &live, &log, &metrics).await?;
 
     // Drain.
     let drain_timeout = config.load().shutdown.drain_timeout;
@@ -109,6 +118,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     );
     readiness.shutting_down.store(true, Ordering::Relaxed);
     cancel.cancel();
+    tasks.spawn(dns.shutdown());
     let second_signal = async {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -142,11 +152,17 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The running parts whose settings a reload changes in place.
+struct LiveParts<'a> {
+    admin: &'a AdminState,
+    dns: &'a DnsServer,
+}
+
 /// Returns on the first SIGTERM/SIGINT; handles SIGHUP reloads meanwhile.
 async fn wait_for_signals(
     sources: &Sources,
     config: &Arc<ArcSwap<Config>>,
-    admin: &AdminState,
+    live: &LiveParts<'_>,
     log: &LogControl,
     metrics: &DaemonMetrics,
 ) -> anyhow::Result<()> {
@@ -157,7 +173,7 @@ async fn wait_for_signals(
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match reload(sources, config, admin, log) {
+            _ = hup.recv() => match reload(sources, config, live, log) {
                 Ok(()) => metrics.reloads_ok.inc(),
                 Err(lines) => {
                     metrics.reloads_failed.inc();
@@ -179,13 +195,16 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.registry != new.registry {
         keys.push("registry");
     }
+    if old.dns.listen != new.dns.listen {
+        keys.push("dns.listen");
+    }
     keys
 }
 
 fn reload(
     sources: &Sources,
     config: &Arc<ArcSwap<Config>>,
-    admin: &AdminState,
+    live: &LiveParts<'_>,
     log: &LogControl,
 ) -> Result<(), Vec<String>> {
     let new = sources.load().map_err(|e| e.lines())?;
@@ -195,7 +214,8 @@ fn reload(
     for key in restart_only_changes(&old, &new) {
         warn!(key, "changed in the config file; takes effect on restart");
     }
-    admin.token.store(Arc::new(token));
+    live.admin.token.store(Arc::new(token));
+    live.dns.reconfigure(&new.dns);
     config.store(Arc::new(new));
     info!(file = ?sources.file_path(), "configuration reloaded");
     Ok(())

@@ -17,7 +17,8 @@ impl LogControl {
         if self.env_override {
             return Ok(());
         }
-        let filter = EnvFilter::try_new(level).map_err(|e| format!("log.level {level:?}: {e}"))?;
+        let filter = EnvFilter::try_new(with_quiet_dependencies(level))
+            .map_err(|e| format!("log.level {level:?}: {e}"))?;
         self.handle.reload(filter).map_err(|e| e.to_string())
     }
 }
@@ -26,7 +27,7 @@ impl LogControl {
 pub fn init(config: &LogConfig) -> LogControl {
     let env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
     let env_override = env.is_some();
-    let spec = env.unwrap_or_else(|| config.level.clone());
+    let spec = with_quiet_dependencies(&env.unwrap_or_else(|| config.level.clone()));
     let filter = EnvFilter::try_new(&spec).unwrap_or_else(|e| {
         eprintln!("svcd: invalid log filter {spec:?} ({e}); using \"info\"");
         EnvFilter::new("info")
@@ -45,5 +46,16 @@ pub fn init(config: &LogConfig) -> LogControl {
     LogControl {
         handle,
         env_override,
+    }
+}
+
+/// hickory logs every request at info; keep it at warn unless the filter names it.
+fn with_quiet_dependencies(spec: &str) -> String {
+    if spec.contains("hickory") {
+        spec.to_string()
+    } else {
+        format!(
+            "{spec},hickory_server=warn,hickory_proto=warn,hickory_resolver=warn,hickory_net=warn"
+        )
     }
 }

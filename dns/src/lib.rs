@@ -1,3 +1,112 @@
-//! svcd DNS responder: answers `<svc>.<ns>.svc.<domain>` with the healthy instance IPs of the
-//! registry snapshot (issue #4). The crate sits above `svcd-registry` and reads its
-//! `SnapshotReader` only; nothing here is wired yet.
+//! svcd DNS responder: service names → the IPs of healthy instances, straight from the registry
+//! snapshot (no store read per query, no lock), following the Kubernetes DNS naming scheme.
+//!
+//! ```text
+//!  UDP packet ──► worker thread (SO_REUSEPORT socket each)
+//!                   │ fastpath: A/AAAA <svc>.<ns>.svc.<domain>, pre-encoded per service version
+//!                   │   hit ──► patch ID/question/rotation ──► send
+//!                   └ miss ──► tokio: hickory parse ──► handler ──► answer::resolve ──► send
+//!  TCP ──► hickory Server ──► handler ──► answer::resolve
+//!                                 └ out of zone ──► forward (hickory-resolver) │ REFUSED
+//! ```
+//!
+//! * [`zone`]: which part of the zone a name points at.
+//! * [`answer`]: the rules — records, NXDOMAIN/NODATA with SOA, rotation, limits. Pure.
+//! * [`handler`]: the hickory `RequestHandler` (opcode, EDNS, FORMERR/NOTIMP/BADVERS, forwarding).
+//! * [`fastpath`]: the hot query on raw bytes, identical in result to the handler.
+//! * [`udp`]: worker threads; TCP is hickory's `Server`.
+
+pub mod answer;
+pub mod fastpath;
+pub mod forward;
+pub mod handler;
+pub mod metrics;
+pub mod udp;
+pub mod zone;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::Server;
+use svcd_config::DnsConfig;
+use svcd_registry::SnapshotReader;
+use tokio::net::TcpListener;
+
+pub use handler::DnsResponder;
+pub use metrics::DnsMetrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("dns.listen: cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A running DNS server (UDP workers + hickory TCP).
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    pub responder: Arc<DnsResponder>,
+    stop: Arc<AtomicBool>,
+    udp_threads: Vec<std::thread::JoinHandle<()>>,
+    tcp: Server<handler::Handler>,
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on `config.listen` (the same port for both) and starts serving.
+    pub async fn start(
+        config: &DnsConfig,
+        workers: usize,
+        snapshot: SnapshotReader,
+        prometheus: &prometheus::Registry,
+    ) -> Result<DnsServer, DnsError> {
+        let responder = DnsResponder::new(config, snapshot, DnsMetrics::new(prometheus)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let bind_err = |addr, source| DnsError::Bind { addr, source };
+        let (addr, udp_threads) = udp::spawn(
+            config.listen,
+            workers,
+            responder.clone(),
+            tokio::runtime::Handle::current(),
+            stop.clone(),
+        )
+        .map_err(|e| bind_err(config.listen, e))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| bind_err(addr, e))?;
+        let mut tcp = Server::new(handler::Handler(responder.clone()));
+        tcp.register_listener(listener, Duration::from_secs(5), 64);
+        Ok(DnsServer {
+            addr,
+            responder,
+            stop,
+            udp_threads,
+            tcp,
+        })
+    }
+
+    /// Applies reloadable settings (domain, TTLs, limits, upstreams); the listen address needs a
+    /// restart.
+    pub fn reconfigure(&self, config: &DnsConfig) {
+        self.responder.reconfigure(config);
+    }
+
+    /// Stops accepting, lets TCP connections finish, joins the UDP workers.
+    pub async fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.tcp.shutdown_gracefully().await;
+        let threads = std::mem::take(&mut self.udp_threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,280 @@
+//! The UDP fast path for the hot query: A / AAAA for `<svc>.<ns>.svc.<domain>` with healthy
+//! instances. It reads the raw packet, answers from answer records encoded once per service
+//! version, and patches in the ID, the question (copied verbatim, so 0x20 case is preserved) and
+//! the rotation. No allocation and no lock per query.
+//!
+//! Anything else — another type, a negative answer, an answer that would not fit, EDNS options it
+//! does not understand, any oddity — returns `None` and goes to hickory ([`crate::handler`]),
+//! which applies the same [`crate::answer`] rules. Tests assert both paths give identical answers.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hickory_proto::op::ResponseCode;
+use svcd_registry::ServiceEndpoints;
+
+use crate::answer::ZoneSettings;
+use crate::handler::{DnsResponder, EDNS_PAYLOAD};
+use crate::metrics::{rcode_index, Proto};
+
+const TYPE_A: u16 = 1;
+const TYPE_AAAA: u16 = 28;
+const TYPE_OPT: u16 = 41;
+const CLASS_IN: u16 = 1;
+const HEADER: usize = 12;
+/// The most labels a fast-path name can have (svc, ns, "svc" and the domain).
+const MAX_LABELS: usize = 16;
+/// Cached services per worker before the cache is reset (bounds memory on a huge registry).
+const CACHE_LIMIT: usize = 20_000;
+
+/// Answer records of one service version, encoded once.
+struct EncodedService {
+    /// The snapshot's `Arc` these bytes were made from; a different pointer means stale.
+    service: Arc<ServiceEndpoints>,
+    /// The zone settings (TTL) they were made with.
+    zone: Arc<ZoneSettings>,
+    /// 16 bytes per healthy IPv4 instance: `C0 0C | type | class | ttl | rdlen | addr`.
+    v4: Vec<u8>,
+    /// 28 bytes per healthy IPv6 instance.
+    v6: Vec<u8>,
+}
+
+impl EncodedService {
+    fn new(service: Arc<ServiceEndpoints>, zone: Arc<ZoneSettings>) -> Self {
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for e in &service.healthy {
+            let (out, rtype, addr): (&mut Vec<u8>, u16, Vec<u8>) = match e.ip {
+                IpAddr::V4(ip) => (&mut v4, TYPE_A, ip.octets().to_vec()),
+                IpAddr::V6(ip) => (&mut v6, TYPE_AAAA, ip.octets().to_vec()),
+            };
+            out.extend_from_slice(&[0xC0, 0x0C]);
+            out.extend_from_slice(&rtype.to_be_bytes());
+            out.extend_from_slice(&CLASS_IN.to_be_bytes());
+            out.extend_from_slice(&zone.ttl.to_be_bytes());
+            out.extend_from_slice(&(addr.len() as u16).to_be_bytes());
+            out.extend_from_slice(&addr);
+        }
+        EncodedService {
+            service,
+            zone,
+            v4,
+            v6,
+        }
+    }
+}
+
+/// One per UDP worker thread: owns its output buffer and its cache, so nothing is shared.
+pub struct FastPath {
+    cache: HashMap<Box<str>, EncodedService>,
+    out: Vec<u8>,
+}
+
+impl Default for FastPath {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn u16_at(p: &[u8], i: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*p.get(i)?, *p.get(i + 1)?]))
+}
+
+/// Where the parts of a fast-path candidate sit in the packet.
+struct Parsed {
+    /// End of the question section.
+    question_end: usize,
+    qtype: u16,
+    /// Client's EDNS payload size, if it sent an OPT record.
+    edns_payload: Option<u16>,
+    /// Label spans (start, len) of the query name.
+    labels: [(usize, usize); MAX_LABELS],
+    label_count: usize,
+}
+
+fn parse(p: &[u8]) -> Option<Parsed> {
+    if p.len() < HEADER + 5 {
+        return None;
+    }
+    // QR=0, OPCODE=0, TC=0; exactly one question, no answer/authority, at most the OPT.
+    if p[2] & 0xFA != 0 || u16_at(p, 4)? != 1 || u16_at(p, 6)? != 0 || u16_at(p, 8)? != 0 {
+        return None;
+    }
+    let arcount = u16_at(p, 10)?;
+    if arcount > 1 {
+        return None;
+    }
+    let mut labels = [(0usize, 0usize); MAX_LABELS];
+    let mut label_count = 0;
+    let mut i = HEADER;
+    loop {
+        let len = *p.get(i)? as usize;
+        if len == 0 {
+            i += 1;
+            break;
+        }
+        // No compression pointers (or reserved label types) in a fast-path question.
+        if len & 0xC0 != 0
+            || label_count == MAX_LABELS
+            || i + 1 + len > p.len()
+            || i + 1 + len - HEADER > 254
+        {
+            return None;
+        }
+        labels[label_count] = (i + 1, len);
+        label_count += 1;
+        i += 1 + len;
+    }
+    let qtype = u16_at(p, i)?;
+    if (qtype != TYPE_A && qtype != TYPE_AAAA) || u16_at(p, i + 2)? != CLASS_IN {
+        return None;
+    }
+    let question_end = i + 4;
+    let edns_payload = if arcount == 1 {
+        // OPT: root name, type 41, class = payload, ttl = ext-rcode/version/flags, rdata.
+        let o = question_end;
+        if *p.get(o)? != 0 || u16_at(p, o + 1)? != TYPE_OPT || *p.get(o + 6)? != 0 {
+            return None; // not an OPT, or EDNS version ≠ 0 (BADVERS is hickory's job)
+        }
+        let rdlen = u16_at(p, o + 9)? as usize;
+        if o + 11 + rdlen != p.len() {
+            return None;
+        }
+        Some(u16_at(p, o + 3)?)
+    } else {
+        if question_end != p.len() {
+            return None;
+        }
+        None
+    };
+    Some(Parsed {
+        question_end,
+        qtype,
+        edns_payload,
+        labels,
+        label_count,
+    })
+}
+
+impl FastPath {
+    pub fn new() -> Self {
+        FastPath {
+            cache: HashMap::new(),
+            out: Vec::with_capacity(EDNS_PAYLOAD as usize),
+        }
+    }
+
+    /// The full response for `packet`, or `None` to take the general path.
+    pub fn answer(&mut self, packet: &[u8], responder: &DnsResponder) -> Option<&[u8]> {
+        let started = Instant::now();
+        let parsed = parse(packet)?;
+        let zone = responder.zone.load();
+        // <svc>.<ns>.svc.<domain…>
+        let n = parsed.label_count;
+        if n != 3 + zone.labels.len() {
+            return None;
+        }
+        let label = |k: usize| {
+            let (start, len) = parsed.labels[k];
+            &packet[start..start + len]
+        };
+        if !label(2).eq_ignore_ascii_case(b"svc") {
+            return None;
+        }
+        for (k, want) in zone.labels.iter().enumerate() {
+            if !label(3 + k).eq_ignore_ascii_case(want.as_bytes()) {
+                return None;
+            }
+        }
+        // "svc.ns", lower-cased on the stack.
+        let (svc, ns) = (label(0), label(1));
+        let mut key = [0u8; 127];
+        let key_len = svc.len() + 1 + ns.len();
+        if key_len > key.len() {
+            return None;
+        }
+        key[..svc.len()].copy_from_slice(svc);
+        key[svc.len()] = b'.';
+        key[svc.len() + 1..key_len].copy_from_slice(ns);
+        key[..key_len].make_ascii_lowercase();
+        let key = std::str::from_utf8(&key[..key_len]).ok()?;
+
+        let snapshot = responder.snapshot.load();
+        let service = snapshot.service_by_name(key)?;
+        let fresh = self
+            .cache
+            .get(key)
+            .is_some_and(|c| Arc::ptr_eq(&c.service, service) && Arc::ptr_eq(&c.zone, &zone));
+        if !fresh {
+            if self.cache.len() >= CACHE_LIMIT {
+                self.cache.clear();
+            }
+            self.cache.insert(
+                key.into(),
+                EncodedService::new(service.clone(), Arc::clone(&zone)),
+            );
+        }
+        let encoded = self.cache.get(key)?;
+        let (records, rr_len) = if parsed.qtype == TYPE_A {
+            (&encoded.v4, 16)
+        } else {
+            (&encoded.v6, 28)
+        };
+        let count = records.len() / rr_len;
+        if count == 0 {
+            return None; // NODATA: hickory answers it with the SOA
+        }
+        let take = count.min(zone.max_answers);
+        let opt_len = if parsed.edns_payload.is_some() { 11 } else { 0 };
+        let limit = match parsed.edns_payload {
+            Some(payload) => payload.clamp(512, EDNS_PAYLOAD) as usize,
+            None => 512,
+        };
+        let size = parsed.question_end + take * rr_len + opt_len;
+        if size > limit {
+            return None; // would truncate: hickory sets TC with what fits
+        }
+
+        let out = &mut self.out;
+        out.clear();
+        out.extend_from_slice(&packet[..2]); // ID
+                                             // QR | AA | RD (copied); RA when forwarding; RCODE 0.
+        out.push(0x80 | 0x04 | (packet[2] & 0x01));
+        out.push(if zone.forward { 0x80 } else { 0x00 });
+        out.extend_from_slice(&1u16.to_be_bytes());
+        out.extend_from_slice(&(take as u16).to_be_bytes());
+        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&u16::from(parsed.edns_payload.is_some()).to_be_bytes());
+        out.extend_from_slice(&packet[HEADER..parsed.question_end]);
+        let start = responder.next_rotation() % count;
+        for k in 0..take {
+            let idx = (start + k) % count;
+            out.extend_from_slice(&records[idx * rr_len..(idx + 1) * rr_len]);
+        }
+        if parsed.edns_payload.is_some() {
+            out.extend_from_slice(&[
+                0,
+                0,
+                TYPE_OPT as u8,
+                (EDNS_PAYLOAD >> 8) as u8,
+                EDNS_PAYLOAD as u8,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ]);
+        }
+        let qtype_idx = if parsed.qtype == TYPE_A { 0 } else { 1 };
+        responder.metrics.record(
+            Proto::Udp,
+            qtype_idx,
+            rcode_index(ResponseCode::NoError),
+            started.elapsed(),
+        );
+        Some(&self.out)
+    }
+}

@@ -1,0 +1,207 @@
+//! The general DNS request path, on hickory: every query the fast path does not take (and every
+//! TCP query) is answered here, from the same [`crate::answer`] rules.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use hickory_proto::op::{Edns, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::{DNSClass, Record};
+use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use svcd_config::DnsConfig;
+use svcd_registry::SnapshotReader;
+use tracing::{debug, warn};
+
+use crate::answer::{resolve, Answer, Question, Resolution, ZoneSettings};
+use crate::forward::Forwarder;
+use crate::metrics::{qtype_index, rcode_index, DnsMetrics, Proto};
+
+/// Our advertised EDNS UDP payload size (DNS flag day 2020), and the most we send over UDP.
+pub const EDNS_PAYLOAD: u16 = 1232;
+
+/// Shared by both serving paths. Readers never lock: settings and the forwarder are swapped
+/// whole on reload; the snapshot comes from the registry's arc-swap.
+pub struct DnsResponder {
+    pub zone: ArcSwap<ZoneSettings>,
+    pub snapshot: SnapshotReader,
+    /// Round-robin position shared by all queries: `Relaxed` is enough, only spread matters.
+    pub rotation: AtomicUsize,
+    forwarder: ArcSwapOption<Forwarder>,
+    /// Upstreams the current forwarder was built for, to rebuild only when they change.
+    forward_config: ArcSwap<Vec<std::net::SocketAddr>>,
+    pub metrics: DnsMetrics,
+}
+
+impl DnsResponder {
+    pub fn new(config: &DnsConfig, snapshot: SnapshotReader, metrics: DnsMetrics) -> Arc<Self> {
+        let responder = Arc::new(DnsResponder {
+            zone: ArcSwap::from_pointee(ZoneSettings::new(config)),
+            snapshot,
+            rotation: AtomicUsize::new(0),
+            forwarder: ArcSwapOption::empty(),
+            forward_config: ArcSwap::from_pointee(Vec::new()),
+            metrics,
+        });
+        responder.reconfigure(config);
+        responder
+    }
+
+    /// Applies reloadable DNS settings (domain, TTLs, limits, upstreams).
+    pub fn reconfigure(&self, config: &DnsConfig) {
+        self.zone.store(Arc::new(ZoneSettings::new(config)));
+        if **self.forward_config.load() != config.forward {
+            let forwarder = if config.forward.is_empty() {
+                None
+            } else {
+                match Forwarder::new(&config.forward) {
+                    Ok(f) => Some(Arc::new(f)),
+                    Err(e) => {
+                        warn!(error = %e, "cannot build DNS forwarder; out-of-zone queries will be refused");
+                        None
+                    }
+                }
+            };
+            self.forwarder.store(forwarder);
+            self.forward_config.store(Arc::new(config.forward.clone()));
+        }
+    }
+
+    pub fn next_rotation(&self) -> usize {
+        self.rotation.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Answers one parsed request through `handle`.
+    pub async fn respond<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        mut handle: R,
+    ) -> ResponseInfo {
+        let started = Instant::now();
+        let proto = if request.protocol() == Protocol::Udp {
+            Proto::Udp
+        } else {
+            Proto::Tcp
+        };
+        let zone = self.zone.load_full();
+        let query = request.queries.queries().first();
+        let qtype = query.map(|q| qtype_index(q.query_type())).unwrap_or(9);
+        let mut meta = Metadata::response_from_request(&request.metadata);
+        meta.recursion_available = zone.forward;
+        let edns_version = request.edns.as_ref().map(Edns::version).unwrap_or(0);
+
+        // Protocol-level refusals first, then the question.
+        let early = if request.metadata.op_code != OpCode::Query {
+            Some(ResponseCode::NotImp)
+        } else if edns_version > 0 {
+            Some(ResponseCode::BADVERS)
+        } else if request.queries.len() != 1 {
+            Some(ResponseCode::FormErr)
+        } else if query
+            .is_some_and(|q| q.query_class() != DNSClass::IN && q.query_class() != DNSClass::ANY)
+        {
+            Some(ResponseCode::Refused)
+        } else {
+            None
+        };
+
+        let answer = match (early, query) {
+            (Some(_), _) | (None, None) => Answer {
+                rcode: early.unwrap_or(ResponseCode::FormErr),
+                ..Answer::default()
+            },
+            (None, Some(q)) => {
+                let limit = (proto == Proto::Udp).then_some(zone.max_answers);
+                let question = Question {
+                    name: q.original().name(),
+                    qtype: q.query_type(),
+                    rotation: self.next_rotation(),
+                    limit,
+                };
+                let snapshot = self.snapshot.load();
+                match resolve(&zone, &snapshot, &question) {
+                    Resolution::Authoritative(answer) => {
+                        meta.authoritative = true;
+                        answer
+                    }
+                    Resolution::Refused => Answer {
+                        rcode: ResponseCode::Refused,
+                        ..Answer::default()
+                    },
+                    Resolution::Forward => self.forward(&question).await,
+                }
+            }
+        };
+        meta.response_code = answer.rcode;
+
+        let response_edns = request.edns.as_ref().map(|_| {
+            let mut e = Edns::new();
+            e.set_max_payload(EDNS_PAYLOAD).set_version(0);
+            e
+        });
+        let mut builder = MessageResponseBuilder::new(&request.queries, None);
+        if let Some(e) = &response_edns {
+            builder.edns(e);
+        }
+        let response = builder.build(
+            meta,
+            answer.answers.iter(),
+            answer.authorities.iter(),
+            std::iter::empty::<&Record>(),
+            answer.additionals.iter(),
+        );
+        let info = match handle.send_response(response).await {
+            Ok(info) => info,
+            Err(e) => {
+                debug!(error = %e, "DNS response not sent");
+                let mut header = Metadata::response_from_request(&request.metadata);
+                header.response_code = ResponseCode::ServFail;
+                ResponseInfo::from(hickory_proto::op::Header {
+                    metadata: header,
+                    counts: Default::default(),
+                })
+            }
+        };
+        self.metrics
+            .record(proto, qtype, rcode_index(answer.rcode), started.elapsed());
+        info
+    }
+
+    async fn forward(&self, question: &Question<'_>) -> Answer {
+        let Some(forwarder) = self.forwarder.load_full() else {
+            return Answer {
+                rcode: ResponseCode::Refused,
+                ..Answer::default()
+            };
+        };
+        let (rcode, answers) = forwarder.forward(question.name, question.qtype).await;
+        if rcode == ResponseCode::ServFail {
+            self.metrics.forwarded_failed.inc();
+        } else {
+            self.metrics.forwarded_ok.inc();
+        }
+        Answer {
+            rcode,
+            answers,
+            ..Answer::default()
+        }
+    }
+}
+
+/// hickory's server needs an owned, `Unpin` handler.
+#[derive(Clone)]
+pub struct Handler(pub Arc<DnsResponder>);
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        self.0.respond(request, response_handle).await
+    }
+}

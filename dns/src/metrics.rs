@@ -1,0 +1,122 @@
+//! DNS metrics. Label sets are closed (known query types and rcodes, "other" for the rest) so a
+//! client cannot grow the series count, and every handle is resolved at start-up: counting a
+//! query is one atomic add.
+
+use std::time::Duration;
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+
+pub const PROTOS: [&str; 2] = ["udp", "tcp"];
+const QTYPES: [&str; 10] = [
+    "A", "AAAA", "SRV", "PTR", "TXT", "SOA", "NS", "ANY", "HINFO", "other",
+];
+const RCODES: [&str; 8] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "BADVERS", "other",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Udp = 0,
+    Tcp = 1,
+}
+
+pub fn qtype_index(t: RecordType) -> usize {
+    match t {
+        RecordType::A => 0,
+        RecordType::AAAA => 1,
+        RecordType::SRV => 2,
+        RecordType::PTR => 3,
+        RecordType::TXT => 4,
+        RecordType::SOA => 5,
+        RecordType::NS => 6,
+        RecordType::ANY => 7,
+        RecordType::HINFO => 8,
+        _ => 9,
+    }
+}
+
+pub fn rcode_index(r: ResponseCode) -> usize {
+    match r {
+        ResponseCode::NoError => 0,
+        ResponseCode::FormErr => 1,
+        ResponseCode::ServFail => 2,
+        ResponseCode::NXDomain => 3,
+        ResponseCode::NotImp => 4,
+        ResponseCode::Refused => 5,
+        ResponseCode::BADVERS => 6,
+        _ => 7,
+    }
+}
+
+pub struct DnsMetrics {
+    /// [proto][qtype][rcode]
+    requests: Vec<IntCounter>,
+    pub duration: Histogram,
+    pub forwarded_ok: IntCounter,
+    pub forwarded_failed: IntCounter,
+    pub dropped: IntCounter,
+}
+
+impl DnsMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let requests_vec = IntCounterVec::new(
+            Opts::new(
+                "svcd_dns_requests_total",
+                "DNS requests answered, by transport, query type and rcode.",
+            ),
+            &["proto", "qtype", "rcode"],
+        )?;
+        let mut requests = Vec::with_capacity(PROTOS.len() * QTYPES.len() * RCODES.len());
+        for p in PROTOS {
+            for q in QTYPES {
+                for r in RCODES {
+                    requests.push(requests_vec.with_label_values(&[p, q, r]));
+                }
+            }
+        }
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "svcd_dns_request_duration_seconds",
+                "Time from request received to response sent.",
+            )
+            .buckets(vec![
+                0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0,
+            ]),
+        )?;
+        let forwarded = IntCounterVec::new(
+            Opts::new(
+                "svcd_dns_forwarded_total",
+                "Queries for names outside the zone sent upstream, by result.",
+            ),
+            &["result"],
+        )?;
+        let dropped = IntCounter::new(
+            "svcd_dns_dropped_total",
+            "Packets dropped unanswered (shorter than a header, or a response).",
+        )?;
+        registry.register(Box::new(requests_vec))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(forwarded.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
+        Ok(DnsMetrics {
+            requests,
+            duration,
+            forwarded_ok: forwarded.with_label_values(&["ok"]),
+            forwarded_failed: forwarded.with_label_values(&["error"]),
+            dropped,
+        })
+    }
+
+    #[inline]
+    pub fn request(&self, proto: Proto, qtype: usize, rcode: usize) -> &IntCounter {
+        &self.requests[(proto as usize * QTYPES.len() + qtype) * RCODES.len() + rcode]
+    }
+
+    #[inline]
+    pub fn record(&self, proto: Proto, qtype: usize, rcode: usize, took: Duration) {
+        self.request(proto, qtype, rcode).inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+}

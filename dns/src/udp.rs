@@ -1,0 +1,183 @@
+//! UDP serving: one blocking socket per worker thread, all bound to the same port with
+//! SO_REUSEPORT so the kernel spreads queries across them. Each worker answers hot queries on the
+//! fast path inline and hands the rest to the tokio runtime (hickory), which sends the response
+//! from a clone of the same socket.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hickory_proto::rr::Record;
+use hickory_proto::serialize::binary::BinEncoder;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::net::NetError;
+use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponse;
+use socket2::{Domain, Socket, Type};
+use tokio::runtime::Handle;
+use tracing::{debug, warn};
+
+use crate::fastpath::FastPath;
+use crate::handler::{DnsResponder, EDNS_PAYLOAD};
+
+/// How often a blocked worker wakes to check for shutdown.
+const POLL: Duration = Duration::from_millis(100);
+
+pub fn bind_reuseport(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    socket.set_reuse_port(true)?;
+    socket.set_recv_buffer_size(4 << 20).ok();
+    socket.bind(&addr.into())?;
+    let socket: UdpSocket = socket.into();
+    socket.set_read_timeout(Some(POLL))?;
+    Ok(socket)
+}
+
+/// Collects one encoded response (the hickory path writes into it).
+#[derive(Clone)]
+struct BufferedResponse {
+    max_size: u16,
+    out: Arc<OnceLock<Vec<u8>>>,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for BufferedResponse {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(self.max_size);
+        let info = response.destructive_emit(&mut encoder)?;
+        let _ = self.out.set(bytes);
+        Ok(info)
+    }
+}
+
+/// FORMERR for a packet whose header parsed but whose body did not.
+fn formerr(packet: &[u8]) -> Vec<u8> {
+    let mut out = packet[..12].to_vec();
+    out[2] = 0x80 | (packet[2] & 0x78) | (packet[2] & 0x01); // QR, request opcode, RD
+    out[3] = 0x01; // FORMERR
+    out[4..12].fill(0);
+    out
+}
+
+impl DnsResponder {
+    /// The general path for one UDP packet: `None` means drop (not a query, or too short to
+    /// answer at all).
+    pub async fn answer_udp(&self, packet: Vec<u8>, src: SocketAddr) -> Option<Vec<u8>> {
+        if packet.len() < 12 || packet[2] & 0x80 != 0 {
+            self.metrics.dropped.inc();
+            return None; // no header, or a response: never answer (reflection loops)
+        }
+        let request = match Request::from_bytes(packet.clone(), src, Protocol::Udp) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(%src, error = %e, "malformed DNS packet");
+                let info_rcode =
+                    crate::metrics::rcode_index(hickory_proto::op::ResponseCode::FormErr);
+                self.metrics
+                    .record(crate::metrics::Proto::Udp, 9, info_rcode, Duration::ZERO);
+                return Some(formerr(&packet));
+            }
+        };
+        let max_size = match &request.edns {
+            Some(edns) => edns.max_payload().clamp(512, EDNS_PAYLOAD),
+            None => 512,
+        };
+        let out = BufferedResponse {
+            max_size,
+            out: Arc::new(OnceLock::new()),
+        };
+        self.respond(&request, out.clone()).await;
+        Arc::try_unwrap(out.out).ok().and_then(OnceLock::into_inner)
+    }
+}
+
+/// Starts `workers` threads serving UDP on `addr` (port 0: the first socket picks one and the
+/// rest join it). Returns the bound address and the threads; they exit when `stop` is set.
+pub fn spawn(
+    addr: SocketAddr,
+    workers: usize,
+    responder: Arc<DnsResponder>,
+    runtime: Handle,
+    stop: Arc<AtomicBool>,
+) -> io::Result<(SocketAddr, Vec<JoinHandle<()>>)> {
+    let first = bind_reuseport(addr)?;
+    let bound = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..workers.max(1) {
+        sockets.push(bind_reuseport(bound)?);
+    }
+    let mut threads = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let responder = responder.clone();
+        let runtime = runtime.clone();
+        let stop = stop.clone();
+        let socket = Arc::new(socket);
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("svcd-dns-udp-{i}"))
+                .spawn(move || serve(socket, responder, runtime, stop))?,
+        );
+    }
+    Ok((bound, threads))
+}
+
+fn serve(
+    socket: Arc<UdpSocket>,
+    responder: Arc<DnsResponder>,
+    runtime: Handle,
+    stop: Arc<AtomicBool>,
+) {
+    let mut fast = FastPath::new();
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        let (len, src) = match socket.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                warn!(error = %e, "DNS UDP receive failed");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let packet = &buf[..len];
+        if let Some(response) = fast.answer(packet, &responder) {
+            if let Err(e) = socket.send_to(response, src) {
+                debug!(%src, error = %e, "DNS UDP send failed");
+            }
+            continue;
+        }
+        let packet = packet.to_vec();
+        let (socket, responder) = (socket.clone(), responder.clone());
+        runtime.spawn(async move {
+            if let Some(response) = responder.answer_udp(packet, src).await {
+                if let Err(e) = socket.send_to(&response, src) {
+                    debug!(%src, error = %e, "DNS UDP send failed");
+                }
+            }
+        });
+    }
+}
