@@ -110,3 +110,41 @@ impl DnsServer {
         .await;
     }
 }
+
+/// Runs one arbitrary packet through both UDP paths and checks the invariants: no panic, and any
+/// response is at least a header, carries the request ID and fits what the client can receive.
+/// Shared by the cargo-fuzz target and the corpus replay test.
+#[doc(hidden)]
+pub fn fuzz_one(responder: &DnsResponder, packet: &[u8]) {
+    thread_local! {
+        static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("current-thread runtime");
+    }
+    let limit = if packet.len() >= 12 && packet[10..12] == [0, 0] {
+        512
+    } else {
+        handler::EDNS_PAYLOAD as usize
+    };
+    let check = |out: &[u8]| {
+        assert!(out.len() >= 12, "response shorter than a header");
+        assert!(
+            out.len() <= limit,
+            "response of {} bytes exceeds {limit}",
+            out.len()
+        );
+        assert_eq!(out[..2], packet[..2], "response ID");
+        assert!(out[2] & 0x80 != 0, "QR set");
+    };
+    if let Some(out) = fastpath::FastPath::new().answer(packet, responder) {
+        check(out);
+    }
+    let src: SocketAddr = "127.0.0.1:53535".parse().expect("static address");
+    let out = RUNTIME.with(|rt| rt.block_on(responder.answer_udp(packet.to_vec(), src)));
+    if let Some(out) = out {
+        check(&out);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -71,6 +71,15 @@ impl SnapshotReader {
         self.snapshot.load()
     }
 
+    /// A reader of one fixed snapshot (tests and tools that have no store).
+    pub fn fixed(snapshot: EndpointSnapshot) -> Self {
+        let (_tx, changes) = watch::channel(snapshot.revision);
+        SnapshotReader {
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            changes,
+        }
+    }
+
     /// The current snapshot as an owned `Arc`, for work that outlives a short borrow.
     pub fn load_full(&self) -> Arc<EndpointSnapshot> {
         self.snapshot.load_full()

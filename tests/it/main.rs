@@ -6,6 +6,7 @@
 mod support;
 
 mod config_cli;
+mod dns;
 mod lifecycle;
 mod registry_e2e;
 mod store_conformance;

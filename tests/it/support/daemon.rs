@@ -15,6 +15,8 @@ use super::{eventually, free_port, svcd_bin};
 pub struct Daemon {
     child: Option<Child>,
     pub admin: SocketAddr,
+    /// DNS over UDP and TCP.
+    pub dns: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
 }
@@ -32,11 +34,10 @@ impl Reply {
     }
 }
 
-/// Config text with every listener on a free loopback port, then `extra`.
-pub fn base_config(admin_port: u16) -> String {
+/// Config text with every listener on a free loopback port.
+pub fn base_config(admin_port: u16, dns_port: u16) -> String {
     format!(
-        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[dns]\nlisten = \"127.0.0.1:{}\"\n[[proxy.http]]\nlisten = \"127.0.0.1:{}\"\n",
-        free_port(),
+        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[dns]\nlisten = \"127.0.0.1:{dns_port}\"\n[[proxy.http]]\nlisten = \"127.0.0.1:{}\"\n",
         free_port()
     )
 }
@@ -56,10 +57,13 @@ impl Daemon {
     /// Starts without waiting for readiness.
     pub fn spawn(extra: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
-        let admin_port = free_port();
+        let (admin_port, dns_port) = (free_port(), free_port());
         let config_path = dir.path().join("svcd.toml");
-        std::fs::write(&config_path, format!("{}{extra}", base_config(admin_port)))
-            .expect("write config");
+        std::fs::write(
+            &config_path,
+            format!("{}{extra}", base_config(admin_port, dns_port)),
+        )
+        .expect("write config");
         let log = std::fs::File::create(dir.path().join("svcd.log")).expect("log file");
         let mut cmd = Command::new(svcd_bin());
         cmd.args(["run", "--config", config_path.to_str().expect("utf-8 path")])
@@ -74,6 +78,7 @@ impl Daemon {
         Daemon {
             child: Some(child),
             admin: format!("127.0.0.1:{admin_port}").parse().expect("addr"),
+            dns: format!("127.0.0.1:{dns_port}").parse().expect("addr"),
             dir,
             config_path,
         }

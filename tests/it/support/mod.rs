@@ -1,6 +1,7 @@
 //! Test harness: etcd and svcd processes, free ports, polling helpers.
 
 pub mod daemon;
+pub mod dns;
 pub mod etcd;
 pub mod gate;
 
