@@ -98,8 +98,9 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         cancel.clone(),
     ));
 
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let current = config.load_full();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let workers = current.dns.workers.unwrap_or(cores);
     let dns = DnsServer::start(&current.dns, workers, registry.reader(), &metrics.registry).await?;
     readiness.listeners_bound.store(true, Ordering::Relaxed);
     info!(admin = %admin_addr, dns = %dns.addr, store = %store.describe(), "svcd started");

@@ -24,6 +24,8 @@ negative_ttl = "5s"
 max_answers = 20
 # Upstream resolvers for names outside the domain. Empty: such queries are REFUSED.
 forward = []
+# UDP worker threads, one socket each (SO_REUSEPORT); default: one per core.
+# workers = 2
 
 [proxy]
 # Worker threads for the proxies; default: one per core.

@@ -31,6 +31,7 @@ pub struct RawDns {
     pub negative_ttl: Option<String>,
     pub max_answers: Option<i64>,
     pub forward: Option<Vec<String>>,
+    pub workers: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

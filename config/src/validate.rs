@@ -43,6 +43,9 @@ pub struct DnsConfig {
     pub negative_ttl: Duration,
     pub max_answers: usize,
     pub forward: Vec<SocketAddr>,
+    /// UDP worker threads (one SO_REUSEPORT socket each); `None` means one per core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -287,6 +290,9 @@ fn dns(c: &mut Checker, raw: RawDns) -> DnsConfig {
         };
         forward.push(c.addr(&path, Some(text), "127.0.0.1:53"));
     }
+    let workers = raw
+        .workers
+        .map(|w| c.range("dns.workers", Some(w), 1, 1, 256));
     DnsConfig {
         listen,
         domain,
@@ -294,6 +300,7 @@ fn dns(c: &mut Checker, raw: RawDns) -> DnsConfig {
         negative_ttl,
         max_answers,
         forward,
+        workers,
     }
 }
 

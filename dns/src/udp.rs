@@ -3,8 +3,9 @@
 //! fast path inline and hands the rest to the tokio runtime (hickory), which sends the response
 //! from a clone of the same socket.
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -16,6 +17,10 @@ use hickory_server::net::xfer::Protocol;
 use hickory_server::net::NetError;
 use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponse;
+use nix::errno::Errno;
+use nix::sys::socket::{
+    recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
+};
 use socket2::{Domain, Socket, Type};
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
@@ -136,48 +141,94 @@ pub fn spawn(
     Ok((bound, threads))
 }
 
+/// Queries read (and answers written) per syscall.
+const BATCH: usize = 32;
+/// Receive buffer per query; larger datagrams arrive truncated and are answered FORMERR.
+const RX_BUF: usize = 2048;
+
+fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4(std::net::SocketAddrV4::from(*v4)));
+    }
+    addr.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(std::net::SocketAddrV6::from(*v6)))
+}
+
+/// A worker: read a batch of queries with one `recvmmsg`, answer the hot ones into an outgoing
+/// batch, send it with one `sendmmsg`; the rest go to the runtime.
 fn serve(
     socket: Arc<UdpSocket>,
     responder: Arc<DnsResponder>,
     runtime: Handle,
     stop: Arc<AtomicBool>,
 ) {
+    let fd = socket.as_raw_fd();
     let mut fast = FastPath::new();
-    let mut buf = [0u8; 4096];
+    let mut rx_bufs = vec![[0u8; RX_BUF]; BATCH];
+    let mut rx_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut tx_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut tx_bufs: Vec<Vec<u8>> = (0..BATCH)
+        .map(|_| Vec::with_capacity(EDNS_PAYLOAD as usize))
+        .collect();
+    let mut tx_addrs: Vec<Option<SockaddrStorage>> = vec![None; BATCH];
     while !stop.load(Ordering::Relaxed) {
-        let (len, src) = match socket.recv_from(&mut buf) {
-            Ok(r) => r,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
-            Err(e) => {
-                warn!(error = %e, "DNS UDP receive failed");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        let packet = &buf[..len];
-        if let Some(response) = fast.answer(packet, &responder) {
-            if let Err(e) = socket.send_to(response, src) {
-                debug!(%src, error = %e, "DNS UDP send failed");
-            }
-            continue;
-        }
-        let packet = packet.to_vec();
-        let (socket, responder) = (socket.clone(), responder.clone());
-        runtime.spawn(async move {
-            if let Some(response) = responder.answer_udp(packet, src).await {
-                if let Err(e) = socket.send_to(&response, src) {
-                    debug!(%src, error = %e, "DNS UDP send failed");
+        let mut ready = 0;
+        {
+            let mut slices: Vec<[IoSliceMut<'_>; 1]> = rx_bufs
+                .iter_mut()
+                .map(|b| [IoSliceMut::new(&mut b[..])])
+                .collect();
+            let received = match recvmmsg(
+                fd,
+                &mut rx_headers,
+                slices.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            ) {
+                Ok(r) => r,
+                Err(Errno::EAGAIN | Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!(error = %e, "DNS UDP receive failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
                 }
+            };
+            for msg in received {
+                let Some(addr) = msg.address else { continue };
+                let packet = msg.iovs().next().unwrap_or(&[]);
+                if let Some(response) = fast.answer(packet, &responder) {
+                    tx_bufs[ready].clear();
+                    tx_bufs[ready].extend_from_slice(response);
+                    tx_addrs[ready] = Some(addr);
+                    ready += 1;
+                    continue;
+                }
+                let Some(src) = to_std(&addr) else { continue };
+                let packet = packet.to_vec();
+                let (socket, responder) = (socket.clone(), responder.clone());
+                runtime.spawn(async move {
+                    if let Some(response) = responder.answer_udp(packet, src).await {
+                        if let Err(e) = socket.send_to(&response, src) {
+                            debug!(%src, error = %e, "DNS UDP send failed");
+                        }
+                    }
+                });
             }
-        });
+        }
+        if ready > 0 {
+            let iovs: Vec<[IoSlice<'_>; 1]> =
+                tx_bufs[..ready].iter().map(|b| [IoSlice::new(b)]).collect();
+            let cmsgs: [ControlMessage<'_>; 0] = [];
+            if let Err(e) = sendmmsg(
+                fd,
+                &mut tx_headers,
+                &iovs,
+                &tx_addrs[..ready],
+                cmsgs,
+                MsgFlags::empty(),
+            ) {
+                debug!(error = %e, "DNS UDP batch send failed");
+            }
+        }
     }
 }

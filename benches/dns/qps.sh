@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# DNS QPS, side by side in one run: dnsperf against svcd, Knot DNS and dnsmasq, each serving the
+# same records (web.default.svc.cluster.local: 3 A records), same server thread count, on
+# loopback. Rounds alternate between servers; the median QPS per server and the ratios are
+# printed.
+#
+#   benches/dns/qps.sh [seconds-per-run] [rounds]        (defaults: 10 s, 3 rounds)
+#
+# Needs: dnsperf, knot, dnsmasq (Debian packages; installed when missing).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SECONDS_PER_RUN=${1:-10}
+ROUNDS=${2:-3}
+THREADS=${THREADS:-2}
+
+need=()
+command -v dnsperf >/dev/null || need+=(dnsperf)
+command -v knotd >/dev/null || need+=(knot)
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+scripts/setup
+cargo build --release --bin svcd -q
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+P_SVCD=$(free_port); P_KNOT=$(free_port); P_MASQ=$(free_port); P_ADMIN=$(free_port); P_HTTP=$(free_port)
+NAME=web.default.svc.cluster.local
+IPS=(10.0.0.1 10.0.0.2 10.0.0.3)
+
+# svcd
+{
+  printf '[admin]\nlisten = "127.0.0.1:%s"\n[dns]\nlisten = "127.0.0.1:%s"\nworkers = %s\n[[proxy.http]]\nlisten = "127.0.0.1:%s"\n[log]\nlevel = "warn"\n' "$P_ADMIN" "$P_SVCD" "$THREADS" "$P_HTTP"
+  i=0; for ip in "${IPS[@]}"; do i=$((i+1)); printf '[[registry.static]]\nservice = "web"\nid = "w%s"\nip = "%s"\n' "$i" "$ip"; done
+} > "$work/svcd.toml"
+target/release/svcd run --config "$work/svcd.toml" 2>"$work/svcd.log" & pids+=($!)
+
+# Knot DNS
+mkdir -p "$work/knot"
+{
+  printf '$ORIGIN cluster.local.\n$TTL 5\n@ SOA ns.dns hostmaster 1 7200 1800 86400 5\n@ NS ns.dns\n'
+  for ip in "${IPS[@]}"; do printf 'web.default.svc A %s\n' "$ip"; done
+} > "$work/knot/cluster.local.zone"
+cat > "$work/knot/knot.conf" <<CONF
+server:
+    rundir: "$work/knot"
+    listen: 127.0.0.1@$P_KNOT
+    udp-workers: $THREADS
+    tcp-workers: 1
+    background-workers: 1
+database:
+    storage: "$work/knot"
+log:
+  - target: stderr
+    any: warning
+zone:
+  - domain: cluster.local
+    storage: "$work/knot"
+    file: cluster.local.zone
+CONF
+knotd -c "$work/knot/knot.conf" 2>"$work/knot.log" & pids+=($!)
+
+# dnsmasq (single-threaded by design)
+for ip in "${IPS[@]}"; do echo "$ip $NAME"; done > "$work/hosts"
+dnsmasq --no-daemon --port="$P_MASQ" --listen-address=127.0.0.1 --bind-interfaces --no-resolv \
+  --no-hosts --addn-hosts="$work/hosts" --cache-size=10000 --user=root --pid-file="$work/dnsmasq.pid" \
+  2>"$work/dnsmasq.log" & pids+=($!)
+
+for port in "$P_SVCD" "$P_KNOT" "$P_MASQ"; do
+  for _ in $(seq 50); do
+    [ "$(dig +short +time=1 +tries=1 @127.0.0.1 -p "$port" "$NAME" A | wc -l)" = 3 ] && break
+    sleep 0.2
+  done
+  [ "$(dig +short @127.0.0.1 -p "$port" "$NAME" A | wc -l)" = 3 ] || { echo "server on $port not answering 3 records"; exit 1; }
+done
+
+echo "$NAME A" > "$work/queries"
+run() { # port → QPS
+  dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -l "$SECONDS_PER_RUN" -c 16 -q 200 -T 1 2>/dev/null \
+    | awk '/Queries per second/ {print $4}'
+}
+declare -A results
+for round in $(seq "$ROUNDS"); do
+  for server in svcd knot dnsmasq; do
+    case $server in svcd) port=$P_SVCD;; knot) port=$P_KNOT;; dnsmasq) port=$P_MASQ;; esac
+    qps=$(run "$port")
+    results[$server]+="$qps "
+    echo "round $round: $server $qps qps" >&2
+  done
+done
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+s=$(echo "${results[svcd]}" | median); k=$(echo "${results[knot]}" | median); m=$(echo "${results[dnsmasq]}" | median)
+echo
+echo "DNS A queries for $NAME (3 records), dnsperf -c 16 -q 200 -T 1, ${SECONDS_PER_RUN}s x $ROUNDS rounds, $THREADS server threads"
+printf '%-10s %12s %14s\n' server "median QPS" "svcd / server"
+printf '%-10s %12.0f %14s\n' svcd "$s" "1.00"
+printf '%-10s %12.0f %14.2f\n' knot "$k" "$(echo "$s / $k" | bc -l)"
+printf '%-10s %12.0f %14.2f\n' dnsmasq "$m" "$(echo "$s / $m" | bc -l)"
