@@ -25,7 +25,7 @@ use svcd_registry::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use support::daemon::Daemon;
+use support::daemon::{Daemon, ExecJob};
 use support::etcd::Etcd;
 
 const SERVICES: usize = 10_000;
@@ -222,38 +222,12 @@ fn etcd_config(endpoint: &str) -> String {
 async fn exec_kill_latency(a: &Daemon, b: &Daemon, rounds: usize) -> Vec<Duration> {
     let mut out = Vec::new();
     for round in 0..rounds {
-        let pidfile = a.dir.path().join(format!("child-{round}.pid"));
         let id = format!("job-{round}");
-        let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
-        let mut exec = std::process::Command::new(support::svcd_bin())
-            .args([
-                "exec",
-                "--service",
-                "job",
-                "--id",
-                &id,
-                "--ip",
-                "10.1.0.1",
-                "--",
-                "sh",
-                "-c",
-                &script,
-            ])
-            .env("SVCD_ADMIN_LISTEN", a.admin.to_string())
-            .spawn()
-            .expect("svcd exec");
+        let mut job = ExecJob::start(a, &id);
         b.wait_instances("default", "job", &[id.as_str()], Duration::from_secs(10))
             .await;
-        let pid: i32 = support::eventually(Duration::from_secs(5), "pid file", || async {
-            std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
-        })
-        .await;
         let killed = Instant::now();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("kill child");
+        job.kill_child().await;
         loop {
             if b.instance_ids("default", "job").await.is_empty() {
                 break;
@@ -261,7 +235,7 @@ async fn exec_kill_latency(a: &Daemon, b: &Daemon, rounds: usize) -> Vec<Duratio
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         out.push(killed.elapsed());
-        exec.wait().expect("exec exits");
+        job.exec.wait().expect("exec exits");
     }
     out.sort();
     out

@@ -39,16 +39,18 @@ state = "unhealthy"
 
 const WEB: &str = "web.default.svc.cluster.local.";
 
+/// A daemon serving the `STATIC` instances, all in its snapshot.
+async fn start_web() -> Daemon {
+    let d = Daemon::start(STATIC).await;
+    let all = ["sick", "w1", "w2", "w3", "w6"];
+    d.wait_instances("default", "web", &all, Duration::from_secs(5))
+        .await;
+    d
+}
+
 #[tokio::test]
 async fn answers_every_kind_of_name_over_udp_and_tcp() {
-    let d = Daemon::start(STATIC).await;
-    d.wait_instances(
-        "default",
-        "web",
-        &["sick", "w1", "w2", "w3", "w6"],
-        Duration::from_secs(5),
-    )
-    .await;
+    let d = start_web().await;
 
     for m in [
         udp(d.dns, WEB, RecordType::A, None).await,
@@ -162,14 +164,7 @@ async fn answers_every_kind_of_name_over_udp_and_tcp() {
 
 #[tokio::test]
 async fn rotation_spreads_the_first_answer() {
-    let d = Daemon::start(STATIC).await;
-    d.wait_instances(
-        "default",
-        "web",
-        &["sick", "w1", "w2", "w3", "w6"],
-        Duration::from_secs(5),
-    )
-    .await;
+    let d = start_web().await;
     let mut firsts = std::collections::BTreeMap::new();
     for _ in 0..30 {
         let m = udp(d.dns, WEB, RecordType::A, None).await;
@@ -394,14 +389,7 @@ async fn malformed_packets_get_formerr_or_silence_and_nothing_breaks() {
 
 #[tokio::test]
 async fn dns_settings_reload_on_sighup() {
-    let d = Daemon::start(STATIC).await;
-    d.wait_instances(
-        "default",
-        "web",
-        &["sick", "w1", "w2", "w3", "w6"],
-        Duration::from_secs(5),
-    )
-    .await;
+    let d = start_web().await;
     assert_eq!(udp(d.dns, WEB, RecordType::A, None).await.answers[0].ttl, 5);
     let text = std::fs::read_to_string(&d.config_path)
         .unwrap()

@@ -3,10 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-
-use crate::support::daemon::Daemon;
+use crate::support::daemon::{Daemon, ExecJob};
 use crate::support::etcd::Etcd;
 use crate::support::eventually;
 use crate::support::gate::Gate;
@@ -136,35 +133,11 @@ async fn exec_child_killed_leaves_at_once_and_dead_daemon_leaves_after_ttl() {
     let mut a = Daemon::start(&etcd_config(&etcd.endpoint())).await;
     let b = Daemon::start(&etcd_config(&etcd.endpoint())).await;
 
-    // svcd exec on A; the child writes its pid so the test can SIGKILL it.
-    let pidfile = a.dir.path().join("child.pid");
-    let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
-    let mut exec = std::process::Command::new(crate::support::svcd_bin())
-        .args([
-            "exec",
-            "--service",
-            "job",
-            "--id",
-            "job-1",
-            "--ip",
-            "10.1.0.1",
-            "--port",
-            "http=80",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .env("SVCD_ADMIN_LISTEN", a.admin.to_string())
-        .spawn()
-        .unwrap();
+    // svcd exec on A; the child is SIGKILLed, svcd exec survives and deregisters.
+    let mut job = ExecJob::start(&a, "job-1");
     b.wait_instances("default", "job", &["job-1"], WAIT).await;
-    let child_pid: i32 = eventually(WAIT, "child pid file", || async {
-        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
-    })
-    .await;
     let killed = Instant::now();
-    kill(Pid::from_raw(child_pid), Signal::SIGKILL).unwrap();
+    job.kill_child().await;
     b.wait_instances("default", "job", &[], Duration::from_secs(1))
         .await;
     let gone_after = killed.elapsed();
@@ -172,7 +145,7 @@ async fn exec_child_killed_leaves_at_once_and_dead_daemon_leaves_after_ttl() {
         gone_after < Duration::from_millis(1000),
         "took {gone_after:?}"
     );
-    let status = exec.wait().unwrap();
+    let status = job.exec.wait().unwrap();
     assert_eq!(
         status.code(),
         Some(128 + 9),

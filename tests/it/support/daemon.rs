@@ -236,3 +236,48 @@ pub async fn http(
         .unwrap_or_default();
     Ok(Reply { status, body })
 }
+
+/// `svcd exec --service job --id ID --ip 10.1.0.1 --port http=80 -- sh` registered with `daemon`,
+/// whose child writes its pid so a test can kill the child alone.
+pub struct ExecJob {
+    pub exec: Child,
+    pidfile: PathBuf,
+}
+
+impl ExecJob {
+    pub fn start(daemon: &Daemon, id: &str) -> ExecJob {
+        let pidfile = daemon.dir.path().join(format!("{id}.pid"));
+        let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
+        let exec = Command::new(svcd_bin())
+            .args([
+                "exec",
+                "--service",
+                "job",
+                "--id",
+                id,
+                "--ip",
+                "10.1.0.1",
+                "--port",
+                "http=80",
+                "--",
+            ])
+            .args(["sh", "-c", &script])
+            .env("SVCD_ADMIN_LISTEN", daemon.admin.to_string())
+            .spawn()
+            .expect("spawn svcd exec");
+        ExecJob { exec, pidfile }
+    }
+
+    /// SIGKILLs the child (not `svcd exec`), once it has written its pid.
+    pub async fn kill_child(&self) {
+        let pid: i32 = eventually(Duration::from_secs(5), "child pid file", || async {
+            std::fs::read_to_string(&self.pidfile)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .await;
+        kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill child");
+    }
+}
