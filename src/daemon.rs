@@ -12,6 +12,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use svcd_config::{Config, Sources};
 use svcd_dns::DnsServer;
+use svcd_proxy::L4Proxy;
 use svcd_registry::{InstanceKey, Registry, SyncOptions};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -39,7 +40,19 @@ fn read_token(config: &Config) -> anyhow::Result<Option<String>> {
     Ok(Some(token))
 }
 
+/// A proxy holds two descriptors per connection: lift the soft open-files limit to the hard one,
+/// as HAProxy and nginx do, so `proxy.max_connections` is not capped by a 1024 default.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 pub async fn run(sources: Sources) -> anyhow::Result<()> {
+    raise_nofile_limit();
     let config = match sources.load() {
         Ok(c) => c,
         Err(e) => {
@@ -102,12 +115,20 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let workers = current.dns.workers.unwrap_or(cores);
     let dns = DnsServer::start(&current.dns, workers, registry.reader(), &metrics.registry).await?;
+    let proxy = L4Proxy::start(
+        &current.proxy,
+        current.shutdown.drain_timeout,
+        registry.reader(),
+        &metrics.registry,
+    )
+    .await?;
     readiness.listeners_bound.store(true, Ordering::Relaxed);
     info!(admin = %admin_addr, dns = %dns.addr, store = %store.describe(), "svcd started");
 
     let live = LiveParts {
         admin: &admin_state,
         dns: &dns,
+        proxy: &proxy,
     };
     wait_for_signals(&sources, &config, &live, &log, &metrics).await?;
 
@@ -120,6 +141,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     readiness.shutting_down.store(true, Ordering::Relaxed);
     cancel.cancel();
     tasks.spawn(dns.shutdown());
+    proxy.stop_accepting();
     let second_signal = async {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -127,6 +149,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     };
     let drain = async {
         let deadline = tokio::time::Instant::now() + drain_timeout;
+        proxy.drain(drain_timeout).await;
         if tokio::time::timeout_at(deadline, async {
             while tasks.join_next().await.is_some() {}
         })
@@ -157,6 +180,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
 struct LiveParts<'a> {
     admin: &'a AdminState,
     dns: &'a DnsServer,
+    proxy: &'a L4Proxy,
 }
 
 /// Returns on the first SIGTERM/SIGINT; handles SIGHUP reloads meanwhile.
@@ -174,7 +198,7 @@ async fn wait_for_signals(
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match reload(sources, config, live, log) {
+            _ = hup.recv() => match reload(sources, config, live, log).await {
                 Ok(()) => metrics.reloads_ok.inc(),
                 Err(lines) => {
                     metrics.reloads_failed.inc();
@@ -202,7 +226,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     keys
 }
 
-fn reload(
+async fn reload(
     sources: &Sources,
     config: &Arc<ArcSwap<Config>>,
     live: &LiveParts<'_>,
@@ -217,7 +241,15 @@ fn reload(
     }
     live.admin.token.store(Arc::new(token));
     live.dns.reconfigure(&new.dns);
+    let bind_errors = live
+        .proxy
+        .reconfigure(&new.proxy, new.shutdown.drain_timeout)
+        .await;
     config.store(Arc::new(new));
+    if !bind_errors.is_empty() {
+        // The rest of the new configuration is live; the listeners that could not bind are not.
+        return Err(bind_errors.iter().map(|e| e.to_string()).collect());
+    }
     info!(file = ?sources.file_path(), "configuration reloaded");
     Ok(())
 }

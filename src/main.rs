@@ -31,10 +31,12 @@ fn main() -> std::process::ExitCode {
             )
             .init();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // The proxies run on the main runtime: `proxy.workers` sizes it.
+    if let Some(workers) = proxy_workers(&cli.command) {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("svcd: cannot start the runtime: {e}");
@@ -48,6 +50,21 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `proxy.workers` of the config `svcd run` will load, if set (errors are reported later, by the
+/// real load).
+fn proxy_workers(command: &Command) -> Option<usize> {
+    let Command::Run(args) = command else {
+        return None;
+    };
+    let mut sources = Sources::new()
+        .env(ProcessEnv)
+        .cli(args.overrides.to_overrides().ok()?);
+    if let Some(path) = &args.config {
+        sources = sources.file(path);
+    }
+    sources.load().ok()?.proxy.workers
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {

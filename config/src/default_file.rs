@@ -30,6 +30,27 @@ forward = []
 [proxy]
 # Worker threads for the proxies; default: one per core.
 # workers = 2
+# Open L4 (TCP) connections at most; excess connections are closed at once and counted.
+max_connections = 10000
+# Forward TCP with splice(2): bytes move kernel to kernel. false: user-space copy.
+splice = true
+# Upstream connect timeout, and instances tried per connection (refused/timed out → next).
+connect_timeout = "1s"
+connect_attempts = 3
+# Close a TCP connection silent both ways this long (default for [[proxy.tcp]] entries).
+idle_timeout = "1h"
+
+# L4 listeners (reloadable on SIGHUP without dropping open connections):
+# [[proxy.tcp]]
+# listen = "127.0.0.1:15432"
+# service = "db.default"          # <svc> or <svc>.<ns>
+# port = "postgres"               # named port; optional when instances have one port
+# idle_timeout = "1h"
+#
+# [[proxy.udp]]
+# listen = "127.0.0.1:15353"
+# service = "dns-cache.default"
+# idle_timeout = "30s"            # a flow with no datagram either way is forgotten
 
 # HTTP proxy listeners; routes requests by Host to healthy instances. Several allowed;
 # `http = []` under [proxy] disables the HTTP proxy.

@@ -30,7 +30,8 @@ pub use instance::{Instance, Protocol, State};
 pub use sources::{Env, Override, ProcessEnv, Sources, ENV_OVERRIDES};
 pub use validate::{
     AdminConfig, Backend, Config, DnsConfig, EtcdConfig, HttpListenerConfig, LogConfig, LogFormat,
-    ProxyConfig, RegistryConfig, ShutdownConfig, StaticInstance,
+    ProxyConfig, ProxyTarget, RegistryConfig, ShutdownConfig, StaticInstance, TcpListenerConfig,
+    UdpListenerConfig,
 };
 
 /// Parse and validate one TOML document with no overrides (used by tests and `config check`).

@@ -38,7 +38,32 @@ pub struct RawDns {
 #[serde(deny_unknown_fields)]
 pub struct RawProxy {
     pub http: Option<Vec<RawHttpListener>>,
+    pub tcp: Option<Vec<RawTcpListener>>,
+    pub udp: Option<Vec<RawUdpListener>>,
     pub workers: Option<i64>,
+    pub max_connections: Option<i64>,
+    pub splice: Option<bool>,
+    pub connect_timeout: Option<String>,
+    pub connect_attempts: Option<i64>,
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTcpListener {
+    pub listen: Option<String>,
+    pub service: Option<String>,
+    pub port: Option<String>,
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUdpListener {
+    pub listen: Option<String>,
+    pub service: Option<String>,
+    pub port: Option<String>,
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -51,9 +51,49 @@ pub struct DnsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProxyConfig {
     pub http: Vec<HttpListenerConfig>,
+    pub tcp: Vec<TcpListenerConfig>,
+    pub udp: Vec<UdpListenerConfig>,
     /// Proxy worker threads; `None` means one per core.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
+    /// Open TCP connections across all L4 listeners; excess connections are closed at once.
+    pub max_connections: usize,
+    /// Forward TCP with splice(2) (Linux); false forces the user-space copy path.
+    pub splice: bool,
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// Instances tried per connection before giving up (refused / timed out → next instance).
+    pub connect_attempts: usize,
+}
+
+/// Where a proxy listener sends traffic: `<svc>.<ns>` and an optional named port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProxyTarget {
+    pub service: String,
+    pub namespace: String,
+    /// Named port of the instances; `None`: the instance's only port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TcpListenerConfig {
+    pub listen: SocketAddr,
+    #[serde(flatten)]
+    pub target: ProxyTarget,
+    /// Both directions silent this long: the connection is closed.
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UdpListenerConfig {
+    pub listen: SocketAddr,
+    #[serde(flatten)]
+    pub target: ProxyTarget,
+    /// A flow with no datagram either way for this long is forgotten.
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -196,6 +236,40 @@ impl Checker {
         }
     }
 
+    /// A listen address that must be present.
+    fn required_addr(&mut self, path: &str, value: Option<String>) -> SocketAddr {
+        if value.is_none() {
+            self.err(path, "missing; every listener needs a listen address");
+        }
+        self.addr(path, value, "127.0.0.1:0")
+    }
+
+    /// `service = "<svc>[.<ns>]"` and an optional named `port` of a proxy listener at `base`.
+    fn target(&mut self, base: &str, service: Option<String>, port: Option<String>) -> ProxyTarget {
+        let (service, namespace) = match service.as_deref().map(names::parse_service_ref) {
+            Some(Ok(pair)) => pair,
+            Some(Err(e)) => {
+                self.err(format!("{base}.service"), e);
+                Default::default()
+            }
+            None => {
+                self.err(
+                    format!("{base}.service"),
+                    "missing (\"<svc>\" or \"<svc>.<ns>\")",
+                );
+                Default::default()
+            }
+        };
+        if let Some(Err(e)) = port.as_deref().map(names::check_port_name) {
+            self.err(format!("{base}.port"), format!("port name {e}"));
+        }
+        ProxyTarget {
+            service,
+            namespace,
+            port,
+        }
+    }
+
     fn range(
         &mut self,
         path: &str,
@@ -312,24 +386,75 @@ fn proxy(c: &mut Checker, raw: RawProxy) -> ProxyConfig {
         Some(list) => list
             .into_iter()
             .enumerate()
-            .map(|(i, l)| {
-                let path = format!("proxy.http[{i}].listen");
-                if l.listen.is_none() {
-                    c.err(
-                        &path,
-                        "missing; every [[proxy.http]] needs a listen address",
-                    );
-                }
-                HttpListenerConfig {
-                    listen: c.addr(&path, l.listen, "127.0.0.1:8080"),
-                }
+            .map(|(i, l)| HttpListenerConfig {
+                listen: c.required_addr(&format!("proxy.http[{i}].listen"), l.listen),
             })
             .collect(),
     };
+    let idle_default = c.duration(
+        "proxy.idle_timeout",
+        raw.idle_timeout,
+        Duration::from_secs(3600),
+    );
+    let tcp = raw
+        .tcp
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let base = format!("proxy.tcp[{i}]");
+            TcpListenerConfig {
+                listen: c.required_addr(&format!("{base}.listen"), l.listen),
+                target: c.target(&base, l.service, l.port),
+                idle_timeout: c.duration(
+                    &format!("{base}.idle_timeout"),
+                    l.idle_timeout,
+                    idle_default,
+                ),
+            }
+        })
+        .collect();
+    let udp = raw
+        .udp
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let base = format!("proxy.udp[{i}]");
+            UdpListenerConfig {
+                listen: c.required_addr(&format!("{base}.listen"), l.listen),
+                target: c.target(&base, l.service, l.port),
+                idle_timeout: c.duration(
+                    &format!("{base}.idle_timeout"),
+                    l.idle_timeout,
+                    Duration::from_secs(30),
+                ),
+            }
+        })
+        .collect();
     let workers = raw
         .workers
         .map(|w| c.range("proxy.workers", Some(w), 1, 1, 1024));
-    ProxyConfig { http, workers }
+    ProxyConfig {
+        http,
+        tcp,
+        udp,
+        workers,
+        max_connections: c.range(
+            "proxy.max_connections",
+            raw.max_connections,
+            10_000,
+            1,
+            10_000_000,
+        ),
+        splice: raw.splice.unwrap_or(true),
+        connect_timeout: c.duration(
+            "proxy.connect_timeout",
+            raw.connect_timeout,
+            Duration::from_secs(1),
+        ),
+        connect_attempts: c.range("proxy.connect_attempts", raw.connect_attempts, 3, 1, 100),
+    }
 }
 
 fn registry(c: &mut Checker, raw: RawRegistry) -> RegistryConfig {
@@ -525,6 +650,21 @@ fn check_port_clashes(c: &mut Checker, config: &Config) {
     ];
     for (i, l) in config.proxy.http.iter().enumerate() {
         tcp.push((format!("proxy.http[{i}].listen"), l.listen));
+    }
+    for (i, l) in config.proxy.tcp.iter().enumerate() {
+        tcp.push((format!("proxy.tcp[{i}].listen"), l.listen));
+    }
+    let mut udp: Vec<(String, SocketAddr)> = vec![("dns.listen".into(), config.dns.listen)];
+    for (i, l) in config.proxy.udp.iter().enumerate() {
+        udp.push((format!("proxy.udp[{i}].listen"), l.listen));
+    }
+    for (i, (path, addr)) in udp.iter().enumerate() {
+        if addr.port() == 0 {
+            continue;
+        }
+        if let Some((other, _)) = udp[..i].iter().find(|(_, a)| a == addr) {
+            c.err(path.clone(), format!("{addr} is already used by {other}"));
+        }
     }
     for (i, (path, addr)) in tcp.iter().enumerate() {
         if addr.port() == 0 {

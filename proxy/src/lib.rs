@@ -1,3 +1,256 @@
-//! svcd proxies: L4 (TCP with splice, UDP) and L7 (HTTP/1.1, HTTP/2) round robin over the healthy
-//! instances of the registry snapshot (issues #5, #6). The crate sits above `svcd-registry` and
-//! reads its `SnapshotReader` only; nothing here is wired yet.
+//! svcd proxies: traffic to a local port spread over a service's healthy instances.
+//!
+//! ```text
+//! [[proxy.tcp]] listener ──accept──► RoundRobin over snapshot.healthy ──connect (next on refusal)
+//!        └─► splice(2): socket ─► pipe ─► socket, both directions, half-close propagated
+//! [[proxy.udp]] listener ──► flow table (client → instance) ──► connected upstream socket
+//! ```
+//!
+//! * [`pick`]: the lock-free round robin (one `AtomicUsize`, `Relaxed`, empty-set guard).
+//! * [`splice`]: zero-copy forwarding, pipes pooled per thread.
+//! * [`tcp`], [`udp`]: the L4 listeners.
+//! * [`metrics`]: per service and endpoint; handles resolved when the snapshot changes.
+//!
+//! Listeners are reconfigured in place on reload: a new target or timeout applies to the next
+//! connection, a removed listener stops accepting while its connections finish, a new one binds.
+
+pub mod metrics;
+pub mod pick;
+pub mod splice;
+pub mod tcp;
+pub mod udp;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use svcd_config::ProxyConfig;
+use svcd_registry::SnapshotReader;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use metrics::ProxyMetrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{key}: cannot bind {addr}: {source}")]
+    Bind {
+        key: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Settings every L4 connection reads; swapped whole on reload.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub max_connections: usize,
+    pub splice: bool,
+    pub connect_timeout: Duration,
+    pub connect_attempts: usize,
+    /// How long a connection to an instance that left the registry may continue.
+    pub drain_timeout: Duration,
+}
+
+impl ProxySettings {
+    pub fn new(config: &ProxyConfig, drain_timeout: Duration) -> Self {
+        ProxySettings {
+            max_connections: config.max_connections,
+            splice: config.splice,
+            connect_timeout: config.connect_timeout,
+            connect_attempts: config.connect_attempts,
+            drain_timeout,
+        }
+    }
+}
+
+/// Shared by all L4 listeners and their connections.
+pub struct ProxyContext {
+    pub snapshot: SnapshotReader,
+    pub metrics: Arc<ProxyMetrics>,
+    pub settings: ArcSwap<ProxySettings>,
+    /// Open TCP connections across listeners, against `max_connections`.
+    pub active: AtomicUsize,
+    /// Every connection task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the drain time is over: open connections close.
+    pub hard_stop: CancellationToken,
+}
+
+/// The running L4 listeners, by listen address. The mutex guards only the set of listeners,
+/// taken at start and on reload, never by a connection.
+pub struct L4Proxy {
+    pub ctx: Arc<ProxyContext>,
+    tcp: Mutex<HashMap<SocketAddr, Arc<tcp::TcpListenerState>>>,
+    udp: Mutex<HashMap<SocketAddr, Arc<udp::UdpListenerState>>>,
+}
+
+impl L4Proxy {
+    /// Binds every configured listener (an address that cannot be bound is an error naming its
+    /// key) and starts serving.
+    pub async fn start(
+        config: &ProxyConfig,
+        drain_timeout: Duration,
+        snapshot: SnapshotReader,
+        prometheus: &prometheus::Registry,
+    ) -> Result<L4Proxy, ProxyError> {
+        let proxy = L4Proxy {
+            ctx: Arc::new(ProxyContext {
+                snapshot,
+                metrics: ProxyMetrics::new(prometheus)?,
+                settings: ArcSwap::from_pointee(ProxySettings::new(config, drain_timeout)),
+                active: AtomicUsize::new(0),
+                tracker: TaskTracker::new(),
+                hard_stop: CancellationToken::new(),
+            }),
+            tcp: Mutex::new(HashMap::new()),
+            udp: Mutex::new(HashMap::new()),
+        };
+        match proxy.apply(config, drain_timeout).await.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(proxy),
+        }
+    }
+
+    /// Applies a new proxy configuration; returns bind failures (the rest is applied).
+    pub async fn reconfigure(
+        &self,
+        config: &ProxyConfig,
+        drain_timeout: Duration,
+    ) -> Vec<ProxyError> {
+        self.apply(config, drain_timeout).await
+    }
+
+    async fn apply(&self, config: &ProxyConfig, drain_timeout: Duration) -> Vec<ProxyError> {
+        self.ctx
+            .settings
+            .store(Arc::new(ProxySettings::new(config, drain_timeout)));
+        let mut errors = Vec::new();
+
+        // TCP: keep, update, remove, add.
+        let wanted: HashMap<SocketAddr, (usize, &svcd_config::TcpListenerConfig)> = config
+            .tcp
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.listen, (i, l)))
+            .collect();
+        let mut to_bind = Vec::new();
+        {
+            let mut running = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+            running.retain(|addr, state| match wanted.get(addr) {
+                Some((_, l)) => {
+                    state.reconfigure((*l).clone());
+                    true
+                }
+                None => {
+                    info!(%addr, "TCP proxy listener removed; open connections continue");
+                    state.stop.cancel();
+                    false
+                }
+            });
+            for (addr, (i, l)) in &wanted {
+                if !running.contains_key(addr) {
+                    to_bind.push((*i, (*l).clone()));
+                }
+            }
+        }
+        for (i, l) in to_bind {
+            match TcpListener::bind(l.listen).await {
+                Ok(listener) => {
+                    let addr = l.listen;
+                    let state = Arc::new(tcp::TcpListenerState::new(l, CancellationToken::new()));
+                    self.tcp
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(addr, state.clone());
+                    tokio::spawn(tcp::serve(listener, state, self.ctx.clone()));
+                    info!(%addr, "TCP proxy listening");
+                }
+                Err(source) => errors.push(ProxyError::Bind {
+                    key: format!("proxy.tcp[{i}].listen"),
+                    addr: l.listen,
+                    source,
+                }),
+            }
+        }
+
+        // UDP: the same.
+        let wanted: HashMap<SocketAddr, (usize, &svcd_config::UdpListenerConfig)> = config
+            .udp
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.listen, (i, l)))
+            .collect();
+        let mut to_bind = Vec::new();
+        {
+            let mut running = self.udp.lock().unwrap_or_else(|e| e.into_inner());
+            running.retain(|addr, state| match wanted.get(addr) {
+                Some((_, l)) => {
+                    state.reconfigure((*l).clone());
+                    true
+                }
+                None => {
+                    state.stop.cancel();
+                    false
+                }
+            });
+            for (addr, (i, l)) in &wanted {
+                if !running.contains_key(addr) {
+                    to_bind.push((*i, (*l).clone()));
+                }
+            }
+        }
+        for (i, l) in to_bind {
+            match UdpSocket::bind(l.listen).await {
+                Ok(socket) => {
+                    let addr = l.listen;
+                    let state = Arc::new(udp::UdpListenerState::new(l, CancellationToken::new()));
+                    self.udp
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(addr, state.clone());
+                    tokio::spawn(udp::serve(socket, state, self.ctx.clone()));
+                    info!(%addr, "UDP proxy listening");
+                }
+                Err(source) => errors.push(ProxyError::Bind {
+                    key: format!("proxy.udp[{i}].listen"),
+                    addr: l.listen,
+                    source,
+                }),
+            }
+        }
+        errors
+    }
+
+    /// Stops accepting on every listener; open connections continue.
+    pub fn stop_accepting(&self) {
+        for state in self.tcp.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            state.stop.cancel();
+        }
+        for state in self.udp.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            state.stop.cancel();
+        }
+    }
+
+    /// Waits for open connections up to `timeout`, then closes what is left.
+    pub async fn drain(&self, timeout: Duration) {
+        self.stop_accepting();
+        self.ctx.tracker.close();
+        if tokio::time::timeout(timeout, self.ctx.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("proxy drain timeout reached; closing open connections");
+        }
+        self.ctx.hard_stop.cancel();
+        self.ctx.tracker.wait().await;
+    }
+}

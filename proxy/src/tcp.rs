@@ -1,0 +1,266 @@
+//! L4 TCP: accept, pick a healthy instance round robin, connect (next instance on refusal or
+//! timeout), then move bytes both ways — splice(2) on Linux, a user-space copy otherwise — until
+//! both sides are done, the connection idles out, its instance leaves the registry (after the
+//! drain timeout) or the daemon stops.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use svcd_config::TcpListenerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{sleep, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::metrics::{EndpointMetrics, EndpointMetricsCache};
+use crate::pick::RoundRobin;
+use crate::splice::Pipe;
+use crate::ProxyContext;
+
+/// One `[[proxy.tcp]]` listener. The config is swapped on reload (new target, idle timeout)
+/// without touching open connections.
+pub struct TcpListenerState {
+    pub config: ArcSwap<TcpListenerConfig>,
+    pub rr: RoundRobin,
+    pub metrics: ArcSwap<EndpointMetricsCache>,
+    /// Cancelled when the listener is removed by a reload or the daemon stops: stops accepting.
+    pub stop: CancellationToken,
+}
+
+impl TcpListenerState {
+    pub fn new(config: TcpListenerConfig, stop: CancellationToken) -> Self {
+        let label = format!("{}.{}", config.target.service, config.target.namespace);
+        TcpListenerState {
+            config: ArcSwap::from_pointee(config),
+            rr: RoundRobin::default(),
+            metrics: ArcSwap::from_pointee(EndpointMetricsCache::new(label)),
+            stop,
+        }
+    }
+
+    pub fn reconfigure(&self, config: TcpListenerConfig) {
+        if self.config.load().target != config.target {
+            let label = format!("{}.{}", config.target.service, config.target.namespace);
+            self.metrics
+                .store(Arc::new(EndpointMetricsCache::new(label)));
+        }
+        self.config.store(Arc::new(config));
+    }
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<TcpListenerState>, ctx: Arc<ProxyContext>) {
+    loop {
+        let (client, peer) = tokio::select! {
+            _ = state.stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    warn!(error = %e, "TCP proxy accept failed");
+                    sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let max = ctx.settings.load().max_connections;
+        if ctx.active.fetch_add(1, Ordering::Relaxed) >= max {
+            ctx.active.fetch_sub(1, Ordering::Relaxed);
+            ctx.metrics.rejected.inc();
+            drop(client); // closed at once
+            continue;
+        }
+        let (state, ctx2) = (state.clone(), ctx.clone());
+        ctx.tracker.spawn(async move {
+            handle(client, &state, &ctx2).await;
+            ctx2.active.fetch_sub(1, Ordering::Relaxed);
+            debug!(%peer, "TCP proxy connection closed");
+        });
+    }
+}
+
+/// Decrements the per-endpoint active gauge however the connection ends.
+struct ActiveGuard(Arc<EndpointMetrics>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.dec();
+    }
+}
+
+async fn handle(client: TcpStream, state: &TcpListenerState, ctx: &ProxyContext) {
+    let config = state.config.load_full();
+    let target = &config.target;
+    let metrics_cache = state.metrics.load_full();
+    let service = {
+        let snapshot = ctx.snapshot.load();
+        snapshot
+            .service(&target.namespace, &target.service)
+            .cloned()
+    };
+    let Some(service) = service.filter(|s| !s.healthy.is_empty()) else {
+        ctx.metrics.no_healthy(metrics_cache.service_label()).inc();
+        return;
+    };
+    let settings = ctx.settings.load_full();
+    let mut connected = None;
+    for (endpoint, port) in
+        state
+            .rr
+            .candidates(&service, target.port.as_deref(), settings.connect_attempts)
+    {
+        let m = metrics_cache.get(&ctx.metrics, &service, &endpoint.id);
+        match timeout(
+            settings.connect_timeout,
+            TcpStream::connect((endpoint.ip, port)),
+        )
+        .await
+        {
+            Ok(Ok(upstream)) => {
+                connected = Some((upstream, endpoint.clone(), m));
+                break;
+            }
+            Ok(Err(e)) => {
+                debug!(endpoint = %endpoint.id, error = %e, "upstream connect failed; trying the next instance");
+                m.connect_failures.inc();
+            }
+            Err(_) => {
+                debug!(endpoint = %endpoint.id, "upstream connect timed out; trying the next instance");
+                m.connect_failures.inc();
+            }
+        }
+    }
+    let Some((upstream, endpoint, m)) = connected else {
+        ctx.metrics.no_healthy(metrics_cache.service_label()).inc();
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    m.connections.inc();
+    m.active.inc();
+    let _active = ActiveGuard(m.clone());
+
+    let base = Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let touch = || last_activity.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let both = async {
+        if settings.splice {
+            tokio::try_join!(
+                splice_one_way(&client, &upstream, |n| {
+                    m.bytes_in.inc_by(n as u64);
+                    touch();
+                }),
+                splice_one_way(&upstream, &client, |n| {
+                    m.bytes_out.inc_by(n as u64);
+                    touch();
+                }),
+            )
+        } else {
+            tokio::try_join!(
+                copy_one_way(&client, &upstream, |n| {
+                    m.bytes_in.inc_by(n as u64);
+                    touch();
+                }),
+                copy_one_way(&upstream, &client, |n| {
+                    m.bytes_out.inc_by(n as u64);
+                    touch();
+                }),
+            )
+        }
+    };
+    let idle = async {
+        loop {
+            let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
+            let deadline = base + last + config.idle_timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        r = both => if let Err(e) = r { debug!(error = %e, "TCP proxy connection ended with error") },
+        _ = idle => debug!("TCP proxy connection idle; closing"),
+        _ = removed_then_drained(ctx, target, &endpoint, settings.drain_timeout) => {
+            debug!(endpoint = %endpoint.id, "instance left the registry; drain time over, closing");
+        }
+        _ = ctx.hard_stop.cancelled() => {}
+    }
+}
+
+async fn splice_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    on_progress: impl FnMut(usize),
+) -> io::Result<u64> {
+    // No pipe to be had (descriptor limits): the copy path still works.
+    let Ok(mut pipe) = Pipe::get() else {
+        return copy_one_way(from, to, on_progress).await;
+    };
+    let moved = crate::splice::forward(from, to, &mut pipe, on_progress).await;
+    pipe.put();
+    moved
+}
+
+/// The portable path: read into a buffer, write it out, propagate EOF as a half-close.
+async fn copy_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut on_progress: impl FnMut(usize),
+) -> io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        from.readable().await?;
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut data = &buf[..n];
+        while !data.is_empty() {
+            to.writable().await?;
+            match to.try_write(data) {
+                Ok(w) => data = &data[w..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        total += n as u64;
+        on_progress(n);
+    }
+    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+    Ok(total)
+}
+
+/// Resolves once `endpoint` is no longer registered for the target service and `drain` more has
+/// passed; never while it stays registered.
+pub async fn removed_then_drained(
+    ctx: &ProxyContext,
+    target: &svcd_config::ProxyTarget,
+    endpoint: &svcd_registry::Endpoint,
+    drain: Duration,
+) {
+    let mut changes = ctx.snapshot.changes();
+    loop {
+        let present = {
+            let snapshot = ctx.snapshot.load();
+            snapshot
+                .service(&target.namespace, &target.service)
+                .is_some_and(|s| {
+                    s.all
+                        .iter()
+                        .any(|e| e.id == endpoint.id && e.ip == endpoint.ip)
+                })
+        };
+        if !present {
+            sleep(drain).await;
+            return;
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
