@@ -70,45 +70,67 @@ fn nix_err(e: nix::Error) -> io::Error {
 /// Moves bytes from `from` to `to` until `from` reaches EOF, then shuts down `to`'s write side
 /// (propagating the half-close). Returns the bytes moved. `on_progress` is called after every
 /// transfer (idle tracking, metrics).
-pub async fn forward(
-    from: &TcpStream,
-    to: &TcpStream,
-    pipe: &mut Pipe,
-    mut on_progress: impl FnMut(usize),
-) -> io::Result<u64> {
+///
+/// Each splice is tried at once and only waits for readiness on `EAGAIN`: a fresh socket is
+/// almost always writable and a client has usually sent its request before the upstream connect
+/// finished, so the optimistic attempt saves an event-loop round trip per direction per
+/// connection.
+pub async fn forward(from: &TcpStream, to: &TcpStream, pipe: &mut Pipe, mut on_progress: impl FnMut(usize)) -> io::Result<u64> {
     let mut total = 0u64;
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
         if pipe.pending == 0 {
-            let n = from
-                .async_io(Interest::READABLE, || {
-                    splice(from.as_fd(), None, pipe.write.as_fd(), None, CHUNK, flags)
-                        .map_err(nix_err)
-                })
-                .await?;
+            let fill = || splice(from.as_fd(), None, pipe.write.as_fd(), None, CHUNK, flags).map_err(nix_err);
+            let n = match fill() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => from.async_io(Interest::READABLE, fill).await?,
+                other => other?,
+            };
             if n == 0 {
                 break;
             }
             pipe.pending = n;
         }
         while pipe.pending > 0 {
-            let n = to
-                .async_io(Interest::WRITABLE, || {
-                    splice(
-                        pipe.read.as_fd(),
-                        None,
-                        to.as_fd(),
-                        None,
-                        pipe.pending,
-                        flags,
-                    )
-                    .map_err(nix_err)
-                })
-                .await?;
+            let drain = || splice(pipe.read.as_fd(), None, to.as_fd(), None, pipe.pending, flags).map_err(nix_err);
+            let n = match drain() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.async_io(Interest::WRITABLE, drain).await?,
+                other => other?,
+            };
             pipe.pending -= n;
             total += n as u64;
             on_progress(n);
         }
+    }
+    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+    Ok(total)
+}
+
+/// The portable path, with the same optimistic attempts: read into a buffer, write it out,
+/// propagate EOF as a half-close.
+pub async fn copy(from: &TcpStream, to: &TcpStream, mut on_progress: impl FnMut(usize)) -> io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match nix::unistd::read(from.as_fd(), &mut buf[..]).map_err(nix_err) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                from.async_io(Interest::READABLE, || nix::unistd::read(from.as_fd(), &mut buf[..]).map_err(nix_err))
+                    .await?
+            }
+            other => other?,
+        };
+        if n == 0 {
+            break;
+        }
+        let mut sent = 0;
+        while sent < n {
+            let write = || nix::unistd::write(to.as_fd(), &buf[sent..n]).map_err(nix_err);
+            sent += match write() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.async_io(Interest::WRITABLE, write).await?,
+                other => other?,
+            };
+        }
+        total += n as u64;
+        on_progress(n);
     }
     let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
     Ok(total)

@@ -203,36 +203,8 @@ async fn splice_one_way(
     moved
 }
 
-/// The portable path: read into a buffer, write it out, propagate EOF as a half-close.
-async fn copy_one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    mut on_progress: impl FnMut(usize),
-) -> io::Result<u64> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        from.readable().await?;
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        let mut data = &buf[..n];
-        while !data.is_empty() {
-            to.writable().await?;
-            match to.try_write(data) {
-                Ok(w) => data = &data[w..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        total += n as u64;
-        on_progress(n);
-    }
-    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
-    Ok(total)
+async fn copy_one_way(from: &TcpStream, to: &TcpStream, on_progress: impl FnMut(usize)) -> io::Result<u64> {
+    crate::splice::copy(from, to, on_progress).await
 }
 
 /// Resolves once `endpoint` is no longer registered for the target service and `drain` more has

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# L4 proxy, side by side in one run: the same bulk transfer (iperf3, 1 and 4 streams) and a
+# short-connection rate test (wrk with "Connection: close" against an nginx backend: every request
+# is a new TCP connection through the proxy) via direct (no proxy), svcd, HAProxy (mode tcp,
+# splices by default) and nginx (stream) — every proxy with one worker thread.
+#
+#   benches/l4/throughput.sh [seconds] [rounds]      (defaults: 10 s, 3 rounds; medians printed)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SECS=${1:-10}
+ROUNDS=${2:-3}
+
+need=()
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v nginx >/dev/null || need+=(nginx-light)
+[ -f /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+scripts/setup
+cargo build --release --bin svcd -q
+
+work=$(mktemp -d)
+chmod 755 "$work"  # nginx workers run as www-data
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+P_IPERF=$(free_port); P_WEB=$(free_port)
+P_SVCD=$(free_port); P_SVCD_WEB=$(free_port); P_ADMIN=$(free_port); P_DNS=$(free_port); P_HTTP=$(free_port)
+P_HAP=$(free_port); P_HAP_WEB=$(free_port); P_NGX=$(free_port); P_NGX_WEB=$(free_port)
+
+iperf3 -s -p "$P_IPERF" >/dev/null 2>&1 & pids+=($!)
+
+# nginx backend (small static response) for the connection-rate test.
+mkdir -p "$work/www" "$work/ngx-backend" "$work/ngx-proxy"
+echo ok > "$work/www/index.html"
+cat > "$work/ngx-backend/nginx.conf" <<CONF
+worker_processes 1;
+pid $work/ngx-backend/nginx.pid;
+error_log $work/ngx-backend/error.log;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  server { listen 127.0.0.1:$P_WEB backlog=4096; root $work/www; }
+}
+CONF
+nginx -c "$work/ngx-backend/nginx.conf" -g 'daemon off;' & pids+=($!)
+
+# svcd: one runtime worker, two L4 listeners.
+cat > "$work/svcd.toml" <<CONF
+[admin]
+listen = "127.0.0.1:$P_ADMIN"
+[dns]
+listen = "127.0.0.1:$P_DNS"
+workers = 1
+[proxy]
+workers = 1
+max_connections = 100000
+[[proxy.http]]
+listen = "127.0.0.1:$P_HTTP"
+[[proxy.tcp]]
+listen = "127.0.0.1:$P_SVCD"
+service = "iperf"
+[[proxy.tcp]]
+listen = "127.0.0.1:$P_SVCD_WEB"
+service = "web"
+[log]
+level = "warn"
+[[registry.static]]
+service = "iperf"
+id = "i1"
+ip = "127.0.0.1"
+ports = { tcp = $P_IPERF }
+[[registry.static]]
+service = "web"
+id = "w1"
+ip = "127.0.0.1"
+ports = { http = $P_WEB }
+CONF
+target/release/svcd run --config "$work/svcd.toml" 2>"$work/svcd.log" & pids+=($!)
+
+cat > "$work/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 9000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+listen iperf
+  bind 127.0.0.1:$P_HAP
+  server s1 127.0.0.1:$P_IPERF
+listen web
+  bind 127.0.0.1:$P_HAP_WEB
+  server s1 127.0.0.1:$P_WEB
+CONF
+haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
+
+cat > "$work/ngx-proxy/nginx.conf" <<CONF
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+pid $work/ngx-proxy/nginx.pid;
+error_log $work/ngx-proxy/error.log;
+events { worker_connections 20000; }
+stream {
+  server { listen 127.0.0.1:$P_NGX; proxy_pass 127.0.0.1:$P_IPERF; }
+  server { listen 127.0.0.1:$P_NGX_WEB backlog=4096; proxy_pass 127.0.0.1:$P_WEB; }
+}
+CONF
+nginx -c "$work/ngx-proxy/nginx.conf" -g 'daemon off;' & pids+=($!)
+
+for port in "$P_WEB" "$P_SVCD_WEB" "$P_HAP_WEB" "$P_NGX_WEB"; do
+  for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.2; done
+  curl -sf "http://127.0.0.1:$port/" >/dev/null || { echo "port $port not serving"; cat "$work/svcd.log" "$work"/ngx-*/error.log; ls -la "$work" "$work/www"; exit 1; }
+done
+
+gbps() { # port streams → Gbit/s received
+  iperf3 -c 127.0.0.1 -p "$1" -P "$2" -t "$SECS" -J 2>/dev/null \
+    | python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'
+}
+cps() { # port → requests (= new connections) per second
+  wrk -t 1 -c 32 -d "${SECS}s" -H "Connection: close" "http://127.0.0.1:$1/" 2>/dev/null | awk '/Requests\/sec/ {print $2}'
+}
+declare -A r
+for round in $(seq "$ROUNDS"); do
+  for t in direct svcd haproxy nginx; do
+    case $t in
+      direct) p=$P_IPERF; w=$P_WEB;; svcd) p=$P_SVCD; w=$P_SVCD_WEB;;
+      haproxy) p=$P_HAP; w=$P_HAP_WEB;; nginx) p=$P_NGX; w=$P_NGX_WEB;;
+    esac
+    r[$t.1]+="$(gbps "$p" 1) "; r[$t.4]+="$(gbps "$p" 4) "; r[$t.c]+="$(cps "$w") "
+    echo "round $round $t: 1 stream ${r[$t.1]##* }... done" >&2
+  done
+done
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+echo
+echo "L4 proxy, loopback, one worker thread per proxy, ${SECS}s x $ROUNDS rounds (medians)"
+printf '%-8s %14s %14s %14s\n' path "1 stream Gb/s" "4 streams Gb/s" "conn/s"
+for t in direct svcd haproxy nginx; do
+  printf '%-8s %14s %14s %14s\n' "$t" "$(echo "${r[$t.1]}" | median)" "$(echo "${r[$t.4]}" | median)" "$(echo "${r[$t.c]}" | median)"
+done
+s1=$(echo "${r[svcd.1]}" | median); h1=$(echo "${r[haproxy.1]}" | median)
+s4=$(echo "${r[svcd.4]}" | median); h4=$(echo "${r[haproxy.4]}" | median)
+sc=$(echo "${r[svcd.c]}" | median); hc=$(echo "${r[haproxy.c]}" | median); nc=$(echo "${r[nginx.c]}" | median)
+n1=$(echo "${r[nginx.1]}" | median)
+echo
+printf 'svcd / haproxy: 1 stream %.2f, 4 streams %.2f, conn/s %.2f\n' "$(echo "$s1/$h1" | bc -l)" "$(echo "$s4/$h4" | bc -l)" "$(echo "$sc/$hc" | bc -l)"
+printf 'svcd / nginx:   1 stream %.2f, conn/s %.2f\n' "$(echo "$s1/$n1" | bc -l)" "$(echo "$sc/$nc" | bc -l)"
