@@ -75,14 +75,23 @@ fn nix_err(e: nix::Error) -> io::Error {
 /// almost always writable and a client has usually sent its request before the upstream connect
 /// finished, so the optimistic attempt saves an event-loop round trip per direction per
 /// connection.
-pub async fn forward(from: &TcpStream, to: &TcpStream, pipe: &mut Pipe, mut on_progress: impl FnMut(usize)) -> io::Result<u64> {
+pub async fn forward(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &mut Pipe,
+    mut on_progress: impl FnMut(usize),
+) -> io::Result<u64> {
     let mut total = 0u64;
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
         if pipe.pending == 0 {
-            let fill = || splice(from.as_fd(), None, pipe.write.as_fd(), None, CHUNK, flags).map_err(nix_err);
+            let fill = || {
+                splice(from.as_fd(), None, pipe.write.as_fd(), None, CHUNK, flags).map_err(nix_err)
+            };
             let n = match fill() {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => from.async_io(Interest::READABLE, fill).await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    from.async_io(Interest::READABLE, fill).await?
+                }
                 other => other?,
             };
             if n == 0 {
@@ -91,9 +100,21 @@ pub async fn forward(from: &TcpStream, to: &TcpStream, pipe: &mut Pipe, mut on_p
             pipe.pending = n;
         }
         while pipe.pending > 0 {
-            let drain = || splice(pipe.read.as_fd(), None, to.as_fd(), None, pipe.pending, flags).map_err(nix_err);
+            let drain = || {
+                splice(
+                    pipe.read.as_fd(),
+                    None,
+                    to.as_fd(),
+                    None,
+                    pipe.pending,
+                    flags,
+                )
+                .map_err(nix_err)
+            };
             let n = match drain() {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.async_io(Interest::WRITABLE, drain).await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    to.async_io(Interest::WRITABLE, drain).await?
+                }
                 other => other?,
             };
             pipe.pending -= n;
@@ -107,14 +128,20 @@ pub async fn forward(from: &TcpStream, to: &TcpStream, pipe: &mut Pipe, mut on_p
 
 /// The portable path, with the same optimistic attempts: read into a buffer, write it out,
 /// propagate EOF as a half-close.
-pub async fn copy(from: &TcpStream, to: &TcpStream, mut on_progress: impl FnMut(usize)) -> io::Result<u64> {
+pub async fn copy(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut on_progress: impl FnMut(usize),
+) -> io::Result<u64> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
         let n = match nix::unistd::read(from.as_fd(), &mut buf[..]).map_err(nix_err) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                from.async_io(Interest::READABLE, || nix::unistd::read(from.as_fd(), &mut buf[..]).map_err(nix_err))
-                    .await?
+                from.async_io(Interest::READABLE, || {
+                    nix::unistd::read(from.as_fd(), &mut buf[..]).map_err(nix_err)
+                })
+                .await?
             }
             other => other?,
         };
@@ -125,7 +152,9 @@ pub async fn copy(from: &TcpStream, to: &TcpStream, mut on_progress: impl FnMut(
         while sent < n {
             let write = || nix::unistd::write(to.as_fd(), &buf[sent..n]).map_err(nix_err);
             sent += match write() {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.async_io(Interest::WRITABLE, write).await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    to.async_io(Interest::WRITABLE, write).await?
+                }
                 other => other?,
             };
         }

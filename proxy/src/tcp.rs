@@ -203,7 +203,11 @@ async fn splice_one_way(
     moved
 }
 
-async fn copy_one_way(from: &TcpStream, to: &TcpStream, on_progress: impl FnMut(usize)) -> io::Result<u64> {
+async fn copy_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    on_progress: impl FnMut(usize),
+) -> io::Result<u64> {
     crate::splice::copy(from, to, on_progress).await
 }
 
