@@ -262,3 +262,54 @@ fn effective_config_redacts_secrets() {
     assert!(text.contains("<redacted>"), "{text}");
     assert!(text.contains("drain_timeout = \"10s\""), "{text}");
 }
+
+#[test]
+fn proxy_listeners_parse_and_report_paths() {
+    let c = parse(
+        r#"
+        [proxy]
+        max_connections = 5
+        splice = false
+        [[proxy.tcp]]
+        listen = "127.0.0.1:15432"
+        service = "db"
+        port = "postgres"
+        [[proxy.udp]]
+        listen = "127.0.0.1:15353"
+        service = "dns-cache.infra"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.proxy.max_connections, 5);
+    assert!(!c.proxy.splice);
+    assert_eq!(c.proxy.tcp[0].target.namespace, "default");
+    assert_eq!(c.proxy.tcp[0].target.port.as_deref(), Some("postgres"));
+    assert_eq!(c.proxy.tcp[0].idle_timeout, Duration::from_secs(3600));
+    assert_eq!(c.proxy.udp[0].target.namespace, "infra");
+    assert_eq!(c.proxy.udp[0].idle_timeout, Duration::from_secs(30));
+
+    let errors = errors_of(
+        r#"
+        [[proxy.tcp]]
+        listen = "127.0.0.1:8600"
+        service = "Db"
+        port = "PG"
+        [[proxy.tcp]]
+        service = "db"
+        [[proxy.udp]]
+        listen = "127.0.0.1:8600"
+        "#,
+    );
+    for e in [
+        "proxy.tcp[0].service",
+        "proxy.tcp[0].port",
+        "proxy.tcp[1].listen: missing",
+        "proxy.udp[0].service: missing",
+        "proxy.udp[0].listen: 127.0.0.1:8600 is already used by dns.listen",
+    ] {
+        assert!(
+            errors.iter().any(|line| line.starts_with(e)),
+            "missing {e:?} in {errors:#?}"
+        );
+    }
+}
