@@ -74,6 +74,8 @@ pub async fn serve(socket: UdpSocket, state: Arc<UdpListenerState>, ctx: Arc<Pro
     let mut buf = vec![0u8; 65535];
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut changes = ctx.snapshot.changes();
+    // Cleared if the registry's publisher is gone (no more changes can come): stop polling it.
+    let mut changes_open = true;
     loop {
         tokio::select! {
             _ = state.stop.cancelled() => return,
@@ -110,8 +112,11 @@ pub async fn serve(socket: UdpSocket, state: Arc<UdpListenerState>, ctx: Arc<Pro
                 let now_ms = base.elapsed().as_millis() as u64;
                 flows.retain(|_, f| now_ms.saturating_sub(f.last.load(Ordering::Relaxed)) < idle);
             }
-            changed = changes.changed() => {
-                if changed.is_err() { continue; }
+            changed = changes.changed(), if changes_open => {
+                if changed.is_err() {
+                    changes_open = false;
+                    continue;
+                }
                 // Instances that left the registry (or stopped being healthy): drop their flows
                 // now; the client's next datagram opens a flow to a live instance.
                 let config = state.config.load();
