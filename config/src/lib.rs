@@ -29,9 +29,8 @@ pub use error::{ConfigError, FieldError};
 pub use instance::{Instance, Protocol, State};
 pub use sources::{Env, Override, ProcessEnv, Sources, ENV_OVERRIDES};
 pub use validate::{
-    AdminConfig, Backend, Config, DnsConfig, EtcdConfig, HttpListenerConfig, LogConfig, LogFormat,
-    ProxyConfig, ProxyTarget, RegistryConfig, ShutdownConfig, StaticInstance, TcpListenerConfig,
-    UdpListenerConfig,
+    AdminConfig, Backend, Config, DnsConfig, EtcdConfig, HttpListenerConfig, L4ListenerConfig,
+    LogConfig, LogFormat, ProxyConfig, ProxyTarget, RegistryConfig, ShutdownConfig, StaticInstance,
 };
 
 /// Parse and validate one TOML document with no overrides (used by tests and `config check`).

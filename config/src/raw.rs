@@ -38,8 +38,8 @@ pub struct RawDns {
 #[serde(deny_unknown_fields)]
 pub struct RawProxy {
     pub http: Option<Vec<RawHttpListener>>,
-    pub tcp: Option<Vec<RawTcpListener>>,
-    pub udp: Option<Vec<RawUdpListener>>,
+    pub tcp: Option<Vec<RawL4Listener>>,
+    pub udp: Option<Vec<RawL4Listener>>,
     pub workers: Option<i64>,
     pub max_connections: Option<i64>,
     pub splice: Option<bool>,
@@ -48,18 +48,10 @@ pub struct RawProxy {
     pub idle_timeout: Option<String>,
 }
 
+/// A `[[proxy.tcp]]` or `[[proxy.udp]]` entry.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTcpListener {
-    pub listen: Option<String>,
-    pub service: Option<String>,
-    pub port: Option<String>,
-    pub idle_timeout: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawUdpListener {
+pub struct RawL4Listener {
     pub listen: Option<String>,
     pub service: Option<String>,
     pub port: Option<String>,

@@ -51,8 +51,8 @@ pub struct DnsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProxyConfig {
     pub http: Vec<HttpListenerConfig>,
-    pub tcp: Vec<TcpListenerConfig>,
-    pub udp: Vec<UdpListenerConfig>,
+    pub tcp: Vec<L4ListenerConfig>,
+    pub udp: Vec<L4ListenerConfig>,
     /// Proxy worker threads; `None` means one per core.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
@@ -76,22 +76,14 @@ pub struct ProxyTarget {
     pub port: Option<String>,
 }
 
+/// One L4 listener (`[[proxy.tcp]]` or `[[proxy.udp]]`): the same shape for both transports.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TcpListenerConfig {
+pub struct L4ListenerConfig {
     pub listen: SocketAddr,
     #[serde(flatten)]
     pub target: ProxyTarget,
-    /// Both directions silent this long: the connection is closed.
-    #[serde(serialize_with = "ser_duration")]
-    pub idle_timeout: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct UdpListenerConfig {
-    pub listen: SocketAddr,
-    #[serde(flatten)]
-    pub target: ProxyTarget,
-    /// A flow with no datagram either way for this long is forgotten.
+    /// TCP: both directions silent this long closes the connection (default `proxy.idle_timeout`).
+    /// UDP: a flow with no datagram either way is forgotten (default 30 s).
     #[serde(serialize_with = "ser_duration")]
     pub idle_timeout: Duration,
 }
@@ -270,6 +262,31 @@ impl Checker {
         }
     }
 
+    /// `[[proxy.tcp]]` / `[[proxy.udp]]` entries under `key`.
+    fn l4_listeners(
+        &mut self,
+        key: &str,
+        raw: Option<Vec<RawL4Listener>>,
+        idle_default: Duration,
+    ) -> Vec<L4ListenerConfig> {
+        raw.unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let base = format!("{key}[{i}]");
+                L4ListenerConfig {
+                    listen: self.required_addr(&format!("{base}.listen"), l.listen),
+                    target: self.target(&base, l.service, l.port),
+                    idle_timeout: self.duration(
+                        &format!("{base}.idle_timeout"),
+                        l.idle_timeout,
+                        idle_default,
+                    ),
+                }
+            })
+            .collect()
+    }
+
     fn range(
         &mut self,
         path: &str,
@@ -396,42 +413,8 @@ fn proxy(c: &mut Checker, raw: RawProxy) -> ProxyConfig {
         raw.idle_timeout,
         Duration::from_secs(3600),
     );
-    let tcp = raw
-        .tcp
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let base = format!("proxy.tcp[{i}]");
-            TcpListenerConfig {
-                listen: c.required_addr(&format!("{base}.listen"), l.listen),
-                target: c.target(&base, l.service, l.port),
-                idle_timeout: c.duration(
-                    &format!("{base}.idle_timeout"),
-                    l.idle_timeout,
-                    idle_default,
-                ),
-            }
-        })
-        .collect();
-    let udp = raw
-        .udp
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let base = format!("proxy.udp[{i}]");
-            UdpListenerConfig {
-                listen: c.required_addr(&format!("{base}.listen"), l.listen),
-                target: c.target(&base, l.service, l.port),
-                idle_timeout: c.duration(
-                    &format!("{base}.idle_timeout"),
-                    l.idle_timeout,
-                    Duration::from_secs(30),
-                ),
-            }
-        })
-        .collect();
+    let tcp = c.l4_listeners("proxy.tcp", raw.tcp, idle_default);
+    let udp = c.l4_listeners("proxy.udp", raw.udp, Duration::from_secs(30));
     let workers = raw
         .workers
         .map(|w| c.range("proxy.workers", Some(w), 1, 1, 1024));

@@ -27,14 +27,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use svcd_config::ProxyConfig;
+use svcd_config::{L4ListenerConfig, ProxyConfig};
 use svcd_registry::SnapshotReader;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use metrics::EndpointMetricsCache;
 pub use metrics::ProxyMetrics;
+use pick::RoundRobin;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -85,12 +87,59 @@ pub struct ProxyContext {
     pub hard_stop: CancellationToken,
 }
 
-/// The running L4 listeners, by listen address. The mutex guards only the set of listeners,
-/// taken at start and on reload, never by a connection.
+/// One L4 listener, TCP or UDP. The config is swapped on reload (new target, idle timeout)
+/// without touching open connections or flows.
+pub struct ListenerState {
+    pub config: ArcSwap<L4ListenerConfig>,
+    pub rr: RoundRobin,
+    pub metrics: ArcSwap<EndpointMetricsCache>,
+    /// Cancelled when a reload removes the listener or the daemon stops: stops accepting.
+    pub stop: CancellationToken,
+}
+
+fn service_label(config: &L4ListenerConfig) -> String {
+    format!("{}.{}", config.target.service, config.target.namespace)
+}
+
+impl ListenerState {
+    pub fn new(config: L4ListenerConfig) -> Self {
+        ListenerState {
+            metrics: ArcSwap::from_pointee(EndpointMetricsCache::new(service_label(&config))),
+            config: ArcSwap::from_pointee(config),
+            rr: RoundRobin::default(),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    pub fn reconfigure(&self, config: L4ListenerConfig) {
+        if self.config.load().target != config.target {
+            self.metrics
+                .store(Arc::new(EndpointMetricsCache::new(service_label(&config))));
+        }
+        self.config.store(Arc::new(config));
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    fn key(self) -> &'static str {
+        match self {
+            Transport::Tcp => "proxy.tcp",
+            Transport::Udp => "proxy.udp",
+        }
+    }
+}
+
+/// The running L4 listeners, by transport and listen address. The mutex guards only the set of
+/// listeners, taken at start and on reload, never by a connection.
 pub struct L4Proxy {
     pub ctx: Arc<ProxyContext>,
-    tcp: Mutex<HashMap<SocketAddr, Arc<tcp::TcpListenerState>>>,
-    udp: Mutex<HashMap<SocketAddr, Arc<udp::UdpListenerState>>>,
+    listeners: Mutex<HashMap<(Transport, SocketAddr), Arc<ListenerState>>>,
 }
 
 impl L4Proxy {
@@ -111,8 +160,7 @@ impl L4Proxy {
                 tracker: TaskTracker::new(),
                 hard_stop: CancellationToken::new(),
             }),
-            tcp: Mutex::new(HashMap::new()),
-            udp: Mutex::new(HashMap::new()),
+            listeners: Mutex::new(HashMap::new()),
         };
         match proxy.apply(config, drain_timeout).await.into_iter().next() {
             Some(e) => Err(e),
@@ -133,96 +181,63 @@ impl L4Proxy {
         self.ctx
             .settings
             .store(Arc::new(ProxySettings::new(config, drain_timeout)));
-        let mut errors = Vec::new();
-
-        // TCP: keep, update, remove, add.
-        let wanted: HashMap<SocketAddr, (usize, &svcd_config::TcpListenerConfig)> = config
+        let wanted: HashMap<(Transport, SocketAddr), (usize, &L4ListenerConfig)> = config
             .tcp
             .iter()
             .enumerate()
-            .map(|(i, l)| (l.listen, (i, l)))
+            .map(|(i, l)| ((Transport::Tcp, l.listen), (i, l)))
+            .chain(
+                config
+                    .udp
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| ((Transport::Udp, l.listen), (i, l))),
+            )
             .collect();
+        // Keep and update, or remove; collect what is new.
         let mut to_bind = Vec::new();
         {
-            let mut running = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
-            running.retain(|addr, state| match wanted.get(addr) {
+            let mut running = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+            running.retain(|key, state| match wanted.get(key) {
                 Some((_, l)) => {
                     state.reconfigure((*l).clone());
                     true
                 }
                 None => {
-                    info!(%addr, "TCP proxy listener removed; open connections continue");
+                    info!(addr = %key.1, transport = key.0.key(), "proxy listener removed; open connections continue");
                     state.stop.cancel();
                     false
                 }
             });
-            for (addr, (i, l)) in &wanted {
-                if !running.contains_key(addr) {
-                    to_bind.push((*i, (*l).clone()));
+            for (key, (i, l)) in &wanted {
+                if !running.contains_key(key) {
+                    to_bind.push((key.0, *i, (*l).clone()));
                 }
             }
         }
-        for (i, l) in to_bind {
-            match TcpListener::bind(l.listen).await {
-                Ok(listener) => {
-                    let addr = l.listen;
-                    let state = Arc::new(tcp::TcpListenerState::new(l, CancellationToken::new()));
-                    self.tcp
+        let mut errors = Vec::new();
+        for (transport, i, listener) in to_bind {
+            let addr = listener.listen;
+            let state = Arc::new(ListenerState::new(listener));
+            let started = match transport {
+                Transport::Tcp => TcpListener::bind(addr)
+                    .await
+                    .map(|l| tokio::spawn(tcp::serve(l, state.clone(), self.ctx.clone()))),
+                Transport::Udp => UdpSocket::bind(addr)
+                    .await
+                    .map(|s| tokio::spawn(udp::serve(s, state.clone(), self.ctx.clone()))),
+            };
+            match started {
+                Ok(_) => {
+                    info!(%addr, transport = transport.key(), "proxy listening");
+                    self.listeners
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(addr, state.clone());
-                    tokio::spawn(tcp::serve(listener, state, self.ctx.clone()));
-                    info!(%addr, "TCP proxy listening");
+                        .insert((transport, addr), state);
                 }
                 Err(source) => errors.push(ProxyError::Bind {
-                    key: format!("proxy.tcp[{i}].listen"),
-                    addr: l.listen,
-                    source,
-                }),
-            }
-        }
-
-        // UDP: the same.
-        let wanted: HashMap<SocketAddr, (usize, &svcd_config::UdpListenerConfig)> = config
-            .udp
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (l.listen, (i, l)))
-            .collect();
-        let mut to_bind = Vec::new();
-        {
-            let mut running = self.udp.lock().unwrap_or_else(|e| e.into_inner());
-            running.retain(|addr, state| match wanted.get(addr) {
-                Some((_, l)) => {
-                    state.reconfigure((*l).clone());
-                    true
-                }
-                None => {
-                    state.stop.cancel();
-                    false
-                }
-            });
-            for (addr, (i, l)) in &wanted {
-                if !running.contains_key(addr) {
-                    to_bind.push((*i, (*l).clone()));
-                }
-            }
-        }
-        for (i, l) in to_bind {
-            match UdpSocket::bind(l.listen).await {
-                Ok(socket) => {
-                    let addr = l.listen;
-                    let state = Arc::new(udp::UdpListenerState::new(l, CancellationToken::new()));
-                    self.udp
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(addr, state.clone());
-                    tokio::spawn(udp::serve(socket, state, self.ctx.clone()));
-                    info!(%addr, "UDP proxy listening");
-                }
-                Err(source) => errors.push(ProxyError::Bind {
-                    key: format!("proxy.udp[{i}].listen"),
-                    addr: l.listen,
+                    key: format!("{}[{i}].listen", transport.key()),
+                    addr,
                     source,
                 }),
             }
@@ -232,10 +247,12 @@ impl L4Proxy {
 
     /// Stops accepting on every listener; open connections continue.
     pub fn stop_accepting(&self) {
-        for state in self.tcp.lock().unwrap_or_else(|e| e.into_inner()).values() {
-            state.stop.cancel();
-        }
-        for state in self.udp.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        for state in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
             state.stop.cancel();
         }
     }

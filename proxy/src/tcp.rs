@@ -8,50 +8,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use svcd_config::TcpListenerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, timeout, Instant};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::metrics::{EndpointMetrics, EndpointMetricsCache};
-use crate::pick::RoundRobin;
+use crate::metrics::EndpointMetrics;
 use crate::splice::Pipe;
-use crate::ProxyContext;
+use crate::{ListenerState, ProxyContext};
 
-/// One `[[proxy.tcp]]` listener. The config is swapped on reload (new target, idle timeout)
-/// without touching open connections.
-pub struct TcpListenerState {
-    pub config: ArcSwap<TcpListenerConfig>,
-    pub rr: RoundRobin,
-    pub metrics: ArcSwap<EndpointMetricsCache>,
-    /// Cancelled when the listener is removed by a reload or the daemon stops: stops accepting.
-    pub stop: CancellationToken,
-}
-
-impl TcpListenerState {
-    pub fn new(config: TcpListenerConfig, stop: CancellationToken) -> Self {
-        let label = format!("{}.{}", config.target.service, config.target.namespace);
-        TcpListenerState {
-            config: ArcSwap::from_pointee(config),
-            rr: RoundRobin::default(),
-            metrics: ArcSwap::from_pointee(EndpointMetricsCache::new(label)),
-            stop,
-        }
-    }
-
-    pub fn reconfigure(&self, config: TcpListenerConfig) {
-        if self.config.load().target != config.target {
-            let label = format!("{}.{}", config.target.service, config.target.namespace);
-            self.metrics
-                .store(Arc::new(EndpointMetricsCache::new(label)));
-        }
-        self.config.store(Arc::new(config));
-    }
-}
-
-pub async fn serve(listener: TcpListener, state: Arc<TcpListenerState>, ctx: Arc<ProxyContext>) {
+pub async fn serve(listener: TcpListener, state: Arc<ListenerState>, ctx: Arc<ProxyContext>) {
     loop {
         let (client, peer) = tokio::select! {
             _ = state.stop.cancelled() => return,
@@ -89,7 +54,7 @@ impl Drop for ActiveGuard {
     }
 }
 
-async fn handle(client: TcpStream, state: &TcpListenerState, ctx: &ProxyContext) {
+async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
     let config = state.config.load_full();
     let target = &config.target;
     let metrics_cache = state.metrics.load_full();

@@ -11,45 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use svcd_config::UdpListenerConfig;
 use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::metrics::{EndpointMetrics, EndpointMetricsCache};
-use crate::pick::RoundRobin;
-use crate::ProxyContext;
-
-pub struct UdpListenerState {
-    pub config: ArcSwap<UdpListenerConfig>,
-    pub rr: RoundRobin,
-    pub metrics: ArcSwap<EndpointMetricsCache>,
-    pub stop: CancellationToken,
-}
-
-impl UdpListenerState {
-    pub fn new(config: UdpListenerConfig, stop: CancellationToken) -> Self {
-        let label = format!("{}.{}", config.target.service, config.target.namespace);
-        UdpListenerState {
-            config: ArcSwap::from_pointee(config),
-            rr: RoundRobin::default(),
-            metrics: ArcSwap::from_pointee(EndpointMetricsCache::new(label)),
-            stop,
-        }
-    }
-
-    pub fn reconfigure(&self, config: UdpListenerConfig) {
-        if self.config.load().target != config.target {
-            let label = format!("{}.{}", config.target.service, config.target.namespace);
-            self.metrics
-                .store(Arc::new(EndpointMetricsCache::new(label)));
-        }
-        self.config.store(Arc::new(config));
-    }
-}
+use crate::metrics::EndpointMetrics;
+use crate::{ListenerState, ProxyContext};
 
 struct Flow {
     upstream: Arc<UdpSocket>,
@@ -67,7 +35,7 @@ impl Drop for Flow {
     }
 }
 
-pub async fn serve(socket: UdpSocket, state: Arc<UdpListenerState>, ctx: Arc<ProxyContext>) {
+pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyContext>) {
     let socket = Arc::new(socket);
     let base = Instant::now();
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
@@ -133,7 +101,7 @@ pub async fn serve(socket: UdpSocket, state: Arc<UdpListenerState>, ctx: Arc<Pro
 async fn open_flow(
     listener: &Arc<UdpSocket>,
     client: SocketAddr,
-    state: &UdpListenerState,
+    state: &ListenerState,
     ctx: &ProxyContext,
     base: Instant,
 ) -> Option<Flow> {
