@@ -109,30 +109,18 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
     let base = Instant::now();
     let last_activity = AtomicU64::new(0);
     let touch = || last_activity.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let splice = settings.splice;
     let both = async {
-        if settings.splice {
-            tokio::try_join!(
-                splice_one_way(&client, &upstream, |n| {
-                    m.bytes_in.inc_by(n as u64);
-                    touch();
-                }),
-                splice_one_way(&upstream, &client, |n| {
-                    m.bytes_out.inc_by(n as u64);
-                    touch();
-                }),
-            )
-        } else {
-            tokio::try_join!(
-                copy_one_way(&client, &upstream, |n| {
-                    m.bytes_in.inc_by(n as u64);
-                    touch();
-                }),
-                copy_one_way(&upstream, &client, |n| {
-                    m.bytes_out.inc_by(n as u64);
-                    touch();
-                }),
-            )
-        }
+        tokio::try_join!(
+            one_way(splice, &client, &upstream, |n| {
+                m.bytes_in.inc_by(n as u64);
+                touch();
+            }),
+            one_way(splice, &upstream, &client, |n| {
+                m.bytes_out.inc_by(n as u64);
+                touch();
+            }),
+        )
     };
     let idle = async {
         loop {
@@ -154,26 +142,21 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
     }
 }
 
-async fn splice_one_way(
+/// One direction: splice(2) through a pooled pipe, or the copy path when splice is off or no
+/// pipe can be had (descriptor limits).
+async fn one_way(
+    splice: bool,
     from: &TcpStream,
     to: &TcpStream,
     on_progress: impl FnMut(usize),
 ) -> io::Result<u64> {
-    // No pipe to be had (descriptor limits): the copy path still works.
-    let Ok(mut pipe) = Pipe::get() else {
-        return copy_one_way(from, to, on_progress).await;
+    let pipe = if splice { Pipe::get().ok() } else { None };
+    let Some(mut pipe) = pipe else {
+        return crate::splice::copy(from, to, on_progress).await;
     };
     let moved = crate::splice::forward(from, to, &mut pipe, on_progress).await;
     pipe.put();
     moved
-}
-
-async fn copy_one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    on_progress: impl FnMut(usize),
-) -> io::Result<u64> {
-    crate::splice::copy(from, to, on_progress).await
 }
 
 /// Resolves once `endpoint` is no longer registered for the target service and `drain` more has
