@@ -32,6 +32,13 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Drain an instance (SERVICE[.NS]/ID): DNS and the proxies stop sending it new work, open
+    /// connections finish.
+    Drain {
+        instance: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// List services, or the instances of one service with their state.
     List {
         /// SERVICE[.NS]
@@ -208,6 +215,9 @@ pub struct ExecArgs {
     /// was SIGKILLed).
     #[arg(long, default_value = "10s")]
     pub ttl: String,
+    /// On SIGTERM, drain the instance and wait this long before passing the signal to CMD.
+    #[arg(long, default_value = "5s")]
+    pub drain_timeout: String,
     #[command(flatten)]
     pub admin: AdminArgs,
     /// The command and its arguments.

@@ -82,17 +82,34 @@ pub async fn register(args: RegisterArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn deregister(instance: &str, admin: &AdminArgs) -> anyhow::Result<ExitCode> {
+/// `SERVICE[.NS]/ID` → API path `/v1/services/{ns}/{svc}/instances/{id}`.
+fn instance_path(instance: &str) -> anyhow::Result<String> {
     let (service, id) = instance
         .split_once('/')
         .ok_or_else(|| anyhow::anyhow!("{instance:?}: expected SERVICE[.NS]/ID"))?;
+    Ok(format!(
+        "/v1/services/{}/instances/{id}",
+        service_path(service)?
+    ))
+}
+
+pub async fn drain(instance: &str, admin: &AdminArgs) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(admin)?;
     client
         .call(
-            Method::DELETE,
-            &format!("/v1/services/{}/instances/{id}", service_path(service)?),
+            Method::POST,
+            &format!("{}/drain", instance_path(instance)?),
             None,
         )
+        .await?;
+    println!("draining {instance}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn deregister(instance: &str, admin: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(admin)?;
+    client
+        .call(Method::DELETE, &instance_path(instance)?, None)
         .await?;
     println!("deregistered {instance}");
     Ok(ExitCode::SUCCESS)

@@ -44,7 +44,10 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         "/v1/services/{}/instances/{id}",
         service_path(&args.service)?
     );
-    let body = serde_json::to_vec(&instance_json(&args.instance, "127.0.0.1")?)?;
+    let mut instance = instance_json(&args.instance, "127.0.0.1")?;
+    let mut body = serde_json::to_vec(&instance)?;
+    let drain_timeout = humantime::parse_duration(&args.drain_timeout)
+        .with_context(|| format!("--drain-timeout {:?}", args.drain_timeout))?;
     let put_path = format!("{instance_path}?ttl={}", humantime::format_duration(ttl));
 
     let mut child = tokio::process::Command::new(&args.command[0])
@@ -89,11 +92,32 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let renew_every = ttl / 3;
     let mut renew =
         tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
+    // SIGTERM while serving: drain first (no new work reaches the instance), then pass the signal
+    // on once the drain time is over. A second SIGTERM goes through at once.
+    let mut pending_term: Option<tokio::time::Instant> = None;
+    let mut drained = false;
     let status = loop {
+        let term_at = pending_term
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400));
         tokio::select! {
             status = child.wait() => break status?,
             Some(sig) = sig_rx.recv() => {
-                let _ = kill(pid, sig);
+                if sig == Signal::SIGTERM && !drained && !drain_timeout.is_zero() {
+                    drained = true;
+                    instance["state"] = serde_json::json!("draining");
+                    body = serde_json::to_vec(&instance)?;
+                    if let Err(e) = client.call(Method::POST, &format!("{instance_path}/drain"), None).await {
+                        warn!(error = %e, "drain failed; stopping the command anyway after the drain timeout");
+                    }
+                    pending_term = Some(tokio::time::Instant::now() + drain_timeout);
+                } else {
+                    pending_term = None;
+                    let _ = kill(pid, sig);
+                }
+            }
+            _ = tokio::time::sleep_until(term_at), if pending_term.is_some() => {
+                pending_term = None;
+                let _ = kill(pid, Signal::SIGTERM);
             }
             _ = renew.tick() => {
                 match client.call(Method::PUT, &put_path, Some(body.clone())).await {

@@ -105,6 +105,7 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Register(args) => commands::register(args).await,
         Command::Deregister { instance, admin } => commands::deregister(&instance, &admin).await,
+        Command::Drain { instance, admin } => commands::drain(&instance, &admin).await,
         Command::List { service, admin } => commands::list(service.as_deref(), &admin).await,
         Command::Resolve {
             service,

@@ -121,6 +121,35 @@ impl LeaseKeeper {
         Ok(())
     }
 
+    /// Changes the serving state of one of this daemon's registrations (drain: `Draining`) and
+    /// writes it. `None` when this daemon does not hold the registration: only the holder of an
+    /// entry's lease may rewrite it.
+    pub async fn set_state(
+        &self,
+        key: &InstanceKey,
+        new_state: svcd_config::State,
+    ) -> StoreResult<Option<Instance>> {
+        let mut state = self.state.lock().await;
+        let store_key = key.to_key();
+        let Some(reg) = state.own.get(&store_key) else {
+            return Ok(None);
+        };
+        if reg.instance.state == new_state {
+            return Ok(Some(reg.instance.clone()));
+        }
+        let mut instance = reg.instance.clone();
+        instance.state = new_state;
+        let lease = self.ensure_lease(&mut state).await?;
+        self.store
+            .put(&store_key, instance.to_json(), Some(lease))
+            .await?;
+        if let Some(reg) = state.own.get_mut(&store_key) {
+            reg.instance = instance.clone();
+            reg.written = true;
+        }
+        Ok(Some(instance))
+    }
+
     /// Removes a registration from the store. Returns whether it existed (here or in the store).
     pub async fn deregister(&self, key: &InstanceKey) -> StoreResult<bool> {
         let mut state = self.state.lock().await;

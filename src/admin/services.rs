@@ -38,6 +38,13 @@ pub async fn route(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<
                 _ => super::method_not_allowed("GET, PUT, DELETE"),
             }
         }
+        (Method::POST, [ns, svc, "instances", id, "drain"]) => {
+            match InstanceKey::new(ns, svc, id) {
+                Ok(key) => drain_instance(state, &key).await,
+                Err(e) => json_error(StatusCode::BAD_REQUEST, &e.path, e.message),
+            }
+        }
+        (_, [_, _, "instances", _, "drain"]) => super::method_not_allowed("POST"),
         _ => json_error(
             StatusCode::NOT_FOUND,
             "",
@@ -194,6 +201,50 @@ async fn delete_instance(state: &AdminState, key: &InstanceKey) -> Response<Body
             "",
             format!("instance {key} not found"),
         ),
+        Err(e) => store_failure(e).into_response(),
+    }
+}
+
+/// `POST …/instances/{id}/drain`: `state = draining`. DNS stops returning the instance and the
+/// proxies send it nothing new; open connections finish. Only the daemon holding the
+/// registration can rewrite it (409 otherwise, naming the node that registered it).
+async fn drain_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {
+    match state
+        .registry
+        .keeper
+        .set_state(key, svcd_registry::State::Draining)
+        .await
+    {
+        Ok(Some(instance)) => {
+            let mut v = serde_json::to_value(&instance).expect("instance serializes");
+            v["id"] = json!(key.id);
+            json_response(StatusCode::OK, &v)
+        }
+        Ok(None) => {
+            let snapshot = state.registry.reader().load_full();
+            let holder = snapshot
+                .service(&key.namespace, &key.service)
+                .and_then(|s| {
+                    s.all
+                        .iter()
+                        .find(|e| *e.id == *key.id)
+                        .map(|e| e.node.to_string())
+                });
+            match holder {
+                Some(node) => json_error(
+                    StatusCode::CONFLICT,
+                    "",
+                    format!(
+                        "instance {key} is held by another daemon (node {node:?}); drain it there"
+                    ),
+                ),
+                None => json_error(
+                    StatusCode::NOT_FOUND,
+                    "",
+                    format!("instance {key} not found"),
+                ),
+            }
+        }
         Err(e) => store_failure(e).into_response(),
     }
 }

@@ -360,3 +360,105 @@ async fn garbage_values_are_skipped_logged_and_counted() {
     assert!(b.log().contains("skipping invalid registry entry"));
     assert_eq!(b.get("/readyz").await.status, 200);
 }
+
+#[tokio::test]
+async fn drain_hides_an_instance_from_dns_and_exec_drains_before_stopping() {
+    use crate::support::dns::{addrs, udp};
+    use hickory_proto::rr::RecordType;
+
+    let a = Daemon::start("").await;
+    let name = "job.default.svc.cluster.local.";
+    let r = a
+        .request(
+            "PUT",
+            "/v1/services/default/job/instances/j1",
+            Some(&body("10.0.0.1")),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let out = a.cli(&["drain", "job/j1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(WAIT, "draining state", || async {
+        let v = a.get("/v1/services/default/job/instances/j1").await.json();
+        (v["state"] == "draining").then_some(())
+    })
+    .await;
+    assert_eq!(
+        udp(a.dns, name, RecordType::A, None).await.answers.len(),
+        0,
+        "draining: not in DNS"
+    );
+    assert_eq!(
+        a.request("POST", "/v1/services/default/nope/instances/x/drain", None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        a.request("DELETE", "/v1/services/default/job/instances/j1", None)
+            .await
+            .status,
+        200
+    );
+
+    // svcd exec: SIGTERM → drained at once, child stopped only after --drain-timeout.
+    let mut exec = std::process::Command::new(crate::support::svcd_bin())
+        .args([
+            "exec",
+            "--service",
+            "job",
+            "--id",
+            "j2",
+            "--ip",
+            "10.0.0.2",
+            "--drain-timeout",
+            "1s",
+            "--",
+            "sleep",
+            "30",
+        ])
+        .env("SVCD_ADMIN_LISTEN", a.admin.to_string())
+        .spawn()
+        .unwrap();
+    eventually(WAIT, "exec registered in DNS", || async {
+        (addrs(&udp(a.dns, name, RecordType::A, None).await) == ["10.0.0.2"]).then_some(())
+    })
+    .await;
+    let signalled = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(exec.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    eventually(WAIT, "drained out of DNS", || async {
+        (udp(a.dns, name, RecordType::A, None)
+            .await
+            .answers
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    assert!(
+        signalled.elapsed() < Duration::from_millis(900),
+        "drained before the child was stopped"
+    );
+    assert!(
+        exec.try_wait().unwrap().is_none(),
+        "child still running during the drain"
+    );
+    let status = exec.wait().unwrap();
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(1),
+        "child stopped after the drain timeout"
+    );
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "exit status of the SIGTERMed child"
+    );
+    a.wait_instances("default", "job", &[], WAIT).await;
+}
