@@ -351,7 +351,7 @@ async fn forwards_out_of_zone_names_to_a_local_upstream() {
 #[tokio::test]
 async fn malformed_packets_get_formerr_or_silence_and_nothing_breaks() {
     let d = Daemon::start(STATIC).await;
-    let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/dns/fuzz/corpus/packet");
+    let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/dns/fuzz/seeds");
     let mut files: Vec<_> = std::fs::read_dir(corpus)
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -1,5 +1,5 @@
 //! `cargo fuzz run packet` (from dns/): arbitrary bytes through the UDP fast path and the hickory
-//! path. Crashes are bugs; the corpus in `corpus/packet` is replayed by `cargo test -p svcd-dns`.
+//! path. Crashes are bugs; `seeds/` and `corpus/packet` are replayed by `cargo test -p svcd-dns`.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
