@@ -181,6 +181,19 @@ pub struct InstanceArgs {
     /// Node name (default: the daemon's).
     #[arg(long)]
     pub node: Option<String>,
+    /// Active health check: tcp | http | none (`svcd exec` defaults to tcp on its first port).
+    #[arg(long)]
+    pub check: Option<String>,
+    /// Named port the check probes (default: the first port).
+    #[arg(long)]
+    pub check_port: Option<String>,
+    /// HTTP check path.
+    #[arg(long, default_value = "/healthz")]
+    pub check_path: String,
+    #[arg(long, default_value = "2s")]
+    pub check_interval: String,
+    #[arg(long, default_value = "1s")]
+    pub check_timeout: String,
 }
 
 #[derive(Debug, Args)]

@@ -22,8 +22,31 @@ fn pairs(flag: &str, items: &[String]) -> anyhow::Result<BTreeMap<String, String
         .collect()
 }
 
+/// The `check` object from CLI flags; `default_kind` applies when `--check` is not given.
+fn check_json(args: &InstanceArgs, default_kind: Option<&str>) -> Option<Value> {
+    let kind = args.check.as_deref().or(default_kind)?;
+    if kind == "none" {
+        return None;
+    }
+    let mut check = json!({
+        "type": kind,
+        "path": args.check_path,
+        "interval": args.check_interval,
+        "timeout": args.check_timeout,
+    });
+    if let Some(port) = &args.check_port {
+        check["port"] = json!(port);
+    }
+    Some(check)
+}
+
 /// The registration body from CLI flags; the daemon validates it (one set of rules).
-pub fn instance_json(args: &InstanceArgs, default_ip: &str) -> anyhow::Result<Value> {
+/// `default_check` is the check kind used when `--check` is absent (`svcd exec`: tcp).
+pub fn instance_json(
+    args: &InstanceArgs,
+    default_ip: &str,
+    default_check: Option<&str>,
+) -> anyhow::Result<Value> {
     let mut ports = serde_json::Map::new();
     for (name, port) in pairs("port", &args.ports)? {
         let port: u16 = port
@@ -46,6 +69,10 @@ pub fn instance_json(args: &InstanceArgs, default_ip: &str) -> anyhow::Result<Va
     if let Some(n) = &args.node {
         v["node"] = json!(n);
     }
+    let has_ports = !args.ports.is_empty();
+    if let Some(check) = check_json(args, default_check.filter(|_| has_ports)) {
+        v["check"] = check;
+    }
     Ok(v)
 }
 
@@ -57,7 +84,7 @@ pub fn service_path(service: &str) -> anyhow::Result<String> {
 
 pub async fn register(args: RegisterArgs) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(&args.admin)?;
-    let mut body = instance_json(&args.instance, "127.0.0.1")?;
+    let mut body = instance_json(&args.instance, "127.0.0.1", None)?;
     if let Some(state) = &args.state {
         body["state"] = json!(state);
     }

@@ -91,6 +91,11 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     let registry_cancel = CancellationToken::new();
     let mut registry_tasks = JoinSet::new();
     registry.spawn(&mut registry_tasks, sync_options, registry_cancel.clone());
+    registry_tasks.spawn(crate::health::run(
+        registry.keeper.clone(),
+        metrics.registry.clone(),
+        registry_cancel.clone(),
+    ));
 
     let readiness = Arc::new(Readiness::new(registry.status.clone()));
     let admin_listener = TcpListener::bind(config.admin.listen)

@@ -10,6 +10,7 @@ mod client;
 mod commands;
 mod daemon;
 mod exec;
+mod health;
 mod logging;
 mod metrics;
 mod readiness;

@@ -65,6 +65,124 @@ pub struct Instance {
     pub state: State,
     #[serde(default)]
     pub meta: BTreeMap<String, String>,
+    /// Active health check run by the daemon holding the registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// Passes when a TCP connection opens within the timeout.
+    Tcp,
+    /// Passes on a 2xx/3xx answer to `GET path` within the timeout.
+    Http,
+    /// gRPC health protocol (grpc.health.v1).
+    Grpc,
+}
+
+/// `check = { type = "http", port = "http", path = "/healthz", interval = "2s", timeout = "1s",
+/// healthy_threshold = 2, unhealthy_threshold = 3 }`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSpec {
+    #[serde(rename = "type")]
+    pub kind: CheckKind,
+    /// Named port to check; default: the instance's only (or first) port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    #[serde(default = "default_check_path")]
+    pub path: String,
+    #[serde(default = "default_interval")]
+    pub interval: String,
+    #[serde(default = "default_timeout")]
+    pub timeout: String,
+    #[serde(default = "default_healthy")]
+    pub healthy_threshold: u32,
+    #[serde(default = "default_unhealthy")]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_check_path() -> String {
+    "/healthz".into()
+}
+fn default_interval() -> String {
+    "2s".into()
+}
+fn default_timeout() -> String {
+    "1s".into()
+}
+fn default_healthy() -> u32 {
+    2
+}
+fn default_unhealthy() -> u32 {
+    3
+}
+
+impl CheckSpec {
+    /// A TCP check of `port` with the default timings (`svcd exec`'s default).
+    pub fn tcp(port: Option<String>) -> Self {
+        CheckSpec {
+            kind: CheckKind::Tcp,
+            port,
+            path: default_check_path(),
+            interval: default_interval(),
+            timeout: default_timeout(),
+            healthy_threshold: default_healthy(),
+            unhealthy_threshold: default_unhealthy(),
+        }
+    }
+
+    pub fn interval(&self) -> std::time::Duration {
+        humantime::parse_duration(&self.interval).unwrap_or(std::time::Duration::from_secs(2))
+    }
+
+    pub fn timeout(&self) -> std::time::Duration {
+        humantime::parse_duration(&self.timeout).unwrap_or(std::time::Duration::from_secs(1))
+    }
+
+    fn validate(&self, ports: &BTreeMap<String, u16>, errors: &mut Vec<FieldError>) {
+        for (field, value) in [("interval", &self.interval), ("timeout", &self.timeout)] {
+            match humantime::parse_duration(value) {
+                Ok(d) if !d.is_zero() => {}
+                _ => errors.push(FieldError::new(
+                    format!("check.{field}"),
+                    format!("invalid duration {value:?}"),
+                )),
+            }
+        }
+        if self.healthy_threshold == 0 || self.unhealthy_threshold == 0 {
+            errors.push(FieldError::new("check", "thresholds must be at least 1"));
+        }
+        match &self.port {
+            Some(name) if !ports.contains_key(name) => errors.push(FieldError::new(
+                "check.port",
+                format!("{name:?} is not one of the instance's ports"),
+            )),
+            None if ports.is_empty() => errors.push(FieldError::new(
+                "check.port",
+                "the instance has no port to check",
+            )),
+            _ => {}
+        }
+        if !self.path.starts_with('/') {
+            errors.push(FieldError::new("check.path", "must start with '/'"));
+        }
+        if self.kind == CheckKind::Grpc {
+            errors.push(FieldError::new(
+                "check.type",
+                "grpc checks are not supported yet; use tcp or http",
+            ));
+        }
+    }
+
+    /// The port number to check on an instance.
+    pub fn target_port(&self, ports: &BTreeMap<String, u16>) -> Option<u16> {
+        match &self.port {
+            Some(name) => ports.get(name).copied(),
+            None => ports.values().next().copied(),
+        }
+    }
 }
 
 fn default_weight() -> u32 {
@@ -82,6 +200,7 @@ impl Instance {
             protocol: Protocol::default(),
             state: State::default(),
             meta: BTreeMap::new(),
+            check: None,
         }
     }
 
@@ -116,6 +235,9 @@ impl Instance {
         }
         if self.node.len() > 253 {
             errors.push(FieldError::new("node", "longer than 253 characters"));
+        }
+        if let Some(check) = &self.check {
+            check.validate(&self.ports, &mut errors);
         }
         for (i, tag) in self.tags.iter().enumerate() {
             if tag.is_empty() || tag.len() > 255 {
@@ -166,6 +288,42 @@ mod tests {
         assert_eq!(i.state, State::Healthy);
         assert_eq!(i.protocol, Protocol::Tcp);
         assert_eq!(Instance::from_json(&i.to_json()).unwrap(), i);
+    }
+
+    #[test]
+    fn checks_parse_with_defaults_and_report_fields() {
+        let i = Instance::from_json(
+            br#"{"ip":"10.0.0.1","ports":{"http":80},"check":{"type":"http"}}"#,
+        )
+        .unwrap();
+        let c = i.check.unwrap();
+        assert_eq!(
+            (c.path.as_str(), c.healthy_threshold, c.unhealthy_threshold),
+            ("/healthz", 2, 3)
+        );
+        assert_eq!(c.interval(), std::time::Duration::from_secs(2));
+        assert_eq!(c.target_port(&i.ports), Some(80));
+        for (json, field) in [
+            (
+                r#"{"ip":"10.0.0.1","ports":{"http":80},"check":{"type":"http","interval":"soon"}}"#,
+                "check.interval",
+            ),
+            (r#"{"ip":"10.0.0.1","check":{"type":"tcp"}}"#, "check.port"),
+            (
+                r#"{"ip":"10.0.0.1","ports":{"http":80},"check":{"type":"http","path":"x"}}"#,
+                "check.path",
+            ),
+            (
+                r#"{"ip":"10.0.0.1","ports":{"http":80},"check":{"type":"ping"}}"#,
+                "check.type",
+            ),
+        ] {
+            assert_eq!(
+                Instance::from_json(json.as_bytes()).unwrap_err().path,
+                field,
+                "{json}"
+            );
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ mod validate;
 
 pub use default_file::DEFAULT_CONFIG_TOML;
 pub use error::{ConfigError, FieldError};
-pub use instance::{Instance, Protocol, State};
+pub use instance::{CheckKind, CheckSpec, Instance, Protocol, State};
 pub use sources::{Env, Override, ProcessEnv, Sources, ENV_OVERRIDES};
 pub use validate::{
     AdminConfig, Backend, Config, DnsConfig, EtcdConfig, HttpListenerConfig, L4ListenerConfig,

@@ -70,6 +70,8 @@ impl Endpoint {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            // The check is run by the registering daemon; it is not part of what is served.
+            check: None,
         }
     }
 

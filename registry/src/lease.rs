@@ -32,6 +32,23 @@ pub struct OwnRegistration {
     pub expires: Option<(Duration, Instant)>,
     /// Whether the current value is known to be in the store under the current lease.
     pub written: bool,
+    /// The active health check's verdict, if the registration has a check: an `Unhealthy`
+    /// verdict overrides a registered `healthy` state (a registered `draining` always wins).
+    /// Kept apart from `instance` so a client renewing its registration cannot undo it.
+    pub health: Option<svcd_config::State>,
+}
+
+impl OwnRegistration {
+    /// The value written to the store: the registration with the health verdict applied.
+    pub fn effective(&self) -> Instance {
+        let mut instance = self.instance.clone();
+        if instance.state == svcd_config::State::Healthy
+            && self.health == Some(svcd_config::State::Unhealthy)
+        {
+            instance.state = svcd_config::State::Unhealthy;
+        }
+        instance
+    }
 }
 
 struct KeeperState {
@@ -73,6 +90,7 @@ impl LeaseKeeper {
                     instance,
                     expires: None,
                     written: false,
+                    health: None,
                 },
             );
         }
@@ -90,14 +108,26 @@ impl LeaseKeeper {
         let mut state = self.state.lock().await;
         let store_key = key.to_key();
         let expires = expires_after.map(|d| (d, Instant::now() + d));
+        let mut health = None;
         if let Some(existing) = state.own.get_mut(&store_key) {
             if existing.instance == instance && existing.written {
                 existing.expires = expires;
                 return Ok(());
             }
+            // Same check (or none) as before: its verdict still holds.
+            if existing.instance.check == instance.check {
+                health = existing.health;
+            }
         }
+        let reg = OwnRegistration {
+            key,
+            instance,
+            expires,
+            written: true,
+            health,
+        };
         let lease = self.ensure_lease(&mut state).await?;
-        let value = instance.to_json();
+        let value = reg.effective().to_json();
         match self.store.put(&store_key, value.clone(), Some(lease)).await {
             Err(StoreError::LeaseNotFound(_)) => {
                 state.lease = None;
@@ -108,17 +138,34 @@ impl LeaseKeeper {
                 other?;
             }
         }
-        state.own.insert(
-            store_key,
-            OwnRegistration {
-                key,
-                instance,
-                expires,
-                written: true,
-            },
-        );
+        state.own.insert(store_key, reg);
         self.metrics.own_registrations.set(state.own.len() as i64);
         Ok(())
+    }
+
+    /// Records a health-check verdict; writes the registration only when its effective state
+    /// changes (no store write per check). Returns whether it changed.
+    pub async fn set_health(
+        &self,
+        key: &InstanceKey,
+        verdict: svcd_config::State,
+    ) -> StoreResult<bool> {
+        let mut state = self.state.lock().await;
+        let store_key = key.to_key();
+        let Some(reg) = state.own.get_mut(&store_key) else {
+            return Ok(false);
+        };
+        let before = reg.effective();
+        reg.health = Some(verdict);
+        let after = reg.effective();
+        if before == after {
+            return Ok(false);
+        }
+        let lease = self.ensure_lease(&mut state).await?;
+        self.store
+            .put(&store_key, after.to_json(), Some(lease))
+            .await?;
+        Ok(true)
     }
 
     /// Changes the serving state of one of this daemon's registrations (drain: `Draining`) and
@@ -183,7 +230,7 @@ impl LeaseKeeper {
         let lease = self.ensure_lease(state).await?;
         for reg in state.own.values_mut().filter(|r| !r.written) {
             self.store
-                .put(&reg.key.to_key(), reg.instance.to_json(), Some(lease))
+                .put(&reg.key.to_key(), reg.effective().to_json(), Some(lease))
                 .await?;
             reg.written = true;
         }

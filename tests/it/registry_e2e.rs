@@ -462,3 +462,121 @@ async fn drain_hides_an_instance_from_dns_and_exec_drains_before_stopping() {
     );
     a.wait_instances("default", "job", &[], WAIT).await;
 }
+
+/// An HTTP backend whose `/healthz` answers 200 or 503 as `healthy` says.
+async fn flappy_backend(
+    healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let healthy = healthy.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let status = if healthy.load(std::sync::atomic::Ordering::SeqCst) {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                };
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn active_checks_take_failing_instances_out_of_dns_and_back() {
+    use crate::support::dns::{addrs, udp};
+    use hickory_proto::rr::RecordType;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let a = Daemon::start("").await;
+    let healthy = std::sync::Arc::new(AtomicBool::new(true));
+    let backend = flappy_backend(healthy.clone()).await;
+    let check = r#""check":{"type":"http","path":"/healthz","interval":"200ms","timeout":"500ms","healthy_threshold":2,"unhealthy_threshold":2}"#;
+    let body = format!(
+        r#"{{"ip":"127.0.0.1","ports":{{"http":{}}},{check}}}"#,
+        backend.port()
+    );
+    assert_eq!(
+        a.request("PUT", "/v1/services/default/web/instances/h1", Some(&body))
+            .await
+            .status,
+        200
+    );
+    let name = "web.default.svc.cluster.local.";
+    eventually(WAIT, "healthy in DNS", || async {
+        (addrs(&udp(a.dns, name, RecordType::A, None).await) == ["127.0.0.1"]).then_some(())
+    })
+    .await;
+
+    healthy.store(false, Ordering::SeqCst);
+    let failing = Instant::now();
+    eventually(WAIT, "failing check removes it from DNS", || async {
+        (udp(a.dns, name, RecordType::A, None)
+            .await
+            .metadata
+            .response_code
+            == hickory_proto::op::ResponseCode::NXDomain)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        failing.elapsed() < Duration::from_millis(1500),
+        "within interval x threshold (+ one interval), took {:?}",
+        failing.elapsed()
+    );
+    assert_eq!(
+        a.get("/v1/services/default/web/instances/h1").await.json()["state"],
+        "unhealthy"
+    );
+
+    healthy.store(true, Ordering::SeqCst);
+    eventually(WAIT, "recovered", || async {
+        (addrs(&udp(a.dns, name, RecordType::A, None).await) == ["127.0.0.1"]).then_some(())
+    })
+    .await;
+    assert!(
+        a.metric("svcd_health_checks_total{result=\"fail\",service=\"web.default\"}")
+            .await
+            .unwrap()
+            >= 2.0
+    );
+
+    // A TCP check on a closed port: unhealthy.
+    let closed = crate::support::free_port();
+    let body = format!(
+        r#"{{"ip":"127.0.0.1","ports":{{"tcp":{closed}}},"check":{{"type":"tcp","interval":"200ms","unhealthy_threshold":2}}}}"#
+    );
+    assert_eq!(
+        a.request("PUT", "/v1/services/default/db/instances/d1", Some(&body))
+            .await
+            .status,
+        200
+    );
+    eventually(WAIT, "closed port marked unhealthy", || async {
+        (a.get("/v1/services/default/db/instances/d1").await.json()["state"] == "unhealthy")
+            .then_some(())
+    })
+    .await;
+    // A bad check is a 400 naming the field.
+    let bad = r#"{"ip":"127.0.0.1","ports":{"http":80},"check":{"type":"http","port":"nope"}}"#;
+    let r = a
+        .request("PUT", "/v1/services/default/web/instances/h2", Some(bad))
+        .await;
+    assert_eq!(
+        (r.status, r.json()["field"].as_str()),
+        (400, Some("check.port"))
+    );
+}
