@@ -249,8 +249,12 @@ async fn etcd_restart_with_changes_meanwhile_misses_and_repeats_nothing() {
         .unwrap();
     b.wait_instances("default", "web", &["w2", "w3"], Duration::from_secs(10))
         .await;
-    let w2 = b.get("/v1/services/default/web/instances/w2").await.json();
-    assert_eq!(w2["ip"], "10.0.0.22");
+    // The three changes may arrive in separate watch responses: wait for the last one too.
+    eventually(WAIT, "w2 updated", || async {
+        let w2 = b.get("/v1/services/default/web/instances/w2").await.json();
+        (w2["ip"] == "10.0.0.22").then_some(())
+    })
+    .await;
     eventually(WAIT, "reconnected", || async {
         (b.metric("svcd_registry_connected").await == Some(1.0)).then_some(())
     })
@@ -310,8 +314,11 @@ async fn compaction_during_a_partition_relists_to_the_right_answer() {
         Duration::from_secs(15),
     )
     .await;
-    let w2 = b.get("/v1/services/default/web/instances/w2").await.json();
-    assert_eq!(w2["ip"], "10.0.0.2");
+    eventually(WAIT, "w2 updated", || async {
+        let w2 = b.get("/v1/services/default/web/instances/w2").await.json();
+        (w2["ip"] == "10.0.0.2").then_some(())
+    })
+    .await;
     assert!(
         b.metric("svcd_registry_relists_total").await.unwrap() > relists_before,
         "re-listed after compaction"
