@@ -80,12 +80,12 @@ fn start_sync(store: Arc<dyn Store>) -> Sync {
     let snapshot = Arc::new(ArcSwap::from_pointee(EndpointSnapshot::default()));
     let (tx, changes) = watch::channel(0);
     let cancel = CancellationToken::new();
-    let publisher = Publisher {
-        snapshot: snapshot.clone(),
-        changes: tx,
-        status: Arc::new(SyncStatus::default()),
-        metrics: RegistryMetrics::unregistered(),
-    };
+    let publisher = Publisher::new(
+        snapshot.clone(),
+        tx,
+        Arc::new(SyncStatus::default()),
+        RegistryMetrics::unregistered(),
+    );
     tokio::spawn(run_sync(
         store,
         publisher,

@@ -12,6 +12,8 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use svcd_config::{Config, Sources};
 use svcd_dns::DnsServer;
+use svcd_proxy::http::HttpProxy;
+use svcd_proxy::outlier::OutlierDetector;
 use svcd_proxy::L4Proxy;
 use svcd_registry::{InstanceKey, Registry, SyncOptions};
 use tokio::net::TcpListener;
@@ -127,6 +129,15 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         &metrics.registry,
     )
     .await?;
+    let outlier = OutlierDetector::new(Some(registry.overlay()), &metrics.registry)?;
+    let http = HttpProxy::start(
+        &current.proxy,
+        &current.dns.domain,
+        registry.reader(),
+        outlier,
+        &metrics.registry,
+    )
+    .await?;
     readiness.listeners_bound.store(true, Ordering::Relaxed);
     info!(admin = %admin_addr, dns = %dns.addr, store = %store.describe(), "svcd started");
 
@@ -134,6 +145,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         admin: &admin_state,
         dns: &dns,
         proxy: &proxy,
+        http: &http,
     };
     wait_for_signals(&sources, &config, &live, &log, &metrics).await?;
 
@@ -147,6 +159,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     cancel.cancel();
     tasks.spawn(dns.shutdown());
     proxy.stop_accepting();
+    http.stop_accepting();
     let second_signal = async {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -154,7 +167,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     };
     let drain = async {
         let deadline = tokio::time::Instant::now() + drain_timeout;
-        proxy.drain(drain_timeout).await;
+        tokio::join!(proxy.drain(drain_timeout), http.drain(drain_timeout));
         if tokio::time::timeout_at(deadline, async {
             while tasks.join_next().await.is_some() {}
         })
@@ -186,6 +199,7 @@ struct LiveParts<'a> {
     admin: &'a AdminState,
     dns: &'a DnsServer,
     proxy: &'a L4Proxy,
+    http: &'a HttpProxy,
 }
 
 /// Returns on the first SIGTERM/SIGINT; handles SIGHUP reloads meanwhile.
@@ -246,10 +260,11 @@ async fn reload(
     }
     live.admin.token.store(Arc::new(token));
     live.dns.reconfigure(&new.dns);
-    let bind_errors = live
+    let mut bind_errors = live
         .proxy
         .reconfigure(&new.proxy, new.shutdown.drain_timeout)
         .await;
+    bind_errors.extend(live.http.reconfigure(&new.proxy, &new.dns.domain).await);
     config.store(Arc::new(new));
     if !bind_errors.is_empty() {
         // The rest of the new configuration is live; the listeners that could not bind are not.

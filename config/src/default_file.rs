@@ -57,6 +57,48 @@ idle_timeout = "1h"
 [[proxy.http]]
 listen = "127.0.0.1:8080"
 
+# Explicit HTTP routes; longest path_prefix of the request's host wins. Requests matching no
+# route go to the service their Host names: <svc>, <svc>.<ns> or <svc>.<ns>.svc.<domain>.
+# [[proxy.routes]]
+# host = "api.example.com"
+# path_prefix = "/v1"
+# service = "api.default"
+# port = "http"                   # named port; optional when instances have one port
+# timeout = "5s"                  # time to the response head (default proxy.l7.request_timeout)
+# retries = 1                     # default proxy.l7.retries
+
+[proxy.l7]
+# round_robin | least_request (power of two choices on in-flight requests)
+balance = "round_robin"
+# Per-service override: { "api.default" = "least_request" }
+balance_by_service = {}
+# Extra attempts on other instances for idempotent requests that failed before any response.
+retries = 2
+request_timeout = "15s"
+# Limits against abusive clients.
+header_read_timeout = "10s"
+idle_timeout = "1m"
+max_header_bytes = 65536
+max_headers = 100
+max_concurrent_streams = 256
+max_pending_accept_reset_streams = 20
+# Upstream keep-alive pool.
+pool_idle_timeout = "1m 30s"
+pool_max_idle_per_host = 256
+
+# Passive health: instances failing in the proxy are ejected, locally, from the proxy and from
+# this node's DNS answers.
+[proxy.outlier]
+# Consecutive connect failures or 5xx responses that eject an instance (0 disables).
+consecutive_failures = 5
+# An ejection lasts this x the instance's number of ejections.
+base_ejection_time = "30s"
+max_ejection_percent = 50
+# Below this percentage of usable instances, a service is in panic:
+# balance_all spreads over every non-draining instance; fail keeps to the usable ones.
+panic_threshold = 50
+panic_mode = "balance_all"
+
 [registry]
 # "embedded": in-process store (single node, nothing else needed).
 # "etcd": shared store for a cluster; set registry.etcd.endpoints. Giving endpoints without a

@@ -19,6 +19,7 @@
 mod default_file;
 mod error;
 mod instance;
+mod l7;
 pub mod names;
 mod raw;
 mod sources;
@@ -27,6 +28,7 @@ mod validate;
 pub use default_file::DEFAULT_CONFIG_TOML;
 pub use error::{ConfigError, FieldError};
 pub use instance::{CheckKind, CheckSpec, Instance, Protocol, State};
+pub use l7::{Balance, HttpRoute, L7Config, OutlierConfig, PanicMode};
 pub use sources::{Env, Override, ProcessEnv, Sources, ENV_OVERRIDES};
 pub use validate::{
     AdminConfig, Backend, Config, DnsConfig, EtcdConfig, HttpListenerConfig, L4ListenerConfig,

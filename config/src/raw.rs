@@ -46,6 +46,50 @@ pub struct RawProxy {
     pub connect_timeout: Option<String>,
     pub connect_attempts: Option<i64>,
     pub idle_timeout: Option<String>,
+    pub routes: Option<Vec<RawRoute>>,
+    pub l7: Option<RawL7>,
+    pub outlier: Option<RawOutlier>,
+}
+
+/// A `[[proxy.routes]]` entry: explicit HTTP routing by host and path prefix.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub service: Option<String>,
+    pub port: Option<String>,
+    pub timeout: Option<String>,
+    pub retries: Option<i64>,
+}
+
+/// `[proxy.l7]`: HTTP proxy behaviour and limits.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawL7 {
+    pub balance: Option<String>,
+    pub balance_by_service: Option<std::collections::BTreeMap<String, String>>,
+    pub retries: Option<i64>,
+    pub request_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_header_bytes: Option<i64>,
+    pub max_headers: Option<i64>,
+    pub max_concurrent_streams: Option<i64>,
+    pub max_pending_accept_reset_streams: Option<i64>,
+    pub pool_idle_timeout: Option<String>,
+    pub pool_max_idle_per_host: Option<i64>,
+}
+
+/// `[proxy.outlier]`: passive health (outlier ejection) and the panic threshold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlier {
+    pub consecutive_failures: Option<i64>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<i64>,
+    pub panic_threshold: Option<i64>,
+    pub panic_mode: Option<String>,
 }
 
 /// A `[[proxy.tcp]]` or `[[proxy.udp]]` entry.

@@ -8,6 +8,7 @@ use serde::{Serialize, Serializer};
 
 use crate::error::FieldError;
 use crate::instance::Instance;
+use crate::l7::{self, HttpRoute, L7Config, OutlierConfig};
 use crate::names;
 use crate::raw::*;
 
@@ -64,6 +65,10 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// Instances tried per connection before giving up (refused / timed out → next instance).
     pub connect_attempts: usize,
+    /// Explicit HTTP routes; requests matching none are routed by their Host name.
+    pub routes: Vec<HttpRoute>,
+    pub l7: L7Config,
+    pub outlier: OutlierConfig,
 }
 
 /// Where a proxy listener sends traffic: `<svc>.<ns>` and an optional named port.
@@ -167,7 +172,7 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_duration(*d).to_string())
 }
 
@@ -190,16 +195,16 @@ impl Config {
 
 /// Collects errors while turning raw values into typed ones; each helper returns the default on
 /// error so checking continues and every problem is reported.
-struct Checker {
+pub(crate) struct Checker {
     errors: Vec<FieldError>,
 }
 
 impl Checker {
-    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.errors.push(FieldError::new(path, message));
     }
 
-    fn addr(&mut self, path: &str, value: Option<String>, default: &str) -> SocketAddr {
+    pub(crate) fn addr(&mut self, path: &str, value: Option<String>, default: &str) -> SocketAddr {
         let text = value.unwrap_or_else(|| default.to_string());
         text.parse().unwrap_or_else(|_| {
             self.err(
@@ -210,7 +215,12 @@ impl Checker {
         })
     }
 
-    fn duration(&mut self, path: &str, value: Option<String>, default: Duration) -> Duration {
+    pub(crate) fn duration(
+        &mut self,
+        path: &str,
+        value: Option<String>,
+        default: Duration,
+    ) -> Duration {
         let Some(text) = value else { return default };
         match humantime::parse_duration(&text) {
             Ok(d) if d.is_zero() => {
@@ -237,7 +247,12 @@ impl Checker {
     }
 
     /// `service = "<svc>[.<ns>]"` and an optional named `port` of a proxy listener at `base`.
-    fn target(&mut self, base: &str, service: Option<String>, port: Option<String>) -> ProxyTarget {
+    pub(crate) fn target(
+        &mut self,
+        base: &str,
+        service: Option<String>,
+        port: Option<String>,
+    ) -> ProxyTarget {
         let (service, namespace) = match service.as_deref().map(names::parse_service_ref) {
             Some(Ok(pair)) => pair,
             Some(Err(e)) => {
@@ -287,7 +302,7 @@ impl Checker {
             .collect()
     }
 
-    fn range(
+    pub(crate) fn range(
         &mut self,
         path: &str,
         value: Option<i64>,
@@ -437,6 +452,9 @@ fn proxy(c: &mut Checker, raw: RawProxy) -> ProxyConfig {
             Duration::from_secs(1),
         ),
         connect_attempts: c.range("proxy.connect_attempts", raw.connect_attempts, 3, 1, 100),
+        routes: l7::routes(c, raw.routes),
+        l7: l7::l7(c, raw.l7.unwrap_or_default()),
+        outlier: l7::outlier(c, raw.outlier.unwrap_or_default()),
     }
 }
 

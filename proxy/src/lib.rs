@@ -14,7 +14,10 @@
 //! Listeners are reconfigured in place on reload: a new target or timeout applies to the next
 //! connection, a removed listener stops accepting while its connections finish, a new one binds.
 
+pub mod balance;
+pub mod http;
 pub mod metrics;
+pub mod outlier;
 pub mod pick;
 pub mod splice;
 pub mod tcp;

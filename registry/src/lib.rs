@@ -26,6 +26,7 @@ pub mod endpoint;
 pub mod keys;
 pub mod lease;
 pub mod metrics;
+pub mod overlay;
 pub mod snapshot;
 pub mod store;
 pub mod sync;
@@ -42,6 +43,7 @@ pub use endpoint::Endpoint;
 pub use keys::{InstanceKey, ENDPOINTS_PREFIX};
 pub use lease::{LeaseKeeper, OwnRegistration};
 pub use metrics::RegistryMetrics;
+pub use overlay::{Ejection, LocalOverlay};
 pub use snapshot::{EndpointSnapshot, ServiceEndpoints, SnapshotBuilder};
 pub use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 pub use svcd_config::{Instance, Protocol, State};
@@ -99,7 +101,8 @@ pub struct Registry {
     pub status: Arc<SyncStatus>,
     metrics: RegistryMetrics,
     snapshot: Arc<ArcSwap<EndpointSnapshot>>,
-    changes_tx: watch::Sender<i64>,
+    /// The publishing point shared by the sync loop and the proxy's ejections.
+    overlay: Arc<LocalOverlay>,
     changes_rx: watch::Receiver<i64>,
 }
 
@@ -125,13 +128,14 @@ impl Registry {
             metrics.clone(),
         ));
         let (changes_tx, changes_rx) = watch::channel(0);
+        let snapshot = Arc::new(ArcSwap::from_pointee(EndpointSnapshot::default()));
         Ok(Registry {
             store,
             keeper,
             status: Arc::new(SyncStatus::default()),
             metrics,
-            snapshot: Arc::new(ArcSwap::from_pointee(EndpointSnapshot::default())),
-            changes_tx,
+            overlay: Arc::new(LocalOverlay::new(snapshot.clone(), changes_tx)),
+            snapshot,
             changes_rx,
         })
     }
@@ -143,12 +147,16 @@ impl Registry {
         }
     }
 
+    /// Node-local ejections (passive health), applied to every published snapshot.
+    pub fn overlay(&self) -> Arc<LocalOverlay> {
+        self.overlay.clone()
+    }
+
     /// Starts the sync loop and the lease keeper; both stop on `cancel` (the keeper revoking its
     /// lease on the way out).
     pub fn spawn(&self, tasks: &mut JoinSet<()>, options: SyncOptions, cancel: CancellationToken) {
         let publisher = Publisher {
-            snapshot: self.snapshot.clone(),
-            changes: self.changes_tx.clone(),
+            overlay: self.overlay.clone(),
             status: self.status.clone(),
             metrics: self.metrics.clone(),
         };

@@ -87,6 +87,27 @@ impl EndpointSnapshot {
         self.service_by_name(std::str::from_utf8(&buf[..len]).ok()?)
     }
 
+    /// This snapshot with the named services (`"<svc>.<ns>"`, present here) replaced; the other
+    /// shards are shared.
+    pub fn with_services<'a>(
+        &self,
+        replaced: impl IntoIterator<Item = (&'a str, Arc<ServiceEndpoints>)>,
+    ) -> EndpointSnapshot {
+        let mut shards = self.shards.clone();
+        for (name, service) in replaced {
+            let shard = Arc::make_mut(&mut shards[shard_of(name)]);
+            if let Some(slot) = shard.get_mut(name) {
+                *slot = service;
+            }
+        }
+        EndpointSnapshot {
+            revision: self.revision,
+            shards,
+            endpoint_count: self.endpoint_count,
+            service_count: self.service_count,
+        }
+    }
+
     /// Every service, in no particular order.
     pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceEndpoints>> {
         self.shards.iter().flat_map(|shard| shard.values())

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::keys::ENDPOINTS_PREFIX;
 use crate::metrics::RegistryMetrics;
+use crate::overlay::LocalOverlay;
 use crate::snapshot::{Applied, EndpointSnapshot, SnapshotBuilder};
 use crate::store::{Store, StoreError, StoreResult, WatchMessage, WatchStream};
 
@@ -105,25 +106,36 @@ impl SyncStatus {
 
 /// The publishing side: where snapshots go and who is told.
 pub struct Publisher {
-    pub snapshot: Arc<ArcSwap<EndpointSnapshot>>,
-    /// Revision of each published snapshot, for tasks that react to changes (DNS pre-encoding,
-    /// proxy metric handles, tests).
-    pub changes: watch::Sender<i64>,
+    /// Node-local ejections applied on top of every snapshot; also the point through which
+    /// snapshots are stored and the change watch is told (revision of each published snapshot,
+    /// for DNS pre-encoding, proxy state and tests).
+    pub overlay: Arc<LocalOverlay>,
     pub status: Arc<SyncStatus>,
     pub metrics: RegistryMetrics,
 }
 
 impl Publisher {
+    pub fn new(
+        snapshot: Arc<ArcSwap<EndpointSnapshot>>,
+        changes: watch::Sender<i64>,
+        status: Arc<SyncStatus>,
+        metrics: RegistryMetrics,
+    ) -> Self {
+        Publisher {
+            overlay: Arc::new(LocalOverlay::new(snapshot, changes)),
+            status,
+            metrics,
+        }
+    }
+
     fn publish(&self, builder: &mut SnapshotBuilder) {
-        let previous = self.snapshot.load();
-        let next = builder.build(&previous);
+        let next = self
+            .overlay
+            .publish_base(|previous| builder.build(previous));
         self.metrics.endpoints.set(next.endpoint_count() as i64);
         self.metrics.services.set(next.service_count() as i64);
         self.metrics.revision.set(next.revision);
         self.metrics.publishes.inc();
-        let revision = next.revision;
-        self.snapshot.store(Arc::new(next));
-        self.changes.send_replace(revision);
     }
 
     fn set_connected(&self, connected: bool) {

@@ -186,12 +186,12 @@ fn start_sync(store: Arc<dyn Store>, options: SyncOptions) -> Harness {
     let metrics = RegistryMetrics::unregistered();
     let (tx, changes) = watch::channel(0);
     let cancel = CancellationToken::new();
-    let publisher = Publisher {
-        snapshot: snapshot.clone(),
-        changes: tx,
-        status: Arc::new(SyncStatus::default()),
-        metrics: metrics.clone(),
-    };
+    let publisher = Publisher::new(
+        snapshot.clone(),
+        tx,
+        Arc::new(SyncStatus::default()),
+        metrics.clone(),
+    );
     tokio::spawn(run_sync(store, publisher, options, cancel.clone()));
     Harness {
         snapshot,

@@ -8,6 +8,7 @@ mod support;
 mod config_cli;
 mod dns;
 mod lifecycle;
+mod proxy_http;
 mod proxy_l4;
 mod registry_e2e;
 mod store_conformance;

@@ -17,6 +17,8 @@ pub struct Daemon {
     pub admin: SocketAddr,
     /// DNS over UDP and TCP.
     pub dns: SocketAddr,
+    /// The HTTP proxy listener.
+    pub http: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
 }
@@ -35,10 +37,9 @@ impl Reply {
 }
 
 /// Config text with every listener on a free loopback port.
-pub fn base_config(admin_port: u16, dns_port: u16) -> String {
+pub fn base_config(admin_port: u16, dns_port: u16, http_port: u16) -> String {
     format!(
-        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[dns]\nlisten = \"127.0.0.1:{dns_port}\"\n[[proxy.http]]\nlisten = \"127.0.0.1:{}\"\n",
-        free_port()
+        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[dns]\nlisten = \"127.0.0.1:{dns_port}\"\n[[proxy.http]]\nlisten = \"127.0.0.1:{http_port}\"\n"
     )
 }
 
@@ -57,11 +58,11 @@ impl Daemon {
     /// Starts without waiting for readiness.
     pub fn spawn(extra: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (admin_port, dns_port) = (free_port(), free_port());
+        let (admin_port, dns_port, http_port) = (free_port(), free_port(), free_port());
         let config_path = dir.path().join("svcd.toml");
         std::fs::write(
             &config_path,
-            format!("{}{extra}", base_config(admin_port, dns_port)),
+            format!("{}{extra}", base_config(admin_port, dns_port, http_port)),
         )
         .expect("write config");
         let log = std::fs::File::create(dir.path().join("svcd.log")).expect("log file");
@@ -79,6 +80,7 @@ impl Daemon {
             child: Some(child),
             admin: format!("127.0.0.1:{admin_port}").parse().expect("addr"),
             dns: format!("127.0.0.1:{dns_port}").parse().expect("addr"),
+            http: format!("127.0.0.1:{http_port}").parse().expect("addr"),
             dir,
             config_path,
         }

@@ -1,5 +1,6 @@
 //! Test harness: etcd and svcd processes, free ports, polling helpers.
 
+pub mod backend;
 pub mod daemon;
 pub mod dns;
 pub mod etcd;

@@ -1,0 +1,296 @@
+//! One request: check framing, route, pick, rewrite, send (retrying where safe), stream back.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Empty};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+use super::body::{local, InFlight, ProxyBody, TrackedBody};
+use super::framing::ConnWatch;
+use super::headers::{add_forwarding, strip_hop_by_hop, wants_upgrade};
+use super::route::MAX_HOST;
+use super::HttpContext;
+use crate::balance::{ServiceBalancer, Slot};
+
+/// What a request handler knows about its client connection.
+pub struct ClientConn {
+    pub watch: Arc<ConnWatch>,
+    /// The client's IP as a header value, made once per connection for `X-Forwarded-For`.
+    pub ip: HeaderValue,
+}
+
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// The request's host: the URI authority (HTTP/2, absolute-form) or the Host header.
+fn host_of(req: &Request<Incoming>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => req.headers().get(header::HOST)?.to_str().ok(),
+    }
+}
+
+pub async fn handle(
+    ctx: Arc<HttpContext>,
+    client: Arc<ClientConn>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    Ok(proxy(&ctx, &client, req)
+        .await
+        .unwrap_or_else(|(status, text, close)| {
+            ctx.metrics.local(status.as_u16());
+            local(status, text, close)
+        }))
+}
+
+type Refusal = (StatusCode, String, bool);
+
+/// A routed request: its balancer and instances.
+struct Routed {
+    balancer: Arc<ServiceBalancer>,
+    service: Arc<svcd_registry::ServiceEndpoints>,
+    timeout: std::time::Duration,
+    retries: usize,
+}
+
+fn route(ctx: &HttpContext, req: &Request<Incoming>) -> Result<Routed, Refusal> {
+    let settings = ctx.settings.load();
+    let Some(host) = host_of(req) else {
+        return Err((StatusCode::BAD_REQUEST, "missing Host\n".into(), true));
+    };
+    let mut buf = [0u8; MAX_HOST];
+    let no_route = || {
+        (
+            StatusCode::NOT_FOUND,
+            format!("no route for host {host:?}\n"),
+            false,
+        )
+    };
+    let target = settings
+        .router
+        .route(host, req.uri().path(), &mut buf)
+        .ok_or_else(no_route)?;
+    let service = ctx
+        .snapshot
+        .load()
+        .service(target.namespace, target.service)
+        .cloned()
+        .ok_or_else(|| {
+            (
+                StatusCode::NOT_FOUND,
+                format!("no service {}.{}\n", target.service, target.namespace),
+                false,
+            )
+        })?;
+    let balancer = settings
+        .table
+        .get(target.service, target.namespace, target.port)
+        .ok_or_else(no_route)?;
+    Ok(Routed {
+        balancer,
+        service,
+        timeout: target.timeout,
+        retries: target.retries,
+    })
+}
+
+async fn proxy(
+    ctx: &Arc<HttpContext>,
+    client: &ClientConn,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Refusal> {
+    if client
+        .watch
+        .bad_framing
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "ambiguous request framing\n".into(),
+            true,
+        ));
+    }
+    let routed = route(ctx, &req)?;
+    let settings = ctx.settings.load_full();
+    let balancer = &routed.balancer;
+    let view = balancer.view(&routed.service);
+    let Some(pick) = balancer.pick(&view, &settings.outlier) else {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no healthy instance of {}\n", balancer.name),
+            false,
+        ));
+    };
+
+    let upgrade = wants_upgrade(req.version(), req.headers());
+    let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let host = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let (mut parts, body) = req.into_parts();
+    let downstream_version = parts.version;
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    add_forwarding(
+        &mut parts.headers,
+        downstream_version,
+        &client.ip,
+        host.clone(),
+    );
+    if let Some(host) = host {
+        parts.headers.entry(header::HOST).or_insert(host);
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let retries = routed.retries.min(pick.slots.len().saturating_sub(1));
+    // A bodiless request can be sent again; keep what is needed to rebuild it.
+    let replay = (retries > 0 && body.is_end_stream())
+        .then(|| (parts.method.clone(), parts.headers.clone()));
+    let may_retry_sent = idempotent(&parts.method);
+    let mut first = Some((parts, body));
+    let total = pick.slots.len();
+    let upstreams = ctx.upstreams.load_full();
+
+    for attempt in 0..=retries {
+        let Some(slot) = pick.attempt(attempt) else {
+            break;
+        };
+        let client_pool = if upgrade {
+            upstreams.h1()
+        } else {
+            upstreams.for_protocol(slot.endpoint.protocol)
+        };
+        let h2 = !upgrade && client_pool_is_h2(slot);
+        let mut request = match first.take() {
+            Some((parts, body)) => Request::from_parts(parts, Either::Left(body)),
+            None => {
+                let (method, headers) = replay.clone().expect("retries need a replayable request");
+                let mut r = Request::new(Either::Right(Empty::new()));
+                *r.method_mut() = method;
+                *r.headers_mut() = headers;
+                r
+            }
+        };
+        *request.uri_mut() = upstream_uri(slot, path.clone());
+        *request.version_mut() = if h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        let in_flight = InFlight::start(&slot.stats, &balancer.metrics.active);
+        let started = Instant::now();
+        let sent: Result<_, _> =
+            tokio::time::timeout(routed.timeout, client_pool.request(request)).await;
+        match sent {
+            Ok(Ok(mut response)) => {
+                balancer
+                    .metrics
+                    .duration
+                    .observe(started.elapsed().as_secs_f64());
+                let status = response.status();
+                slot.stats.metrics.count(status.as_u16());
+                if status.is_server_error() {
+                    ctx.outlier.failure(
+                        balancer,
+                        total,
+                        &slot.stats,
+                        &settings.outlier,
+                        status.as_str(),
+                    );
+                } else {
+                    ctx.outlier.success(&slot.stats);
+                }
+                let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+                if let (true, Some(on_client)) = (switching, on_client_upgrade) {
+                    let on_upstream = hyper::upgrade::on(&mut response);
+                    let hard_stop = ctx.hard_stop.clone();
+                    ctx.tracker.spawn(async move {
+                        let (Ok(down), Ok(up)) = tokio::join!(on_client, on_upstream) else {
+                            return;
+                        };
+                        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                        tokio::select! {
+                            r = tokio::io::copy_bidirectional(&mut down, &mut up) => {
+                                debug!(result = ?r, "upgraded connection closed");
+                            }
+                            _ = hard_stop.cancelled() => {}
+                        }
+                    });
+                }
+                strip_hop_by_hop(response.headers_mut(), switching);
+                *response.version_mut() = downstream_version;
+                return Ok(response.map(|b| Either::Left(TrackedBody::new(b, in_flight))));
+            }
+            Ok(Err(e)) => {
+                drop(in_flight);
+                let connect = e.is_connect();
+                let reason = if connect {
+                    "connect failed"
+                } else {
+                    "upstream error"
+                };
+                debug!(service = %balancer.name, endpoint = %slot.stats.id, error = %e, "upstream request failed");
+                ctx.outlier
+                    .failure(balancer, total, &slot.stats, &settings.outlier, reason);
+                slot.stats.metrics.count(502);
+                let can_retry = replay.is_some() && (connect || may_retry_sent);
+                if can_retry && attempt < retries {
+                    balancer.metrics.retries.inc();
+                    continue;
+                }
+                return Err((
+                    StatusCode::BAD_GATEWAY,
+                    format!("{}: upstream {reason}\n", balancer.name),
+                    false,
+                ));
+            }
+            Err(_) => {
+                drop(in_flight);
+                ctx.outlier
+                    .failure(balancer, total, &slot.stats, &settings.outlier, "timeout");
+                slot.stats.metrics.count(504);
+                return Err((
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("{}: upstream timed out\n", balancer.name),
+                    false,
+                ));
+            }
+        }
+    }
+    Err((
+        StatusCode::BAD_GATEWAY,
+        format!("{}: no instance answered\n", balancer.name),
+        false,
+    ))
+}
+
+fn client_pool_is_h2(slot: &Slot) -> bool {
+    matches!(
+        slot.endpoint.protocol,
+        svcd_config::Protocol::H2 | svcd_config::Protocol::Grpc
+    )
+}
+
+/// `http://<ip:port><path>`, from parts made once per instance.
+fn upstream_uri(slot: &Slot, path: PathAndQuery) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(slot.authority.clone());
+    parts.path_and_query = Some(path);
+    Uri::from_parts(parts).expect("scheme, authority and path make a URI")
+}

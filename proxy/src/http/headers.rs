@@ -1,0 +1,152 @@
+//! Header rewriting between client and instance: hop-by-hop headers removed (RFC 9110 §7.6.1),
+//! forwarding headers added.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop headers: the fixed set and any named in `Connection`. `keep_upgrade` keeps
+/// `Upgrade` and `Connection: upgrade` (a WebSocket handshake is forwarded as such). `TE:
+/// trailers` is kept, as gRPC needs it end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Names listed in Connection, other than the fixed set (rare; allocates only then).
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty()
+                || token.eq_ignore_ascii_case(b"close")
+                || token.eq_ignore_ascii_case(b"keep-alive")
+                || token.eq_ignore_ascii_case(b"upgrade")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                listed.push(name);
+            }
+        }
+    }
+    for name in listed {
+        headers.remove(name);
+    }
+    headers.remove(header::CONNECTION);
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
+    headers.remove(header::TRAILER);
+    headers.remove(header::TRANSFER_ENCODING);
+    if let Some(te) = headers.get(header::TE) {
+        let trailers = te
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Does this HTTP/1.1 request ask to switch protocols (WebSocket)?
+pub fn wants_upgrade(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+        })
+}
+
+/// Adds `X-Forwarded-For` (appended to any the client sent), `X-Forwarded-Proto`,
+/// `X-Forwarded-Host` (when the client did not set one) and `Via`.
+pub fn add_forwarding(
+    headers: &mut HeaderMap,
+    version: Version,
+    client_ip: &HeaderValue,
+    host: Option<HeaderValue>,
+) {
+    match headers.get(X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + client_ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(client_ip.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&v) {
+                headers.insert(X_FORWARDED_FOR, v);
+            }
+        }
+        None => {
+            headers.insert(X_FORWARDED_FOR, client_ip.clone());
+        }
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(host) = host {
+        if !headers.contains_key(X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+    }
+    let via = match version {
+        Version::HTTP_2 => HeaderValue::from_static("2 svcd"),
+        Version::HTTP_10 => HeaderValue::from_static("1.0 svcd"),
+        _ => HeaderValue::from_static("1.1 svcd"),
+    };
+    headers.append(header::VIA, via);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_removed_and_forwarding_added() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.9.9.9"));
+        strip_hop_by_hop(&mut h, false);
+        add_forwarding(
+            &mut h,
+            Version::HTTP_11,
+            &HeaderValue::from_static("127.0.0.1"),
+            Some(HeaderValue::from_static("web")),
+        );
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get(header::UPGRADE).is_none());
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h[X_FORWARDED_FOR], "10.9.9.9, 127.0.0.1");
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert_eq!(h[X_FORWARDED_HOST], "web");
+        assert_eq!(h[header::VIA], "1.1 svcd");
+    }
+
+    #[test]
+    fn upgrade_kept_for_websocket() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(Version::HTTP_11, &h));
+        assert!(!wants_upgrade(Version::HTTP_2, &h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+}

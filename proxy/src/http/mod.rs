@@ -1,0 +1,290 @@
+//! The HTTP proxy: requests, not connections, balanced over a service's healthy instances.
+//!
+//! ```text
+//! client ──TCP──► ClientIo (framing guard, idle stamp) ──► hyper auto (HTTP/1.1 | h2c)
+//!   └─► forward::handle: Host/:authority ─► Router ─► snapshot service ─► ServiceBalancer.pick
+//!         ─► rewrite headers ─► Upstreams (h1 or h2 pool per instance protocol)
+//!         ─► response streamed back (trailers included); 101 → tunnel both upgraded streams
+//! ```
+//!
+//! * [`route`]: explicit routes, then service names from the Host.
+//! * [`framing`]: the request-smuggling guard and activity stamp under hyper.
+//! * [`headers`]: hop-by-hop removal, X-Forwarded-*, Via.
+//! * [`upstream`]: the pooled hyper-util clients.
+//! * [`forward`]: one request, with retries and timeouts.
+//! * [`metrics`], [`body`]: accounting that ends when the response body does.
+
+pub mod body;
+pub mod forward;
+pub mod framing;
+pub mod headers;
+pub mod metrics;
+pub mod route;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use svcd_config::{L7Config, OutlierConfig, ProxyConfig};
+use svcd_registry::SnapshotReader;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::balance::BalancerTable;
+use crate::outlier::OutlierDetector;
+use crate::ProxyError;
+use forward::ClientConn;
+use framing::{ClientIo, ConnWatch};
+use metrics::HttpMetrics;
+use route::Router;
+use upstream::Upstreams;
+
+/// Everything a request reads that a reload can change; swapped whole.
+pub struct HttpSettings {
+    pub router: Router,
+    pub table: BalancerTable,
+    pub l7: L7Config,
+    pub outlier: OutlierConfig,
+    /// hyper's connection builder, carrying the limits.
+    server: auto::Builder<TokioExecutor>,
+}
+
+impl HttpSettings {
+    fn new(config: &ProxyConfig, domain: &str, metrics: &Arc<HttpMetrics>) -> Self {
+        let l7 = &config.l7;
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(l7.header_read_timeout)
+            .max_buf_size(l7.max_header_bytes)
+            .max_headers(l7.max_headers);
+        server
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(l7.max_concurrent_streams)
+            .max_pending_accept_reset_streams(l7.max_pending_accept_reset_streams)
+            .max_header_list_size(l7.max_header_bytes as u32)
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        HttpSettings {
+            router: Router::new(&config.routes, domain, l7.request_timeout, l7.retries),
+            table: BalancerTable::new(l7.balance, l7.balance_by_service.clone(), metrics.clone()),
+            l7: l7.clone(),
+            outlier: config.outlier.clone(),
+            server,
+        }
+    }
+}
+
+/// Shared by the HTTP listeners and every request.
+pub struct HttpContext {
+    pub snapshot: SnapshotReader,
+    pub settings: ArcSwap<HttpSettings>,
+    pub upstreams: ArcSwap<Upstreams>,
+    pub metrics: Arc<HttpMetrics>,
+    pub outlier: Arc<OutlierDetector>,
+    /// Connections and upgraded tunnels, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the drain time is over.
+    pub hard_stop: CancellationToken,
+}
+
+/// The running HTTP listeners by address; each has its own stop token (reload removes one).
+pub struct HttpProxy {
+    pub ctx: Arc<HttpContext>,
+    /// Guards only the set of listeners (start, reload), never a request.
+    listeners: Mutex<HashMap<SocketAddr, CancellationToken>>,
+}
+
+impl HttpProxy {
+    pub async fn start(
+        config: &ProxyConfig,
+        domain: &str,
+        snapshot: SnapshotReader,
+        outlier: Arc<OutlierDetector>,
+        prometheus: &prometheus::Registry,
+    ) -> Result<HttpProxy, ProxyError> {
+        let metrics = HttpMetrics::new(prometheus)?;
+        let proxy = HttpProxy {
+            ctx: Arc::new(HttpContext {
+                snapshot,
+                settings: ArcSwap::from_pointee(HttpSettings::new(config, domain, &metrics)),
+                upstreams: ArcSwap::from_pointee(Upstreams::new(
+                    &config.l7,
+                    config.connect_timeout,
+                    metrics.clone(),
+                )),
+                metrics,
+                outlier,
+                tracker: TaskTracker::new(),
+                hard_stop: CancellationToken::new(),
+            }),
+            listeners: Mutex::new(HashMap::new()),
+        };
+        match proxy.bind_missing(config).await.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(proxy),
+        }
+    }
+
+    /// Applies a new configuration: settings swapped for the next request, listeners added and
+    /// removed (a removed one stops accepting; its connections finish gracefully).
+    pub async fn reconfigure(&self, config: &ProxyConfig, domain: &str) -> Vec<ProxyError> {
+        let ctx = &self.ctx;
+        ctx.settings
+            .store(Arc::new(HttpSettings::new(config, domain, &ctx.metrics)));
+        ctx.upstreams.store(Arc::new(Upstreams::new(
+            &config.l7,
+            config.connect_timeout,
+            ctx.metrics.clone(),
+        )));
+        self.bind_missing(config).await
+    }
+
+    async fn bind_missing(&self, config: &ProxyConfig) -> Vec<ProxyError> {
+        let mut to_bind = Vec::new();
+        {
+            let mut running = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+            running.retain(|addr, stop| {
+                let keep = config.http.iter().any(|l| l.listen == *addr);
+                if !keep {
+                    info!(%addr, "HTTP listener removed; open connections finish");
+                    stop.cancel();
+                }
+                keep
+            });
+            for (i, l) in config.http.iter().enumerate() {
+                if !running.contains_key(&l.listen) {
+                    to_bind.push((i, l.listen));
+                }
+            }
+        }
+        let mut errors = Vec::new();
+        for (i, addr) in to_bind {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    info!(%addr, "HTTP proxy listening");
+                    let stop = CancellationToken::new();
+                    tokio::spawn(accept_loop(listener, self.ctx.clone(), stop.clone()));
+                    self.listeners
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(addr, stop);
+                }
+                Err(source) => errors.push(ProxyError::Bind {
+                    key: format!("proxy.http[{i}].listen"),
+                    addr,
+                    source,
+                }),
+            }
+        }
+        errors
+    }
+
+    /// Stops accepting; open connections are asked to finish (HTTP/2 GOAWAY, HTTP/1 close after
+    /// the current response).
+    pub fn stop_accepting(&self) {
+        for stop in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            stop.cancel();
+        }
+    }
+
+    /// Waits for open connections up to `timeout`, then closes what is left.
+    pub async fn drain(&self, timeout: Duration) {
+        self.stop_accepting();
+        self.ctx.tracker.close();
+        if tokio::time::timeout(timeout, self.ctx.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("HTTP proxy drain timeout reached; closing open connections");
+        }
+        self.ctx.hard_stop.cancel();
+        self.ctx.tracker.wait().await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<HttpContext>, stop: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    warn!(error = %e, "HTTP proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let (ctx2, stop) = (ctx.clone(), stop.clone());
+        ctx.tracker.spawn(async move {
+            serve_connection(&ctx2, stream, peer, stop).await;
+            debug!(%peer, "HTTP client connection closed");
+        });
+    }
+}
+
+async fn serve_connection(
+    ctx: &Arc<HttpContext>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    ctx.metrics.downstream_open.inc();
+    let settings = ctx.settings.load_full();
+    let watch = ConnWatch::new();
+    let io = TokioIo::new(ClientIo::new(
+        stream,
+        watch.clone(),
+        settings.l7.max_header_bytes,
+    ));
+    let client = Arc::new(ClientConn {
+        watch: watch.clone(),
+        ip: HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a header value"),
+    });
+    let ctx2 = ctx.clone();
+    let service = service_fn(move |req| forward::handle(ctx2.clone(), client.clone(), req));
+    let conn = settings.server.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let idle = settings.l7.idle_timeout;
+    let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(%peer, error = %e, "HTTP client connection ended with an error");
+                }
+                break;
+            }
+            _ = stop.cancelled(), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            _ = ctx.hard_stop.cancelled() => break,
+            _ = tick.tick() => {
+                if watch.idle_for() >= idle {
+                    debug!(%peer, "HTTP client connection idle; closing");
+                    break;
+                }
+            }
+        }
+    }
+    ctx.metrics.downstream_open.dec();
+}

@@ -1,0 +1,457 @@
+//! The HTTP proxy through the real daemon: real hyper backends, real clients over real sockets.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::backend::Backend;
+use crate::support::daemon::Daemon;
+use crate::support::eventually;
+
+async fn register(d: &Daemon, svc: &str, id: &str, addr: SocketAddr, protocol: &str) {
+    register_state(d, svc, id, addr, protocol, "healthy").await;
+}
+
+async fn register_state(
+    d: &Daemon,
+    svc: &str,
+    id: &str,
+    addr: SocketAddr,
+    protocol: &str,
+    state: &str,
+) {
+    let body = format!(
+        r#"{{"ip":"{}","ports":{{"http":{}}},"protocol":"{protocol}","state":"{state}"}}"#,
+        addr.ip(),
+        addr.port()
+    );
+    let r = d
+        .request(
+            "PUT",
+            &format!("/v1/services/default/{svc}/instances/{id}"),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Waits until the proxy answers `host` with 200 from `n` distinct backends (a new connection
+/// per probe).
+async fn wait_routable(d: &Daemon, host: &str, n: usize) {
+    let addr = d.http;
+    eventually(Duration::from_secs(10), "service routable", || async move {
+        let mut c = H1::connect(addr).await;
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..n * 2 {
+            let (s, b) = c.get(host, "/").await;
+            if s != StatusCode::OK {
+                return None;
+            }
+            seen.insert(b);
+        }
+        (seen.len() == n).then_some(())
+    })
+    .await;
+}
+
+/// One HTTP/1.1 keep-alive connection to the proxy.
+struct H1 {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl H1 {
+    async fn connect(addr: SocketAddr) -> H1 {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn.with_upgrades());
+        H1 { send }
+    }
+
+    async fn request(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> (StatusCode, http::HeaderMap, String) {
+        self.send.ready().await.expect("connection usable");
+        let r = self.send.send_request(req).await.expect("response");
+        let (parts, body) = r.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into(),
+        )
+    }
+
+    async fn get(&mut self, host: &str, path: &str) -> (StatusCode, String) {
+        let req = Request::get(path)
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (s, _, b) = self.request(req).await;
+        (s, b)
+    }
+}
+
+async fn metrics(d: &Daemon) -> String {
+    d.get("/metrics").await.body
+}
+
+#[tokio::test]
+async fn requests_not_connections_are_balanced_round_robin() {
+    let d = Daemon::start("").await;
+    let backends = [
+        Backend::start("b1").await,
+        Backend::start("b2").await,
+        Backend::start("b3").await,
+    ];
+    for (i, b) in backends.iter().enumerate() {
+        register(&d, "web", &format!("w{i}"), b.addr, "http").await;
+    }
+    wait_routable(&d, "web", 3).await;
+    let before: Vec<usize> = backends.iter().map(Backend::count).collect();
+    // One keep-alive connection, 30 requests: each backend gets exactly 10.
+    let mut c = H1::connect(d.http).await;
+    for _ in 0..30 {
+        let (s, _) = c.get("web.default.svc.cluster.local:8080", "/").await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let spread: Vec<usize> = backends
+        .iter()
+        .zip(&before)
+        .map(|(b, n)| b.count() - n)
+        .collect();
+    assert_eq!(spread, [10, 10, 10], "requests per backend");
+    let m = metrics(&d).await;
+    assert!(
+        m.contains(r#"svcd_http_requests_total{code="2xx",endpoint="w0",service="web.default"}"#),
+        "{m}"
+    );
+    assert!(m.contains("svcd_http_request_duration_seconds_bucket"));
+    assert!(m.contains("svcd_http_upstream_connections "));
+}
+
+#[tokio::test]
+async fn headers_rewritten_and_errors_named() {
+    let d = Daemon::start("").await;
+    let b = Backend::start("b1").await;
+    register(&d, "web", "w1", b.addr, "http").await;
+    wait_routable(&d, "web", 1).await;
+    let mut c = H1::connect(d.http).await;
+    let req = Request::get("/headers")
+        .header("host", "web")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("x-forwarded-for", "192.0.2.7")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (s, _, body) = c.request(req).await;
+    assert_eq!(s, StatusCode::OK);
+    for want in [
+        "x-forwarded-for: 192.0.2.7, 127.0.0.1",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: web",
+        "via: 1.1 svcd",
+        "host: web",
+    ] {
+        assert!(body.contains(want), "missing {want:?} in:\n{body}");
+    }
+    for gone in ["x-hop", "keep-alive", "connection"] {
+        assert!(
+            !body.contains(&format!("{gone}:")),
+            "{gone} forwarded:\n{body}"
+        );
+    }
+    // No route, and a route with no healthy instance.
+    let (s, text) = c.get("nothing.here", "/").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{text}");
+    let (s, text) = c.get("a.b.c.d", "/").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{text}");
+    register_state(&d, "sick", "s1", b.addr, "http", "unhealthy").await;
+    let text = eventually(Duration::from_secs(5), "503", || async {
+        let mut c = H1::connect(d.http).await;
+        let (s, text) = c.get("sick", "/").await;
+        (s == StatusCode::SERVICE_UNAVAILABLE).then_some(text)
+    })
+    .await;
+    assert!(text.contains("sick.default"), "{text}");
+    assert_eq!(
+        b.count(),
+        1 + 2,
+        "only the probe and the /headers request reached it"
+    );
+}
+
+#[tokio::test]
+async fn h2_clients_reach_h1_and_h2_instances_with_trailers() {
+    let d = Daemon::start("").await;
+    let h1 = Backend::start("h1").await;
+    let h2 = Backend::start("h2").await;
+    register(&d, "old", "o1", h1.addr, "http").await;
+    register(&d, "grpc", "g1", h2.addr, "grpc").await;
+    wait_routable(&d, "old", 1).await;
+    wait_routable(&d, "grpc", 1).await;
+
+    let stream = TcpStream::connect(d.http).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // h2 → h1: the instance sees HTTP/1.1 and the original authority as Host.
+    let req = Request::get("http://old.default/headers")
+        .body(http_body_util::Either::Left(Empty::<Bytes>::new()))
+        .unwrap();
+    let r = send.send_request(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body =
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(body.starts_with("HTTP/1.1"), "{body}");
+    assert!(body.contains("host: old.default"), "{body}");
+    assert!(body.contains("via: 2 svcd"), "{body}");
+
+    // h2 → h2, gRPC style: a streamed request body echoed frame by frame, trailers at the end.
+    let (mut tx, channel) = http_body_util::channel::Channel::<Bytes, hyper::Error>::new(4);
+    let req = Request::post("http://grpc/stream")
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .body(http_body_util::Either::Right(channel))
+        .unwrap();
+    let response = tokio::spawn(send.send_request(req));
+    let mut chunks = Vec::new();
+    for i in 0..3u8 {
+        tx.send_data(Bytes::from(vec![b'a' + i; 1000]))
+            .await
+            .unwrap();
+        chunks.push(vec![b'a' + i; 1000]);
+    }
+    drop(tx);
+    let r = response.await.unwrap().unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let collected = r.into_body().collect().await.unwrap();
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers passed through");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(collected.to_bytes().to_vec(), chunks.concat());
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled() {
+    let d = Daemon::start("").await;
+    let b = Backend::start("ws").await;
+    register(&d, "chat", "c1", b.addr, "http").await;
+    wait_routable(&d, "chat", 1).await;
+    let mut s = TcpStream::connect(d.http).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: chat\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for msg in [&b"hello"[..], b"second message"] {
+        s.write_all(msg).await.unwrap();
+        let mut echo = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+            .await
+            .expect("echo in 5s")
+            .unwrap();
+        assert_eq!(echo, msg);
+    }
+}
+
+#[tokio::test]
+async fn killed_backend_is_retried_and_hanging_one_times_out() {
+    let d = Daemon::start(
+        "[proxy.outlier]\nconsecutive_failures = 0\n[[proxy.routes]]\nhost = \"slow.test\"\nservice = \"web\"\ntimeout = \"300ms\"\n",
+    )
+    .await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    register(&d, "web", "w1", b1.addr, "http").await;
+    register(&d, "web", "w2", b2.addr, "http").await;
+    wait_routable(&d, "web", 2).await;
+    let mut c = H1::connect(d.http).await;
+    for _ in 0..4 {
+        assert_eq!(c.get("web", "/").await.0, StatusCode::OK);
+    }
+    b2.kill();
+    // Every GET still succeeds: the one sent to the dead instance is retried on the live one.
+    for i in 0..20 {
+        let (s, body) = c.get("web", "/").await;
+        assert_eq!((s, body.as_str()), (StatusCode::OK, "b1"), "request {i}");
+    }
+    assert!(
+        metrics(&d)
+            .await
+            .contains(r#"svcd_http_retries_total{service="web.default"}"#),
+        "retries counted"
+    );
+    // A POST with a body is not replayed: a failure on the dead instance shows as 502.
+    let mut failures = 0;
+    for _ in 0..6 {
+        let req = Request::post("/")
+            .header("host", "web")
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .unwrap();
+        let (s, _, _) = H1::connect(d.http).await.request(req).await;
+        match s {
+            StatusCode::OK => {}
+            StatusCode::BAD_GATEWAY => failures += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        failures > 0,
+        "round robin sent some POSTs to the dead instance"
+    );
+
+    // 504: the route's timeout cuts a hanging instance short.
+    let started = Instant::now();
+    let (s, text) = c.get("slow.test", "/hang").await;
+    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{text}");
+    assert!(text.contains("web.default"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn large_upload_streams_with_flat_memory() {
+    let d = Daemon::start("").await;
+    let b = Backend::start("sink").await;
+    register(&d, "sink", "s1", b.addr, "http").await;
+    wait_routable(&d, "sink", 1).await;
+    const TOTAL: u64 = 1 << 30;
+    const CHUNK: usize = 1 << 20;
+    let (mut tx, channel) = http_body_util::channel::Channel::<Bytes, hyper::Error>::new(2);
+    let stream = TcpStream::connect(d.http).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("/upload")
+        .header("host", "sink")
+        .body(channel)
+        .unwrap();
+    let response = tokio::spawn(send.send_request(req));
+    let chunk = Bytes::from(vec![7u8; CHUNK]);
+    for _ in 0..TOTAL / CHUNK as u64 {
+        tx.send_data(chunk.clone()).await.unwrap();
+    }
+    drop(tx);
+    let r = response.await.unwrap().unwrap();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(String::from_utf8_lossy(&body), TOTAL.to_string());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let hwm_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        hwm_kb < 150 * 1024,
+        "svcd peak RSS {hwm_kb} kB after a 1 GiB upload: the body was buffered"
+    );
+}
+
+/// Sends raw bytes, returns everything the proxy answers until it closes (or 5 s).
+async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into()
+}
+
+#[tokio::test]
+async fn smuggling_corpus_is_refused_and_never_forwarded() {
+    let d = Daemon::start("").await;
+    let b = Backend::start("b1").await;
+    register(&d, "web", "w1", b.addr, "http").await;
+    wait_routable(&d, "web", 1).await;
+    let before = b.count();
+    let corpus: &[&[u8]] = &[
+        // CL.TE and TE.CL
+        b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
+        b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n",
+        // duplicate and conflicting Content-Length
+        b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        // malformed Content-Length
+        b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 5x\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: -1\r\n\r\n",
+        // unknown or obfuscated Transfer-Encoding
+        b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding:\x0bchunked\r\n\r\n0\r\n\r\n",
+        // Transfer-Encoding in HTTP/1.0; obs-fold
+        b"POST / HTTP/1.0\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 0\r\nX-Fold: a\r\n b\r\n\r\n",
+        // smuggled second request behind a clean one
+        b"GET / HTTP/1.1\r\nHost: web\r\n\r\nPOST / HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ];
+    for (i, request) in corpus.iter().enumerate() {
+        let reply = raw_exchange(d.http, request).await;
+        assert!(
+            reply.starts_with("HTTP/1.1 400") || reply.starts_with("HTTP/1.0 400"),
+            "corpus[{i}] answered {reply:?}"
+        );
+        assert!(
+            !reply.contains("b1"),
+            "corpus[{i}] reached the backend: {reply:?}"
+        );
+    }
+    assert_eq!(
+        b.count(),
+        before,
+        "nothing of the corpus reached the backend"
+    );
+}
+
+#[tokio::test]
+async fn slow_headers_and_oversized_heads_are_cut_off() {
+    let d = Daemon::start("[proxy.l7]\nheader_read_timeout = \"500ms\"\nmax_header_bytes = 8192\n")
+        .await;
+    let b = Backend::start("b1").await;
+    register(&d, "web", "w1", b.addr, "http").await;
+    wait_routable(&d, "web", 1).await;
+    // Slowloris: a head that never ends is closed at the timeout.
+    let mut s = TcpStream::connect(d.http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nX-Slow: 1")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "connection still open after 5 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    // A head over max_header_bytes gets 431.
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: web\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(16 * 1024)
+    );
+    let reply = raw_exchange(d.http, big.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
+}
