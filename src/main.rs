@@ -32,11 +32,18 @@ fn main() -> std::process::ExitCode {
             )
             .init();
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // The proxies run on the main runtime: `proxy.workers` sizes it.
-    if let Some(workers) = proxy_workers(&cli.command) {
-        builder.worker_threads(workers);
-    }
+    // The proxies run on the main runtime: `proxy.workers` sizes it. One worker gets the
+    // current-thread scheduler: same semantics, and task wake-ups (two per proxied HTTP request,
+    // between the client and upstream connection tasks) need no cross-thread synchronisation.
+    let mut builder = match proxy_workers(&cli.command) {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(workers) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(workers);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

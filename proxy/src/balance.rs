@@ -224,7 +224,7 @@ impl ServiceBalancer {
 /// `"<svc>.<ns>:<port>"` for a route naming a port). Read without locking; a service seen for the
 /// first time is added under `insert`, once.
 pub struct BalancerTable {
-    by_name: ArcSwap<HashMap<Box<str>, Arc<ServiceBalancer>>>,
+    by_name: ArcSwap<HashMap<Box<str>, Arc<ServiceBalancer>, foldhash::fast::FixedState>>,
     /// Serialises additions (first request to a new service), never taken by a lookup.
     insert: Mutex<()>,
     /// Policy per service and the default, from `proxy.l7`.
@@ -243,7 +243,7 @@ impl BalancerTable {
         metrics: Arc<crate::http::metrics::HttpMetrics>,
     ) -> Self {
         BalancerTable {
-            by_name: ArcSwap::from_pointee(HashMap::new()),
+            by_name: ArcSwap::from_pointee(HashMap::default()),
             insert: Mutex::new(()),
             balance,
             balance_by_service,

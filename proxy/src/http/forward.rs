@@ -192,6 +192,12 @@ async fn proxy(
         } else {
             Version::HTTP_11
         };
+        if h2 {
+            // HTTP/2 carries the authority as `:authority` (the instance address here); a Host
+            // header beside it that differs is refused by servers such as nginx (RFC 9113
+            // §8.3.1). The client's host travels in X-Forwarded-Host.
+            request.headers_mut().remove(header::HOST);
+        }
         let in_flight = InFlight::start(&slot.stats, &balancer.metrics.active);
         let started = Instant::now();
         let sent: Result<_, _> =

@@ -10,47 +10,42 @@
 //! Content-Length, and any Transfer-Encoding other than `chunked`. It stops watching on the
 //! HTTP/2 preface or an upgrade (hyper and h2 frame those themselves).
 //!
-//! The same wrapper stamps the time of the last read or write, for the idle timeout.
+//! The same wrapper counts reads and writes, for the idle timeout.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// What one connection's guard found and when it was last active.
+/// What one connection's guard found, and whether it has been active.
 pub struct ConnWatch {
     /// Set when a request on this connection had ambiguous framing.
     pub bad_framing: AtomicBool,
-    /// Milliseconds since `epoch` of the last read or write.
-    last_active_ms: AtomicU64,
-    epoch: Instant,
+    /// Bumped by every read or write that moved bytes. The idle check compares it between ticks,
+    /// so no clock is read per I/O.
+    activity: AtomicU64,
 }
 
 impl ConnWatch {
     pub fn new() -> Arc<Self> {
         Arc::new(ConnWatch {
             bad_framing: AtomicBool::new(false),
-            last_active_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
+            activity: AtomicU64::new(0),
         })
     }
 
     #[inline]
     fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_active_ms.store(ms, Ordering::Relaxed);
+        self.activity.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Time since the last read or write.
-    pub fn idle_for(&self) -> std::time::Duration {
-        let last = self.last_active_ms.load(Ordering::Relaxed);
-        let now = self.epoch.elapsed().as_millis() as u64;
-        std::time::Duration::from_millis(now.saturating_sub(last))
+    /// The activity count, to compare with an earlier reading.
+    pub fn activity(&self) -> u64 {
+        self.activity.load(Ordering::Relaxed)
     }
 }
 

@@ -25,7 +25,7 @@ struct Prefix {
 
 pub struct Router {
     /// Host → its routes, longest prefix first.
-    by_host: HashMap<String, Vec<Prefix>>,
+    by_host: HashMap<String, Vec<Prefix>, foldhash::fast::FixedState>,
     /// `.svc.<domain>`.
     cluster_suffix: String,
     timeout: Duration,
@@ -37,7 +37,8 @@ pub const MAX_HOST: usize = 253;
 
 impl Router {
     pub fn new(routes: &[HttpRoute], domain: &str, timeout: Duration, retries: usize) -> Self {
-        let mut by_host: HashMap<String, Vec<Prefix>> = HashMap::new();
+        let mut by_host: HashMap<String, Vec<Prefix>, foldhash::fast::FixedState> =
+            HashMap::default();
         for r in routes {
             by_host.entry(r.host.clone()).or_default().push(Prefix {
                 prefix: r.path_prefix.clone(),
