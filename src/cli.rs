@@ -181,7 +181,8 @@ pub struct InstanceArgs {
     /// Node name (default: the daemon's).
     #[arg(long)]
     pub node: Option<String>,
-    /// Active health check: tcp | http | none (`svcd exec` defaults to tcp on its first port).
+    /// Active health check: tcp | http | grpc | none (`svcd exec` defaults to tcp on its first
+    /// port). grpc calls grpc.health.v1.Health/Check over h2c.
     #[arg(long)]
     pub check: Option<String>,
     /// Named port the check probes (default: the first port).

@@ -142,6 +142,29 @@ pub async fn deregister(instance: &str, admin: &AdminArgs) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+/// The state an instance is served with here and why: an ejection by this node's proxy wins over
+/// the registered state; an unhealthy state carries the failing check's error.
+fn state_and_why(i: &serde_json::Value) -> (String, String) {
+    if let Some(ej) = i.get("ejection") {
+        return (
+            "ejected".into(),
+            format!(
+                "{} (until {}, ejection #{})",
+                ej["reason"].as_str().unwrap_or(""),
+                ej["until"].as_str().unwrap_or(""),
+                ej["count"]
+            ),
+        );
+    }
+    let state = i["state"].as_str().unwrap_or("").to_string();
+    let why = match (state.as_str(), i["reason"].as_str()) {
+        (_, Some(reason)) => reason.to_string(),
+        ("draining", None) => "drained".into(),
+        _ => String::new(),
+    };
+    (state, why)
+}
+
 pub async fn list(service: Option<&str>, admin: &AdminArgs) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(admin)?;
     match service {
@@ -166,8 +189,8 @@ pub async fn list(service: Option<&str>, admin: &AdminArgs) -> anyhow::Result<Ex
                 )
                 .await?;
             println!(
-                "{:<24} {:<40} {:<10} {:<16} PORTS",
-                "ID", "IP", "STATE", "NODE"
+                "{:<24} {:<40} {:<10} {:<16} {:<24} WHY",
+                "ID", "IP", "STATE", "NODE", "PORTS"
             );
             for i in v["instances"].as_array().into_iter().flatten() {
                 let ports: Vec<String> = i["ports"]
@@ -176,13 +199,15 @@ pub async fn list(service: Option<&str>, admin: &AdminArgs) -> anyhow::Result<Ex
                     .flatten()
                     .map(|(k, p)| format!("{k}={p}"))
                     .collect();
+                let (state, why) = state_and_why(i);
                 println!(
-                    "{:<24} {:<40} {:<10} {:<16} {}",
+                    "{:<24} {:<40} {:<10} {:<16} {:<24} {}",
                     i["id"].as_str().unwrap_or(""),
                     i["ip"].as_str().unwrap_or(""),
-                    i["state"].as_str().unwrap_or(""),
+                    state,
                     i["node"].as_str().unwrap_or(""),
-                    ports.join(",")
+                    ports.join(","),
+                    why
                 );
             }
         }

@@ -68,6 +68,10 @@ pub struct Instance {
     /// Active health check run by the daemon holding the registration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckSpec>,
+    /// Why the instance is in its state, when svcd knows: written by the daemon that runs the
+    /// instance's check when the check marks it unhealthy (the last check error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -168,12 +172,6 @@ impl CheckSpec {
         if !self.path.starts_with('/') {
             errors.push(FieldError::new("check.path", "must start with '/'"));
         }
-        if self.kind == CheckKind::Grpc {
-            errors.push(FieldError::new(
-                "check.type",
-                "grpc checks are not supported yet; use tcp or http",
-            ));
-        }
     }
 
     /// The port number to check on an instance.
@@ -201,6 +199,7 @@ impl Instance {
             state: State::default(),
             meta: BTreeMap::new(),
             check: None,
+            reason: None,
         }
     }
 

@@ -313,3 +313,83 @@ fn proxy_listeners_parse_and_report_paths() {
         );
     }
 }
+
+#[test]
+fn http_routes_balance_and_outlier_settings_checked_with_key_paths() {
+    let c = parse(
+        r#"
+[[proxy.routes]]
+host = "API.example.com"
+path_prefix = "/v1"
+service = "api.prod"
+timeout = "2s"
+retries = 0
+[proxy.l7]
+balance = "least_request"
+balance_by_service = { "web" = "round_robin" }
+[proxy.outlier]
+consecutive_failures = 0
+panic_mode = "fail"
+"#,
+    )
+    .unwrap();
+    let r = &c.proxy.routes[0];
+    assert_eq!(
+        (r.host.as_str(), r.path_prefix.as_str()),
+        ("api.example.com", "/v1")
+    );
+    assert_eq!(
+        (r.target.service.as_str(), r.target.namespace.as_str()),
+        ("api", "prod")
+    );
+    assert_eq!(
+        (r.timeout, r.retries),
+        (Some(Duration::from_secs(2)), Some(0))
+    );
+    assert_eq!(c.proxy.l7.balance, crate::Balance::LeastRequest);
+    assert_eq!(
+        c.proxy.l7.balance_by_service.get("web.default"),
+        Some(&crate::Balance::RoundRobin)
+    );
+    assert_eq!(c.proxy.outlier.consecutive_failures, 0);
+    assert_eq!(c.proxy.outlier.panic_mode, crate::PanicMode::Fail);
+
+    let errors = errors_of(
+        r#"
+[[proxy.routes]]
+host = "a b"
+path_prefix = "v1"
+[[proxy.routes]]
+host = "x"
+service = "Bad_Name"
+timeout = "soon"
+retries = 99
+[proxy.l7]
+balance = "random"
+balance_by_service = { "-x" = "least_request", "ok" = "fastest" }
+max_header_bytes = 10
+[proxy.outlier]
+max_ejection_percent = 101
+panic_mode = "yolo"
+"#,
+    );
+    for want in [
+        "proxy.routes[0].host: invalid host",
+        "proxy.routes[0].path_prefix: \"v1\" must start with \"/\"",
+        "proxy.routes[0].service: missing",
+        "proxy.routes[1].service: service",
+        "proxy.routes[1].timeout: invalid duration",
+        "proxy.routes[1].retries: 99 is out of range",
+        "proxy.l7.balance: unknown balance \"random\"",
+        "proxy.l7.balance_by_service.-x: service",
+        "proxy.l7.balance_by_service.ok: unknown balance \"fastest\"",
+        "proxy.l7.max_header_bytes: 10 is out of range",
+        "proxy.outlier.max_ejection_percent: 101 is out of range",
+        "proxy.outlier.panic_mode: unknown panic mode \"yolo\"",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in {errors:#?}"
+        );
+    }
+}

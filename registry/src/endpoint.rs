@@ -23,6 +23,8 @@ pub struct Endpoint {
     pub weight: u32,
     pub protocol: Protocol,
     pub state: State,
+    /// Why the state (the failing check's error), when the holder wrote one.
+    pub reason: Option<Box<str>>,
     pub tags: Box<[Arc<str>]>,
     pub meta: Box<[(Arc<str>, Box<str>)]>,
     /// Store revision of the value; lets a re-list tell changed entries from unchanged ones.
@@ -72,6 +74,7 @@ impl Endpoint {
                 .collect(),
             // The check is run by the registering daemon; it is not part of what is served.
             check: None,
+            reason: self.reason.as_deref().map(Into::into),
         }
     }
 
@@ -81,6 +84,7 @@ impl Endpoint {
             && self.weight == instance.weight
             && self.protocol == instance.protocol
             && self.state == instance.state
+            && self.reason.as_deref() == instance.reason.as_deref()
             && *self.node == *instance.node
             && self.ports.len() == instance.ports.len()
             && self
@@ -146,6 +150,7 @@ impl Interner {
             weight: instance.weight,
             protocol: instance.protocol,
             state: instance.state,
+            reason: instance.reason.map(Into::into),
             tags: instance.tags.iter().map(|t| self.intern(t)).collect(),
             meta: instance
                 .meta

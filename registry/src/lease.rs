@@ -34,18 +34,20 @@ pub struct OwnRegistration {
     pub written: bool,
     /// The active health check's verdict, if the registration has a check: an `Unhealthy`
     /// verdict overrides a registered `healthy` state (a registered `draining` always wins).
-    /// Kept apart from `instance` so a client renewing its registration cannot undo it.
-    pub health: Option<svcd_config::State>,
+    /// Kept apart from `instance` so a client renewing its registration cannot undo it. With
+    /// the verdict, why (the last failing check's error), written as the instance's `reason`.
+    pub health: Option<(svcd_config::State, String)>,
 }
 
 impl OwnRegistration {
     /// The value written to the store: the registration with the health verdict applied.
     pub fn effective(&self) -> Instance {
         let mut instance = self.instance.clone();
-        if instance.state == svcd_config::State::Healthy
-            && self.health == Some(svcd_config::State::Unhealthy)
-        {
-            instance.state = svcd_config::State::Unhealthy;
+        if let Some((svcd_config::State::Unhealthy, reason)) = &self.health {
+            if instance.state == svcd_config::State::Healthy {
+                instance.state = svcd_config::State::Unhealthy;
+                instance.reason = Some(reason.clone());
+            }
         }
         instance
     }
@@ -116,7 +118,7 @@ impl LeaseKeeper {
             }
             // Same check (or none) as before: its verdict still holds.
             if existing.instance.check == instance.check {
-                health = existing.health;
+                health = existing.health.clone();
             }
         }
         let reg = OwnRegistration {
@@ -149,6 +151,7 @@ impl LeaseKeeper {
         &self,
         key: &InstanceKey,
         verdict: svcd_config::State,
+        reason: String,
     ) -> StoreResult<bool> {
         let mut state = self.state.lock().await;
         let store_key = key.to_key();
@@ -156,7 +159,7 @@ impl LeaseKeeper {
             return Ok(false);
         };
         let before = reg.effective();
-        reg.health = Some(verdict);
+        reg.health = Some((verdict, reason));
         let after = reg.effective();
         if before == after {
             return Ok(false);

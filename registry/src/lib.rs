@@ -169,11 +169,30 @@ impl Registry {
         tasks.spawn(self.keeper.clone().run(cancel));
     }
 
-    /// Updates gauges that are derived at scrape time (snapshot age).
+    /// Updates gauges that are derived at scrape time: snapshot age, and each endpoint's state
+    /// (O(endpoints), paid per scrape rather than per change).
     pub fn refresh_gauges(&self) {
         self.metrics
             .snapshot_age_seconds
             .set(self.status.snapshot_age().as_secs_f64());
+        let ejections = self.overlay.all_ejections();
+        let states = &self.metrics.endpoint_state;
+        states.reset();
+        let snapshot = self.snapshot.load_full();
+        for service in snapshot.services() {
+            let name = format!("{}.{}", service.service, service.namespace);
+            let ejected = ejections.get(&name);
+            for e in &service.all {
+                let state = if ejected.is_some_and(|ids| ids.contains_key(&e.id)) {
+                    "ejected"
+                } else {
+                    e.state.as_str()
+                };
+                states
+                    .with_label_values(&[name.as_str(), &e.id, state])
+                    .set(1);
+            }
+        }
     }
 }
 

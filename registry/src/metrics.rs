@@ -1,6 +1,6 @@
 //! Registry metrics, registered once into the daemon's one `prometheus::Registry`.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Handles resolved at start-up; updating one is an atomic op, never a registry lookup.
 #[derive(Clone)]
@@ -17,6 +17,9 @@ pub struct RegistryMetrics {
     pub services: IntGauge,
     pub lease_grants: IntCounter,
     pub own_registrations: IntGauge,
+    /// 1 per endpoint, labelled with its state as this node serves it (healthy, unhealthy,
+    /// draining, or ejected by this node's proxy). Rebuilt at scrape time from the snapshot.
+    pub endpoint_state: IntGaugeVec,
 }
 
 impl RegistryMetrics {
@@ -71,8 +74,16 @@ impl RegistryMetrics {
                 "svcd_registry_own_registrations",
                 "Registrations this daemon holds under its lease.",
             )?,
+            endpoint_state: IntGaugeVec::new(
+                Opts::new(
+                    "svcd_endpoint_state",
+                    "1 for each endpoint, with its state as this node serves it.",
+                ),
+                &["service", "endpoint", "state"],
+            )?,
         };
         registry.register(Box::new(events))?;
+        registry.register(Box::new(m.endpoint_state.clone()))?;
         for c in [&m.relists, &m.invalid_values, &m.publishes, &m.lease_grants] {
             registry.register(Box::new(c.clone()))?;
         }

@@ -96,6 +96,11 @@ impl LocalOverlay {
         self.publish_locked(&state);
     }
 
+    /// Every current ejection, by service.
+    pub fn all_ejections(&self) -> HashMap<String, BTreeMap<Box<str>, Ejection>> {
+        self.lock().ejected.clone()
+    }
+
     /// Current ejections of `service`.
     pub fn ejections(&self, service: &str) -> BTreeMap<Box<str>, Ejection> {
         self.lock()

@@ -8,13 +8,14 @@
 //! DELETE /v1/services/{ns}/{svc}/instances/{id}
 //! ```
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use svcd_registry::{Endpoint, Instance, InstanceKey, StoreError};
+use svcd_registry::{Ejection, Endpoint, Instance, InstanceKey, StoreError};
 
 use super::{json_error, json_response, read_body, AdminState, ApiError, Body};
 
@@ -83,18 +84,36 @@ fn endpoint_json(e: &Endpoint) -> Value {
     v
 }
 
+/// `endpoint_json` plus, when this node's proxy has ejected the instance, the ejection: its
+/// reason, since/until (RFC 3339) and how many times so far.
+fn endpoint_json_here(e: &Endpoint, ejections: &BTreeMap<Box<str>, Ejection>) -> Value {
+    let mut v = endpoint_json(e);
+    if let Some(ej) = ejections.get(&e.id) {
+        v["ejection"] = json!({
+            "reason": ej.reason,
+            "since": humantime::format_rfc3339_seconds(ej.since).to_string(),
+            "until": humantime::format_rfc3339_seconds(ej.until).to_string(),
+            "count": ej.count,
+        });
+    }
+    v
+}
+
 fn show_service(state: &AdminState, ns: &str, svc: &str) -> Response<Body> {
     let snapshot = state.registry.reader().load_full();
     match snapshot.service(ns, svc) {
-        Some(s) => json_response(
-            StatusCode::OK,
-            &json!({
-                "namespace": s.namespace,
-                "service": s.service,
-                "revision": snapshot.revision,
-                "instances": s.all.iter().map(|e| endpoint_json(e)).collect::<Vec<_>>(),
-            }),
-        ),
+        Some(s) => {
+            let ejections = state.registry.overlay().ejections(&format!("{svc}.{ns}"));
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "namespace": s.namespace,
+                    "service": s.service,
+                    "revision": snapshot.revision,
+                    "instances": s.all.iter().map(|e| endpoint_json_here(e, &ejections)).collect::<Vec<_>>(),
+                }),
+            )
+        }
         None => json_error(
             StatusCode::NOT_FOUND,
             "",
@@ -108,8 +127,12 @@ fn show_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {
     let found = snapshot
         .service(&key.namespace, &key.service)
         .and_then(|s| s.all.iter().find(|e| *e.id == *key.id).cloned());
+    let ejections = state
+        .registry
+        .overlay()
+        .ejections(&format!("{}.{}", key.service, key.namespace));
     match found {
-        Some(e) => json_response(StatusCode::OK, &endpoint_json(&e)),
+        Some(e) => json_response(StatusCode::OK, &endpoint_json_here(&e, &ejections)),
         None => json_error(
             StatusCode::NOT_FOUND,
             "",

@@ -7,6 +7,7 @@ mod support;
 
 mod config_cli;
 mod dns;
+mod health;
 mod lifecycle;
 mod proxy_http;
 mod proxy_l4;

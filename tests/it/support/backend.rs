@@ -2,11 +2,13 @@
 //!
 //! Paths: `/` answers the backend's name; `/headers` echoes the request headers; `/status/N`
 //! answers N; `/hang` never answers; `/upload` counts the body; `/stream` echoes the body frame
-//! by frame and ends with trailers (gRPC style); `/ws` upgrades and echoes raw bytes.
+//! by frame and ends with trailers (gRPC style); `/ws` upgrades and echoes raw bytes; `/slow`
+//! answers the name after a second; `/grpc.health.v1.Health/Check` answers SERVING or
+//! NOT_SERVING as [`Backend::set_serving`] says.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +30,7 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Requests that reached this backend.
     pub requests: Arc<AtomicUsize>,
+    serving: Arc<AtomicBool>,
     stop: CancellationToken,
 }
 
@@ -36,19 +39,20 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
+        let serving = Arc::new(AtomicBool::new(true));
         let stop = CancellationToken::new();
-        let (count, token) = (requests.clone(), stop.clone());
+        let (count, token, up) = (requests.clone(), stop.clone(), serving.clone());
         tokio::spawn(async move {
             loop {
                 let stream = tokio::select! {
                     _ = token.cancelled() => return,
                     r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => return },
                 };
-                let (count, token) = (count.clone(), token.clone());
+                let (count, token, up) = (count.clone(), token.clone(), up.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         count.fetch_add(1, Ordering::SeqCst);
-                        handle(name, req)
+                        handle(name, up.load(Ordering::SeqCst), req)
                     });
                     let builder = auto::Builder::new(TokioExecutor::new());
                     let conn =
@@ -63,6 +67,7 @@ impl Backend {
         Backend {
             addr,
             requests,
+            serving,
             stop,
         }
     }
@@ -70,6 +75,11 @@ impl Backend {
     /// Closes the listener and every connection, as if the process died.
     pub fn kill(&self) {
         self.stop.cancel();
+    }
+
+    /// What the gRPC health endpoint answers.
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::SeqCst);
     }
 
     pub fn count(&self) -> usize {
@@ -94,6 +104,7 @@ fn headers_text(h: &HeaderMap) -> String {
 
 async fn handle(
     name: &'static str,
+    serving: bool,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
@@ -103,6 +114,26 @@ async fn handle(
             req.version(),
             headers_text(req.headers())
         ))),
+        "/slow" => {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Response::new(full(name))
+        }
+        "/grpc.health.v1.Health/Check" => {
+            let (mut tx, channel) = Channel::<Bytes, hyper::Error>::new(2);
+            let status = if serving { 1 } else { 2 };
+            tokio::spawn(async move {
+                let _ = tx
+                    .send_data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]))
+                    .await;
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                let _ = tx.send_trailers(trailers).await;
+            });
+            let mut r = Response::new(channel.boxed());
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/grpc"));
+            r
+        }
         "/hang" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             Response::new(full(""))

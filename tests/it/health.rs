@@ -1,0 +1,312 @@
+//! Health as a whole: passive ejection under load, the panic threshold, gRPC checks with their
+//! reason, and draining with requests in flight — real daemon, real backends, real clients.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hickory_proto::rr::{RData, RecordType};
+use http::{Request, StatusCode};
+use http_body_util::Full;
+
+use crate::support::backend::Backend;
+use crate::support::daemon::Daemon;
+use crate::support::proxy::{register, register_state, wait_routable, H1};
+use crate::support::{dns, eventually, svcd_bin};
+
+/// Ports of the SRV answer for the `web` service, sorted.
+async fn srv_ports(d: &Daemon) -> Vec<u16> {
+    let m = dns::udp(
+        d.dns,
+        "_http._tcp.web.default.svc.cluster.local.",
+        RecordType::SRV,
+        None,
+    )
+    .await;
+    let mut ports: Vec<u16> = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::SRV(s) => Some(s.port),
+            _ => None,
+        })
+        .collect();
+    ports.sort();
+    ports
+}
+
+async fn instance_json(d: &Daemon) -> serde_json::Value {
+    d.get("/v1/services/default/api/instances/g1").await.json()
+}
+
+fn svcd_list(d: &Daemon, service: &str) -> String {
+    let out = std::process::Command::new(svcd_bin())
+        .args(["list", service, "--admin", &d.admin.to_string()])
+        .output()
+        .expect("run svcd list");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn backend_killed_under_load_is_ejected_from_proxy_and_local_dns() {
+    let d = Daemon::start(
+        "[proxy.outlier]\nconsecutive_failures = 3\nbase_ejection_time = \"30s\"\nmax_ejection_percent = 50\n",
+    )
+    .await;
+    let backends = [
+        Backend::start("b1").await,
+        Backend::start("b2").await,
+        Backend::start("b3").await,
+    ];
+    for (i, b) in backends.iter().enumerate() {
+        register(&d, "web", &format!("w{}", i + 1), b.addr, "http").await;
+    }
+    wait_routable(&d, "web", 3).await;
+    let mut all_ports: Vec<u16> = backends.iter().map(|b| b.addr.port()).collect();
+    all_ports.sort();
+    assert_eq!(srv_ports(&d).await, all_ports);
+
+    // Load: four keep-alive clients sending GETs (retryable) until told to stop.
+    let get_errors = Arc::new(AtomicUsize::new(0));
+    let gets = Arc::new(AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (errors, count, stop, addr) = (get_errors.clone(), gets.clone(), stop.clone(), d.http);
+        load.push(tokio::spawn(async move {
+            let mut c = H1::connect(addr).await;
+            while !stop.is_cancelled() {
+                let (s, _) = c.get("web", "/").await;
+                count.fetch_add(1, Ordering::SeqCst);
+                if s != StatusCode::OK {
+                    errors.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    backends[2].kill();
+    // Non-retryable requests (POST with a body), each on a new connection, while the load runs.
+    let mut post_errors = 0;
+    for _ in 0..30 {
+        let req = Request::post("/")
+            .header("host", "web")
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        let (s, _, _) = H1::connect(d.http).await.request(req).await;
+        if s != StatusCode::OK {
+            post_errors += 1;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    for task in load {
+        task.await.unwrap();
+    }
+    assert!(gets.load(Ordering::SeqCst) > 100, "the load ran");
+    assert_eq!(
+        get_errors.load(Ordering::SeqCst),
+        0,
+        "retryable requests never failed"
+    );
+    assert!(
+        post_errors <= 3,
+        "{post_errors} client-visible errors for non-retryable requests (threshold 3)"
+    );
+
+    // Ejected here: gone from this node's DNS, shown with its reason, counted.
+    let mut live_ports: Vec<u16> = backends[..2].iter().map(|b| b.addr.port()).collect();
+    live_ports.sort();
+    assert_eq!(
+        srv_ports(&d).await,
+        live_ports,
+        "ejected instance left local DNS"
+    );
+    let service = d.get("/v1/services/default/web").await.json();
+    let w3 = service["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "w3")
+        .unwrap()
+        .clone();
+    assert!(
+        w3["ejection"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("consecutive failures"),
+        "{w3}"
+    );
+    let listing = svcd_list(&d, "web");
+    let line = listing.lines().find(|l| l.starts_with("w3")).unwrap();
+    assert!(
+        line.contains("ejected") && line.contains("consecutive failures"),
+        "{listing}"
+    );
+    let metrics = d.get("/metrics").await.body;
+    assert!(
+        metrics.contains(r#"svcd_outlier_ejections_total{service="web.default"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"svcd_outlier_ejections_active{service="web.default"} 1"#));
+    assert!(metrics
+        .contains(r#"svcd_endpoint_state{endpoint="w3",service="web.default",state="ejected"} 1"#));
+    assert!(metrics
+        .contains(r#"svcd_endpoint_state{endpoint="w1",service="web.default",state="healthy"} 1"#));
+}
+
+#[tokio::test]
+async fn ejection_ends_after_the_ejection_time_and_at_most_half_are_ejected() {
+    let d = Daemon::start(
+        "[proxy.outlier]\nconsecutive_failures = 2\nbase_ejection_time = \"1s\"\nmax_ejection_percent = 50\n",
+    )
+    .await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    register(&d, "web", "w1", b1.addr, "http").await;
+    register(&d, "web", "w2", b2.addr, "http").await;
+    wait_routable(&d, "web", 2).await;
+    // Both answer 503: only one of two (50 %) may be ejected.
+    let mut c = H1::connect(d.http).await;
+    for _ in 0..10 {
+        c.get("web", "/status/503").await;
+    }
+    let ejected = |v: serde_json::Value| {
+        v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i.get("ejection").is_some())
+            .count()
+    };
+    assert_eq!(ejected(d.get("/v1/services/default/web").await.json()), 1);
+    // It comes back after base_ejection_time.
+    let started = Instant::now();
+    eventually(Duration::from_secs(5), "ejection over", || async {
+        (ejected(d.get("/v1/services/default/web").await.json()) == 0).then_some(())
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn panic_threshold_spreads_over_all_or_fails_as_configured() {
+    for (mode, want_all) in [("balance_all", true), ("fail", false)] {
+        let d = Daemon::start(&format!(
+            "[proxy.outlier]\npanic_threshold = 50\npanic_mode = \"{mode}\"\n"
+        ))
+        .await;
+        let backends = [
+            Backend::start("b1").await,
+            Backend::start("b2").await,
+            Backend::start("b3").await,
+        ];
+        register(&d, "web", "w1", backends[0].addr, "http").await;
+        wait_routable(&d, "web", 1).await;
+        register_state(&d, "web", "w2", backends[1].addr, "http", "unhealthy").await;
+        register_state(&d, "web", "w3", backends[2].addr, "http", "unhealthy").await;
+        // 1 usable of 3 is under 50 %: panic.
+        let seen = eventually(Duration::from_secs(5), "all registered", || async {
+            let v = d.get("/v1/services/default/web").await.json();
+            (v["instances"].as_array().unwrap().len() == 3).then_some(())
+        });
+        seen.await;
+        let before: Vec<usize> = backends.iter().map(Backend::count).collect();
+        let mut c = H1::connect(d.http).await;
+        for _ in 0..30 {
+            assert_eq!(c.get("web", "/").await.0, StatusCode::OK);
+        }
+        let got: Vec<usize> = backends
+            .iter()
+            .zip(&before)
+            .map(|(b, n)| b.count() - n)
+            .collect();
+        if want_all {
+            assert_eq!(got, [10, 10, 10], "panic: spread over all ({mode})");
+        } else {
+            assert_eq!(got, [30, 0, 0], "panic mode fail: the usable one only");
+        }
+    }
+}
+
+#[tokio::test]
+async fn grpc_check_marks_not_serving_instance_unhealthy_and_says_why() {
+    let d = Daemon::start("").await;
+    let b = Backend::start("g1").await;
+    let body = format!(
+        r#"{{"ip":"127.0.0.1","ports":{{"grpc":{}}},"protocol":"grpc","check":{{"type":"grpc","interval":"200ms","timeout":"1s","healthy_threshold":2,"unhealthy_threshold":2}}}}"#,
+        b.addr.port()
+    );
+    let r = d
+        .request("PUT", "/v1/services/default/api/instances/g1", Some(&body))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(Duration::from_secs(5), "checked", || async {
+        let m = d.get("/metrics").await.body;
+        m.contains(r#"svcd_health_checks_total{result="pass",service="api.default"}"#)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(instance_json(&d).await["state"], "healthy");
+    b.set_serving(false);
+    let v = eventually(Duration::from_secs(5), "unhealthy", || async {
+        let v = instance_json(&d).await;
+        (v["state"] == "unhealthy").then_some(v)
+    })
+    .await;
+    assert!(v["reason"].as_str().unwrap().contains("NOT_SERVING"), "{v}");
+    let listing = svcd_list(&d, "api");
+    assert!(listing.contains("NOT_SERVING"), "{listing}");
+    b.set_serving(true);
+    let v = eventually(Duration::from_secs(5), "healthy again", || async {
+        let v = instance_json(&d).await;
+        (v["state"] == "healthy").then_some(v)
+    })
+    .await;
+    assert!(v.get("reason").is_none(), "{v}");
+}
+
+#[tokio::test]
+async fn drained_instance_finishes_its_open_request_and_gets_no_new_ones() {
+    let d = Daemon::start("").await;
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    register(&d, "web", "w1", b1.addr, "http").await;
+    wait_routable(&d, "web", 1).await;
+    let addr = d.http;
+    let slow = tokio::spawn(async move { H1::connect(addr).await.get("web", "/slow").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    register(&d, "web", "w2", b2.addr, "http").await;
+    let r = d
+        .request("POST", "/v1/services/default/web/instances/w1/drain", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(Duration::from_secs(5), "only w2 routable", || async {
+        let mut c = H1::connect(d.http).await;
+        let (s, b) = c.get("web", "/").await;
+        (s == StatusCode::OK && b == "b2").then_some(())
+    })
+    .await;
+    let before = b1.count();
+    let mut c = H1::connect(d.http).await;
+    for _ in 0..10 {
+        assert_eq!(c.get("web", "/").await, (StatusCode::OK, "b2".to_string()));
+    }
+    assert_eq!(
+        b1.count(),
+        before,
+        "no new request reached the drained instance"
+    );
+    assert_eq!(
+        slow.await.unwrap(),
+        (StatusCode::OK, "b1".to_string()),
+        "the open request completed"
+    );
+    assert!(svcd_list(&d, "web").contains("drained"));
+}

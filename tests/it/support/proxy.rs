@@ -1,0 +1,99 @@
+//! Clients of the HTTP proxy and registration shortcuts for the proxy and health tests.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::daemon::Daemon;
+use super::eventually;
+
+pub async fn register(d: &Daemon, svc: &str, id: &str, addr: SocketAddr, protocol: &str) {
+    register_state(d, svc, id, addr, protocol, "healthy").await;
+}
+
+pub async fn register_state(
+    d: &Daemon,
+    svc: &str,
+    id: &str,
+    addr: SocketAddr,
+    protocol: &str,
+    state: &str,
+) {
+    let body = format!(
+        r#"{{"ip":"{}","ports":{{"http":{}}},"protocol":"{protocol}","state":"{state}"}}"#,
+        addr.ip(),
+        addr.port()
+    );
+    let r = d
+        .request(
+            "PUT",
+            &format!("/v1/services/default/{svc}/instances/{id}"),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Waits until the proxy answers `host` with 200 from `n` distinct backends (a new connection
+/// per probe).
+pub async fn wait_routable(d: &Daemon, host: &str, n: usize) {
+    let addr = d.http;
+    eventually(Duration::from_secs(10), "service routable", || async move {
+        let mut c = H1::connect(addr).await;
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..n * 2 {
+            let (s, b) = c.get(host, "/").await;
+            if s != StatusCode::OK {
+                return None;
+            }
+            seen.insert(b);
+        }
+        (seen.len() == n).then_some(())
+    })
+    .await;
+}
+
+/// One HTTP/1.1 keep-alive connection to the proxy.
+pub struct H1 {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl H1 {
+    pub async fn connect(addr: SocketAddr) -> H1 {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn.with_upgrades());
+        H1 { send }
+    }
+
+    pub async fn request(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> (StatusCode, http::HeaderMap, String) {
+        self.send.ready().await.expect("connection usable");
+        let r = self.send.send_request(req).await.expect("response");
+        let (parts, body) = r.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into(),
+        )
+    }
+
+    pub async fn get(&mut self, host: &str, path: &str) -> (StatusCode, String) {
+        let req = Request::get(path)
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (s, _, b) = self.request(req).await;
+        (s, b)
+    }
+}
