@@ -122,14 +122,15 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let workers = current.dns.workers.unwrap_or(cores);
     let dns = DnsServer::start(&current.dns, workers, registry.reader(), &metrics.registry).await?;
+    let outlier = OutlierDetector::new(Some(registry.overlay()), &metrics.registry)?;
     let proxy = L4Proxy::start(
         &current.proxy,
         current.shutdown.drain_timeout,
         registry.reader(),
+        outlier.clone(),
         &metrics.registry,
     )
     .await?;
-    let outlier = OutlierDetector::new(Some(registry.overlay()), &metrics.registry)?;
     let http = HttpProxy::start(
         &current.proxy,
         &current.dns.domain,

@@ -75,7 +75,9 @@ balance_by_service = {}
 # Extra attempts on other instances for idempotent requests that failed before any response.
 retries = 2
 request_timeout = "15s"
-# Limits against abusive clients.
+# Limits against abusive clients. header_read_timeout also bounds how long an idle HTTP/1.1
+# keep-alive connection waits for its next request (as HAProxy's http-keep-alive defaults to
+# http-request); idle_timeout closes HTTP/2 and upgraded connections silent that long.
 header_read_timeout = "10s"
 idle_timeout = "1m"
 max_header_bytes = 65536

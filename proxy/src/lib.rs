@@ -30,15 +30,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use svcd_config::{L4ListenerConfig, ProxyConfig};
+use svcd_config::{Balance, L4ListenerConfig, OutlierConfig, ProxyConfig};
 use svcd_registry::SnapshotReader;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use balance::BalancerTable;
 use metrics::EndpointMetricsCache;
 pub use metrics::ProxyMetrics;
+use outlier::OutlierDetector;
 use pick::RoundRobin;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,8 @@ pub struct ProxySettings {
     pub connect_attempts: usize,
     /// How long a connection to an instance that left the registry may continue.
     pub drain_timeout: Duration,
+    /// Passive health and the panic threshold, shared with the HTTP proxy.
+    pub outlier: OutlierConfig,
 }
 
 impl ProxySettings {
@@ -73,6 +77,7 @@ impl ProxySettings {
             connect_timeout: config.connect_timeout,
             connect_attempts: config.connect_attempts,
             drain_timeout,
+            outlier: config.outlier.clone(),
         }
     }
 }
@@ -88,6 +93,11 @@ pub struct ProxyContext {
     pub tracker: TaskTracker,
     /// Cancelled when the drain time is over: open connections close.
     pub hard_stop: CancellationToken,
+    /// TCP listeners' balancers by service and port (round robin): the panic threshold and the
+    /// outlier records that connect failures feed.
+    pub balancers: BalancerTable,
+    /// Ejects instances whose connects keep failing (shared with the HTTP proxy).
+    pub outlier: Arc<OutlierDetector>,
 }
 
 /// One L4 listener, TCP or UDP. The config is swapped on reload (new target, idle timeout)
@@ -152,6 +162,7 @@ impl L4Proxy {
         config: &ProxyConfig,
         drain_timeout: Duration,
         snapshot: SnapshotReader,
+        outlier: Arc<OutlierDetector>,
         prometheus: &prometheus::Registry,
     ) -> Result<L4Proxy, ProxyError> {
         let proxy = L4Proxy {
@@ -162,6 +173,12 @@ impl L4Proxy {
                 active: AtomicUsize::new(0),
                 tracker: TaskTracker::new(),
                 hard_stop: CancellationToken::new(),
+                balancers: BalancerTable::new(
+                    Balance::RoundRobin,
+                    Default::default(),
+                    http::metrics::HttpMetrics::detached(),
+                ),
+                outlier,
             }),
             listeners: Mutex::new(HashMap::new()),
         };

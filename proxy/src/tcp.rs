@@ -69,32 +69,50 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
         return;
     };
     let settings = ctx.settings.load_full();
+    // The shared balancer of this service and port: round robin, the panic threshold, and the
+    // per-instance outlier record that connect failures feed.
+    let Some(balancer) =
+        ctx.balancers
+            .get(&target.service, &target.namespace, target.port.as_deref())
+    else {
+        ctx.metrics.no_healthy(metrics_cache.service_label()).inc();
+        return;
+    };
+    let view = balancer.view(&service);
+    let Some(pick) = balancer.pick(&view, &settings.outlier) else {
+        ctx.metrics.no_healthy(metrics_cache.service_label()).inc();
+        return;
+    };
     let mut connected = None;
-    for (endpoint, port) in
-        state
-            .rr
-            .candidates(&service, target.port.as_deref(), settings.connect_attempts)
-    {
+    for attempt in 0..settings.connect_attempts {
+        let Some(slot) = pick.attempt(attempt) else {
+            break;
+        };
+        let endpoint = &slot.endpoint;
         let m = metrics_cache.get(&ctx.metrics, &service, &endpoint.id);
-        match timeout(
-            settings.connect_timeout,
-            TcpStream::connect((endpoint.ip, port)),
-        )
-        .await
-        {
+        let failure = match timeout(settings.connect_timeout, TcpStream::connect(slot.addr)).await {
             Ok(Ok(upstream)) => {
+                ctx.outlier.success(&slot.stats);
                 connected = Some((upstream, endpoint.clone(), m));
                 break;
             }
             Ok(Err(e)) => {
                 debug!(endpoint = %endpoint.id, error = %e, "upstream connect failed; trying the next instance");
-                m.connect_failures.inc();
+                "connect failed"
             }
             Err(_) => {
                 debug!(endpoint = %endpoint.id, "upstream connect timed out; trying the next instance");
-                m.connect_failures.inc();
+                "connect timed out"
             }
-        }
+        };
+        m.connect_failures.inc();
+        ctx.outlier.failure(
+            &balancer,
+            view.fallback.len(),
+            &slot.stats,
+            &settings.outlier,
+            failure,
+        );
     }
     let Some((upstream, endpoint, m)) = connected else {
         ctx.metrics.no_healthy(metrics_cache.service_label()).inc();

@@ -343,8 +343,10 @@ async fn smuggling_corpus_is_refused_and_never_forwarded() {
 
 #[tokio::test]
 async fn slow_headers_and_oversized_heads_are_cut_off() {
-    let d = Daemon::start("[proxy.l7]\nheader_read_timeout = \"500ms\"\nmax_header_bytes = 8192\n")
-        .await;
+    let d = Daemon::start(
+        "[proxy.l7]\nheader_read_timeout = \"500ms\"\nmax_header_bytes = 8192\nmax_headers = 10\nidle_timeout = \"1s\"\n",
+    )
+    .await;
     let b = Backend::start("b1").await;
     register(&d, "web", "w1", b.addr, "http").await;
     wait_routable(&d, "web", 1).await;
@@ -369,4 +371,53 @@ async fn slow_headers_and_oversized_heads_are_cut_off() {
     );
     let reply = raw_exchange(d.http, big.as_bytes()).await;
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
+    // More headers than max_headers (here 10) gets 431 too.
+    let many: String = (0..20).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let reply = raw_exchange(
+        d.http,
+        format!("GET / HTTP/1.1\r\nHost: web\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
+    // An idle HTTP/1.1 keep-alive connection waits for its next head under the header read
+    // timeout (as HAProxy's http-keep-alive defaults to http-request): closed at 500 ms.
+    let mut c = TcpStream::connect(d.http).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    c.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+        .await
+        .expect("idle HTTP/1.1 connection closed")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "closed too early"
+    );
+    // An idle HTTP/2 connection is closed after idle_timeout (1 s).
+    let stream = TcpStream::connect(d.http).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::get("http://web/")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(
+        send.send_request(req).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("idle h2 connection closed")
+        .unwrap()
+        .ok();
+    let idle = started.elapsed();
+    assert!(idle >= Duration::from_millis(900), "closed after {idle:?}");
 }

@@ -493,3 +493,43 @@ async fn tcp_listener_added_by_reload_without_dropping_open_connections() {
         "connection of the removed listener still open"
     );
 }
+
+#[tokio::test]
+async fn refusing_instance_is_ejected_after_consecutive_connect_failures() {
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "{}[proxy.outlier]\nconsecutive_failures = 2\n",
+        tcp_listener(port, "echo")
+    ))
+    .await;
+    let live = echo_backend("ok").await;
+    register(&d, "echo", "live", live).await;
+    // Nothing listens here: every connect is refused.
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    register(&d, "echo", "dead", dead).await;
+    eventually(Duration::from_secs(5), "both registered", || async {
+        let v = d.get("/v1/services/default/echo").await.json();
+        (v["instances"].as_array().map_or(0, Vec::len) == 2).then_some(())
+    })
+    .await;
+    // Refusals move on to the next instance: the client never sees them.
+    for _ in 0..6 {
+        assert_eq!(greeting(port).await, "ok");
+    }
+    let v = d
+        .get("/v1/services/default/echo/instances/dead")
+        .await
+        .json();
+    assert!(
+        v["ejection"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("connect failed"),
+        "{v}"
+    );
+    let m = d.get("/metrics").await.body;
+    assert!(
+        m.contains(r#"svcd_outlier_ejections_total{service="echo.default"} 1"#),
+        "{m}"
+    );
+}

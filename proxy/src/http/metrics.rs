@@ -118,6 +118,12 @@ impl HttpMetrics {
         Ok(Arc::new(m))
     }
 
+    /// Handles registered nowhere: for the L4 proxy's balancers, which keep per-instance
+    /// state but count their traffic in `svcd_tcp_*`.
+    pub fn detached() -> Arc<Self> {
+        Self::new(&Registry::new()).expect("a fresh registry accepts the metrics")
+    }
+
     pub fn service(self: &Arc<Self>, service: &str) -> ServiceHttpMetrics {
         ServiceHttpMetrics {
             all: self.clone(),
