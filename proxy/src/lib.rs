@@ -280,14 +280,25 @@ impl L4Proxy {
     /// Waits for open connections up to `timeout`, then closes what is left.
     pub async fn drain(&self, timeout: Duration) {
         self.stop_accepting();
-        self.ctx.tracker.close();
-        if tokio::time::timeout(timeout, self.ctx.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!("proxy drain timeout reached; closing open connections");
-        }
-        self.ctx.hard_stop.cancel();
-        self.ctx.tracker.wait().await;
+        drain_tasks(&self.ctx.tracker, &self.ctx.hard_stop, timeout, "L4 proxy").await;
     }
+}
+
+/// Waits up to `timeout` for the tracked connection tasks, then cancels `hard_stop` (open
+/// connections close) and waits for them to finish.
+pub(crate) async fn drain_tasks(
+    tracker: &TaskTracker,
+    hard_stop: &CancellationToken,
+    timeout: Duration,
+    what: &str,
+) {
+    tracker.close();
+    if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
+        warn!(
+            proxy = what,
+            "drain timeout reached; closing open connections"
+        );
+    }
+    hard_stop.cancel();
+    tracker.wait().await;
 }

@@ -12,7 +12,7 @@ use http_body_util::Full;
 
 use crate::support::backend::Backend;
 use crate::support::daemon::Daemon;
-use crate::support::proxy::{register, register_state, wait_routable, H1};
+use crate::support::proxy::{register, register_state, wait_routable, web_service, H1};
 use crate::support::{dns, eventually, svcd_bin};
 
 /// Ports of the SRV answer for the `web` service, sorted.
@@ -55,19 +55,11 @@ fn svcd_list(d: &Daemon, service: &str) -> String {
 
 #[tokio::test]
 async fn backend_killed_under_load_is_ejected_from_proxy_and_local_dns() {
-    let d = Daemon::start(
+    let (d, backends) = web_service(
         "[proxy.outlier]\nconsecutive_failures = 3\nbase_ejection_time = \"30s\"\nmax_ejection_percent = 50\n",
+        &["b1", "b2", "b3"],
     )
     .await;
-    let backends = [
-        Backend::start("b1").await,
-        Backend::start("b2").await,
-        Backend::start("b3").await,
-    ];
-    for (i, b) in backends.iter().enumerate() {
-        register(&d, "web", &format!("w{}", i + 1), b.addr, "http").await;
-    }
-    wait_routable(&d, "web", 3).await;
     let mut all_ports: Vec<u16> = backends.iter().map(|b| b.addr.port()).collect();
     all_ports.sort();
     assert_eq!(srv_ports(&d).await, all_ports);
@@ -163,15 +155,11 @@ async fn backend_killed_under_load_is_ejected_from_proxy_and_local_dns() {
 
 #[tokio::test]
 async fn ejection_ends_after_the_ejection_time_and_at_most_half_are_ejected() {
-    let d = Daemon::start(
+    let (d, _backends) = web_service(
         "[proxy.outlier]\nconsecutive_failures = 2\nbase_ejection_time = \"1s\"\nmax_ejection_percent = 50\n",
+        &["b1", "b2"],
     )
     .await;
-    let b1 = Backend::start("b1").await;
-    let b2 = Backend::start("b2").await;
-    register(&d, "web", "w1", b1.addr, "http").await;
-    register(&d, "web", "w2", b2.addr, "http").await;
-    wait_routable(&d, "web", 2).await;
     // Both answer 503: only one of two (50 %) may be ejected.
     let mut c = H1::connect(d.http).await;
     for _ in 0..10 {

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use crate::support::backend::Backend;
 use crate::support::daemon::Daemon;
 use crate::support::eventually;
-use crate::support::proxy::{register, register_state, wait_routable, H1};
+use crate::support::proxy::{register, register_state, wait_routable, web_service, H1};
 
 async fn metrics(d: &Daemon) -> String {
     d.get("/metrics").await.body
@@ -21,16 +21,7 @@ async fn metrics(d: &Daemon) -> String {
 
 #[tokio::test]
 async fn requests_not_connections_are_balanced_round_robin() {
-    let d = Daemon::start("").await;
-    let backends = [
-        Backend::start("b1").await,
-        Backend::start("b2").await,
-        Backend::start("b3").await,
-    ];
-    for (i, b) in backends.iter().enumerate() {
-        register(&d, "web", &format!("w{i}"), b.addr, "http").await;
-    }
-    wait_routable(&d, "web", 3).await;
+    let (d, backends) = web_service("", &["b1", "b2", "b3"]).await;
     let before: Vec<usize> = backends.iter().map(Backend::count).collect();
     // One keep-alive connection, 30 requests: each backend gets exactly 10.
     let mut c = H1::connect(d.http).await;
@@ -46,7 +37,7 @@ async fn requests_not_connections_are_balanced_round_robin() {
     assert_eq!(spread, [10, 10, 10], "requests per backend");
     let m = metrics(&d).await;
     assert!(
-        m.contains(r#"svcd_http_requests_total{code="2xx",endpoint="w0",service="web.default"}"#),
+        m.contains(r#"svcd_http_requests_total{code="2xx",endpoint="w1",service="web.default"}"#),
         "{m}"
     );
     assert!(m.contains("svcd_http_request_duration_seconds_bucket"));
@@ -55,10 +46,8 @@ async fn requests_not_connections_are_balanced_round_robin() {
 
 #[tokio::test]
 async fn headers_rewritten_and_errors_named() {
-    let d = Daemon::start("").await;
-    let b = Backend::start("b1").await;
-    register(&d, "web", "w1", b.addr, "http").await;
-    wait_routable(&d, "web", 1).await;
+    let (d, backends) = web_service("", &["b1"]).await;
+    let b = &backends[0];
     let mut c = H1::connect(d.http).await;
     let req = Request::get("/headers")
         .header("host", "web")
@@ -195,15 +184,12 @@ async fn websocket_upgrade_is_tunnelled() {
 
 #[tokio::test]
 async fn killed_backend_is_retried_and_hanging_one_times_out() {
-    let d = Daemon::start(
+    let (d, backends) = web_service(
         "[proxy.outlier]\nconsecutive_failures = 0\n[[proxy.routes]]\nhost = \"slow.test\"\nservice = \"web\"\ntimeout = \"300ms\"\n",
+        &["b1", "b2"],
     )
     .await;
-    let b1 = Backend::start("b1").await;
-    let b2 = Backend::start("b2").await;
-    register(&d, "web", "w1", b1.addr, "http").await;
-    register(&d, "web", "w2", b2.addr, "http").await;
-    wait_routable(&d, "web", 2).await;
+    let b2 = &backends[1];
     let mut c = H1::connect(d.http).await;
     for _ in 0..4 {
         assert_eq!(c.get("web", "/").await.0, StatusCode::OK);
@@ -297,10 +283,8 @@ async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn smuggling_corpus_is_refused_and_never_forwarded() {
-    let d = Daemon::start("").await;
-    let b = Backend::start("b1").await;
-    register(&d, "web", "w1", b.addr, "http").await;
-    wait_routable(&d, "web", 1).await;
+    let (d, backends) = web_service("", &["b1"]).await;
+    let b = &backends[0];
     let before = b.count();
     let corpus: &[&[u8]] = &[
         // CL.TE and TE.CL
@@ -343,13 +327,11 @@ async fn smuggling_corpus_is_refused_and_never_forwarded() {
 
 #[tokio::test]
 async fn slow_headers_and_oversized_heads_are_cut_off() {
-    let d = Daemon::start(
+    let (d, _backends) = web_service(
         "[proxy.l7]\nheader_read_timeout = \"500ms\"\nmax_header_bytes = 8192\nmax_headers = 10\nidle_timeout = \"1s\"\n",
+        &["b1"],
     )
     .await;
-    let b = Backend::start("b1").await;
-    register(&d, "web", "w1", b.addr, "http").await;
-    wait_routable(&d, "web", 1).await;
     // Slowloris: a head that never ends is closed at the timeout.
     let mut s = TcpStream::connect(d.http).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nX-Slow: 1")

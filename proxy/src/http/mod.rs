@@ -206,15 +206,13 @@ impl HttpProxy {
     /// Waits for open connections up to `timeout`, then closes what is left.
     pub async fn drain(&self, timeout: Duration) {
         self.stop_accepting();
-        self.ctx.tracker.close();
-        if tokio::time::timeout(timeout, self.ctx.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!("HTTP proxy drain timeout reached; closing open connections");
-        }
-        self.ctx.hard_stop.cancel();
-        self.ctx.tracker.wait().await;
+        crate::drain_tasks(
+            &self.ctx.tracker,
+            &self.ctx.hard_stop,
+            timeout,
+            "HTTP proxy",
+        )
+        .await;
     }
 }
 

@@ -9,8 +9,23 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::backend::Backend;
 use super::daemon::Daemon;
 use super::eventually;
+
+/// A daemon (base config plus `extra`) with one backend per name registered as instances
+/// `w1`, `w2`, … of service `web` (protocol http), and the proxy already routing to all of them.
+pub async fn web_service(extra: &str, names: &[&'static str]) -> (Daemon, Vec<Backend>) {
+    let d = Daemon::start(extra).await;
+    let mut backends = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let b = Backend::start(name).await;
+        register(&d, "web", &format!("w{}", i + 1), b.addr, "http").await;
+        backends.push(b);
+    }
+    wait_routable(&d, "web", names.len()).await;
+    (d, backends)
+}
 
 pub async fn register(d: &Daemon, svc: &str, id: &str, addr: SocketAddr, protocol: &str) {
     register_state(d, svc, id, addr, protocol, "healthy").await;
