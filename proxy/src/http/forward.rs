@@ -121,6 +121,14 @@ async fn proxy(
             true,
         ));
     }
+    if req.method() == Method::CONNECT {
+        // svcd routes requests to services; it is not a forward proxy.
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported\n".into(),
+            true,
+        ));
+    }
     let routed = route(ctx, &req)?;
     let settings = ctx.settings.load_full();
     let balancer = &routed.balancer;

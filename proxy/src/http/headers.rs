@@ -14,6 +14,20 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// `Upgrade` and `Connection: upgrade` (a WebSocket handshake is forwarded as such). `TE:
 /// trailers` is kept, as gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names (cheap comparisons of standard headers)
+    // spares a hashed removal per hop-by-hop name.
+    let any = headers.keys().any(|name| {
+        *name == header::CONNECTION
+            || *name == header::TE
+            || *name == header::TRAILER
+            || *name == header::TRANSFER_ENCODING
+            || *name == header::UPGRADE
+            || *name == KEEP_ALIVE
+            || *name == PROXY_CONNECTION
+    });
+    if !any && !keep_upgrade {
+        return;
+    }
     // Names listed in Connection, other than the fixed set (rare; allocates only then).
     let mut listed: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
