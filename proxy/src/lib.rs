@@ -1,18 +1,27 @@
 //! svcd proxies: traffic to a local port spread over a service's healthy instances.
 //!
 //! ```text
-//! [[proxy.tcp]] listener ──accept──► RoundRobin over snapshot.healthy ──connect (next on refusal)
+//! [[proxy.http]] listener ──request──► Router (Host, routes) ──► ServiceBalancer.pick (per request)
+//!        └─► hyper: HTTP/1.1 | h2c downstream, pooled HTTP/1.1 | h2 upstream, streamed both ways
+//! [[proxy.tcp]] listener ──accept──► ServiceBalancer.pick (round robin) ──connect (next on refusal)
 //!        └─► splice(2): socket ─► pipe ─► socket, both directions, half-close propagated
 //! [[proxy.udp]] listener ──► flow table (client → instance) ──► connected upstream socket
 //! ```
 //!
-//! * [`pick`]: the lock-free round robin (one `AtomicUsize`, `Relaxed`, empty-set guard).
+//! * [`http`]: the HTTP proxy (routing, forwarding, smuggling guard, limits, its metrics).
+//! * [`balance`]: per-service balancers over the snapshot (round robin, least request, the panic
+//!   threshold) with per-instance state that outlives snapshot changes.
+//! * [`outlier`]: passive health — failures in a row eject an instance on this node, through the
+//!   registry's overlay, so local DNS agrees.
+//! * [`pick`]: the lock-free round robin of the UDP listeners (one `AtomicUsize`, `Relaxed`,
+//!   empty-set guard).
 //! * [`splice`]: zero-copy forwarding, pipes pooled per thread.
 //! * [`tcp`], [`udp`]: the L4 listeners.
 //! * [`metrics`]: per service and endpoint; handles resolved when the snapshot changes.
 //!
 //! Listeners are reconfigured in place on reload: a new target or timeout applies to the next
-//! connection, a removed listener stops accepting while its connections finish, a new one binds.
+//! connection or request, a removed listener stops accepting while its connections finish, a new
+//! one binds.
 
 pub mod balance;
 pub mod http;

@@ -1,4 +1,5 @@
-//! L4 TCP: accept, pick a healthy instance round robin, connect (next instance on refusal or
+//! L4 TCP: accept, pick a healthy instance round robin (the service's shared balancer: panic
+//! threshold, failed connects feeding outlier ejection), connect (next instance on refusal or
 //! timeout), then move bytes both ways — splice(2) on Linux, a user-space copy otherwise — until
 //! both sides are done, the connection idles out, its instance leaves the registry (after the
 //! drain timeout) or the daemon stops.

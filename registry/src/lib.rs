@@ -10,6 +10,8 @@
 //!                                                           │ list @R (paged) + watch from R+1
 //!                                                           ▼
 //!                                        run_sync: SnapshotBuilder (single writer)
+//!                                                           │ base snapshot
+//!                                 proxy ejections ──► LocalOverlay (node-local, one publisher)
 //!                                                           │ store(Arc<EndpointSnapshot>)
 //!                                                           ▼
 //!                        ArcSwap ◄── load() ── DNS responder, proxies, admin API (no locks)
@@ -21,6 +23,8 @@
 //!   shared between snapshots.
 //! * [`sync`]: the list/watch loop, resilient to broken streams, compaction and hung watches.
 //! * [`lease`]: [`LeaseKeeper`], holding this daemon's registrations under one TTL lease.
+//! * [`overlay`]: [`LocalOverlay`], instances this node's proxy ejected, taken out of `healthy`
+//!   in every snapshot published here (DNS and the proxies agree; other nodes are unaffected).
 
 pub mod endpoint;
 pub mod keys;
