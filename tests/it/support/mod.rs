@@ -7,16 +7,30 @@ pub mod etcd;
 pub mod gate;
 pub mod proxy;
 
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// Ports handed out by [`free_port`] come from below the kernel's ephemeral range (32768+), so
+/// the many client sockets the tests open can never take one between the check and the bind.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port free for TCP and UDP on 127.0.0.1 a moment ago, never handed out twice by this test
+/// process (a counter walks the range from a per-process offset).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let span = PORTS.end - PORTS.start;
+    let offset = (std::process::id() % u32::from(span)) as u16;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = PORTS.start + (offset + n) % span;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port in {PORTS:?}");
 }
 
 /// Polls `f` every 20 ms until it returns `Some` or `timeout` passes (then panics with `what`).
