@@ -13,22 +13,8 @@ SECONDS_PER_RUN=${1:-10}
 ROUNDS=${2:-3}
 THREADS=${THREADS:-2}
 
-need=()
-command -v dnsperf >/dev/null || need+=(dnsperf)
-command -v knotd >/dev/null || need+=(knot)
-command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-scripts/setup
-cargo build --release --bin svcd -q
-
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source benches/common.sh
+install_missing dnsperf:dnsperf knotd:knot dnsmasq:dnsmasq-base
 P_SVCD=$(free_port); P_KNOT=$(free_port); P_MASQ=$(free_port); P_ADMIN=$(free_port); P_HTTP=$(free_port)
 NAME=web.default.svc.cluster.local
 IPS=(10.0.0.1 10.0.0.2 10.0.0.3)
@@ -93,7 +79,6 @@ for round in $(seq "$ROUNDS"); do
     echo "round $round: $server $qps qps" >&2
   done
 done
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 s=$(echo "${results[svcd]}" | median); k=$(echo "${results[knot]}" | median); m=$(echo "${results[dnsmasq]}" | median)
 echo
 echo "DNS A queries for $NAME (3 records), dnsperf -c 16 -q 200 -T 1, ${SECONDS_PER_RUN}s x $ROUNDS rounds, $THREADS server threads"

@@ -11,24 +11,8 @@ cd "$(dirname "$0")/../.."
 SECS=${1:-10}
 ROUNDS=${2:-3}
 
-need=()
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v wrk >/dev/null || need+=(wrk)
-command -v h2load >/dev/null || need+=(nghttp2-client)
-command -v bc >/dev/null || need+=(bc)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-scripts/setup
-cargo build --release --bin svcd -q
-
-work=$(mktemp -d)
-chmod 755 "$work"  # nginx workers run as www-data
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source benches/common.sh
+install_missing haproxy:haproxy nginx:nginx-light wrk:wrk h2load:nghttp2-client bc:bc
 
 P_WEB=$(free_port); P_WEB2=$(free_port)
 P_SVCD=$(free_port); P_ADMIN=$(free_port); P_DNS=$(free_port)
@@ -138,7 +122,6 @@ for round in $(seq "$ROUNDS"); do
     echo "round $round $t: h1 $rps req/s (p99 $p99 ms), h2 $h2rps req/s" >&2
   done
 done
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo
 echo "HTTP proxy, loopback, one worker thread per proxy, ${SECS}s x $ROUNDS rounds (medians)"
 printf '%-8s %14s %14s %16s\n' path "h1 req/s" "h1 p99 ms" "h2 req/s"

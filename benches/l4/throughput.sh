@@ -10,24 +10,8 @@ cd "$(dirname "$0")/../.."
 SECS=${1:-10}
 ROUNDS=${2:-3}
 
-need=()
-command -v iperf3 >/dev/null || need+=(iperf3)
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v nginx >/dev/null || need+=(nginx-light)
-[ -f /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
-command -v wrk >/dev/null || need+=(wrk)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-scripts/setup
-cargo build --release --bin svcd -q
-
-work=$(mktemp -d)
-chmod 755 "$work"  # nginx workers run as www-data
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source benches/common.sh
+install_missing iperf3:iperf3 haproxy:haproxy nginx:nginx-light /usr/lib/nginx/modules/ngx_stream_module.so:libnginx-mod-stream wrk:wrk bc:bc
 
 P_IPERF=$(free_port); P_WEB=$(free_port)
 P_SVCD=$(free_port); P_SVCD_WEB=$(free_port); P_ADMIN=$(free_port); P_DNS=$(free_port); P_HTTP=$(free_port)
@@ -137,7 +121,6 @@ for round in $(seq "$ROUNDS"); do
     echo "round $round $t: 1 stream ${r[$t.1]##* }... done" >&2
   done
 done
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo
 echo "L4 proxy, loopback, one worker thread per proxy, ${SECS}s x $ROUNDS rounds (medians)"
 printf '%-8s %14s %14s %14s\n' path "1 stream Gb/s" "4 streams Gb/s" "conn/s"

@@ -37,14 +37,7 @@ async fn register(d: &Daemon, svc: &str, id: &str, addr: SocketAddr) {
         addr.ip(),
         addr.port()
     );
-    let r = d
-        .request(
-            "PUT",
-            &format!("/v1/services/default/{svc}/instances/{id}"),
-            Some(&body),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    d.put_instance(svc, id, &body).await;
 }
 
 fn tcp_listener(port: u16, svc: &str) -> String {

@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+type Sender = http_body_util::channel::Sender<Bytes, hyper::Error>;
 
 pub struct Backend {
     pub addr: SocketAddr,
@@ -93,6 +94,27 @@ fn full(text: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// A gRPC-style response: `application/grpc`, a body that `send` streams, then the trailer
+/// `grpc-status: 0`.
+fn grpc_response<F, Fut>(send: F) -> Response<Body>
+where
+    F: FnOnce(Sender) -> Fut,
+    Fut: std::future::Future<Output = Sender> + Send + 'static,
+{
+    let (tx, channel) = Channel::<Bytes, hyper::Error>::new(8);
+    let sending = send(tx);
+    tokio::spawn(async move {
+        let mut tx = sending.await;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let _ = tx.send_trailers(trailers).await;
+    });
+    let mut r = Response::new(channel.boxed());
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
+    r
+}
+
 fn headers_text(h: &HeaderMap) -> String {
     let mut lines: Vec<String> = h
         .iter()
@@ -119,20 +141,14 @@ async fn handle(
             Response::new(full(name))
         }
         "/grpc.health.v1.Health/Check" => {
-            let (mut tx, channel) = Channel::<Bytes, hyper::Error>::new(2);
+            // HealthCheckResponse { status: SERVING (1) | NOT_SERVING (2) }, one message.
             let status = if serving { 1 } else { 2 };
-            tokio::spawn(async move {
+            grpc_response(move |mut tx| async move {
                 let _ = tx
                     .send_data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]))
                     .await;
-                let mut trailers = HeaderMap::new();
-                trailers.insert("grpc-status", HeaderValue::from_static("0"));
-                let _ = tx.send_trailers(trailers).await;
-            });
-            let mut r = Response::new(channel.boxed());
-            r.headers_mut()
-                .insert("content-type", HeaderValue::from_static("application/grpc"));
-            r
+                tx
+            })
         }
         "/hang" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -151,25 +167,18 @@ async fn handle(
             Response::new(full(n.to_string()))
         }
         "/stream" => {
-            // Echo each data frame as it arrives, then trailers.
-            let (mut tx, channel) = Channel::<Bytes, hyper::Error>::new(8);
+            // Echo each data frame as it arrives.
             let mut body = req.into_body();
-            tokio::spawn(async move {
+            grpc_response(move |mut tx| async move {
                 while let Some(Ok(frame)) = body.frame().await {
                     if let Ok(data) = frame.into_data() {
                         if tx.send_data(data).await.is_err() {
-                            return;
+                            break;
                         }
                     }
                 }
-                let mut trailers = HeaderMap::new();
-                trailers.insert("grpc-status", HeaderValue::from_static("0"));
-                let _ = tx.send_trailers(trailers).await;
-            });
-            let mut r = Response::new(channel.boxed());
-            r.headers_mut()
-                .insert("content-type", HeaderValue::from_static("application/grpc"));
-            r
+                tx
+            })
         }
         "/ws" => {
             let on_upgrade = hyper::upgrade::on(&mut req);

@@ -122,6 +122,18 @@ impl Daemon {
             .expect("admin request")
     }
 
+    /// `PUT /v1/services/default/{svc}/instances/{id}` with `json`; asserts it was accepted.
+    pub async fn put_instance(&self, svc: &str, id: &str, json: &str) {
+        let r = self
+            .request(
+                "PUT",
+                &format!("/v1/services/default/{svc}/instances/{id}"),
+                Some(json),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+
     pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
     }

@@ -44,14 +44,7 @@ pub async fn register_state(
         addr.ip(),
         addr.port()
     );
-    let r = d
-        .request(
-            "PUT",
-            &format!("/v1/services/default/{svc}/instances/{id}"),
-            Some(&body),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    d.put_instance(svc, id, &body).await;
 }
 
 /// Waits until the proxy answers `host` with 200 from `n` distinct backends (a new connection
