@@ -27,3 +27,25 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 # Median of whitespace-separated numbers on stdin.
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# start_nginx_backend PORT [H2C_PORT] — one nginx worker serving a small static file ("ok") over
+# HTTP/1.1 on PORT and, when given, h2c (prior knowledge only) on H2C_PORT.
+start_nginx_backend() {
+  local h2=""
+  [ -n "${2:-}" ] && h2="server { listen 127.0.0.1:$2 http2; root $work/www; }"
+  mkdir -p "$work/www" "$work/ngx-backend"
+  echo ok > "$work/www/index.html"
+  cat > "$work/ngx-backend/nginx.conf" <<CONF
+worker_processes 1;
+pid $work/ngx-backend/nginx.pid;
+error_log $work/ngx-backend/error.log;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$1 backlog=4096; root $work/www; }
+  $h2
+}
+CONF
+  nginx -c "$work/ngx-backend/nginx.conf" -g 'daemon off;' & pids+=($!)
+}

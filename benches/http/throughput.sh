@@ -20,21 +20,8 @@ P_HAP=$(free_port); P_NGX=$(free_port); P_NGX2=$(free_port)
 
 # nginx backend: a small static response, HTTP/1.1 on one port and h2c on another (nginx
 # speaks h2c on a port only with prior knowledge).
-mkdir -p "$work/www" "$work/ngx-backend" "$work/ngx-proxy"
-echo ok > "$work/www/index.html"
-cat > "$work/ngx-backend/nginx.conf" <<CONF
-worker_processes 1;
-pid $work/ngx-backend/nginx.pid;
-error_log $work/ngx-backend/error.log;
-events { worker_connections 20000; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$P_WEB backlog=4096; root $work/www; }
-  server { listen 127.0.0.1:$P_WEB2 http2; root $work/www; }
-}
-CONF
-nginx -c "$work/ngx-backend/nginx.conf" -g 'daemon off;' & pids+=($!)
+start_nginx_backend "$P_WEB" "$P_WEB2"
+mkdir -p "$work/ngx-proxy"
 
 # svcd: one runtime worker; requests for host 127.0.0.1 routed to the backend.
 cat > "$work/svcd.toml" <<CONF

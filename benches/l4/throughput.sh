@@ -20,19 +20,8 @@ P_HAP=$(free_port); P_HAP_WEB=$(free_port); P_NGX=$(free_port); P_NGX_WEB=$(free
 iperf3 -s -p "$P_IPERF" >/dev/null 2>&1 & pids+=($!)
 
 # nginx backend (small static response) for the connection-rate test.
-mkdir -p "$work/www" "$work/ngx-backend" "$work/ngx-proxy"
-echo ok > "$work/www/index.html"
-cat > "$work/ngx-backend/nginx.conf" <<CONF
-worker_processes 1;
-pid $work/ngx-backend/nginx.pid;
-error_log $work/ngx-backend/error.log;
-events { worker_connections 20000; }
-http {
-  access_log off;
-  server { listen 127.0.0.1:$P_WEB backlog=4096; root $work/www; }
-}
-CONF
-nginx -c "$work/ngx-backend/nginx.conf" -g 'daemon off;' & pids+=($!)
+start_nginx_backend "$P_WEB"
+mkdir -p "$work/ngx-proxy"
 
 # svcd: one runtime worker, two L4 listeners.
 cat > "$work/svcd.toml" <<CONF
