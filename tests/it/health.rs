@@ -13,7 +13,7 @@ use http_body_util::Full;
 use crate::support::backend::Backend;
 use crate::support::daemon::Daemon;
 use crate::support::proxy::{register, register_state, wait_routable, web_service, H1};
-use crate::support::{dns, eventually, svcd_bin};
+use crate::support::{dns, eventually};
 
 /// Ports of the SRV answer for the `web` service, sorted.
 async fn srv_ports(d: &Daemon) -> Vec<u16> {
@@ -41,10 +41,7 @@ async fn instance_json(d: &Daemon) -> serde_json::Value {
 }
 
 fn svcd_list(d: &Daemon, service: &str) -> String {
-    let out = std::process::Command::new(svcd_bin())
-        .args(["list", service, "--admin", &d.admin.to_string()])
-        .output()
-        .expect("run svcd list");
+    let out = d.cli(&["list", service]);
     assert!(
         out.status.success(),
         "{}",

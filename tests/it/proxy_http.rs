@@ -403,3 +403,21 @@ async fn slow_headers_and_oversized_heads_are_cut_off() {
     let idle = started.elapsed();
     assert!(idle >= Duration::from_millis(900), "closed after {idle:?}");
 }
+
+#[tokio::test]
+async fn sigterm_lets_an_open_request_finish_then_exits_cleanly() {
+    let (mut d, _backends) = web_service("[shutdown]\ndrain_timeout = \"5s\"\n", &["b1"]).await;
+    let addr = d.http;
+    let slow = tokio::spawn(async move { H1::connect(addr).await.get("web", "/slow").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(
+        slow.await.unwrap(),
+        (StatusCode::OK, "b1".to_string()),
+        "the request in flight completed during the drain"
+    );
+    let status = tokio::task::spawn_blocking(move || d.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
