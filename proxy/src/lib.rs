@@ -249,7 +249,7 @@ impl L4Proxy {
             let addr = listener.listen;
             let state = Arc::new(ListenerState::new(listener));
             let started = match transport {
-                Transport::Tcp => TcpListener::bind(addr)
+                Transport::Tcp => bind_nodelay(addr)
                     .await
                     .map(|l| tokio::spawn(tcp::serve(l, state.clone(), self.ctx.clone()))),
                 Transport::Udp => UdpSocket::bind(addr)
@@ -293,6 +293,14 @@ impl L4Proxy {
     }
 }
 
+/// A TCP listener whose accepted sockets inherit `TCP_NODELAY` (Linux copies it from the
+/// listening socket), sparing a `setsockopt` per connection.
+pub(crate) async fn bind_nodelay(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await?;
+    socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
+    Ok(listener)
+}
+
 /// Waits up to `timeout` for the tracked connection tasks, then cancels `hard_stop` (open
 /// connections close) and waits for them to finish.
 pub(crate) async fn drain_tasks(
@@ -310,4 +318,19 @@ pub(crate) async fn drain_tasks(
     }
     hard_stop.cancel();
     tracker.wait().await;
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let listener = super::bind_nodelay("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }

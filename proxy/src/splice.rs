@@ -11,6 +11,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::Interest;
@@ -63,12 +64,22 @@ impl Pipe {
     }
 }
 
+/// `from` reached EOF: shut down `to`'s write side so its peer sees the half-close — unless the
+/// other direction is already done, when the connection is about to be closed and `close` sends
+/// the FIN anyway (both receive buffers are drained, so no RST): one syscall less per connection.
+/// `other_done` is shared by the two directions of one connection.
+fn propagate_eof(to: &TcpStream, other_done: &AtomicBool) {
+    if !other_done.swap(true, Ordering::AcqRel) {
+        let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+    }
+}
+
 fn nix_err(e: nix::Error) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
 
-/// Moves bytes from `from` to `to` until `from` reaches EOF, then shuts down `to`'s write side
-/// (propagating the half-close). Returns the bytes moved. `on_progress` is called after every
+/// Moves bytes from `from` to `to` until `from` reaches EOF, then propagates the half-close (see
+/// [`propagate_eof`]). Returns the bytes moved. `on_progress` is called after every
 /// transfer (idle tracking, metrics).
 ///
 /// Each splice is tried at once and only waits for readiness on `EAGAIN`: a fresh socket is
@@ -79,6 +90,7 @@ pub async fn forward(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &mut Pipe,
+    other_done: &AtomicBool,
     mut on_progress: impl FnMut(usize),
 ) -> io::Result<u64> {
     let mut total = 0u64;
@@ -122,7 +134,7 @@ pub async fn forward(
             on_progress(n);
         }
     }
-    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+    propagate_eof(to, other_done);
     Ok(total)
 }
 
@@ -131,6 +143,7 @@ pub async fn forward(
 pub async fn copy(
     from: &TcpStream,
     to: &TcpStream,
+    other_done: &AtomicBool,
     mut on_progress: impl FnMut(usize),
 ) -> io::Result<u64> {
     let mut buf = vec![0u8; 64 * 1024];
@@ -161,6 +174,6 @@ pub async fn copy(
         total += n as u64;
         on_progress(n);
     }
-    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+    propagate_eof(to, other_done);
     Ok(total)
 }

@@ -5,7 +5,7 @@
 //! drain timeout) or the daemon stops.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,7 +119,7 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
         ctx.metrics.no_healthy(metrics_cache.service_label()).inc();
         return;
     };
-    let _ = client.set_nodelay(true);
+    // The client socket inherited TCP_NODELAY from the listener.
     let _ = upstream.set_nodelay(true);
     m.connections.inc();
     m.active.inc();
@@ -129,13 +129,15 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
     let last_activity = AtomicU64::new(0);
     let touch = || last_activity.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
     let splice = settings.splice;
+    // Set by the first direction to finish: the second need not shut down its side.
+    let half_closed = AtomicBool::new(false);
     let both = async {
         tokio::try_join!(
-            one_way(splice, &client, &upstream, |n| {
+            one_way(splice, &client, &upstream, &half_closed, |n| {
                 m.bytes_in.inc_by(n as u64);
                 touch();
             }),
-            one_way(splice, &upstream, &client, |n| {
+            one_way(splice, &upstream, &client, &half_closed, |n| {
                 m.bytes_out.inc_by(n as u64);
                 touch();
             }),
@@ -167,13 +169,14 @@ async fn one_way(
     splice: bool,
     from: &TcpStream,
     to: &TcpStream,
+    half_closed: &AtomicBool,
     on_progress: impl FnMut(usize),
 ) -> io::Result<u64> {
     let pipe = if splice { Pipe::get().ok() } else { None };
     let Some(mut pipe) = pipe else {
-        return crate::splice::copy(from, to, on_progress).await;
+        return crate::splice::copy(from, to, half_closed, on_progress).await;
     };
-    let moved = crate::splice::forward(from, to, &mut pipe, on_progress).await;
+    let moved = crate::splice::forward(from, to, &mut pipe, half_closed, on_progress).await;
     pipe.put();
     moved
 }

@@ -170,7 +170,7 @@ impl HttpProxy {
         }
         let mut errors = Vec::new();
         for (i, addr) in to_bind {
-            match TcpListener::bind(addr).await {
+            match crate::bind_nodelay(addr).await {
                 Ok(listener) => {
                     info!(%addr, "HTTP proxy listening");
                     let stop = CancellationToken::new();
@@ -243,7 +243,7 @@ async fn serve_connection(
     peer: SocketAddr,
     stop: CancellationToken,
 ) {
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY is inherited from the listener.
     ctx.metrics.downstream_open.inc();
     let settings = ctx.settings.load_full();
     let watch = ConnWatch::new();
