@@ -16,7 +16,7 @@ use super::body::{local, InFlight, ProxyBody, TrackedBody};
 use super::framing::ConnWatch;
 use super::headers::{add_forwarding, strip_hop_by_hop, wants_upgrade};
 use super::route::MAX_HOST;
-use super::HttpContext;
+use super::{HttpContext, HttpSettings};
 use crate::balance::{ServiceBalancer, Slot};
 
 /// What a request handler knows about its client connection.
@@ -64,8 +64,11 @@ struct Routed {
     retries: usize,
 }
 
-fn route(ctx: &HttpContext, req: &Request<Incoming>) -> Result<Routed, Refusal> {
-    let settings = ctx.settings.load();
+fn route(
+    ctx: &HttpContext,
+    settings: &HttpSettings,
+    req: &Request<Incoming>,
+) -> Result<Routed, Refusal> {
     let Some(host) = host_of(req) else {
         return Err((StatusCode::BAD_REQUEST, "missing Host\n".into(), true));
     };
@@ -129,8 +132,8 @@ async fn proxy(
             true,
         ));
     }
-    let routed = route(ctx, &req)?;
     let settings = ctx.settings.load_full();
+    let routed = route(ctx, &settings, &req)?;
     let balancer = &routed.balancer;
     let view = balancer.view(&routed.service);
     let Some(pick) = balancer.pick(&view, &settings.outlier) else {
@@ -171,7 +174,8 @@ async fn proxy(
         .then(|| (parts.method.clone(), parts.headers.clone()));
     let may_retry_sent = idempotent(&parts.method);
     let mut first = Some((parts, body));
-    let total = pick.slots.len();
+    // Instances that are not draining: what max_ejection_percent is a share of.
+    let total = view.fallback.len();
     let upstreams = ctx.upstreams.load_full();
 
     for attempt in 0..=retries {
