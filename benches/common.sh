@@ -49,3 +49,19 @@ http {
 CONF
   nginx -c "$work/ngx-backend/nginx.conf" -g 'daemon off;' & pids+=($!)
 }
+
+# start_svcd TOML — svcd (release) with its admin and DNS on free ports, one DNS worker, warn
+# logging, plus TOML (listeners, [proxy], registrations); its log goes to $work/svcd.log.
+start_svcd() {
+  cat > "$work/svcd.toml" <<CONF
+[admin]
+listen = "127.0.0.1:$(free_port)"
+[dns]
+listen = "127.0.0.1:$(free_port)"
+workers = 1
+[log]
+level = "warn"
+$1
+CONF
+  target/release/svcd run --config "$work/svcd.toml" 2>"$work/svcd.log" & pids+=($!)
+}

@@ -15,7 +15,7 @@ source benches/common.sh
 install_missing haproxy:haproxy nginx:nginx-light wrk:wrk h2load:nghttp2-client bc:bc
 
 P_WEB=$(free_port); P_WEB2=$(free_port)
-P_SVCD=$(free_port); P_ADMIN=$(free_port); P_DNS=$(free_port)
+P_SVCD=$(free_port)
 P_HAP=$(free_port); P_NGX=$(free_port); P_NGX2=$(free_port)
 
 # nginx backend: a small static response, HTTP/1.1 on one port and h2c on another (nginx
@@ -24,29 +24,20 @@ start_nginx_backend "$P_WEB" "$P_WEB2"
 mkdir -p "$work/ngx-proxy"
 
 # svcd: one runtime worker; requests for host 127.0.0.1 routed to the backend.
-cat > "$work/svcd.toml" <<CONF
-[admin]
-listen = "127.0.0.1:$P_ADMIN"
-[dns]
-listen = "127.0.0.1:$P_DNS"
-workers = 1
-[proxy]
+start_svcd "[proxy]
 workers = 1
 [[proxy.http]]
-listen = "127.0.0.1:$P_SVCD"
+listen = \"127.0.0.1:$P_SVCD\"
 [[proxy.routes]]
-host = "127.0.0.1"
-service = "web"
-[log]
-level = "warn"
+host = \"127.0.0.1\"
+service = \"web\"
 [[registry.static]]
-service = "web"
-id = "w1"
-ip = "127.0.0.1"
+service = \"web\"
+id = \"w1\"
+ip = \"127.0.0.1\"
 ports = { http = $P_WEB }
-protocol = "http"
-CONF
-target/release/svcd run --config "$work/svcd.toml" 2>"$work/svcd.log" & pids+=($!)
+protocol = \"http\"
+"
 
 cat > "$work/haproxy.cfg" <<CONF
 global

@@ -14,7 +14,7 @@ source benches/common.sh
 install_missing iperf3:iperf3 haproxy:haproxy nginx:nginx-light /usr/lib/nginx/modules/ngx_stream_module.so:libnginx-mod-stream wrk:wrk bc:bc
 
 P_IPERF=$(free_port); P_WEB=$(free_port)
-P_SVCD=$(free_port); P_SVCD_WEB=$(free_port); P_ADMIN=$(free_port); P_DNS=$(free_port); P_HTTP=$(free_port)
+P_SVCD=$(free_port); P_SVCD_WEB=$(free_port); P_HTTP=$(free_port)
 P_HAP=$(free_port); P_HAP_WEB=$(free_port); P_NGX=$(free_port); P_NGX_WEB=$(free_port)
 
 iperf3 -s -p "$P_IPERF" >/dev/null 2>&1 & pids+=($!)
@@ -24,37 +24,28 @@ start_nginx_backend "$P_WEB"
 mkdir -p "$work/ngx-proxy"
 
 # svcd: one runtime worker, two L4 listeners.
-cat > "$work/svcd.toml" <<CONF
-[admin]
-listen = "127.0.0.1:$P_ADMIN"
-[dns]
-listen = "127.0.0.1:$P_DNS"
-workers = 1
-[proxy]
+start_svcd "[proxy]
 workers = 1
 max_connections = 100000
 [[proxy.http]]
-listen = "127.0.0.1:$P_HTTP"
+listen = \"127.0.0.1:$P_HTTP\"
 [[proxy.tcp]]
-listen = "127.0.0.1:$P_SVCD"
-service = "iperf"
+listen = \"127.0.0.1:$P_SVCD\"
+service = \"iperf\"
 [[proxy.tcp]]
-listen = "127.0.0.1:$P_SVCD_WEB"
-service = "web"
-[log]
-level = "warn"
+listen = \"127.0.0.1:$P_SVCD_WEB\"
+service = \"web\"
 [[registry.static]]
-service = "iperf"
-id = "i1"
-ip = "127.0.0.1"
+service = \"iperf\"
+id = \"i1\"
+ip = \"127.0.0.1\"
 ports = { tcp = $P_IPERF }
 [[registry.static]]
-service = "web"
-id = "w1"
-ip = "127.0.0.1"
+service = \"web\"
+id = \"w1\"
+ip = \"127.0.0.1\"
 ports = { http = $P_WEB }
-CONF
-target/release/svcd run --config "$work/svcd.toml" 2>"$work/svcd.log" & pids+=($!)
+"
 
 cat > "$work/haproxy.cfg" <<CONF
 global
