@@ -142,24 +142,26 @@ pub async fn deregister(instance: &str, admin: &AdminArgs) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-/// The state an instance is served with here and why: an ejection by this node's proxy wins over
-/// the registered state; an unhealthy state carries the failing check's error.
+/// The state an instance is served with here (the API's `served_state`) and why: the ejection
+/// (its holders and end), or the registered reason (a failing check's error), or "drained".
 fn state_and_why(i: &serde_json::Value) -> (String, String) {
-    if let Some(ej) = i.get("ejection") {
-        return (
-            "ejected".into(),
-            format!(
-                "{} (until {}, ejection #{})",
-                ej["reason"].as_str().unwrap_or(""),
-                ej["until"].as_str().unwrap_or(""),
-                ej["count"]
-            ),
-        );
-    }
-    let state = i["state"].as_str().unwrap_or("").to_string();
-    let why = match (state.as_str(), i["reason"].as_str()) {
-        (_, Some(reason)) => reason.to_string(),
-        ("draining", None) => "drained".into(),
+    let state = i["served_state"].as_str().unwrap_or("").to_string();
+    let why = match (i.get("ejection"), i["reason"].as_str()) {
+        (Some(ej), _) => format!(
+            "{} (by {}; until {}, ejection #{})",
+            ej["reason"].as_str().unwrap_or(""),
+            ej["holders"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|h| h.as_str())
+                .collect::<Vec<_>>()
+                .join("+"),
+            ej["until"].as_str().unwrap_or(""),
+            ej["count"]
+        ),
+        (None, Some(reason)) => reason.to_string(),
+        (None, None) if state == "draining" => "drained".into(),
         _ => String::new(),
     };
     (state, why)
@@ -242,7 +244,8 @@ pub async fn resolve(
     };
     let mut printed = 0;
     for i in v["instances"].as_array().into_iter().flatten() {
-        if i["state"] != "healthy" {
+        // The served state, as DNS and the proxies use it (an ejected instance is left out).
+        if i["served_state"] != "healthy" {
             continue;
         }
         let ip = i["ip"].as_str().unwrap_or("");

@@ -12,8 +12,9 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use svcd_config::{Config, Sources};
 use svcd_dns::DnsServer;
+use svcd_lb::checks::{CheckMetrics, NetworkProbe};
+use svcd_lb::{LbMetrics, LoadBalancer};
 use svcd_proxy::http::HttpProxy;
-use svcd_proxy::outlier::OutlierDetector;
 use svcd_proxy::L4Proxy;
 use svcd_registry::{InstanceKey, Registry, SyncOptions};
 use tokio::net::TcpListener;
@@ -93,9 +94,10 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     let registry_cancel = CancellationToken::new();
     let mut registry_tasks = JoinSet::new();
     registry.spawn(&mut registry_tasks, sync_options, registry_cancel.clone());
-    registry_tasks.spawn(crate::health::run(
+    registry_tasks.spawn(svcd_lb::checks::run(
         registry.keeper.clone(),
-        metrics.registry.clone(),
+        Arc::new(NetworkProbe::default()),
+        CheckMetrics::new(&metrics.registry)?,
         registry_cancel.clone(),
     ));
 
@@ -121,29 +123,36 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     let current = config.load_full();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let workers = current.dns.workers.unwrap_or(cores);
-    let dns = DnsServer::start(&current.dns, workers, registry.reader(), &metrics.registry).await?;
-    let outlier = OutlierDetector::new(Some(registry.overlay()), &metrics.registry)?;
+    let dns = DnsServer::start(
+        &current.dns,
+        workers,
+        registry.reader(),
+        &metrics.registry,
+        &cancel,
+    )
+    .await?;
+    // The one owner of endpoint health, for the daemon's lifetime (reloads reconfigure it).
+    let lb = LoadBalancer::new(
+        registry.publisher(),
+        current.proxy.outlier.clone(),
+        LbMetrics::new(&metrics.registry)?,
+    );
+    registry_tasks.spawn(lb.clone().run(registry_cancel.clone()));
     let proxy = L4Proxy::start(
         &current.proxy,
         current.shutdown.drain_timeout,
-        registry.reader(),
-        outlier.clone(),
+        &lb,
         &metrics.registry,
     )
     .await?;
-    let http = HttpProxy::start(
-        &current.proxy,
-        &current.dns.domain,
-        registry.reader(),
-        outlier,
-        &metrics.registry,
-    )
-    .await?;
+    let http =
+        HttpProxy::start(&current.proxy, &current.dns.domain, &lb, &metrics.registry).await?;
     readiness.listeners_bound.store(true, Ordering::Relaxed);
     info!(admin = %admin_addr, dns = %dns.addr, store = %store.describe(), "svcd started");
 
     let live = LiveParts {
         admin: &admin_state,
+        lb: &lb,
         dns: &dns,
         proxy: &proxy,
         http: &http,
@@ -198,6 +207,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
 /// The running parts whose settings a reload changes in place.
 struct LiveParts<'a> {
     admin: &'a AdminState,
+    lb: &'a LoadBalancer,
     dns: &'a DnsServer,
     proxy: &'a L4Proxy,
     http: &'a HttpProxy,
@@ -261,6 +271,7 @@ async fn reload(
     }
     live.admin.token.store(Arc::new(token));
     live.dns.reconfigure(&new.dns);
+    live.lb.reconfigure(new.proxy.outlier.clone());
     let mut bind_errors = live
         .proxy
         .reconfigure(&new.proxy, new.shutdown.drain_timeout)

@@ -1,8 +1,11 @@
 //! svcd: service discovery and load balancing daemon.
 //!
 //! The binary owns the command line, the admin API and the wiring of the member crates:
-//! `svcd-config` (what to run) → `svcd-registry` (who is where) → `svcd-dns` / `svcd-proxy`
-//! (serving it). See `docs/` for the design.
+//! `svcd-config` (what to run) → `svcd-registry` (who is where) → `svcd-lb` (endpoint health
+//! and selection) → `svcd-proxy`, with `svcd-dns` reading the registry snapshot (serving it).
+//! See `docs/` for the design.
+
+#![forbid(unsafe_code)]
 
 mod admin;
 mod cli;
@@ -10,7 +13,6 @@ mod client;
 mod commands;
 mod daemon;
 mod exec;
-mod health;
 mod logging;
 mod metrics;
 mod readiness;

@@ -18,6 +18,7 @@ impl DaemonMetrics {
         let build = IntGauge::with_opts(
             Opts::new("svcd_build_info", "Build information; always 1.")
                 .const_label("version", env!("CARGO_PKG_VERSION"))
+                .const_label("revision", env!("SVCD_REVISION"))
                 .const_label(
                     "profile",
                     if cfg!(debug_assertions) {

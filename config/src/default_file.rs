@@ -11,6 +11,9 @@ pub const DEFAULT_CONFIG_TOML: &str = r#"# svcd configuration. Every key is opti
 listen = "127.0.0.1:9901"
 # File holding a bearer token required on every admin request except /healthz and /readyz.
 # token_file = "/etc/svcd/admin.token"
+# One svcd_endpoint_state series per endpoint on /metrics (per-service counts by state,
+# svcd_service_endpoints, are always there). Off by default: at 100k endpoints it is 100k series.
+endpoint_state_series = false
 
 [dns]
 # DNS responder, UDP and TCP on the same address.
@@ -64,16 +67,20 @@ listen = "127.0.0.1:8080"
 # path_prefix = "/v1"
 # service = "api.default"
 # port = "http"                   # named port; optional when instances have one port
-# timeout = "5s"                  # time to the response head (default proxy.l7.request_timeout)
+# timeout = "5s"                  # as proxy.l7.request_timeout, for this route
 # retries = 1                     # default proxy.l7.retries
 
 [proxy.l7]
-# round_robin | least_request (power of two choices on in-flight requests)
+# round_robin (smooth weighted) | least_request (weighted power of two choices on in-flight
+# requests). Both honour each instance's registered weight.
 balance = "round_robin"
 # Per-service override: { "api.default" = "least_request" }
 balance_by_service = {}
 # Extra attempts on other instances for idempotent requests that failed before any response.
 retries = 2
+# Time for an instance to send its response head, counted from the moment the whole request
+# (head and body) has been sent to it: it bounds the backend, never a slow client upload.
+# At most 5m.
 request_timeout = "15s"
 # Limits against abusive clients. header_read_timeout also bounds how long an idle HTTP/1.1
 # keep-alive connection waits for its next request (as HAProxy's http-keep-alive defaults to
@@ -91,7 +98,10 @@ pool_max_idle_per_host = 256
 # Passive health: instances failing in the proxy are ejected, locally, from the proxy and from
 # this node's DNS answers.
 [proxy.outlier]
-# Consecutive connect failures or 5xx responses that eject an instance (0 disables).
+# Consecutive failures of an instance, as one proxy plane (tcp or http) saw them, that eject it
+# from this node (0 disables). Only the backend's faults count: connect refused or timed out,
+# reset by the backend, no response within the request timeout, 5xx, a malformed response.
+# A client's abort, cancel, slow upload or malformed body never does.
 consecutive_failures = 5
 # An ejection lasts this x the instance's number of ejections.
 base_ejection_time = "30s"

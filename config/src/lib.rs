@@ -16,24 +16,26 @@
 //! ([`names`]), because static registrations in the config file use them and every crate above
 //! (registry, admin API, DNS) must agree on one definition.
 
+#![forbid(unsafe_code)]
+
+mod checks;
 mod default_file;
 mod error;
 mod instance;
-mod l7;
+mod model;
 pub mod names;
 mod raw;
 mod sources;
-mod validate;
 
 pub use default_file::DEFAULT_CONFIG_TOML;
 pub use error::{ConfigError, FieldError};
 pub use instance::{CheckKind, CheckSpec, Instance, Protocol, State};
-pub use l7::{Balance, HttpRoute, L7Config, OutlierConfig, PanicMode};
-pub use sources::{Env, Override, ProcessEnv, Sources, ENV_OVERRIDES};
-pub use validate::{
-    AdminConfig, Backend, Config, DnsConfig, EtcdConfig, HttpListenerConfig, L4ListenerConfig,
-    LogConfig, LogFormat, ProxyConfig, ProxyTarget, RegistryConfig, ShutdownConfig, StaticInstance,
+pub use model::{
+    AdminConfig, Backend, Balance, Config, DnsConfig, EtcdConfig, HttpListenerConfig, HttpRoute,
+    L4ListenerConfig, L7Config, LogConfig, LogFormat, OutlierConfig, PanicMode, ProxyConfig,
+    ProxyTarget, RegistryConfig, ShutdownConfig, StaticInstance, MAX_REQUEST_TIMEOUT,
 };
+pub use sources::{Env, Override, ProcessEnv, Sources, ENV_OVERRIDES};
 
 /// Parse and validate one TOML document with no overrides (used by tests and `config check`).
 pub fn parse(text: &str) -> Result<Config, ConfigError> {

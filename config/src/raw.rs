@@ -20,6 +20,7 @@ pub struct RawConfig {
 pub struct RawAdmin {
     pub listen: Option<String>,
     pub token_file: Option<String>,
+    pub endpoint_state_series: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

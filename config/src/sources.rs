@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::checks::validate;
 use crate::error::ConfigError;
+use crate::model::Config;
 use crate::raw::RawConfig;
-use crate::validate::{validate, Config};
 
 /// Where environment variables come from; a trait so tests can supply a map instead of mutating
 /// the process environment (which races between parallel tests).

@@ -393,3 +393,27 @@ panic_mode = "yolo"
         );
     }
 }
+
+#[test]
+fn request_timeouts_are_bounded_by_the_histogram_buckets() {
+    let errors = errors_of(
+        "[proxy.l7]\nrequest_timeout = \"10m\"\n[[proxy.routes]]\nhost = \"a\"\nservice = \"a.default\"\ntimeout = \"301s\"\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "proxy.routes[0].timeout: \"301s\" is longer than the maximum of 5m",
+            "proxy.l7.request_timeout: \"10m\" is longer than the maximum of 5m",
+        ]
+    );
+    let c = crate::parse(
+        "[proxy.l7]\nrequest_timeout = \"5m\"\n[admin]\nendpoint_state_series = true\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.proxy.l7.request_timeout,
+        std::time::Duration::from_secs(300)
+    );
+    assert!(c.admin.endpoint_state_series);
+    assert!(!crate::Config::default().admin.endpoint_state_series);
+}

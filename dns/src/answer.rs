@@ -10,7 +10,7 @@ use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, HINFO, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use svcd_config::DnsConfig;
-use svcd_registry::{Endpoint, EndpointSnapshot, ServiceEndpoints};
+use svcd_registry::{Endpoint, EndpointSnapshot, ServiceEndpoints, WeightedSchedule};
 
 use crate::zone::{classify, Target};
 
@@ -146,6 +146,20 @@ impl Answer {
     }
 }
 
+/// Where a rotated answer of `take` out of `n` records starts for query number `rotation`. With
+/// the whole set returned, a plain rotation; when `take` cuts it, the first record is chosen by
+/// the instances' weights (smooth weighted round robin, as the proxies pick), so clients that use
+/// the first address split their traffic by weight.
+pub fn answer_start(order: &WeightedSchedule, n: usize, take: usize, rotation: usize) -> usize {
+    if n == 0 {
+        0
+    } else if take < n {
+        order.at(rotation).unwrap_or(0)
+    } else {
+        rotation % n
+    }
+}
+
 /// The healthy endpoints of `svc.ns` whose address family fits `qtype`, rotated and limited.
 pub fn rotated_addresses(
     service: &ServiceEndpoints,
@@ -160,7 +174,12 @@ pub fn rotated_addresses(
         .collect();
     let n = matching.len();
     let take = limit.unwrap_or(n).min(n);
-    let start = if n == 0 { 0 } else { rotation % n };
+    let order = if take < n {
+        WeightedSchedule::new(matching.iter().map(|e| e.weight))
+    } else {
+        WeightedSchedule::default()
+    };
+    let start = answer_start(&order, n, take, rotation);
     (0..take).map(move |i| matching[(start + i) % n])
 }
 

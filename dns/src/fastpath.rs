@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hickory_proto::op::ResponseCode;
-use svcd_registry::ServiceEndpoints;
+use svcd_registry::{ServiceEndpoints, WeightedSchedule};
 
-use crate::answer::ZoneSettings;
+use crate::answer::{answer_start, ZoneSettings};
 use crate::handler::{DnsResponder, EDNS_PAYLOAD};
 use crate::metrics::{rcode_index, Proto};
 
@@ -39,13 +39,22 @@ struct EncodedService {
     v4: Vec<u8>,
     /// 28 bytes per healthy IPv6 instance.
     v6: Vec<u8>,
+    /// The instances' weights as a pick order, per family: the first record of an answer that
+    /// `max_answers` cuts.
+    v4_order: WeightedSchedule,
+    v6_order: WeightedSchedule,
 }
 
 impl EncodedService {
     fn new(service: Arc<ServiceEndpoints>, zone: Arc<ZoneSettings>) -> Self {
         let mut v4 = Vec::new();
         let mut v6 = Vec::new();
+        let (mut w4, mut w6) = (Vec::new(), Vec::new());
         for e in &service.healthy {
+            match e.ip {
+                IpAddr::V4(_) => w4.push(e.weight),
+                IpAddr::V6(_) => w6.push(e.weight),
+            }
             let (out, rtype, addr): (&mut Vec<u8>, u16, Vec<u8>) = match e.ip {
                 IpAddr::V4(ip) => (&mut v4, TYPE_A, ip.octets().to_vec()),
                 IpAddr::V6(ip) => (&mut v6, TYPE_AAAA, ip.octets().to_vec()),
@@ -62,6 +71,8 @@ impl EncodedService {
             zone,
             v4,
             v6,
+            v4_order: WeightedSchedule::new(w4),
+            v6_order: WeightedSchedule::new(w6),
         }
     }
 }
@@ -217,10 +228,10 @@ impl FastPath {
             );
         }
         let encoded = self.cache.get(key)?;
-        let (records, rr_len) = if parsed.qtype == TYPE_A {
-            (&encoded.v4, 16)
+        let (records, rr_len, order) = if parsed.qtype == TYPE_A {
+            (&encoded.v4, 16, &encoded.v4_order)
         } else {
-            (&encoded.v6, 28)
+            (&encoded.v6, 28, &encoded.v6_order)
         };
         let count = records.len() / rr_len;
         if count == 0 {
@@ -248,7 +259,7 @@ impl FastPath {
         out.extend_from_slice(&0u16.to_be_bytes());
         out.extend_from_slice(&u16::from(parsed.edns_payload.is_some()).to_be_bytes());
         out.extend_from_slice(&packet[HEADER..parsed.question_end]);
-        let start = responder.next_rotation() % count;
+        let start = answer_start(order, count, take, responder.next_rotation());
         for k in 0..take {
             let idx = (start + k) % count;
             out.extend_from_slice(&records[idx * rr_len..(idx + 1) * rr_len]);

@@ -16,6 +16,8 @@
 //! * [`fastpath`]: the hot query on raw bytes, identical in result to the handler.
 //! * [`udp`]: worker threads; TCP is hickory's `Server`.
 
+#![forbid(unsafe_code)]
+
 pub mod answer;
 pub mod fastpath;
 pub mod forward;
@@ -25,7 +27,6 @@ pub mod udp;
 pub mod zone;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ use hickory_server::Server;
 use svcd_config::DnsConfig;
 use svcd_registry::SnapshotReader;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 pub use handler::DnsResponder;
 pub use metrics::DnsMetrics;
@@ -53,7 +55,8 @@ pub enum DnsError {
 pub struct DnsServer {
     pub addr: SocketAddr,
     pub responder: Arc<DnsResponder>,
-    stop: Arc<AtomicBool>,
+    /// Stops the UDP workers: a child of the daemon's shutdown token, so either ends them.
+    stop: CancellationToken,
     udp_threads: Vec<std::thread::JoinHandle<()>>,
     tcp: Server<handler::Handler>,
 }
@@ -65,9 +68,10 @@ impl DnsServer {
         workers: usize,
         snapshot: SnapshotReader,
         prometheus: &prometheus::Registry,
+        cancel: &CancellationToken,
     ) -> Result<DnsServer, DnsError> {
         let responder = DnsResponder::new(config, snapshot, DnsMetrics::new(prometheus)?);
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = cancel.child_token();
         let bind_err = |addr, source| DnsError::Bind { addr, source };
         let (addr, udp_threads) = udp::spawn(
             config.listen,
@@ -99,7 +103,7 @@ impl DnsServer {
 
     /// Stops accepting, lets TCP connections finish, joins the UDP workers.
     pub async fn shutdown(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
         let _ = self.tcp.shutdown_gracefully().await;
         let threads = std::mem::take(&mut self.udp_threads);
         let _ = tokio::task::spawn_blocking(move || {

@@ -327,6 +327,31 @@ fn max_answers_and_truncation() {
 }
 
 #[test]
+fn weights_choose_the_first_answer_when_max_answers_cuts_the_set() {
+    // w1 has weight 3, w2 and w3 weight 1: with one answer per query, 3:1:1 within 5 %, on both
+    // paths, over 10,000 queries.
+    let mut config = svcd_config::parse("").unwrap().dns;
+    config.max_answers = 1;
+    let r = responder_with(&config);
+    let packet = query("web.default.svc.cluster.local.", RecordType::A, None);
+    let mut fastpath = FastPath::new();
+    let mut counts = std::collections::HashMap::<String, usize>::new();
+    for i in 0..10_000 {
+        let m = if i % 10 == 0 {
+            slow(&r, &packet).unwrap()
+        } else {
+            Message::from_vec(fastpath.answer(&packet, &r).unwrap()).unwrap()
+        };
+        assert_eq!(m.answers.len(), 1);
+        *counts.entry(addrs(&m)[0].clone()).or_default() += 1;
+    }
+    let share = |ip: &str| counts[ip] as f64 / 10_000.0;
+    assert!((share("10.0.0.1") - 0.6).abs() <= 0.03, "{counts:?}");
+    assert!((share("10.0.0.2") - 0.2).abs() <= 0.01, "{counts:?}");
+    assert!((share("10.0.0.3") - 0.2).abs() <= 0.01, "{counts:?}");
+}
+
+#[test]
 fn protocol_errors() {
     let r = responder();
     // EDNS version 1 → BADVERS (with an OPT carrying the high rcode bits).

@@ -6,7 +6,6 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -23,6 +22,7 @@ use nix::sys::socket::{
 };
 use socket2::{Domain, Socket, Type};
 use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::fastpath::FastPath;
@@ -112,13 +112,15 @@ impl DnsResponder {
 }
 
 /// Starts `workers` threads serving UDP on `addr` (port 0: the first socket picks one and the
-/// rest join it). Returns the bound address and the threads; they exit when `stop` is set.
+/// rest join it). Returns the bound address and the threads; they exit once `stop` is cancelled
+/// (checked when the socket's read times out, and every [`STOP_CHECK_BATCHES`] batches under
+/// load, so the token's lock stays off the per-packet path).
 pub fn spawn(
     addr: SocketAddr,
     workers: usize,
     responder: Arc<DnsResponder>,
     runtime: Handle,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
 ) -> io::Result<(SocketAddr, Vec<JoinHandle<()>>)> {
     let first = bind_reuseport(addr)?;
     let bound = first.local_addr()?;
@@ -141,6 +143,8 @@ pub fn spawn(
     Ok((bound, threads))
 }
 
+/// Batches between two looks at the stop token while busy.
+const STOP_CHECK_BATCHES: usize = 256;
 /// Queries read (and answers written) per syscall.
 const BATCH: usize = 32;
 /// Receive buffer per query; larger datagrams arrive truncated and are answered FORMERR.
@@ -160,7 +164,7 @@ fn serve(
     socket: Arc<UdpSocket>,
     responder: Arc<DnsResponder>,
     runtime: Handle,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
 ) {
     let fd = socket.as_raw_fd();
     let mut fast = FastPath::new();
@@ -171,7 +175,12 @@ fn serve(
         .map(|_| Vec::with_capacity(EDNS_PAYLOAD as usize))
         .collect();
     let mut tx_addrs: Vec<Option<SockaddrStorage>> = vec![None; BATCH];
-    while !stop.load(Ordering::Relaxed) {
+    let mut batches = 0usize;
+    loop {
+        batches = batches.wrapping_add(1);
+        if batches % STOP_CHECK_BATCHES == 0 && stop.is_cancelled() {
+            return;
+        }
         let mut ready = 0;
         {
             let mut slices: Vec<[IoSliceMut<'_>; 1]> = rx_bufs
@@ -186,6 +195,7 @@ fn serve(
                 None,
             ) {
                 Ok(r) => r,
+                Err(Errno::EAGAIN) if stop.is_cancelled() => return,
                 Err(Errno::EAGAIN | Errno::EINTR) => continue,
                 Err(e) => {
                     warn!(error = %e, "DNS UDP receive failed");

@@ -3,31 +3,29 @@
 //! ```text
 //! [[proxy.http]] listener ──request──► Router (Host, routes) ──► ServiceBalancer.pick (per request)
 //!        └─► hyper: HTTP/1.1 | h2c downstream, pooled HTTP/1.1 | h2 upstream, streamed both ways
-//! [[proxy.tcp]] listener ──accept──► ServiceBalancer.pick (round robin) ──connect (next on refusal)
+//! [[proxy.tcp]] listener ──accept──► ServiceBalancer.pick ──connect (next on refusal)
 //!        └─► splice(2): socket ─► pipe ─► socket, both directions, half-close propagated
-//! [[proxy.udp]] listener ──► flow table (client → instance) ──► connected upstream socket
+//! [[proxy.udp]] listener ──► flow table (client → instance, picked by the same balancer)
 //! ```
 //!
+//! Selection, panic, weights and passive health belong to `svcd-lb`: both planes hold a
+//! [`svcd_lb::BalancerTable`] of their own (their per-endpoint data differs) over the one
+//! [`svcd_lb::LoadBalancer`], and report each attempt's outcome to it — only the backend's own
+//! faults count as failures.
+//!
 //! * [`http`]: the HTTP proxy (routing, forwarding, smuggling guard, limits, its metrics).
-//! * [`balance`]: per-service balancers over the snapshot (round robin, least request, the panic
-//!   threshold) with per-instance state that outlives snapshot changes.
-//! * [`outlier`]: passive health — failures in a row eject an instance on this node, through the
-//!   registry's overlay, so local DNS agrees.
-//! * [`pick`]: the lock-free round robin of the UDP listeners (one `AtomicUsize`, `Relaxed`,
-//!   empty-set guard).
 //! * [`splice`]: zero-copy forwarding, pipes pooled per thread.
 //! * [`tcp`], [`udp`]: the L4 listeners.
-//! * [`metrics`]: per service and endpoint; handles resolved when the snapshot changes.
+//! * [`metrics`]: per listener, service and endpoint; handles resolved when the snapshot changes.
 //!
 //! Listeners are reconfigured in place on reload: a new target or timeout applies to the next
 //! connection or request, a removed listener stops accepting while its connections finish, a new
 //! one binds.
 
-pub mod balance;
+#![forbid(unsafe_code)]
+
 pub mod http;
 pub mod metrics;
-pub mod outlier;
-pub mod pick;
 pub mod splice;
 pub mod tcp;
 pub mod udp;
@@ -39,18 +37,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use svcd_config::{Balance, L4ListenerConfig, OutlierConfig, ProxyConfig};
+use svcd_config::{L4ListenerConfig, ProxyConfig};
+use svcd_lb::{BalancerTable, LoadBalancer, PortRule, ServiceName};
 use svcd_registry::SnapshotReader;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use balance::BalancerTable;
-use metrics::EndpointMetricsCache;
-pub use metrics::ProxyMetrics;
-use outlier::OutlierDetector;
-use pick::RoundRobin;
+use metrics::ListenerMetrics;
+pub use metrics::{L4Slots, ProxyMetrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -74,8 +70,6 @@ pub struct ProxySettings {
     pub connect_attempts: usize,
     /// How long a connection to an instance that left the registry may continue.
     pub drain_timeout: Duration,
-    /// Passive health and the panic threshold, shared with the HTTP proxy.
-    pub outlier: OutlierConfig,
 }
 
 impl ProxySettings {
@@ -86,7 +80,6 @@ impl ProxySettings {
             connect_timeout: config.connect_timeout,
             connect_attempts: config.connect_attempts,
             drain_timeout,
-            outlier: config.outlier.clone(),
         }
     }
 }
@@ -98,45 +91,84 @@ pub struct ProxyContext {
     pub settings: ArcSwap<ProxySettings>,
     /// Open TCP connections across listeners, against `max_connections`.
     pub active: AtomicUsize,
-    /// Every connection task, so shutdown can wait for them.
+    /// Every connection task and UDP reply task, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// Cancelled when the drain time is over: open connections close.
     pub hard_stop: CancellationToken,
-    /// TCP listeners' balancers by service and port (round robin): the panic threshold and the
-    /// outlier records that connect failures feed.
-    pub balancers: BalancerTable,
-    /// Ejects instances whose connects keep failing (shared with the HTTP proxy).
-    pub outlier: Arc<OutlierDetector>,
+    /// The daemon's one load balancer: every listener's balancers share its endpoint health.
+    pub lb: Arc<LoadBalancer>,
 }
 
 /// One L4 listener, TCP or UDP. The config is swapped on reload (new target, idle timeout)
 /// without touching open connections or flows.
 pub struct ListenerState {
     pub config: ArcSwap<L4ListenerConfig>,
-    pub rr: RoundRobin,
-    pub metrics: ArcSwap<EndpointMetricsCache>,
+    /// This listener's balancers (its own round-robin position, its own per-endpoint metric
+    /// handles) over the shared endpoint health, and its target's keys. Replaced when the target
+    /// changes, so the old target's series go.
+    pub balancers: ArcSwap<ListenerBalancers>,
+    pub listener_metrics: ArcSwap<ListenerMetrics>,
     /// Cancelled when a reload removes the listener or the daemon stops: stops accepting.
     pub stop: CancellationToken,
 }
 
-fn service_label(config: &L4ListenerConfig) -> String {
-    format!("{}.{}", config.target.service, config.target.namespace)
+/// A listener's balancer table and its fixed target, with the lookup keys made once per
+/// config so a connection joins no strings.
+pub struct ListenerBalancers {
+    pub table: Arc<BalancerTable<L4Slots>>,
+    /// The snapshot key of the target service.
+    pub service: ServiceName,
+    /// The table key of the target service and port.
+    pub key: Box<str>,
+}
+
+impl ListenerBalancers {
+    /// The balancer of the listener's target.
+    #[inline]
+    pub fn balancer(&self, config: &L4ListenerConfig) -> Arc<svcd_lb::ServiceBalancer<L4Slots>> {
+        let t = &config.target;
+        self.table
+            .get_keyed(&self.key, &t.service, &t.namespace, t.port.as_deref())
+    }
 }
 
 impl ListenerState {
-    pub fn new(config: L4ListenerConfig) -> Self {
+    pub fn new(config: L4ListenerConfig, ctx: &ProxyContext, transport: &str) -> Self {
+        let (table, metrics) = Self::for_target(&config, ctx, transport);
         ListenerState {
-            metrics: ArcSwap::from_pointee(EndpointMetricsCache::new(service_label(&config))),
+            balancers: ArcSwap::new(table),
+            listener_metrics: ArcSwap::from_pointee(metrics),
             config: ArcSwap::from_pointee(config),
-            rr: RoundRobin::default(),
             stop: CancellationToken::new(),
         }
     }
 
-    pub fn reconfigure(&self, config: L4ListenerConfig) {
+    fn for_target(
+        config: &L4ListenerConfig,
+        ctx: &ProxyContext,
+        transport: &str,
+    ) -> (Arc<ListenerBalancers>, ListenerMetrics) {
+        let t = &config.target;
+        let listener = format!("{transport}/{}", config.listen);
+        let service = ServiceName::new(&t.service, &t.namespace);
+        let metrics = ctx.metrics.listener(&listener, service.as_str());
+        let slots = L4Slots {
+            metrics: ctx.metrics.clone(),
+            listener,
+        };
+        let balancers = ListenerBalancers {
+            table: BalancerTable::new(&ctx.lb, slots, PortRule::Only),
+            key: BalancerTable::<L4Slots>::key(&t.service, &t.namespace, t.port.as_deref()).into(),
+            service,
+        };
+        (Arc::new(balancers), metrics)
+    }
+
+    pub fn reconfigure(&self, config: L4ListenerConfig, ctx: &ProxyContext, transport: &str) {
         if self.config.load().target != config.target {
-            self.metrics
-                .store(Arc::new(EndpointMetricsCache::new(service_label(&config))));
+            let (table, metrics) = Self::for_target(&config, ctx, transport);
+            self.balancers.store(table);
+            self.listener_metrics.store(Arc::new(metrics));
         }
         self.config.store(Arc::new(config));
     }
@@ -155,6 +187,13 @@ impl Transport {
             Transport::Udp => "proxy.udp",
         }
     }
+
+    fn label(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
 }
 
 /// The running L4 listeners, by transport and listen address. The mutex guards only the set of
@@ -170,24 +209,18 @@ impl L4Proxy {
     pub async fn start(
         config: &ProxyConfig,
         drain_timeout: Duration,
-        snapshot: SnapshotReader,
-        outlier: Arc<OutlierDetector>,
+        lb: &Arc<LoadBalancer>,
         prometheus: &prometheus::Registry,
     ) -> Result<L4Proxy, ProxyError> {
         let proxy = L4Proxy {
             ctx: Arc::new(ProxyContext {
-                snapshot,
+                snapshot: lb.reader().clone(),
                 metrics: ProxyMetrics::new(prometheus)?,
                 settings: ArcSwap::from_pointee(ProxySettings::new(config, drain_timeout)),
                 active: AtomicUsize::new(0),
                 tracker: TaskTracker::new(),
                 hard_stop: CancellationToken::new(),
-                balancers: BalancerTable::new(
-                    Balance::RoundRobin,
-                    Default::default(),
-                    http::metrics::HttpMetrics::detached(),
-                ),
-                outlier,
+                lb: lb.clone(),
             }),
             listeners: Mutex::new(HashMap::new()),
         };
@@ -229,7 +262,7 @@ impl L4Proxy {
             let mut running = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
             running.retain(|key, state| match wanted.get(key) {
                 Some((_, l)) => {
-                    state.reconfigure((*l).clone());
+                    state.reconfigure((*l).clone(), &self.ctx, key.0.label());
                     true
                 }
                 None => {
@@ -247,14 +280,15 @@ impl L4Proxy {
         let mut errors = Vec::new();
         for (transport, i, listener) in to_bind {
             let addr = listener.listen;
-            let state = Arc::new(ListenerState::new(listener));
+            let state = Arc::new(ListenerState::new(listener, &self.ctx, transport.label()));
+            let tracker = &self.ctx.tracker;
             let started = match transport {
                 Transport::Tcp => bind_nodelay(addr)
                     .await
-                    .map(|l| tokio::spawn(tcp::serve(l, state.clone(), self.ctx.clone()))),
+                    .map(|l| tracker.spawn(tcp::serve(l, state.clone(), self.ctx.clone()))),
                 Transport::Udp => UdpSocket::bind(addr)
                     .await
-                    .map(|s| tokio::spawn(udp::serve(s, state.clone(), self.ctx.clone()))),
+                    .map(|s| tracker.spawn(udp::serve(s, state.clone(), self.ctx.clone()))),
             };
             match started {
                 Ok(_) => {

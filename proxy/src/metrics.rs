@@ -1,13 +1,15 @@
-//! Proxy metrics, per service and per endpoint. Handles for an endpoint are created once, when
-//! the endpoint first appears in a snapshot the listener sees, and kept in the listener's
-//! [`EndpointMetricsCache`]; a connection does a hash lookup, never a label lookup.
+//! L4 proxy metrics, per listener, service and endpoint. Handles for an endpoint are created
+//! once, when the listener's balancer first sees the endpoint, and kept in its slot
+//! ([`L4Slots`]); a connection touches resolved handles only. Every handle set removes its series
+//! when dropped: an endpoint's series go when it leaves the registry (the load balancer prunes
+//! it after the publish), a listener's when the listener is removed or retargeted.
 
-use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
-use svcd_registry::ServiceEndpoints;
+use svcd_lb::{ServiceName, SlotFactory};
+use svcd_registry::Endpoint;
 
 pub struct ProxyMetrics {
     connections: IntCounterVec,
@@ -16,12 +18,13 @@ pub struct ProxyMetrics {
     bytes: IntCounterVec,
     datagrams: IntCounterVec,
     no_healthy: IntCounterVec,
-    /// Connections closed at accept because `proxy.max_connections` was reached.
-    pub rejected: IntCounter,
+    rejected: IntCounterVec,
 }
 
-/// Handles for one (service, endpoint).
+/// Handles for one (listener, service, endpoint); the series go when the last handle does.
 pub struct EndpointMetrics {
+    all: Arc<ProxyMetrics>,
+    labels: [String; 3],
     pub connections: IntCounter,
     pub active: IntGauge,
     pub connect_failures: IntCounter,
@@ -31,9 +34,44 @@ pub struct EndpointMetrics {
     pub datagrams_out: IntCounter,
 }
 
+impl Drop for EndpointMetrics {
+    fn drop(&mut self) {
+        let [l, s, e] = &self.labels;
+        let base = [l.as_str(), s.as_str(), e.as_str()];
+        let m = &self.all;
+        let _ = m.connections.remove_label_values(&base);
+        let _ = m.active.remove_label_values(&base);
+        let _ = m.connect_failures.remove_label_values(&base);
+        for d in ["in", "out"] {
+            let with = [base[0], base[1], base[2], d];
+            let _ = m.bytes.remove_label_values(&with);
+            let _ = m.datagrams.remove_label_values(&with);
+        }
+    }
+}
+
+/// Handles for one listener; its series go with it.
+pub struct ListenerMetrics {
+    all: Arc<ProxyMetrics>,
+    labels: [String; 2],
+    /// Connections or flows refused: no instance could be picked or reached.
+    pub no_healthy: IntCounter,
+    /// TCP connections closed at accept because `proxy.max_connections` was reached.
+    pub rejected: IntCounter,
+}
+
+impl Drop for ListenerMetrics {
+    fn drop(&mut self) {
+        let [l, s] = &self.labels;
+        let _ = self.all.no_healthy.remove_label_values(&[l, s]);
+        let _ = self.all.rejected.remove_label_values(&[l]);
+    }
+}
+
 impl ProxyMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Arc<Self>> {
-        let labels = &["service", "endpoint"];
+        let labels = &["listener", "service", "endpoint"];
+        let with_direction = &["listener", "service", "endpoint", "direction"];
         let m = ProxyMetrics {
             connections: IntCounterVec::new(
                 Opts::new("svcd_tcp_connections_total", "TCP connections proxied."),
@@ -58,25 +96,28 @@ impl ProxyMetrics {
                     "svcd_tcp_bytes_total",
                     "Bytes proxied; direction in = client to instance.",
                 ),
-                &["service", "endpoint", "direction"],
+                with_direction,
             )?,
             datagrams: IntCounterVec::new(
                 Opts::new(
                     "svcd_udp_datagrams_total",
                     "UDP datagrams proxied; direction in = client to instance.",
                 ),
-                &["service", "endpoint", "direction"],
+                with_direction,
             )?,
             no_healthy: IntCounterVec::new(
                 Opts::new(
                     "svcd_proxy_no_healthy_endpoint_total",
-                    "Connections or flows refused: no healthy instance.",
+                    "Connections or flows refused: no instance could be picked or reached.",
                 ),
-                &["service"],
+                &["listener", "service"],
             )?,
-            rejected: IntCounter::new(
-                "svcd_tcp_connections_rejected_total",
-                "Connections closed at accept because proxy.max_connections was reached.",
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "svcd_tcp_connections_rejected_total",
+                    "Connections closed at accept because proxy.max_connections was reached.",
+                ),
+                &["listener"],
             )?,
         };
         registry.register(Box::new(m.connections.clone()))?;
@@ -89,80 +130,60 @@ impl ProxyMetrics {
         Ok(Arc::new(m))
     }
 
-    pub fn no_healthy(&self, service: &str) -> IntCounter {
-        self.no_healthy.with_label_values(&[service])
+    pub fn listener(self: &Arc<Self>, listener: &str, service: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            all: self.clone(),
+            labels: [listener.into(), service.into()],
+            no_healthy: self.no_healthy.with_label_values(&[listener, service]),
+            rejected: self.rejected.with_label_values(&[listener]),
+        }
     }
 
-    fn endpoint(&self, service: &str, endpoint: &str) -> EndpointMetrics {
-        let l = [service, endpoint];
+    fn endpoint(
+        self: &Arc<Self>,
+        listener: &str,
+        service: &str,
+        endpoint: &str,
+    ) -> EndpointMetrics {
+        let l = [listener, service, endpoint];
+        let d = |dir| [listener, service, endpoint, dir];
         EndpointMetrics {
+            all: self.clone(),
+            labels: [listener.into(), service.into(), endpoint.into()],
             connections: self.connections.with_label_values(&l),
             active: self.active.with_label_values(&l),
             connect_failures: self.connect_failures.with_label_values(&l),
-            bytes_in: self.bytes.with_label_values(&[service, endpoint, "in"]),
-            bytes_out: self.bytes.with_label_values(&[service, endpoint, "out"]),
-            datagrams_in: self.datagrams.with_label_values(&[service, endpoint, "in"]),
-            datagrams_out: self
-                .datagrams
-                .with_label_values(&[service, endpoint, "out"]),
+            bytes_in: self.bytes.with_label_values(&d("in")),
+            bytes_out: self.bytes.with_label_values(&d("out")),
+            datagrams_in: self.datagrams.with_label_values(&d("in")),
+            datagrams_out: self.datagrams.with_label_values(&d("out")),
         }
     }
 }
 
-/// Endpoint id → handles for one listener's service, swapped whole when the service changes.
-pub struct EndpointMetricsCache {
-    service_label: String,
-    by_endpoint: ArcSwap<HashMap<Box<str>, Arc<EndpointMetrics>>>,
-    /// The `ServiceEndpoints` the map was built from.
-    built_from: ArcSwap<Option<Arc<ServiceEndpoints>>>,
+/// The L4 plane's [`SlotFactory`], one per listener: each endpoint's slot carries that listener's
+/// handles for it.
+pub struct L4Slots {
+    pub metrics: Arc<ProxyMetrics>,
+    /// `tcp/<addr>` or `udp/<addr>`.
+    pub listener: String,
 }
 
-impl EndpointMetricsCache {
-    pub fn new(service_label: String) -> Self {
-        EndpointMetricsCache {
-            service_label,
-            by_endpoint: ArcSwap::from_pointee(HashMap::new()),
-            built_from: ArcSwap::from_pointee(None),
-        }
-    }
+impl SlotFactory for L4Slots {
+    type Extra = EndpointMetrics;
+    type Service = ();
 
-    pub fn service_label(&self) -> &str {
-        &self.service_label
-    }
+    fn make_service(&self, _: &ServiceName) {}
 
-    /// Handles for `id`; refreshes the map (off the per-connection path) when `service` is a
-    /// newer snapshot entry than the one it was built from.
-    pub fn get(
+    fn make(
         &self,
-        metrics: &ProxyMetrics,
-        service: &Arc<ServiceEndpoints>,
-        id: &str,
-    ) -> Arc<EndpointMetrics> {
-        let current = self.built_from.load();
-        if !current
-            .as_ref()
-            .as_ref()
-            .is_some_and(|s| Arc::ptr_eq(s, service))
-        {
-            let old = self.by_endpoint.load();
-            let map: HashMap<Box<str>, Arc<EndpointMetrics>> = service
-                .all
-                .iter()
-                .map(|e| {
-                    let handles = old
-                        .get(&e.id)
-                        .cloned()
-                        .unwrap_or_else(|| Arc::new(metrics.endpoint(&self.service_label, &e.id)));
-                    (e.id.clone(), handles)
-                })
-                .collect();
-            self.by_endpoint.store(Arc::new(map));
-            self.built_from.store(Arc::new(Some(service.clone())));
-        }
-        self.by_endpoint
-            .load()
-            .get(id)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(metrics.endpoint(&self.service_label, id)))
+        service: &ServiceName,
+        endpoint: &Endpoint,
+        _: SocketAddr,
+    ) -> Option<EndpointMetrics> {
+        Some(
+            self.metrics
+                .endpoint(&self.listener, service.as_str(), &endpoint.id),
+        )
     }
 }

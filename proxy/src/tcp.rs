@@ -1,8 +1,9 @@
-//! L4 TCP: accept, pick a healthy instance round robin (the service's shared balancer: panic
-//! threshold, failed connects feeding outlier ejection), connect (next instance on refusal or
+//! L4 TCP: accept, pick an instance (the service's balancer: weighted round robin, the panic
+//! threshold; failed connects feed passive health), connect (next instance on refusal or
 //! timeout), then move bytes both ways — splice(2) on Linux, a user-space copy otherwise — until
 //! both sides are done, the connection idles out, its instance leaves the registry (after the
-//! drain timeout) or the daemon stops.
+//! drain timeout) or the daemon stops. A connection waits on its own instance's departure, so a
+//! publish about anything else wakes no connection.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,6 +13,8 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, timeout, Instant};
 use tracing::{debug, warn};
+
+use svcd_lb::Detector;
 
 use crate::metrics::EndpointMetrics;
 use crate::splice::Pipe;
@@ -33,7 +36,7 @@ pub async fn serve(listener: TcpListener, state: Arc<ListenerState>, ctx: Arc<Pr
         let max = ctx.settings.load().max_connections;
         if ctx.active.fetch_add(1, Ordering::Relaxed) >= max {
             ctx.active.fetch_sub(1, Ordering::Relaxed);
-            ctx.metrics.rejected.inc();
+            state.listener_metrics.load().rejected.inc();
             drop(client); // closed at once
             continue;
         }
@@ -55,34 +58,32 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Counts a connection in flight on its instance (least request reads it) until dropped.
+struct InFlight(Arc<svcd_lb::EndpointHealth>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
     let config = state.config.load_full();
-    let target = &config.target;
-    let metrics_cache = state.metrics.load_full();
-    let service = {
-        let snapshot = ctx.snapshot.load();
-        snapshot
-            .service(&target.namespace, &target.service)
-            .cloned()
-    };
-    let Some(service) = service.filter(|s| !s.healthy.is_empty()) else {
-        ctx.metrics.no_healthy(metrics_cache.service_label()).inc();
-        return;
+    let balancers = state.balancers.load_full();
+    let refused = || state.listener_metrics.load().no_healthy.inc();
+    let service = ctx
+        .snapshot
+        .load()
+        .service_by_name(balancers.service.as_str())
+        .cloned();
+    let Some(service) = service else {
+        return refused();
     };
     let settings = ctx.settings.load_full();
-    // The shared balancer of this service and port: round robin, the panic threshold, and the
-    // per-instance outlier record that connect failures feed.
-    let Some(balancer) =
-        ctx.balancers
-            .get(&target.service, &target.namespace, target.port.as_deref())
-    else {
-        ctx.metrics.no_healthy(metrics_cache.service_label()).inc();
-        return;
-    };
+    let balancer = balancers.balancer(&config);
     let view = balancer.view(&service);
-    let Some(pick) = balancer.pick(&view, &settings.outlier) else {
-        ctx.metrics.no_healthy(metrics_cache.service_label()).inc();
-        return;
+    let Some(pick) = balancer.pick(&view) else {
+        return refused();
     };
     let mut connected = None;
     for attempt in 0..settings.connect_attempts {
@@ -90,11 +91,11 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
             break;
         };
         let endpoint = &slot.endpoint;
-        let m = metrics_cache.get(&ctx.metrics, &service, &endpoint.id);
+        let m = slot.extra.clone();
         let failure = match timeout(settings.connect_timeout, TcpStream::connect(slot.addr)).await {
             Ok(Ok(upstream)) => {
-                ctx.outlier.success(&slot.stats);
-                connected = Some((upstream, endpoint.clone(), m));
+                balancer.success(slot, Detector::Tcp);
+                connected = Some((upstream, slot, m));
                 break;
             }
             Ok(Err(e)) => {
@@ -107,18 +108,14 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
             }
         };
         m.connect_failures.inc();
-        ctx.outlier.failure(
-            &balancer,
-            view.fallback.len(),
-            &slot.stats,
-            &settings.outlier,
-            failure,
-        );
+        balancer.failure(&view, slot, Detector::Tcp, failure);
     }
-    let Some((upstream, endpoint, m)) = connected else {
-        ctx.metrics.no_healthy(metrics_cache.service_label()).inc();
-        return;
+    let Some((upstream, slot, m)) = connected else {
+        return refused();
     };
+    slot.health.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight(slot.health.clone());
+    let endpoint = slot.endpoint.clone();
     // The client socket inherited TCP_NODELAY from the listener.
     let _ = upstream.set_nodelay(true);
     m.connections.inc();
@@ -156,7 +153,7 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
     tokio::select! {
         r = both => if let Err(e) = r { debug!(error = %e, "TCP proxy connection ended with error") },
         _ = idle => debug!("TCP proxy connection idle; closing"),
-        _ = removed_then_drained(ctx, target, &endpoint, settings.drain_timeout) => {
+        _ = async { slot.health.left().await; sleep(settings.drain_timeout).await } => {
             debug!(endpoint = %endpoint.id, "instance left the registry; drain time over, closing");
         }
         _ = ctx.hard_stop.cancelled() => {}
@@ -179,34 +176,4 @@ async fn one_way(
     let moved = crate::splice::forward(from, to, &mut pipe, half_closed, on_progress).await;
     pipe.put();
     moved
-}
-
-/// Resolves once `endpoint` is no longer registered for the target service and `drain` more has
-/// passed; never while it stays registered.
-pub async fn removed_then_drained(
-    ctx: &ProxyContext,
-    target: &svcd_config::ProxyTarget,
-    endpoint: &svcd_registry::Endpoint,
-    drain: Duration,
-) {
-    let mut changes = ctx.snapshot.changes();
-    loop {
-        let present = {
-            let snapshot = ctx.snapshot.load();
-            snapshot
-                .service(&target.namespace, &target.service)
-                .is_some_and(|s| {
-                    s.all
-                        .iter()
-                        .any(|e| e.id == endpoint.id && e.ip == endpoint.ip)
-                })
-        };
-        if !present {
-            sleep(drain).await;
-            return;
-        }
-        if changes.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-    }
 }

@@ -1,7 +1,10 @@
 //! L4 UDP: a flow table keyed by client address. The first datagram of a client picks an
-//! instance (round robin) and opens a connected upstream socket; replies flow back through the
+//! instance through the service's balancer (the same one TCP listeners use: weights, panic
+//! threshold, ejections) and opens a connected upstream socket; replies flow back through the
 //! listener socket. Flows idle past their timeout are forgotten, and flows whose instance left
-//! the registry are dropped at once, so a client is never stuck sending into a dead address.
+//! the registry or stopped being served (unhealthy, draining, ejected — unless the flow was opened
+//! in panic and the service is still in panic) are dropped at once, so a client is never stuck
+//! sending into a dead address.
 //!
 //! The table is owned by the listener task alone: no lock.
 
@@ -16,13 +19,17 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use svcd_lb::{EndpointHealth, ServiceHealth};
+
 use crate::metrics::EndpointMetrics;
 use crate::{ListenerState, ProxyContext};
 
 struct Flow {
     upstream: Arc<UdpSocket>,
-    endpoint_id: Box<str>,
-    endpoint_ip: IpAddr,
+    health: Arc<EndpointHealth>,
+    service: Arc<ServiceHealth>,
+    /// Opened while the service was in panic (possibly onto an instance that is not healthy).
+    in_panic: bool,
     /// Milliseconds after the listener's start of the last datagram either way.
     last: Arc<AtomicU64>,
     metrics: Arc<EndpointMetrics>,
@@ -91,7 +98,8 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyC
                 let snapshot = ctx.snapshot.load();
                 let service = snapshot.service(&config.target.namespace, &config.target.service);
                 flows.retain(|_, f| {
-                    service.is_some_and(|s| s.healthy.iter().any(|e| *e.id == *f.endpoint_id && e.ip == f.endpoint_ip))
+                    let served = service.is_some_and(|s| s.healthy.iter().any(|e| e.id == f.health.id && e.ip == f.health.ip));
+                    !f.health.has_left() && (served || (f.in_panic && f.service.in_panic()))
                 });
             }
         }
@@ -106,25 +114,30 @@ async fn open_flow(
     base: Instant,
 ) -> Option<Flow> {
     let config = state.config.load_full();
-    let cache = state.metrics.load_full();
-    let service = {
-        let snapshot = ctx.snapshot.load();
-        snapshot
-            .service(&config.target.namespace, &config.target.service)
-            .cloned()
-    };
-    let Some((endpoint, port)) = service.as_ref().and_then(|s| {
-        state
-            .rr
-            .candidates(s, config.target.port.as_deref(), 1)
-            .next()
-            .map(|(e, p)| (e.clone(), p))
-    }) else {
-        ctx.metrics.no_healthy(cache.service_label()).inc();
+    let balancers = state.balancers.load_full();
+    let service = ctx
+        .snapshot
+        .load()
+        .service_by_name(balancers.service.as_str())
+        .cloned();
+    let picked = service.as_ref().and_then(|service| {
+        let balancer = balancers.balancer(&config);
+        let view = balancer.view(service);
+        let pick = balancer.pick(&view)?;
+        let slot = pick.attempt(0)?;
+        Some((
+            slot.endpoint.clone(),
+            slot.addr.port(),
+            slot.health.clone(),
+            balancer.health.clone(),
+            pick.panic,
+            slot.extra.clone(),
+        ))
+    });
+    let Some((endpoint, port, health, service_health, in_panic, metrics)) = picked else {
+        state.listener_metrics.load().no_healthy.inc();
         return None;
     };
-    let service = service.expect("candidate came from it");
-    let metrics = cache.get(&ctx.metrics, &service, &endpoint.id);
     let local: SocketAddr = match endpoint.ip {
         IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -133,29 +146,34 @@ async fn open_flow(
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, "UDP proxy cannot open an upstream socket");
+            state.listener_metrics.load().no_healthy.inc();
             return None;
         }
     };
     if let Err(e) = upstream.connect((endpoint.ip, port)).await {
         debug!(error = %e, "UDP proxy upstream connect failed");
         metrics.connect_failures.inc();
+        state.listener_metrics.load().no_healthy.inc();
         return None;
     }
     let upstream = Arc::new(upstream);
     let last = Arc::new(AtomicU64::new(base.elapsed().as_millis() as u64));
-    let reply_task = tokio::spawn(relay_replies(
-        upstream.clone(),
-        listener.clone(),
-        client,
-        last.clone(),
-        metrics.clone(),
-        base,
-    ))
-    .abort_handle();
+    let reply_task = ctx
+        .tracker
+        .spawn(relay_replies(
+            upstream.clone(),
+            listener.clone(),
+            client,
+            last.clone(),
+            metrics.clone(),
+            base,
+        ))
+        .abort_handle();
     Some(Flow {
         upstream,
-        endpoint_id: endpoint.id.clone(),
-        endpoint_ip: endpoint.ip,
+        health,
+        service: service_health,
+        in_panic,
         last,
         metrics,
         reply_task,

@@ -11,7 +11,7 @@
 //!                                                           ▼
 //!                                        run_sync: SnapshotBuilder (single writer)
 //!                                                           │ base snapshot
-//!                                 proxy ejections ──► LocalOverlay (node-local, one publisher)
+//!                       lb ejections ──► SnapshotPublisher (base + node-local ejections)
 //!                                                           │ store(Arc<EndpointSnapshot>)
 //!                                                           ▼
 //!                        ArcSwap ◄── load() ── DNS responder, proxies, admin API (no locks)
@@ -23,17 +23,25 @@
 //!   shared between snapshots.
 //! * [`sync`]: the list/watch loop, resilient to broken streams, compaction and hung watches.
 //! * [`lease`]: [`LeaseKeeper`], holding this daemon's registrations under one TTL lease.
-//! * [`overlay`]: [`LocalOverlay`], instances this node's proxy ejected, taken out of `healthy`
-//!   in every snapshot published here (DNS and the proxies agree; other nodes are unaffected).
+//! * [`publisher`]: [`SnapshotPublisher`], the one publishing point: bases from the sync loop
+//!   with this node's ejections recorded in them, so every reader sees one [`ServedState`]
+//!   (DNS, proxies, API, CLI and metrics agree; other nodes are unaffected).
+//! * [`name`]: [`ServiceName`], the one spelling of `"<svc>.<ns>"`.
+//! * [`weights`]: [`WeightedSchedule`], smooth weighted round robin as a precomputed sequence
+//!   (DNS answer selection and the load balancer share it).
+
+#![forbid(unsafe_code)]
 
 pub mod endpoint;
 pub mod keys;
 pub mod lease;
 pub mod metrics;
-pub mod overlay;
+pub mod name;
+pub mod publisher;
 pub mod snapshot;
 pub mod store;
 pub mod sync;
+pub mod weights;
 
 use std::sync::Arc;
 
@@ -47,11 +55,13 @@ pub use endpoint::Endpoint;
 pub use keys::{InstanceKey, ENDPOINTS_PREFIX};
 pub use lease::{LeaseKeeper, OwnRegistration};
 pub use metrics::RegistryMetrics;
-pub use overlay::{Ejection, LocalOverlay};
-pub use snapshot::{EndpointSnapshot, ServiceEndpoints, SnapshotBuilder};
+pub use name::ServiceName;
+pub use publisher::{Ejection, SnapshotPublisher};
+pub use snapshot::{EndpointSnapshot, ServedState, ServiceEndpoints, SnapshotBuilder};
 pub use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 pub use svcd_config::{Instance, Protocol, State};
-pub use sync::{run_sync, Publisher, SyncOptions, SyncStatus};
+pub use sync::{run_sync, SyncOptions, SyncStatus};
+pub use weights::WeightedSchedule;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -66,8 +76,8 @@ pub enum RegistryError {
 /// Read side of the registry: cheap to clone, lock-free to read.
 #[derive(Clone)]
 pub struct SnapshotReader {
-    snapshot: Arc<ArcSwap<EndpointSnapshot>>,
-    changes: watch::Receiver<i64>,
+    pub(crate) snapshot: Arc<ArcSwap<EndpointSnapshot>>,
+    pub(crate) changes: watch::Receiver<i64>,
 }
 
 impl SnapshotReader {
@@ -98,16 +108,14 @@ impl SnapshotReader {
 }
 
 /// The registry as the daemon wires it: a store, the lease keeper for this daemon's own
-/// registrations, and the published snapshot.
+/// registrations, and the publisher of the snapshot.
 pub struct Registry {
     pub store: Arc<dyn Store>,
     pub keeper: Arc<LeaseKeeper>,
     pub status: Arc<SyncStatus>,
     metrics: RegistryMetrics,
-    snapshot: Arc<ArcSwap<EndpointSnapshot>>,
-    /// The publishing point shared by the sync loop and the proxy's ejections.
-    overlay: Arc<LocalOverlay>,
-    changes_rx: watch::Receiver<i64>,
+    /// The one publishing point, shared by the sync loop and the load balancer's ejections.
+    publisher: Arc<SnapshotPublisher>,
 }
 
 impl Registry {
@@ -131,72 +139,51 @@ impl Registry {
             config.lease_ttl,
             metrics.clone(),
         ));
-        let (changes_tx, changes_rx) = watch::channel(0);
-        let snapshot = Arc::new(ArcSwap::from_pointee(EndpointSnapshot::default()));
+        let status = Arc::new(SyncStatus::default());
         Ok(Registry {
             store,
             keeper,
-            status: Arc::new(SyncStatus::default()),
+            publisher: Arc::new(SnapshotPublisher::new(status.clone(), metrics.clone())),
+            status,
             metrics,
-            overlay: Arc::new(LocalOverlay::new(snapshot.clone(), changes_tx)),
-            snapshot,
-            changes_rx,
         })
     }
 
     pub fn reader(&self) -> SnapshotReader {
-        SnapshotReader {
-            snapshot: self.snapshot.clone(),
-            changes: self.changes_rx.clone(),
-        }
+        self.publisher.reader()
     }
 
-    /// Node-local ejections (passive health), applied to every published snapshot.
-    pub fn overlay(&self) -> Arc<LocalOverlay> {
-        self.overlay.clone()
+    /// Where node-local ejections are published (the load balancer holds it).
+    pub fn publisher(&self) -> Arc<SnapshotPublisher> {
+        self.publisher.clone()
     }
 
     /// Starts the sync loop and the lease keeper; both stop on `cancel` (the keeper revoking its
     /// lease on the way out).
     pub fn spawn(&self, tasks: &mut JoinSet<()>, options: SyncOptions, cancel: CancellationToken) {
-        let publisher = Publisher {
-            overlay: self.overlay.clone(),
-            status: self.status.clone(),
-            metrics: self.metrics.clone(),
-        };
         tasks.spawn(run_sync(
             self.store.clone(),
-            publisher,
+            self.publisher.clone(),
             options,
             cancel.clone(),
         ));
         tasks.spawn(self.keeper.clone().run(cancel));
     }
 
-    /// Updates gauges that are derived at scrape time: snapshot age, and each endpoint's state
-    /// (O(endpoints), paid per scrape rather than per change).
+    /// Updates the gauges derived at scrape time (snapshot age).
     pub fn refresh_gauges(&self) {
         self.metrics
             .snapshot_age_seconds
             .set(self.status.snapshot_age().as_secs_f64());
-        let ejections = self.overlay.all_ejections();
-        let states = &self.metrics.endpoint_state;
-        states.reset();
-        let snapshot = self.snapshot.load_full();
-        for service in snapshot.services() {
-            let name = format!("{}.{}", service.service, service.namespace);
-            let ejected = ejections.get(&name);
-            for e in &service.all {
-                let state = if ejected.is_some_and(|ids| ids.contains_key(&e.id)) {
-                    "ejected"
-                } else {
-                    e.state.as_str()
-                };
-                states
-                    .with_label_values(&[name.as_str(), &e.id, state])
-                    .set(1);
-            }
-        }
+    }
+
+    /// Appends the endpoint-state families to a Prometheus text exposition, straight from the
+    /// snapshot: `svcd_service_endpoints{service,state}` always, and with `per_endpoint`
+    /// `svcd_endpoint_state{service,endpoint,state}` (opt-in, as Envoy's per-host stats). Written
+    /// as text rather than through gauge vectors so a scrape of 100k endpoints retains nothing
+    /// and a vanished service or endpoint has no series left behind.
+    pub fn write_state_metrics(&self, out: &mut String, per_endpoint: bool) {
+        metrics::write_state_metrics(&self.reader().load_full(), out, per_endpoint);
     }
 }
 

@@ -1,6 +1,10 @@
 //! Registry metrics, registered once into the daemon's one `prometheus::Registry`.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use std::fmt::Write;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::snapshot::{EndpointSnapshot, ServedState};
 
 /// Handles resolved at start-up; updating one is an atomic op, never a registry lookup.
 #[derive(Clone)]
@@ -17,9 +21,6 @@ pub struct RegistryMetrics {
     pub services: IntGauge,
     pub lease_grants: IntCounter,
     pub own_registrations: IntGauge,
-    /// 1 per endpoint, labelled with its state as this node serves it (healthy, unhealthy,
-    /// draining, or ejected by this node's proxy). Rebuilt at scrape time from the snapshot.
-    pub endpoint_state: IntGaugeVec,
 }
 
 impl RegistryMetrics {
@@ -74,16 +75,8 @@ impl RegistryMetrics {
                 "svcd_registry_own_registrations",
                 "Registrations this daemon holds under its lease.",
             )?,
-            endpoint_state: IntGaugeVec::new(
-                Opts::new(
-                    "svcd_endpoint_state",
-                    "1 for each endpoint, with its state as this node serves it.",
-                ),
-                &["service", "endpoint", "state"],
-            )?,
         };
         registry.register(Box::new(events))?;
-        registry.register(Box::new(m.endpoint_state.clone()))?;
         for c in [&m.relists, &m.invalid_values, &m.publishes, &m.lease_grants] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -103,5 +96,50 @@ impl RegistryMetrics {
     /// Handles registered nowhere, for unit tests.
     pub fn unregistered() -> Self {
         Self::new(&Registry::new()).expect("fresh registry accepts metrics")
+    }
+}
+
+/// See [`crate::Registry::write_state_metrics`]. Services are written in name order so scrapes
+/// diff cleanly.
+pub fn write_state_metrics(snapshot: &EndpointSnapshot, out: &mut String, per_endpoint: bool) {
+    let mut services: Vec<_> = snapshot.services().collect();
+    services.sort_unstable_by(|a, b| (&a.namespace, &a.service).cmp(&(&b.namespace, &b.service)));
+    out.push_str(
+        "# HELP svcd_service_endpoints Instances of each service by the state this node serves \
+         them with (healthy, unhealthy, draining, ejected).\n\
+         # TYPE svcd_service_endpoints gauge\n",
+    );
+    for s in &services {
+        let counts = s.count_by_state();
+        for state in ServedState::ALL {
+            let _ = writeln!(
+                out,
+                "svcd_service_endpoints{{service=\"{}.{}\",state=\"{}\"}} {}",
+                s.service,
+                s.namespace,
+                state.as_str(),
+                counts[state as usize]
+            );
+        }
+    }
+    if !per_endpoint {
+        return;
+    }
+    out.push_str(
+        "# HELP svcd_endpoint_state 1 for each endpoint, labelled with the state this node serves \
+         it with (opt-in: admin.endpoint_state_series).\n\
+         # TYPE svcd_endpoint_state gauge\n",
+    );
+    for s in &services {
+        for e in &s.all {
+            let _ = writeln!(
+                out,
+                "svcd_endpoint_state{{service=\"{}.{}\",endpoint=\"{}\",state=\"{}\"}} 1",
+                s.service,
+                s.namespace,
+                e.id,
+                s.served_state(e).as_str()
+            );
+        }
     }
 }

@@ -9,9 +9,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use svcd_config::Instance;
+use svcd_config::{Instance, State};
 
 use crate::endpoint::{Endpoint, Interner};
+use crate::publisher::Ejection;
 
 use crate::keys::InstanceKey;
 use crate::store::{Event, EventKind, KeyValue};
@@ -23,7 +24,99 @@ pub struct ServiceEndpoints {
     pub namespace: String,
     pub service: String,
     pub all: Vec<Arc<Endpoint>>,
+    /// The instances whose [`ServedState`] is `Healthy`: what DNS answers and proxies pick from.
     pub healthy: Vec<Arc<Endpoint>>,
+    /// Instances this node's load balancer has ejected (passive health), by id. Empty in a base
+    /// snapshot; filled by the [`crate::SnapshotPublisher`].
+    pub ejections: BTreeMap<Box<str>, Arc<Ejection>>,
+}
+
+/// The state an instance is served with on this node — the one answer DNS, the proxies, the API,
+/// the CLI and the metrics all give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServedState {
+    Healthy,
+    Unhealthy,
+    Draining,
+    /// Registered healthy, but ejected by this node's load balancer.
+    Ejected,
+}
+
+impl ServedState {
+    pub const ALL: [ServedState; 4] = [
+        ServedState::Healthy,
+        ServedState::Unhealthy,
+        ServedState::Draining,
+        ServedState::Ejected,
+    ];
+
+    /// The registered state, unless this node ejected a healthy instance.
+    #[inline]
+    pub fn of(state: State, ejected: bool) -> Self {
+        match state {
+            State::Healthy if ejected => ServedState::Ejected,
+            State::Healthy => ServedState::Healthy,
+            State::Unhealthy => ServedState::Unhealthy,
+            State::Draining => ServedState::Draining,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServedState::Healthy => "healthy",
+            ServedState::Unhealthy => "unhealthy",
+            ServedState::Draining => "draining",
+            ServedState::Ejected => "ejected",
+        }
+    }
+}
+
+impl ServiceEndpoints {
+    /// `all` sorted by id, with `healthy` derived through [`Self::served_state`].
+    pub fn new(
+        namespace: String,
+        service: String,
+        all: Vec<Arc<Endpoint>>,
+        ejections: BTreeMap<Box<str>, Arc<Ejection>>,
+    ) -> Self {
+        let mut s = ServiceEndpoints {
+            namespace,
+            service,
+            all,
+            healthy: Vec::new(),
+            ejections,
+        };
+        s.healthy = s
+            .all
+            .iter()
+            .filter(|e| s.served_state(e) == ServedState::Healthy)
+            .cloned()
+            .collect();
+        s
+    }
+
+    /// How this node serves `endpoint` (an instance of this service).
+    #[inline]
+    pub fn served_state(&self, endpoint: &Endpoint) -> ServedState {
+        ServedState::of(
+            endpoint.state,
+            !self.ejections.is_empty() && self.ejections.contains_key(&endpoint.id),
+        )
+    }
+
+    /// This node's ejection of instance `id`, if any.
+    pub fn ejection(&self, id: &str) -> Option<&Ejection> {
+        self.ejections.get(id).map(|e| &**e)
+    }
+
+    /// Instances per served state, in [`ServedState::ALL`] order.
+    pub fn count_by_state(&self) -> [usize; 4] {
+        let mut counts = [0; 4];
+        for e in &self.all {
+            counts[self.served_state(e) as usize] += 1;
+        }
+        counts
+    }
 }
 
 /// Keys are `Arc<str>` so copying the map on publish bumps refcounts instead of copying strings.
@@ -111,6 +204,26 @@ impl EndpointSnapshot {
     /// Every service, in no particular order.
     pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceEndpoints>> {
         self.shards.iter().flat_map(|shard| shard.values())
+    }
+
+    /// Names (`"<svc>.<ns>"`) of the services that differ between `older` and this snapshot:
+    /// added, removed or changed (a new `Arc`). Unchanged shards are skipped by pointer, so the
+    /// cost follows the size of the change, not of the registry.
+    pub fn changed_since<'a>(
+        &'a self,
+        older: &'a EndpointSnapshot,
+    ) -> impl Iterator<Item = &'a Arc<str>> {
+        self.shards
+            .iter()
+            .zip(&older.shards)
+            .filter(|(new, old)| !Arc::ptr_eq(new, old))
+            .flat_map(|(new, old)| {
+                let changed = new.iter().filter(move |(name, svc)| {
+                    !old.get(&***name).is_some_and(|o| Arc::ptr_eq(o, svc))
+                });
+                let removed = old.keys().filter(move |name| !new.contains_key(&***name));
+                changed.map(|(name, _)| name).chain(removed)
+            })
     }
 
     pub fn endpoint_count(&self) -> usize {
@@ -352,13 +465,7 @@ impl SnapshotBuilder {
             match self.working.get(&ns).and_then(|s| s.get(&svc)) {
                 Some(ids) => {
                     let all: Vec<Arc<Endpoint>> = ids.values().cloned().collect();
-                    let healthy = all.iter().filter(|e| e.is_healthy()).cloned().collect();
-                    let endpoints = Arc::new(ServiceEndpoints {
-                        namespace: ns,
-                        service: svc,
-                        all,
-                        healthy,
-                    });
+                    let endpoints = Arc::new(ServiceEndpoints::new(ns, svc, all, BTreeMap::new()));
                     if shard.insert(name, endpoints).is_none() {
                         service_count += 1;
                     }
@@ -455,6 +562,22 @@ mod tests {
         assert_eq!(web.all.len(), 1);
         assert_eq!(&*web.all[0].id, "b");
         assert_eq!(s2.revision, 10);
+    }
+
+    #[test]
+    fn changed_since_names_added_changed_and_removed_services() {
+        let mut b = SnapshotBuilder::new();
+        b.apply(&put("default/web/a", "10.0.0.1", 2));
+        b.apply(&put("default/db/a", "10.0.0.2", 3));
+        let s1 = b.build(&EndpointSnapshot::default());
+        b.apply(&put("default/web/b", "10.0.0.3", 4));
+        b.apply(&del("default/db/a", 5));
+        b.apply(&put("default/cache/a", "10.0.0.4", 6));
+        let s2 = b.build(&s1);
+        let mut changed: Vec<&str> = s2.changed_since(&s1).map(|n| &**n).collect();
+        changed.sort();
+        assert_eq!(changed, ["cache.default", "db.default", "web.default"]);
+        assert_eq!(s2.changed_since(&s2).count(), 0);
     }
 
     #[test]

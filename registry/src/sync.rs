@@ -14,16 +14,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::keys::ENDPOINTS_PREFIX;
 use crate::metrics::RegistryMetrics;
-use crate::overlay::LocalOverlay;
-use crate::snapshot::{Applied, EndpointSnapshot, SnapshotBuilder};
+use crate::publisher::SnapshotPublisher;
+use crate::snapshot::{Applied, SnapshotBuilder};
 use crate::store::{Store, StoreError, StoreResult, WatchMessage, WatchStream};
 
 /// Timings of the sync loop; tests shrink them.
@@ -101,52 +99,6 @@ impl SyncStatus {
 
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
-    }
-}
-
-/// The publishing side: where snapshots go and who is told.
-pub struct Publisher {
-    /// Node-local ejections applied on top of every snapshot; also the point through which
-    /// snapshots are stored and the change watch is told (revision of each published snapshot,
-    /// for DNS pre-encoding, proxy state and tests).
-    pub overlay: Arc<LocalOverlay>,
-    pub status: Arc<SyncStatus>,
-    pub metrics: RegistryMetrics,
-}
-
-impl Publisher {
-    pub fn new(
-        snapshot: Arc<ArcSwap<EndpointSnapshot>>,
-        changes: watch::Sender<i64>,
-        status: Arc<SyncStatus>,
-        metrics: RegistryMetrics,
-    ) -> Self {
-        Publisher {
-            overlay: Arc::new(LocalOverlay::new(snapshot, changes)),
-            status,
-            metrics,
-        }
-    }
-
-    fn publish(&self, builder: &mut SnapshotBuilder) {
-        let next = self
-            .overlay
-            .publish_base(|previous| builder.build(previous));
-        self.metrics.endpoints.set(next.endpoint_count() as i64);
-        self.metrics.services.set(next.service_count() as i64);
-        self.metrics.revision.set(next.revision);
-        self.metrics.publishes.inc();
-    }
-
-    fn set_connected(&self, connected: bool) {
-        if self.status.connected.swap(connected, Ordering::Relaxed) != connected {
-            if connected {
-                info!("registry store connected");
-            } else {
-                warn!("registry store disconnected; serving the last snapshot");
-            }
-        }
-        self.metrics.connected.set(connected as i64);
     }
 }
 
@@ -241,7 +193,7 @@ enum WatchEnd {
 /// Runs until `cancel` fires.
 pub async fn run_sync(
     store: Arc<dyn Store>,
-    publisher: Publisher,
+    publisher: Arc<SnapshotPublisher>,
     options: SyncOptions,
     cancel: CancellationToken,
 ) {
@@ -256,7 +208,7 @@ pub async fn run_sync(
         match listed {
             Ok(revision) => {
                 publisher.metrics.relists.inc();
-                publisher.publish(&mut builder);
+                publisher.publish_base(|previous| builder.build(previous));
                 publisher.status.synced.store(true, Ordering::Relaxed);
                 publisher.set_connected(true);
                 publisher.status.confirm();
@@ -318,7 +270,7 @@ pub async fn run_sync(
 async fn watch_session(
     mut stream: Box<dyn WatchStream>,
     builder: &mut SnapshotBuilder,
-    publisher: &Publisher,
+    publisher: &SnapshotPublisher,
     options: &SyncOptions,
     cancel: &CancellationToken,
     resync_at: Instant,
@@ -334,11 +286,11 @@ async fn watch_session(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => {
-                if builder.has_changes() { publisher.publish(builder); }
+                if builder.has_changes() { publisher.publish_base(|previous| builder.build(previous)); }
                 return WatchEnd::Cancelled;
             }
             _ = sleep_until(publish_deadline), if publish_at.is_some() => {
-                publisher.publish(builder);
+                publisher.publish_base(|previous| builder.build(previous));
                 publish_at = None;
             }
             message = stream.next() => {
@@ -365,16 +317,16 @@ async fn watch_session(
                     }
                     Ok(Some(WatchMessage::Compacted { compact_revision })) => {
                         warn!(compact_revision, from = builder.revision() + 1, "registry watch revision compacted; re-listing");
-                        if builder.has_changes() { publisher.publish(builder); }
+                        if builder.has_changes() { publisher.publish_base(|previous| builder.build(previous)); }
                         return WatchEnd::Relist;
                     }
                     Ok(None) => {
-                        if builder.has_changes() { publisher.publish(builder); }
+                        if builder.has_changes() { publisher.publish_base(|previous| builder.build(previous)); }
                         return WatchEnd::Reconnect;
                     }
                     Err(e) => {
                         warn!(error = %e, "registry watch broke; resuming");
-                        if builder.has_changes() { publisher.publish(builder); }
+                        if builder.has_changes() { publisher.publish_base(|previous| builder.build(previous)); }
                         return WatchEnd::Reconnect;
                     }
                 }
@@ -392,11 +344,11 @@ async fn watch_session(
             }
             _ = sleep_until(watchdog_at) => {
                 warn!(timeout = ?options.watchdog, "registry watch silent past the watchdog; reconnecting");
-                if builder.has_changes() { publisher.publish(builder); }
+                if builder.has_changes() { publisher.publish_base(|previous| builder.build(previous)); }
                 return WatchEnd::Reconnect;
             }
             _ = sleep_until(resync_at) => {
-                if builder.has_changes() { publisher.publish(builder); }
+                if builder.has_changes() { publisher.publish_base(|previous| builder.build(previous)); }
                 debug!("scheduled registry reconciliation");
                 return WatchEnd::Relist;
             }

@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -175,23 +174,21 @@ impl Store for HangingFirstWatch {
 }
 
 struct Harness {
-    snapshot: Arc<ArcSwap<EndpointSnapshot>>,
+    snapshot: SnapshotReader,
     metrics: RegistryMetrics,
     changes: watch::Receiver<i64>,
     cancel: CancellationToken,
 }
 
 fn start_sync(store: Arc<dyn Store>, options: SyncOptions) -> Harness {
-    let snapshot = Arc::new(ArcSwap::from_pointee(EndpointSnapshot::default()));
     let metrics = RegistryMetrics::unregistered();
-    let (tx, changes) = watch::channel(0);
     let cancel = CancellationToken::new();
-    let publisher = Publisher::new(
-        snapshot.clone(),
-        tx,
+    let publisher = Arc::new(SnapshotPublisher::new(
         Arc::new(SyncStatus::default()),
         metrics.clone(),
-    );
+    ));
+    let snapshot = publisher.reader();
+    let changes = snapshot.changes();
     tokio::spawn(run_sync(store, publisher, options, cancel.clone()));
     Harness {
         snapshot,

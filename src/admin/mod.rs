@@ -150,13 +150,18 @@ impl AdminState {
     fn metrics(&self) -> Response<Body> {
         self.registry.refresh_gauges();
         let families = self.prometheus.gather();
-        let mut buf = Vec::with_capacity(16 * 1024);
-        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
+        let mut out = String::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode_utf8(&families, &mut out) {
             return text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("encoding metrics: {e}\n"),
             );
         }
+        drop(families);
+        // Endpoint states straight from the snapshot (nothing retained between scrapes).
+        let per_endpoint = self.config.load().admin.endpoint_state_series;
+        self.registry.write_state_metrics(&mut out, per_endpoint);
+        let buf = out.into_bytes();
         Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, TextEncoder::new().format_type())

@@ -8,14 +8,13 @@
 //! DELETE /v1/services/{ns}/{svc}/instances/{id}
 //! ```
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use svcd_registry::{Ejection, Endpoint, Instance, InstanceKey, StoreError};
+use svcd_registry::{Endpoint, Instance, InstanceKey, ServedState, ServiceEndpoints, StoreError};
 
 use super::{json_error, json_response, read_body, AdminState, ApiError, Body};
 
@@ -59,11 +58,17 @@ fn list_services(state: &AdminState) -> Response<Body> {
     let mut services: Vec<Value> = snapshot
         .services()
         .map(|s| {
+            let counts = s.count_by_state();
+            let mut by_state = serde_json::Map::new();
+            for state in ServedState::ALL {
+                by_state.insert(state.as_str().into(), json!(counts[state as usize]));
+            }
             json!({
                 "namespace": s.namespace,
                 "service": s.service,
                 "instances": s.all.len(),
                 "healthy": s.healthy.len(),
+                "by_state": by_state,
             })
         })
         .collect();
@@ -84,12 +89,15 @@ fn endpoint_json(e: &Endpoint) -> Value {
     v
 }
 
-/// `endpoint_json` plus, when this node's proxy has ejected the instance, the ejection: its
-/// reason, since/until (RFC 3339) and how many times so far.
-fn endpoint_json_here(e: &Endpoint, ejections: &BTreeMap<Box<str>, Ejection>) -> Value {
+/// `endpoint_json` plus how this node serves the instance: `served_state` (the one state DNS,
+/// the proxies, the CLI and the metrics use) and, when this node ejected it, the ejection: which
+/// detectors hold it, why, since/until (RFC 3339) and how many times so far.
+fn endpoint_json_here(service: &ServiceEndpoints, e: &Endpoint) -> Value {
     let mut v = endpoint_json(e);
-    if let Some(ej) = ejections.get(&e.id) {
+    v["served_state"] = json!(service.served_state(e).as_str());
+    if let Some(ej) = service.ejection(&e.id) {
         v["ejection"] = json!({
+            "holders": ej.holders,
             "reason": ej.reason,
             "since": humantime::format_rfc3339_seconds(ej.since).to_string(),
             "until": humantime::format_rfc3339_seconds(ej.until).to_string(),
@@ -102,18 +110,15 @@ fn endpoint_json_here(e: &Endpoint, ejections: &BTreeMap<Box<str>, Ejection>) ->
 fn show_service(state: &AdminState, ns: &str, svc: &str) -> Response<Body> {
     let snapshot = state.registry.reader().load_full();
     match snapshot.service(ns, svc) {
-        Some(s) => {
-            let ejections = state.registry.overlay().ejections(&format!("{svc}.{ns}"));
-            json_response(
-                StatusCode::OK,
-                &json!({
-                    "namespace": s.namespace,
-                    "service": s.service,
-                    "revision": snapshot.revision,
-                    "instances": s.all.iter().map(|e| endpoint_json_here(e, &ejections)).collect::<Vec<_>>(),
-                }),
-            )
-        }
+        Some(s) => json_response(
+            StatusCode::OK,
+            &json!({
+                "namespace": s.namespace,
+                "service": s.service,
+                "revision": snapshot.revision,
+                "instances": s.all.iter().map(|e| endpoint_json_here(s, e)).collect::<Vec<_>>(),
+            }),
+        ),
         None => json_error(
             StatusCode::NOT_FOUND,
             "",
@@ -126,13 +131,9 @@ fn show_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {
     let snapshot = state.registry.reader().load_full();
     let found = snapshot
         .service(&key.namespace, &key.service)
-        .and_then(|s| s.all.iter().find(|e| *e.id == *key.id).cloned());
-    let ejections = state
-        .registry
-        .overlay()
-        .ejections(&format!("{}.{}", key.service, key.namespace));
+        .and_then(|s| s.all.iter().find(|e| *e.id == *key.id).map(|e| (s, e)));
     match found {
-        Some(e) => json_response(StatusCode::OK, &endpoint_json_here(&e, &ejections)),
+        Some((s, e)) => json_response(StatusCode::OK, &endpoint_json_here(s, e)),
         None => json_error(
             StatusCode::NOT_FOUND,
             "",

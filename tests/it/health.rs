@@ -11,7 +11,7 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 
 use crate::support::backend::Backend;
-use crate::support::daemon::Daemon;
+use crate::support::daemon::{metric_sum, Daemon};
 use crate::support::proxy::{register, register_state, wait_routable, web_service, H1};
 use crate::support::{dns, eventually};
 
@@ -139,15 +139,21 @@ async fn backend_killed_under_load_is_ejected_from_proxy_and_local_dns() {
         "{listing}"
     );
     let metrics = d.get("/metrics").await.body;
-    assert!(
-        metrics.contains(r#"svcd_outlier_ejections_total{service="web.default"} 1"#),
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            r#"svcd_outlier_ejections_total{service="web.default",detector="http"}"#
+        ),
+        Some(1.0),
         "{metrics}"
     );
     assert!(metrics.contains(r#"svcd_outlier_ejections_active{service="web.default"} 1"#));
-    assert!(metrics
-        .contains(r#"svcd_endpoint_state{endpoint="w3",service="web.default",state="ejected"} 1"#));
-    assert!(metrics
-        .contains(r#"svcd_endpoint_state{endpoint="w1",service="web.default",state="healthy"} 1"#));
+    assert!(metrics.contains(r#"svcd_service_endpoints{service="web.default",state="ejected"} 1"#));
+    assert!(metrics.contains(r#"svcd_service_endpoints{service="web.default",state="healthy"} 2"#));
+    assert!(
+        !metrics.contains("svcd_endpoint_state{"),
+        "per-endpoint state series are opt-in"
+    );
 }
 
 #[tokio::test]

@@ -16,6 +16,18 @@ async fn ready_then_sigterm_exits_zero_within_drain_timeout() {
     assert_eq!(d.get("/readyz").await.body, "ready\n");
     let metrics = d.get("/metrics").await.body;
     assert!(metrics.contains("svcd_build_info{"), "{metrics}");
+    let build = metrics
+        .lines()
+        .find(|l| l.starts_with("svcd_build_info{"))
+        .unwrap();
+    let revision = build
+        .split("revision=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    assert!(!revision.is_empty(), "{build}");
     assert!(
         metrics.contains("process_resident_memory_bytes"),
         "process metrics missing"
@@ -147,4 +159,34 @@ async fn admin_token_guards_everything_but_probes() {
     let out = d.cli(&["list"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+#[tokio::test]
+async fn every_metric_family_exposed_is_documented() {
+    // Traffic in every plane first, so their families exist.
+    let tcp = free_port();
+    let d = Daemon::start(&format!(
+        "[[proxy.tcp]]\nlisten = \"127.0.0.1:{tcp}\"\nservice = \"web\"\n[[proxy.udp]]\nlisten = \"127.0.0.1:{}\"\nservice = \"web\"\n",
+        free_port()
+    ))
+    .await;
+    let backend = crate::support::backend::Backend::start("b1").await;
+    crate::support::proxy::register(&d, "web", "w1", backend.addr, "http").await;
+    crate::support::proxy::wait_routable(&d, "web", 1).await;
+    let _ = tokio::net::TcpStream::connect(("127.0.0.1", tcp)).await;
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+    let metrics = d.get("/metrics").await.body;
+    let families: Vec<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| name.starts_with("svcd_"))
+        .collect();
+    assert!(families.len() >= 30, "{families:?}");
+    let missing: Vec<&&str> = families
+        .iter()
+        .filter(|name| !docs.contains(&format!("`{name}`")))
+        .collect();
+    assert!(missing.is_empty(), "not in docs/metrics.md: {missing:?}");
 }

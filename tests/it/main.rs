@@ -5,9 +5,11 @@
 
 mod support;
 
+mod blame;
 mod config_cli;
 mod dns;
 mod health;
+mod lb;
 mod lifecycle;
 mod proxy_http;
 mod proxy_l4;

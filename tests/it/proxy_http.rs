@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::backend::Backend;
-use crate::support::daemon::Daemon;
+use crate::support::daemon::{metric_sum, Daemon};
 use crate::support::eventually;
 use crate::support::proxy::{register, register_state, wait_routable, web_service, H1};
 
@@ -36,11 +36,39 @@ async fn requests_not_connections_are_balanced_round_robin() {
         .collect();
     assert_eq!(spread, [10, 10, 10], "requests per backend");
     let m = metrics(&d).await;
-    assert!(
-        m.contains(r#"svcd_http_requests_total{code="2xx",endpoint="w1",service="web.default"}"#),
-        "{m}"
+    // No retries: one attempt per response, every attempt timed.
+    let attempts = metric_sum(
+        &m,
+        r#"svcd_http_upstream_requests_total{code="2xx",service="web.default"}"#,
     );
-    assert!(m.contains("svcd_http_request_duration_seconds_bucket"));
+    assert!(attempts >= Some(30.0), "{m}");
+    assert!(
+        metric_sum(
+            &m,
+            r#"svcd_http_upstream_requests_total{endpoint="w1",code="2xx"}"#
+        ) >= Some(10.0)
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            r#"svcd_http_responses_total{code="2xx",service="web.default"}"#
+        ),
+        attempts
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            r#"svcd_http_upstream_duration_seconds_count{outcome="response",service="web.default"}"#
+        ),
+        attempts
+    );
+    assert!(m.contains(r#"svcd_http_upstream_duration_seconds_bucket{outcome="response",service="web.default",le="300"}"#), "{m}");
+    assert!(
+        metric_sum(
+            &m,
+            r#"svcd_http_bytes_total{direction="out",service="web.default"}"#
+        ) > Some(0.0)
+    );
     assert!(m.contains("svcd_http_upstream_connections "));
 }
 

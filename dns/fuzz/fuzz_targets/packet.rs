@@ -1,6 +1,8 @@
 //! `cargo fuzz run packet` (from dns/): arbitrary bytes through the UDP fast path and the hickory
 //! path. Crashes are bugs; `seeds/` and `corpus/packet` are replayed by `cargo test -p svcd-dns`.
 #![no_main]
+// `fuzz_target!` expands to the `extern "C"` entry libFuzzer calls, which needs `unsafe`; this
+// harness is the one crate in the tree without `forbid(unsafe_code)`.
 
 use std::sync::{Arc, OnceLock};
 

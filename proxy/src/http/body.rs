@@ -1,31 +1,36 @@
-//! Response bodies handed to the client: the upstream body streamed through (ending the request's
-//! in-flight accounting when it finishes or is dropped), or a short local one.
+//! Bodies on their way through: the client's request body going upstream (watched, so a failure
+//! can be blamed on the right side and the request timeout starts once it is all sent), the
+//! upstream response body going back (ending the request's in-flight accounting when it finishes
+//! or is dropped), and short local answers.
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use prometheus::IntCounter;
+use svcd_lb::{Detector, EndpointHealth, ServiceBalancer, View};
+use tokio::sync::Notify;
 
-use crate::balance::EndpointStats;
+use super::metrics::{HttpSlot, HttpSlots};
 
 pub type ProxyBody = Either<TrackedBody, Full<Bytes>>;
 
 /// One request in flight on an instance; counted down when dropped, however the request ends.
 pub struct InFlight {
-    stats: Arc<EndpointStats>,
+    health: Arc<EndpointHealth>,
     active: prometheus::IntGauge,
 }
 
 impl InFlight {
-    pub fn start(stats: &Arc<EndpointStats>, active: &prometheus::IntGauge) -> Self {
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    pub fn start(health: &Arc<EndpointHealth>, active: &prometheus::IntGauge) -> Self {
+        health.in_flight.fetch_add(1, Ordering::Relaxed);
         active.inc();
         InFlight {
-            stats: stats.clone(),
+            health: health.clone(),
             active: active.clone(),
         }
     }
@@ -33,21 +38,145 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.health.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.active.dec();
     }
 }
 
-/// The upstream response body, trailers included, frame by frame.
+/// What became of the client's request body, shared between the body (writer) and the request
+/// handler (reader).
+#[derive(Default)]
+pub struct Upload {
+    /// `SENDING`, `SENT` (end of stream reached) or `FAILED` (the client's side broke: an abort,
+    /// an HTTP/2 reset, a malformed chunked body).
+    state: AtomicU8,
+    /// Woken when the state leaves `SENDING`.
+    done: Notify,
+}
+
+const SENDING: u8 = 0;
+const SENT: u8 = 1;
+const FAILED: u8 = 2;
+
+impl Upload {
+    fn finish(&self, state: u8) {
+        if self
+            .state
+            .compare_exchange(SENDING, state, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.done.notify_waiters();
+        }
+    }
+
+    /// Whether the client's body failed: then an upstream error is the client's doing.
+    pub fn client_failed(&self) -> bool {
+        self.state.load(Ordering::Acquire) == FAILED
+    }
+
+    /// Resolves once the whole request has gone upstream (never if the client's body fails).
+    pub async fn sent(&self) {
+        loop {
+            let notified = self.done.notified();
+            match self.state.load(Ordering::Acquire) {
+                SENT => return,
+                FAILED => return std::future::pending().await,
+                _ => notified.await,
+            }
+        }
+    }
+}
+
+/// The client's request body on its way upstream: counts bytes and records how it ended.
+pub struct RequestBody {
+    inner: Either<Incoming, Empty<Bytes>>,
+    upload: Arc<Upload>,
+    bytes_in: IntCounter,
+}
+
+impl RequestBody {
+    /// `inner` streamed; an empty one is sent at once.
+    pub fn new(
+        inner: Either<Incoming, Empty<Bytes>>,
+        upload: Arc<Upload>,
+        bytes_in: IntCounter,
+    ) -> Self {
+        if inner.is_end_stream() {
+            upload.finish(SENT);
+        }
+        RequestBody {
+            inner,
+            upload,
+            bytes_in,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = match &mut self.inner {
+            Either::Left(body) => Pin::new(body).poll_frame(cx),
+            Either::Right(empty) => Pin::new(empty)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes_in.inc_by(data.len() as u64);
+                }
+                if self.inner.is_end_stream() {
+                    self.upload.finish(SENT);
+                }
+            }
+            Poll::Ready(None) => self.upload.finish(SENT),
+            Poll::Ready(Some(Err(_))) => self.upload.finish(FAILED),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Where a response body reports a backend failure mid-stream.
+pub struct Blame {
+    pub balancer: Arc<ServiceBalancer<HttpSlots>>,
+    pub view: Arc<View<HttpSlot>>,
+    /// The pick came from `view.fallback` (panic), else from `view.usable`.
+    pub panic: bool,
+    /// The instance's index in that slice.
+    pub index: usize,
+}
+
+/// The upstream response body, trailers included, frame by frame. A read error is the backend's
+/// (a reset or a malformed body mid-response) and counts against it; a client that goes away
+/// drops the body without reading, which counts nothing.
 pub struct TrackedBody {
     inner: Incoming,
+    bytes_out: IntCounter,
+    blame: Option<Blame>,
     _in_flight: InFlight,
 }
 
 impl TrackedBody {
-    pub fn new(inner: Incoming, in_flight: InFlight) -> Self {
+    pub fn new(inner: Incoming, bytes_out: IntCounter, blame: Blame, in_flight: InFlight) -> Self {
         TrackedBody {
             inner,
+            bytes_out,
+            blame: Some(blame),
             _in_flight: in_flight,
         }
     }
@@ -61,7 +190,29 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes_out.inc_by(data.len() as u64);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(b) = self.blame.take() {
+                    let slots = if b.panic {
+                        &b.view.fallback
+                    } else {
+                        &b.view.usable
+                    };
+                    if let Some(slot) = slots.get(b.index) {
+                        b.balancer
+                            .failure(&b.view, slot, Detector::Http, "response body failed");
+                    }
+                }
+            }
+            _ => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

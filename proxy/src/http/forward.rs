@@ -12,12 +12,14 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use super::body::{local, InFlight, ProxyBody, TrackedBody};
+use svcd_lb::{Detector, ServiceBalancer, Slot};
+
+use super::body::{local, Blame, InFlight, ProxyBody, RequestBody, TrackedBody, Upload};
 use super::framing::ConnWatch;
 use super::headers::{add_forwarding, strip_hop_by_hop, wants_upgrade};
+use super::metrics::{HttpSlot, HttpSlots, Outcome};
 use super::route::MAX_HOST;
 use super::{HttpContext, HttpSettings};
-use crate::balance::{ServiceBalancer, Slot};
 
 /// What a request handler knows about its client connection.
 pub struct ClientConn {
@@ -46,19 +48,25 @@ pub async fn handle(
     client: Arc<ClientConn>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    Ok(proxy(&ctx, &client, req)
+    let mut service = None;
+    let response = proxy(&ctx, &client, req, &mut service)
         .await
-        .unwrap_or_else(|(status, text, close)| {
-            ctx.metrics.local(status.as_u16());
-            local(status, text, close)
-        }))
+        .unwrap_or_else(|(status, text, close)| local(status, text, close));
+    // What the client sees, whoever made it.
+    let status = response.status().as_u16();
+    match &service {
+        Some(balancer) => balancer.plane.response(status),
+        None => ctx.metrics.unrouted(status),
+    }
+    Ok(response)
 }
 
 type Refusal = (StatusCode, String, bool);
+type Balancer = ServiceBalancer<HttpSlots>;
 
 /// A routed request: its balancer and instances.
 struct Routed {
-    balancer: Arc<ServiceBalancer>,
+    balancer: Arc<Balancer>,
     service: Arc<svcd_registry::ServiceEndpoints>,
     timeout: std::time::Duration,
     retries: usize,
@@ -96,7 +104,7 @@ fn route(
                 false,
             )
         })?;
-    let balancer = settings
+    let balancer = ctx
         .table
         .get(target.service, target.namespace, target.port)
         .ok_or_else(no_route)?;
@@ -108,10 +116,13 @@ fn route(
     })
 }
 
+/// Routes, picks and forwards one request. `routed` is set once the request has a service, so
+/// the caller counts the response under it.
 async fn proxy(
     ctx: &Arc<HttpContext>,
     client: &ClientConn,
     mut req: Request<Incoming>,
+    routed_to: &mut Option<Arc<Balancer>>,
 ) -> Result<Response<ProxyBody>, Refusal> {
     if client
         .watch
@@ -135,8 +146,9 @@ async fn proxy(
     let settings = ctx.settings.load_full();
     let routed = route(ctx, &settings, &req)?;
     let balancer = &routed.balancer;
+    *routed_to = Some(balancer.clone());
     let view = balancer.view(&routed.service);
-    let Some(pick) = balancer.pick(&view, &settings.outlier) else {
+    let Some(pick) = balancer.pick(&view) else {
         return Err((
             StatusCode::SERVICE_UNAVAILABLE,
             format!("no healthy instance of {}\n", balancer.name),
@@ -174,25 +186,34 @@ async fn proxy(
         .then(|| (parts.method.clone(), parts.headers.clone()));
     let may_retry_sent = idempotent(&parts.method);
     let mut first = Some((parts, body));
-    // Instances that are not draining: what max_ejection_percent is a share of.
-    let total = view.fallback.len();
     let upstreams = ctx.upstreams.load_full();
+    let service_metrics = &balancer.plane;
 
     for attempt in 0..=retries {
         let Some(slot) = pick.attempt(attempt) else {
             break;
         };
+        let index = (pick.first + attempt) % pick.slots.len();
         let client_pool = if upgrade {
             upstreams.h1()
         } else {
             upstreams.for_protocol(slot.endpoint.protocol)
         };
         let h2 = !upgrade && client_pool_is_h2(slot);
+        let upload = Arc::new(Upload::default());
+        let bytes_in = slot.extra.metrics.bytes_in.clone();
         let mut request = match first.take() {
-            Some((parts, body)) => Request::from_parts(parts, Either::Left(body)),
+            Some((parts, body)) => Request::from_parts(
+                parts,
+                RequestBody::new(Either::Left(body), upload.clone(), bytes_in),
+            ),
             None => {
                 let (method, headers) = replay.clone().expect("retries need a replayable request");
-                let mut r = Request::new(Either::Right(Empty::new()));
+                let mut r = Request::new(RequestBody::new(
+                    Either::Right(Empty::new()),
+                    upload.clone(),
+                    bytes_in,
+                ));
                 *r.method_mut() = method;
                 *r.headers_mut() = headers;
                 r
@@ -210,28 +231,26 @@ async fn proxy(
             // §8.3.1). The client's host travels in X-Forwarded-Host.
             request.headers_mut().remove(header::HOST);
         }
-        let in_flight = InFlight::start(&slot.stats, &balancer.metrics.active);
+        let in_flight = InFlight::start(&slot.health, &service_metrics.active);
         let started = Instant::now();
-        let sent: Result<_, _> =
-            tokio::time::timeout(routed.timeout, client_pool.request(request)).await;
-        match sent {
-            Ok(Ok(mut response)) => {
-                balancer
-                    .metrics
-                    .duration
-                    .observe(started.elapsed().as_secs_f64());
+        // The request timeout starts once the whole request (head and body) has been sent: it
+        // bounds the backend's time to answer, never the client's upload.
+        let response = client_pool.request(request);
+        let answered = tokio::select! {
+            r = response => Some(r),
+            _ = async { upload.sent().await; tokio::time::sleep(routed.timeout).await } => None,
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let endpoint_metrics = &slot.extra.metrics;
+        match answered {
+            Some(Ok(mut response)) => {
                 let status = response.status();
-                slot.stats.metrics.count(status.as_u16());
+                service_metrics.attempt(Outcome::Response, seconds);
+                endpoint_metrics.attempt(Outcome::Response, status.as_u16());
                 if status.is_server_error() {
-                    ctx.outlier.failure(
-                        balancer,
-                        total,
-                        &slot.stats,
-                        &settings.outlier,
-                        status.as_str(),
-                    );
+                    balancer.failure(&view, slot, Detector::Http, status.as_str());
                 } else {
-                    ctx.outlier.success(&slot.stats);
+                    balancer.success(slot, Detector::Http);
                 }
                 let switching = status == StatusCode::SWITCHING_PROTOCOLS;
                 if let (true, Some(on_client)) = (switching, on_client_upgrade) {
@@ -252,23 +271,44 @@ async fn proxy(
                 }
                 strip_hop_by_hop(response.headers_mut(), switching);
                 *response.version_mut() = downstream_version;
-                return Ok(response.map(|b| Either::Left(TrackedBody::new(b, in_flight))));
+                let blame = Blame {
+                    balancer: balancer.clone(),
+                    view: view.clone(),
+                    panic: pick.panic,
+                    index,
+                };
+                let bytes_out = endpoint_metrics.bytes_out.clone();
+                return Ok(response
+                    .map(|b| Either::Left(TrackedBody::new(b, bytes_out, blame, in_flight))));
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) if upload.client_failed() => {
+                // The client's body broke (aborted, reset, malformed chunking): nothing the
+                // backend did. Not counted against it; the client gets 400 if it still listens.
+                drop(in_flight);
+                debug!(service = %balancer.name, endpoint = %slot.health.id, error = %e, "request body failed on the client's side");
+                service_metrics.attempt(Outcome::ClientError, seconds);
+                endpoint_metrics.attempt(Outcome::ClientError, 0);
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "malformed or incomplete request body\n".into(),
+                    true,
+                ));
+            }
+            Some(Err(e)) => {
                 drop(in_flight);
                 let connect = e.is_connect();
-                let reason = if connect {
-                    "connect failed"
+                let (outcome, reason) = if connect {
+                    (Outcome::ConnectError, "connect failed")
                 } else {
-                    "upstream error"
+                    (Outcome::UpstreamError, "upstream error")
                 };
-                debug!(service = %balancer.name, endpoint = %slot.stats.id, error = %e, "upstream request failed");
-                ctx.outlier
-                    .failure(balancer, total, &slot.stats, &settings.outlier, reason);
-                slot.stats.metrics.count(502);
+                debug!(service = %balancer.name, endpoint = %slot.health.id, error = %e, "upstream request failed");
+                service_metrics.attempt(outcome, seconds);
+                endpoint_metrics.attempt(outcome, 0);
+                balancer.failure(&view, slot, Detector::Http, reason);
                 let can_retry = replay.is_some() && (connect || may_retry_sent);
                 if can_retry && attempt < retries {
-                    balancer.metrics.retries.inc();
+                    service_metrics.retries.inc();
                     continue;
                 }
                 return Err((
@@ -277,11 +317,11 @@ async fn proxy(
                     false,
                 ));
             }
-            Err(_) => {
+            None => {
                 drop(in_flight);
-                ctx.outlier
-                    .failure(balancer, total, &slot.stats, &settings.outlier, "timeout");
-                slot.stats.metrics.count(504);
+                service_metrics.attempt(Outcome::Timeout, seconds);
+                endpoint_metrics.attempt(Outcome::Timeout, 0);
+                balancer.failure(&view, slot, Detector::Http, "timeout");
                 return Err((
                     StatusCode::GATEWAY_TIMEOUT,
                     format!("{}: upstream timed out\n", balancer.name),
@@ -297,7 +337,7 @@ async fn proxy(
     ))
 }
 
-fn client_pool_is_h2(slot: &Slot) -> bool {
+fn client_pool_is_h2(slot: &Slot<HttpSlot>) -> bool {
     matches!(
         slot.endpoint.protocol,
         svcd_config::Protocol::H2 | svcd_config::Protocol::Grpc
@@ -305,10 +345,10 @@ fn client_pool_is_h2(slot: &Slot) -> bool {
 }
 
 /// `http://<ip:port><path>`, from parts made once per instance.
-fn upstream_uri(slot: &Slot, path: PathAndQuery) -> Uri {
+fn upstream_uri(slot: &Slot<HttpSlot>, path: PathAndQuery) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(slot.authority.clone());
+    parts.authority = Some(slot.extra.authority.clone());
     parts.path_and_query = Some(path);
     Uri::from_parts(parts).expect("scheme, authority and path make a URI")
 }

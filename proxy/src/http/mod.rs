@@ -32,34 +32,32 @@ use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use svcd_config::{L7Config, OutlierConfig, ProxyConfig};
+use svcd_config::{L7Config, ProxyConfig};
+use svcd_lb::{BalancerTable, LoadBalancer, PortRule};
 use svcd_registry::SnapshotReader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::balance::BalancerTable;
-use crate::outlier::OutlierDetector;
 use crate::ProxyError;
 use forward::ClientConn;
 use framing::{ClientIo, ConnWatch};
-use metrics::HttpMetrics;
+use metrics::{HttpMetrics, HttpSlots};
 use route::Router;
 use upstream::Upstreams;
 
-/// Everything a request reads that a reload can change; swapped whole.
+/// Everything a request reads that a reload can change; swapped whole. (The balancers are not
+/// here: they outlive reloads, see [`HttpContext::table`].)
 pub struct HttpSettings {
     pub router: Router,
-    pub table: BalancerTable,
     pub l7: L7Config,
-    pub outlier: OutlierConfig,
     /// hyper's connection builder, carrying the limits.
     server: auto::Builder<TokioExecutor>,
 }
 
 impl HttpSettings {
-    fn new(config: &ProxyConfig, domain: &str, metrics: &Arc<HttpMetrics>) -> Self {
+    fn new(config: &ProxyConfig, domain: &str) -> Self {
         let l7 = &config.l7;
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
@@ -77,9 +75,7 @@ impl HttpSettings {
             .keep_alive_interval(Some(Duration::from_secs(30)));
         HttpSettings {
             router: Router::new(&config.routes, domain, l7.request_timeout, l7.retries),
-            table: BalancerTable::new(l7.balance, l7.balance_by_service.clone(), metrics.clone()),
             l7: l7.clone(),
-            outlier: config.outlier.clone(),
             server,
         }
     }
@@ -91,7 +87,9 @@ pub struct HttpContext {
     pub settings: ArcSwap<HttpSettings>,
     pub upstreams: ArcSwap<Upstreams>,
     pub metrics: Arc<HttpMetrics>,
-    pub outlier: Arc<OutlierDetector>,
+    /// The HTTP balancers, for the daemon's lifetime: a reload changes their policy in place and
+    /// keeps in-flight counts, failure runs and ejections.
+    pub table: Arc<BalancerTable<HttpSlots>>,
     /// Connections and upgraded tunnels, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// Cancelled when the drain time is over.
@@ -109,22 +107,29 @@ impl HttpProxy {
     pub async fn start(
         config: &ProxyConfig,
         domain: &str,
-        snapshot: SnapshotReader,
-        outlier: Arc<OutlierDetector>,
+        lb: &Arc<LoadBalancer>,
         prometheus: &prometheus::Registry,
     ) -> Result<HttpProxy, ProxyError> {
         let metrics = HttpMetrics::new(prometheus)?;
+        let table = BalancerTable::new(
+            lb,
+            HttpSlots {
+                metrics: metrics.clone(),
+            },
+            PortRule::Http,
+        );
+        table.set_policies(config.l7.balance, config.l7.balance_by_service.clone());
         let proxy = HttpProxy {
             ctx: Arc::new(HttpContext {
-                snapshot,
-                settings: ArcSwap::from_pointee(HttpSettings::new(config, domain, &metrics)),
+                snapshot: lb.reader().clone(),
+                settings: ArcSwap::from_pointee(HttpSettings::new(config, domain)),
                 upstreams: ArcSwap::from_pointee(Upstreams::new(
                     &config.l7,
                     config.connect_timeout,
                     metrics.clone(),
                 )),
                 metrics,
-                outlier,
+                table,
                 tracker: TaskTracker::new(),
                 hard_stop: CancellationToken::new(),
             }),
@@ -141,7 +146,9 @@ impl HttpProxy {
     pub async fn reconfigure(&self, config: &ProxyConfig, domain: &str) -> Vec<ProxyError> {
         let ctx = &self.ctx;
         ctx.settings
-            .store(Arc::new(HttpSettings::new(config, domain, &ctx.metrics)));
+            .store(Arc::new(HttpSettings::new(config, domain)));
+        ctx.table
+            .set_policies(config.l7.balance, config.l7.balance_by_service.clone());
         ctx.upstreams.store(Arc::new(Upstreams::new(
             &config.l7,
             config.connect_timeout,
@@ -174,7 +181,9 @@ impl HttpProxy {
                 Ok(listener) => {
                     info!(%addr, "HTTP proxy listening");
                     let stop = CancellationToken::new();
-                    tokio::spawn(accept_loop(listener, self.ctx.clone(), stop.clone()));
+                    self.ctx
+                        .tracker
+                        .spawn(accept_loop(listener, self.ctx.clone(), stop.clone()));
                     self.listeners
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

@@ -9,10 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::Uri;
-use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
@@ -22,8 +19,9 @@ use tokio::net::TcpStream;
 
 use super::metrics::HttpMetrics;
 
-/// A request body going upstream: the client's, streamed, or none (a retried bodiless request).
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+/// A request body going upstream: the client's, streamed and watched, or none (a retried
+/// bodiless request).
+pub type UpstreamBody = super::body::RequestBody;
 
 /// The two pools.
 pub struct Upstreams {

@@ -38,8 +38,14 @@ impl Reply {
 
 /// Config text with every listener on a free loopback port.
 pub fn base_config(admin_port: u16, dns_port: u16, http_port: u16) -> String {
+    base_config_with(admin_port, dns_port, http_port, "")
+}
+
+/// [`base_config`] with more keys of the `[dns]` table (which the base config already opens, so
+/// a test cannot open it again).
+pub fn base_config_with(admin_port: u16, dns_port: u16, http_port: u16, dns_keys: &str) -> String {
     format!(
-        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[dns]\nlisten = \"127.0.0.1:{dns_port}\"\n[[proxy.http]]\nlisten = \"127.0.0.1:{http_port}\"\n"
+        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[dns]\nlisten = \"127.0.0.1:{dns_port}\"\n{dns_keys}[[proxy.http]]\nlisten = \"127.0.0.1:{http_port}\"\n"
     )
 }
 
@@ -102,6 +108,47 @@ impl Daemon {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Replaces the config file with the base config plus `extra`, sends SIGHUP and waits for
+    /// the reload to be counted as applied.
+    pub async fn reload_with(&self, extra: &str) {
+        self.reload_with_dns("", extra).await
+    }
+
+    /// [`Self::reload_with`], with more keys for the `[dns]` table.
+    pub async fn reload_with_dns(&self, dns_keys: &str, extra: &str) {
+        let before = self
+            .metric("svcd_config_reloads_total{result=\"ok\"}")
+            .await
+            .unwrap_or(0.0);
+        std::fs::write(
+            &self.config_path,
+            format!(
+                "{}{extra}",
+                base_config_with(
+                    self.admin.port(),
+                    self.dns.port(),
+                    self.http.port(),
+                    dns_keys
+                )
+            ),
+        )
+        .expect("write config");
+        self.signal(Signal::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self
+            .metric("svcd_config_reloads_total{result=\"ok\"}")
+            .await
+            != Some(before + 1.0)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "reload not applied; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -174,16 +221,12 @@ impl Daemon {
             .expect("run svcd client command")
     }
 
-    /// Value of one sample in `/metrics`, e.g. `svcd_config_reloads_total{result="failed"}`.
-    pub async fn metric(&self, sample: &str) -> Option<f64> {
+    /// The sum of the samples in `/metrics` that match `selector`, e.g.
+    /// `svcd_config_reloads_total{result="failed"}`: the same name, and every label given (others,
+    /// such as `listener`, may be there too). `None` when no sample matches.
+    pub async fn metric(&self, selector: &str) -> Option<f64> {
         let body = self.get("/metrics").await.body;
-        body.lines().find_map(|line| {
-            line.strip_prefix(sample)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
+        metric_sum(&body, selector)
     }
 
     /// Ids of the instances of `ns/svc` in this daemon's snapshot.
@@ -298,4 +341,38 @@ impl ExecJob {
         .await;
         kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill child");
     }
+}
+
+/// `name{l1="v1",…}` → (name, ["l1=\"v1\"", …]).
+fn parse_selector(selector: &str) -> (&str, Vec<&str>) {
+    match selector.split_once('{') {
+        Some((name, labels)) => (
+            name,
+            labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .collect(),
+        ),
+        None => (selector, Vec::new()),
+    }
+}
+
+/// See [`Daemon::metric`]; works on any exposition text.
+pub fn metric_sum(body: &str, selector: &str) -> Option<f64> {
+    let (name, want) = parse_selector(selector);
+    let mut sum = None;
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (series_name, labels) = parse_selector(series);
+        if series_name != name || !want.iter().all(|w| labels.contains(w)) {
+            continue;
+        }
+        if let Ok(v) = value.parse::<f64>() {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
 }

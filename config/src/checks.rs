@@ -1,195 +1,20 @@
 //! `RawConfig` → `Config`: defaults filled in, every value checked, every error collected.
 
+mod l7;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Serialize, Serializer};
-
 use crate::error::FieldError;
 use crate::instance::Instance;
-use crate::l7::{self, HttpRoute, L7Config, OutlierConfig};
+use crate::model::*;
 use crate::names;
 use crate::raw::*;
-
-/// The validated, effective configuration. Everything here is already checked; consumers never
-/// re-validate. `Serialize` renders the effective config with secrets redacted.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Config {
-    pub admin: AdminConfig,
-    pub dns: DnsConfig,
-    pub proxy: ProxyConfig,
-    pub registry: RegistryConfig,
-    pub shutdown: ShutdownConfig,
-    pub log: LogConfig,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AdminConfig {
-    pub listen: SocketAddr,
-    /// File holding the bearer token; read at start and on reload so the token never sits in the
-    /// config text (and never appears in `/v1/config`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DnsConfig {
-    pub listen: SocketAddr,
-    /// Cluster domain, lower case, without trailing dot.
-    pub domain: String,
-    #[serde(serialize_with = "ser_duration")]
-    pub ttl: Duration,
-    #[serde(serialize_with = "ser_duration")]
-    pub negative_ttl: Duration,
-    pub max_answers: usize,
-    pub forward: Vec<SocketAddr>,
-    /// UDP worker threads (one SO_REUSEPORT socket each); `None` means one per core.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub workers: Option<usize>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ProxyConfig {
-    pub http: Vec<HttpListenerConfig>,
-    pub tcp: Vec<L4ListenerConfig>,
-    pub udp: Vec<L4ListenerConfig>,
-    /// Proxy worker threads; `None` means one per core.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub workers: Option<usize>,
-    /// Open TCP connections across all L4 listeners; excess connections are closed at once.
-    pub max_connections: usize,
-    /// Forward TCP with splice(2) (Linux); false forces the user-space copy path.
-    pub splice: bool,
-    #[serde(serialize_with = "ser_duration")]
-    pub connect_timeout: Duration,
-    /// Instances tried per connection before giving up (refused / timed out → next instance).
-    pub connect_attempts: usize,
-    /// Explicit HTTP routes; requests matching none are routed by their Host name.
-    pub routes: Vec<HttpRoute>,
-    pub l7: L7Config,
-    pub outlier: OutlierConfig,
-}
-
-/// Where a proxy listener sends traffic: `<svc>.<ns>` and an optional named port.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ProxyTarget {
-    pub service: String,
-    pub namespace: String,
-    /// Named port of the instances; `None`: the instance's only port.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub port: Option<String>,
-}
-
-/// One L4 listener (`[[proxy.tcp]]` or `[[proxy.udp]]`): the same shape for both transports.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct L4ListenerConfig {
-    pub listen: SocketAddr,
-    #[serde(flatten)]
-    pub target: ProxyTarget,
-    /// TCP: both directions silent this long closes the connection (default `proxy.idle_timeout`).
-    /// UDP: a flow with no datagram either way is forgotten (default 30 s).
-    #[serde(serialize_with = "ser_duration")]
-    pub idle_timeout: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct HttpListenerConfig {
-    pub listen: SocketAddr,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    Embedded,
-    Etcd,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RegistryConfig {
-    pub backend: Backend,
-    /// TTL of the lease this daemon holds its registrations under; a dead daemon's entries vanish
-    /// after it.
-    #[serde(serialize_with = "ser_duration")]
-    pub lease_ttl: Duration,
-    /// Full re-list and diff against the snapshot, to catch anything a watch could have missed.
-    #[serde(serialize_with = "ser_duration")]
-    pub resync_interval: Duration,
-    /// Name of this node, stamped on registrations that do not set one. Defaults to the hostname.
-    pub node: String,
-    pub etcd: EtcdConfig,
-    #[serde(rename = "static")]
-    pub static_instances: Vec<StaticInstance>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct EtcdConfig {
-    pub endpoints: Vec<String>,
-    #[serde(serialize_with = "ser_duration")]
-    pub connect_timeout: Duration,
-    #[serde(serialize_with = "ser_duration")]
-    pub request_timeout: Duration,
-    #[serde(serialize_with = "ser_duration")]
-    pub keepalive_interval: Duration,
-    #[serde(serialize_with = "ser_duration")]
-    pub keepalive_timeout: Duration,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    #[serde(
-        serialize_with = "ser_redacted",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub password: Option<String>,
-}
-
-/// A registration written in the config file, for things outside the cluster (a managed database).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StaticInstance {
-    pub namespace: String,
-    pub service: String,
-    pub id: String,
-    #[serde(flatten)]
-    pub instance: Instance,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ShutdownConfig {
-    #[serde(serialize_with = "ser_duration")]
-    pub drain_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Human,
-    Json,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LogConfig {
-    /// `RUST_LOG`-style filter, e.g. `info,svcd_registry=debug`.
-    pub level: String,
-    pub format: LogFormat,
-}
-
-pub(crate) fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_duration(*d).to_string())
-}
-
-fn ser_redacted<S: Serializer>(_: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str("<redacted>")
-}
 
 impl Default for Config {
     fn default() -> Self {
         validate(RawConfig::default()).expect("built-in defaults are valid")
-    }
-}
-
-impl Config {
-    /// The effective configuration as TOML, secrets redacted.
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("Config serializes to TOML")
     }
 }
 
@@ -236,6 +61,30 @@ impl Checker {
                 default
             }
         }
+    }
+
+    /// A duration with an upper bound (`max`, inclusive).
+    pub(crate) fn duration_at_most(
+        &mut self,
+        path: &str,
+        value: Option<String>,
+        default: Duration,
+        max: Duration,
+    ) -> Duration {
+        let text = value.clone();
+        let d = self.duration(path, value, default);
+        if d > max {
+            self.err(
+                path,
+                format!(
+                    "{:?} is longer than the maximum of {}",
+                    text.unwrap_or_default(),
+                    humantime::format_duration(max)
+                ),
+            );
+            return default;
+        }
+        d
     }
 
     /// A listen address that must be present.
@@ -363,7 +212,11 @@ fn admin(c: &mut Checker, raw: RawAdmin) -> AdminConfig {
             ),
         );
     }
-    AdminConfig { listen, token_file }
+    AdminConfig {
+        listen,
+        token_file,
+        endpoint_state_series: raw.endpoint_state_series.unwrap_or(false),
+    }
 }
 
 fn dns(c: &mut Checker, raw: RawDns) -> DnsConfig {

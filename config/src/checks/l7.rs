@@ -1,105 +1,13 @@
-//! HTTP proxy settings (`[[proxy.routes]]`, `[proxy.l7]`) and passive health
-//! (`[proxy.outlier]`): typed forms and their validation.
+//! Checks of the HTTP proxy settings (`[[proxy.routes]]`, `[proxy.l7]`) and passive health
+//! (`[proxy.outlier]`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Serialize;
-
+use super::Checker;
+use crate::model::{Balance, HttpRoute, L7Config, OutlierConfig, PanicMode, MAX_REQUEST_TIMEOUT};
 use crate::names;
 use crate::raw::{RawL7, RawOutlier, RawRoute};
-use crate::validate::{ser_duration, Checker, ProxyTarget};
-
-/// How a service's requests are spread over its instances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Balance {
-    /// Next instance in turn.
-    RoundRobin,
-    /// Power of two choices on in-flight requests: two random instances, the less busy wins.
-    LeastRequest,
-}
-
-/// An explicit route: requests for `host` whose path starts with `path_prefix` go to `target`.
-/// Longest prefix wins among routes of one host.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct HttpRoute {
-    /// Lower case, without port.
-    pub host: String,
-    pub path_prefix: String,
-    #[serde(flatten)]
-    pub target: ProxyTarget,
-    /// Time to the response head; `None`: `proxy.l7.request_timeout`.
-    #[serde(
-        serialize_with = "ser_opt_duration",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub timeout: Option<Duration>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub retries: Option<usize>,
-}
-
-fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => ser_duration(d, s),
-        None => s.serialize_none(),
-    }
-}
-
-/// `[proxy.l7]`: HTTP behaviour and the limits that protect the proxy from abusive clients.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct L7Config {
-    pub balance: Balance,
-    /// `"<svc>.<ns>"` → balance for that service, overriding `balance`.
-    pub balance_by_service: BTreeMap<String, Balance>,
-    /// Extra attempts, on other instances, for idempotent requests that failed before any
-    /// response byte.
-    pub retries: usize,
-    #[serde(serialize_with = "ser_duration")]
-    pub request_timeout: Duration,
-    /// A client must send a whole request head within this time (slowloris guard).
-    #[serde(serialize_with = "ser_duration")]
-    pub header_read_timeout: Duration,
-    /// A client connection with no bytes either way this long is closed.
-    #[serde(serialize_with = "ser_duration")]
-    pub idle_timeout: Duration,
-    /// Request head size limit (→ 431).
-    pub max_header_bytes: usize,
-    /// Request header count limit (→ 431).
-    pub max_headers: usize,
-    pub max_concurrent_streams: u32,
-    /// HTTP/2 rapid-reset guard.
-    pub max_pending_accept_reset_streams: usize,
-    /// Idle upstream connections are closed after this.
-    #[serde(serialize_with = "ser_duration")]
-    pub pool_idle_timeout: Duration,
-    pub pool_max_idle_per_host: usize,
-}
-
-/// What to do when too few instances are usable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PanicMode {
-    /// Spread over every instance that is not draining, healthy or not (Envoy's panic routing).
-    BalanceAll,
-    /// Keep to the usable few.
-    Fail,
-}
-
-/// `[proxy.outlier]`: passive health, local to this node.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct OutlierConfig {
-    /// Consecutive connect failures or 5xx responses that eject an instance; 0 disables.
-    pub consecutive_failures: u32,
-    /// Ejection lasts this × the instance's number of ejections so far.
-    #[serde(serialize_with = "ser_duration")]
-    pub base_ejection_time: Duration,
-    /// At most this share of a service's instances is ejected at once.
-    pub max_ejection_percent: u32,
-    /// Below this share of usable instances the service is in panic.
-    pub panic_threshold: u32,
-    pub panic_mode: PanicMode,
-}
 
 fn balance(c: &mut Checker, path: &str, text: &str) -> Balance {
     match text {
@@ -141,9 +49,14 @@ pub(crate) fn routes(c: &mut Checker, raw: Option<Vec<RawRoute>>) -> Vec<HttpRou
             );
         }
         let target = c.target(&base, r.service, r.port);
-        let timeout = r
-            .timeout
-            .map(|t| c.duration(&format!("{base}.timeout"), Some(t), Duration::from_secs(15)));
+        let timeout = r.timeout.map(|t| {
+            c.duration_at_most(
+                &format!("{base}.timeout"),
+                Some(t),
+                Duration::from_secs(15),
+                MAX_REQUEST_TIMEOUT,
+            )
+        });
         let retries = r
             .retries
             .map(|n| c.range(&format!("{base}.retries"), Some(n), 2, 0, 10));
@@ -188,7 +101,12 @@ pub(crate) fn l7(c: &mut Checker, raw: RawL7) -> L7Config {
         balance: default_balance,
         balance_by_service,
         retries: c.range("proxy.l7.retries", raw.retries, 2, 0, 10),
-        request_timeout: c.duration("proxy.l7.request_timeout", raw.request_timeout, secs(15)),
+        request_timeout: c.duration_at_most(
+            "proxy.l7.request_timeout",
+            raw.request_timeout,
+            secs(15),
+            MAX_REQUEST_TIMEOUT,
+        ),
         header_read_timeout: c.duration(
             "proxy.l7.header_read_timeout",
             raw.header_read_timeout,

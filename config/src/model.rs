@@ -1,0 +1,286 @@
+//! The validated configuration: what every consumer reads. Everything here is already checked
+//! ([`crate::checks`] builds it from the raw serde form); consumers never re-validate.
+//! `Serialize` renders the effective config with secrets redacted.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+use crate::instance::Instance;
+
+/// The validated, effective configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub admin: AdminConfig,
+    pub dns: DnsConfig,
+    pub proxy: ProxyConfig,
+    pub registry: RegistryConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// File holding the bearer token; read at start and on reload so the token never sits in the
+    /// config text (and never appears in `/v1/config`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Export `svcd_endpoint_state{service,endpoint,state}`, one series per endpoint (opt-in, as
+    /// Envoy's per-host stats; per-service counts are always exported).
+    pub endpoint_state_series: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DnsConfig {
+    pub listen: SocketAddr,
+    /// Cluster domain, lower case, without trailing dot.
+    pub domain: String,
+    #[serde(serialize_with = "ser_duration")]
+    pub ttl: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub negative_ttl: Duration,
+    pub max_answers: usize,
+    pub forward: Vec<SocketAddr>,
+    /// UDP worker threads (one SO_REUSEPORT socket each); `None` means one per core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProxyConfig {
+    pub http: Vec<HttpListenerConfig>,
+    pub tcp: Vec<L4ListenerConfig>,
+    pub udp: Vec<L4ListenerConfig>,
+    /// Proxy worker threads; `None` means one per core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// Open TCP connections across all L4 listeners; excess connections are closed at once.
+    pub max_connections: usize,
+    /// Forward TCP with splice(2) (Linux); false forces the user-space copy path.
+    pub splice: bool,
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// Instances tried per connection before giving up (refused / timed out → next instance).
+    pub connect_attempts: usize,
+    /// Explicit HTTP routes; requests matching none are routed by their Host name.
+    pub routes: Vec<HttpRoute>,
+    pub l7: L7Config,
+    pub outlier: OutlierConfig,
+}
+
+/// Where a proxy listener sends traffic: `<svc>.<ns>` and an optional named port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProxyTarget {
+    pub service: String,
+    pub namespace: String,
+    /// Named port of the instances; `None`: the instance's only port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+}
+
+/// One L4 listener (`[[proxy.tcp]]` or `[[proxy.udp]]`): the same shape for both transports.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct L4ListenerConfig {
+    pub listen: SocketAddr,
+    #[serde(flatten)]
+    pub target: ProxyTarget,
+    /// TCP: both directions silent this long closes the connection (default `proxy.idle_timeout`).
+    /// UDP: a flow with no datagram either way is forgotten (default 30 s).
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HttpListenerConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Embedded,
+    Etcd,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegistryConfig {
+    pub backend: Backend,
+    /// TTL of the lease this daemon holds its registrations under; a dead daemon's entries vanish
+    /// after it.
+    #[serde(serialize_with = "ser_duration")]
+    pub lease_ttl: Duration,
+    /// Full re-list and diff against the snapshot, to catch anything a watch could have missed.
+    #[serde(serialize_with = "ser_duration")]
+    pub resync_interval: Duration,
+    /// Name of this node, stamped on registrations that do not set one. Defaults to the hostname.
+    pub node: String,
+    pub etcd: EtcdConfig,
+    #[serde(rename = "static")]
+    pub static_instances: Vec<StaticInstance>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub request_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub keepalive_interval: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub keepalive_timeout: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(
+        serialize_with = "ser_redacted",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub password: Option<String>,
+}
+
+/// A registration written in the config file, for things outside the cluster (a managed database).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StaticInstance {
+    pub namespace: String,
+    pub service: String,
+    pub id: String,
+    #[serde(flatten)]
+    pub instance: Instance,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ShutdownConfig {
+    #[serde(serialize_with = "ser_duration")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogConfig {
+    /// `RUST_LOG`-style filter, e.g. `info,svcd_registry=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+pub(crate) fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+fn ser_redacted<S: Serializer>(_: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("<redacted>")
+}
+
+impl Config {
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("Config serializes to TOML")
+    }
+}
+
+// ---- HTTP proxy settings (`[[proxy.routes]]`, `[proxy.l7]`) and passive health
+// (`[proxy.outlier]`).
+
+/// Longest request timeout (global or per route): the HTTP latency histograms' buckets reach it.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How a service's requests are spread over its instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Next instance in turn.
+    RoundRobin,
+    /// Power of two choices on in-flight requests: two random instances, the less busy wins.
+    LeastRequest,
+}
+
+/// An explicit route: requests for `host` whose path starts with `path_prefix` go to `target`.
+/// Longest prefix wins among routes of one host.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HttpRoute {
+    /// Lower case, without port.
+    pub host: String,
+    pub path_prefix: String,
+    #[serde(flatten)]
+    pub target: ProxyTarget,
+    /// Time to the response head; `None`: `proxy.l7.request_timeout`.
+    #[serde(
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<usize>,
+}
+
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// `[proxy.l7]`: HTTP behaviour and the limits that protect the proxy from abusive clients.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct L7Config {
+    pub balance: Balance,
+    /// `"<svc>.<ns>"` → balance for that service, overriding `balance`.
+    pub balance_by_service: BTreeMap<String, Balance>,
+    /// Extra attempts, on other instances, for idempotent requests that failed before any
+    /// response byte.
+    pub retries: usize,
+    #[serde(serialize_with = "ser_duration")]
+    pub request_timeout: Duration,
+    /// A client must send a whole request head within this time (slowloris guard).
+    #[serde(serialize_with = "ser_duration")]
+    pub header_read_timeout: Duration,
+    /// A client connection with no bytes either way this long is closed.
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    /// Request head size limit (→ 431).
+    pub max_header_bytes: usize,
+    /// Request header count limit (→ 431).
+    pub max_headers: usize,
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 rapid-reset guard.
+    pub max_pending_accept_reset_streams: usize,
+    /// Idle upstream connections are closed after this.
+    #[serde(serialize_with = "ser_duration")]
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+/// What to do when too few instances are usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PanicMode {
+    /// Spread over every instance that is not draining, healthy or not (Envoy's panic routing).
+    BalanceAll,
+    /// Keep to the usable few.
+    Fail,
+}
+
+/// `[proxy.outlier]`: passive health, local to this node.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutlierConfig {
+    /// Consecutive connect failures or 5xx responses that eject an instance; 0 disables.
+    pub consecutive_failures: u32,
+    /// Ejection lasts this × the instance's number of ejections so far.
+    #[serde(serialize_with = "ser_duration")]
+    pub base_ejection_time: Duration,
+    /// At most this share of a service's instances is ejected at once.
+    pub max_ejection_percent: u32,
+    /// Below this share of usable instances the service is in panic.
+    pub panic_threshold: u32,
+    pub panic_mode: PanicMode,
+}

@@ -1,0 +1,189 @@
+//! Passive health: outcomes reported by the planes, ejection records, their timers' ends.
+//!
+//! Each detector (the L4 proxy's connects, the HTTP proxy's requests) reports the outcome of the
+//! attempts it made to an instance; only the backend's own faults are reported as failures (the
+//! proxies decide that; see `docs/http.md`). `consecutive_failures` failures in a row from one
+//! detector eject the instance for `base_ejection_time × ejections` (at most ten times the
+//! base), unless that would put more than `max_ejection_percent` of the service's non-draining
+//! instances out at once. One record per endpoint remembers which detectors hold it, each until
+//! its own deadline; the instance returns only when none does.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use svcd_config::OutlierConfig;
+use svcd_registry::Ejection;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::health::{Detector, EndpointHealth, Expiry, LoadBalancer, ServiceHealth, DETECTORS};
+
+/// One detector's hold on an ejection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hold {
+    /// When the timer ends it (monotonic; `tokio::time` so tests can pause it).
+    deadline: Instant,
+    /// The same moment on the wall clock, for the API.
+    until: SystemTime,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct EjectionRecord {
+    held: [Option<Hold>; DETECTORS],
+    reason: String,
+    since: Option<SystemTime>,
+}
+
+impl EjectionRecord {
+    pub(crate) fn is_held(&self) -> bool {
+        self.held.iter().any(Option::is_some)
+    }
+}
+
+impl LoadBalancer {
+    /// The attempt to `endpoint` worked: the detector's failure run ends.
+    #[inline]
+    pub fn success(&self, endpoint: &EndpointHealth, detector: Detector) {
+        let run = &endpoint.failures[detector as usize];
+        // Read first: no cache-line write on the common path.
+        if run.load(Ordering::Relaxed) != 0 {
+            run.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The backend failed an attempt (never call this for a client's fault). `total`: the
+    /// service's non-draining instances, the base of `max_ejection_percent`.
+    pub fn failure(
+        &self,
+        service: &Arc<ServiceHealth>,
+        endpoint: &Arc<EndpointHealth>,
+        total: usize,
+        detector: Detector,
+        reason: &str,
+    ) {
+        let run = endpoint.failures[detector as usize].fetch_add(1, Ordering::Relaxed) + 1;
+        let config = self.outlier.load();
+        if config.consecutive_failures == 0 || run < config.consecutive_failures {
+            return;
+        }
+        self.eject(service, endpoint, total, detector, &config, run, reason);
+    }
+
+    #[cold]
+    #[allow(clippy::too_many_arguments)]
+    fn eject(
+        &self,
+        service: &Arc<ServiceHealth>,
+        endpoint: &Arc<EndpointHealth>,
+        total: usize,
+        detector: Detector,
+        config: &OutlierConfig,
+        run: u32,
+        reason: &str,
+    ) {
+        if endpoint.has_left() {
+            return;
+        }
+        let mut record = endpoint.record();
+        if record.held[detector as usize].is_some() {
+            return; // this detector already holds it
+        }
+        let first_hold = !record.is_held();
+        if first_hold {
+            let limit = total * config.max_ejection_percent as usize / 100;
+            if service.ejected_now.load(Ordering::Relaxed) >= limit {
+                return;
+            }
+            service.ejected_now.fetch_add(1, Ordering::Relaxed);
+            endpoint.ejections.fetch_add(1, Ordering::Relaxed);
+            record.since = Some(SystemTime::now());
+        }
+        let count = endpoint.ejections.load(Ordering::Relaxed);
+        let duration = ejection_time(config, count);
+        let deadline = Instant::now() + duration;
+        record.held[detector as usize] = Some(Hold {
+            deadline,
+            until: SystemTime::now() + duration,
+        });
+        record.reason = format!(
+            "{run} consecutive failures ({}), last: {reason}",
+            detector.as_str()
+        );
+        warn!(service = %service.name, endpoint = %endpoint.id, detector = detector.as_str(),
+              ?duration, reason = %record.reason, "instance ejected");
+        service.metrics.ejections[detector as usize].inc();
+        service
+            .metrics
+            .ejected
+            .set(service.ejected_now.load(Ordering::Relaxed) as i64);
+        self.publish(service, endpoint, &record);
+        drop(record);
+        let _ = self.expiries.send(Expiry {
+            service: service.clone(),
+            endpoint: endpoint.clone(),
+            detector,
+            deadline,
+        });
+    }
+
+    /// Ends `detector`'s hold (if `deadline` is the hold's, or unconditionally with `None`); the
+    /// instance returns when no detector holds it.
+    pub(crate) fn release(
+        &self,
+        service: &Arc<ServiceHealth>,
+        endpoint: &Arc<EndpointHealth>,
+        detector: Detector,
+        deadline: Option<Instant>,
+    ) {
+        let mut record = endpoint.record();
+        match record.held[detector as usize] {
+            Some(hold) if deadline.is_none_or(|d| d == hold.deadline) => {}
+            _ => return,
+        }
+        record.held[detector as usize] = None;
+        endpoint.failures[detector as usize].store(0, Ordering::Relaxed);
+        if !record.is_held() {
+            service.ejected_now.fetch_sub(1, Ordering::Relaxed);
+            service
+                .metrics
+                .ejected
+                .set(service.ejected_now.load(Ordering::Relaxed) as i64);
+            info!(service = %service.name, endpoint = %endpoint.id, "ejection over; instance back");
+        }
+        if !endpoint.has_left() {
+            self.publish(service, endpoint, &record);
+        }
+    }
+
+    /// An instance that left: every hold ends now.
+    pub(crate) fn release_all(&self, service: &Arc<ServiceHealth>, endpoint: &Arc<EndpointHealth>) {
+        for d in Detector::all() {
+            self.release(service, endpoint, d, None);
+        }
+        self.publisher
+            .set_ejection(&service.name, &endpoint.id, None);
+    }
+
+    /// Writes the endpoint's record to the snapshot: the holders and the latest end, or nothing.
+    fn publish(&self, service: &ServiceHealth, endpoint: &EndpointHealth, record: &EjectionRecord) {
+        let holds: Vec<(Detector, Hold)> = Detector::all()
+            .into_iter()
+            .filter_map(|d| record.held[d as usize].map(|h| (d, h)))
+            .collect();
+        let ejection = (!holds.is_empty()).then(|| Ejection {
+            holders: holds.iter().map(|(d, _)| d.as_str()).collect(),
+            reason: record.reason.clone(),
+            since: record.since.unwrap_or_else(SystemTime::now),
+            until: holds.iter().map(|(_, h)| h.until).max().expect("non-empty"),
+            count: endpoint.ejections.load(Ordering::Relaxed),
+        });
+        self.publisher
+            .set_ejection(&service.name, &endpoint.id, ejection);
+    }
+}
+
+/// Ejection time for the `count`-th ejection.
+pub fn ejection_time(config: &OutlierConfig, count: u32) -> Duration {
+    config.base_ejection_time * count.clamp(1, 10)
+}
