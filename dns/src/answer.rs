@@ -160,27 +160,42 @@ pub fn answer_start(order: &WeightedSchedule, n: usize, take: usize, rotation: u
     }
 }
 
-/// The healthy endpoints of `svc.ns` whose address family fits `qtype`, rotated and limited.
+/// The distinct addresses of the healthy endpoints of a service that fit `qtype`, in instance
+/// order, each with the summed weight of the instances behind it: an RRset holds no duplicate
+/// records (RFC 2181 §5), and an address two instances share carries both their shares. Both
+/// serving paths build their answers from this.
+pub fn distinct_addresses(service: &ServiceEndpoints, qtype: RecordType) -> Vec<(IpAddr, u32)> {
+    let mut out: Vec<(IpAddr, u32)> = Vec::new();
+    for e in service
+        .healthy
+        .iter()
+        .filter(|e| family_matches(e.ip, qtype))
+    {
+        match out.iter_mut().find(|(ip, _)| *ip == e.ip) {
+            Some((_, weight)) => *weight = weight.saturating_add(e.weight),
+            None => out.push((e.ip, e.weight)),
+        }
+    }
+    out
+}
+
+/// The distinct healthy addresses of `svc.ns` that fit `qtype`, rotated and limited.
 pub fn rotated_addresses(
     service: &ServiceEndpoints,
     qtype: RecordType,
     rotation: usize,
     limit: Option<usize>,
-) -> impl Iterator<Item = &Arc<Endpoint>> {
-    let matching: Vec<&Arc<Endpoint>> = service
-        .healthy
-        .iter()
-        .filter(|e| family_matches(e.ip, qtype))
-        .collect();
+) -> impl Iterator<Item = IpAddr> {
+    let matching = distinct_addresses(service, qtype);
     let n = matching.len();
     let take = limit.unwrap_or(n).min(n);
     let order = if take < n {
-        WeightedSchedule::new(matching.iter().map(|e| e.weight))
+        WeightedSchedule::new(matching.iter().map(|(_, w)| *w))
     } else {
         WeightedSchedule::default()
     };
     let start = answer_start(&order, n, take, rotation);
-    (0..take).map(move |i| matching[(start + i) % n])
+    (0..take).map(move |i| matching[(start + i) % n].0)
 }
 
 /// Answers one question from the snapshot.
@@ -240,7 +255,7 @@ pub fn resolve(zone: &ZoneSettings, snapshot: &EndpointSnapshot, q: &Question<'_
                 RecordType::A | RecordType::AAAA => {
                     let records: Vec<Record> =
                         rotated_addresses(service, q.qtype, q.rotation, q.limit)
-                            .map(|e| address_record(q.name.clone(), zone.ttl, e.ip))
+                            .map(|ip| address_record(q.name.clone(), zone.ttl, ip))
                             .collect();
                     if records.is_empty() {
                         nodata()

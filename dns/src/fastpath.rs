@@ -15,7 +15,9 @@ use std::time::Instant;
 use hickory_proto::op::ResponseCode;
 use svcd_registry::{ServiceEndpoints, WeightedSchedule};
 
-use crate::answer::{answer_start, ZoneSettings};
+use hickory_proto::rr::RecordType;
+
+use crate::answer::{answer_start, distinct_addresses, ZoneSettings};
 use crate::handler::{DnsResponder, EDNS_PAYLOAD};
 use crate::metrics::{rcode_index, Proto};
 
@@ -50,12 +52,16 @@ impl EncodedService {
         let mut v4 = Vec::new();
         let mut v6 = Vec::new();
         let (mut w4, mut w6) = (Vec::new(), Vec::new());
-        for e in &service.healthy {
-            match e.ip {
-                IpAddr::V4(_) => w4.push(e.weight),
-                IpAddr::V6(_) => w6.push(e.weight),
+        // The same distinct addresses, in the same order and weights, as the general path.
+        let addresses = distinct_addresses(&service, RecordType::A)
+            .into_iter()
+            .chain(distinct_addresses(&service, RecordType::AAAA));
+        for (ip, weight) in addresses {
+            match ip {
+                IpAddr::V4(_) => w4.push(weight),
+                IpAddr::V6(_) => w6.push(weight),
             }
-            let (out, rtype, addr): (&mut Vec<u8>, u16, Vec<u8>) = match e.ip {
+            let (out, rtype, addr): (&mut Vec<u8>, u16, Vec<u8>) = match ip {
                 IpAddr::V4(ip) => (&mut v4, TYPE_A, ip.octets().to_vec()),
                 IpAddr::V6(ip) => (&mut v6, TYPE_AAAA, ip.octets().to_vec()),
             };
@@ -100,9 +106,25 @@ struct Parsed {
     qtype: u16,
     /// Client's EDNS payload size, if it sent an OPT record.
     edns_payload: Option<u16>,
+    /// The client's DO bit (RFC 3225: copied into the response's OPT).
+    dnssec_ok: bool,
     /// Label spans (start, len) of the query name.
     labels: [(usize, usize); MAX_LABELS],
     label_count: usize,
+}
+
+/// Whether OPT rdata is a whole sequence of options (code, length, that many bytes).
+fn options_fit(mut rdata: &[u8]) -> bool {
+    while !rdata.is_empty() {
+        let Some(len) = u16_at(rdata, 2) else {
+            return false;
+        };
+        let Some(rest) = rdata.get(4 + len as usize..) else {
+            return false;
+        };
+        rdata = rest;
+    }
+    true
 }
 
 fn parse(p: &[u8]) -> Option<Parsed> {
@@ -150,8 +172,8 @@ fn parse(p: &[u8]) -> Option<Parsed> {
             return None; // not an OPT, or EDNS version ≠ 0 (BADVERS is hickory's job)
         }
         let rdlen = u16_at(p, o + 9)? as usize;
-        if o + 11 + rdlen != p.len() {
-            return None;
+        if o + 11 + rdlen != p.len() || !options_fit(&p[o + 11..]) {
+            return None; // malformed OPT: the general path answers FORMERR
         }
         Some(u16_at(p, o + 3)?)
     } else {
@@ -160,10 +182,12 @@ fn parse(p: &[u8]) -> Option<Parsed> {
         }
         None
     };
+    let dnssec_ok = edns_payload.is_some() && p[question_end + 7] & 0x80 != 0;
     Some(Parsed {
         question_end,
         qtype,
         edns_payload,
+        dnssec_ok,
         labels,
         label_count,
     })
@@ -265,6 +289,7 @@ impl FastPath {
             out.extend_from_slice(&records[idx * rr_len..(idx + 1) * rr_len]);
         }
         if parsed.edns_payload.is_some() {
+            let flags = if parsed.dnssec_ok { 0x80 } else { 0 };
             out.extend_from_slice(&[
                 0,
                 0,
@@ -273,7 +298,7 @@ impl FastPath {
                 EDNS_PAYLOAD as u8,
                 0,
                 0,
-                0,
+                flags,
                 0,
                 0,
                 0,

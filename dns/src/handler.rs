@@ -137,9 +137,11 @@ impl DnsResponder {
         };
         meta.response_code = answer.rcode;
 
-        let response_edns = request.edns.as_ref().map(|_| {
+        let response_edns = request.edns.as_ref().map(|req| {
             let mut e = Edns::new();
-            e.set_max_payload(EDNS_PAYLOAD).set_version(0);
+            e.set_max_payload(EDNS_PAYLOAD)
+                .set_version(0)
+                .set_dnssec_ok(req.flags().dnssec_ok); // RFC 3225
             e
         });
         let mut builder = MessageResponseBuilder::new(&request.queries, None);

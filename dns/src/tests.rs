@@ -424,3 +424,128 @@ fn fuzz_corpus_replays_cleanly() {
     }
     assert!(count >= 500, "corpus has {count} files");
 }
+
+/// A responder over `entries` (key under /svcd/v1/endpoints/, JSON value).
+fn responder_over(entries: &[(String, String)], config: &DnsConfig) -> Arc<DnsResponder> {
+    let mut b = SnapshotBuilder::new();
+    for (i, (key, value)) in entries.iter().enumerate() {
+        b.apply(&Event {
+            kind: EventKind::Put,
+            key: format!("/svcd/v1/endpoints/{key}"),
+            value: value.as_bytes().to_vec(),
+            mod_revision: i as i64 + 2,
+        });
+    }
+    let metrics = DnsMetrics::new(&prometheus::Registry::new()).unwrap();
+    DnsResponder::new(
+        config,
+        SnapshotReader::fixed(b.build(&EndpointSnapshot::default())),
+        metrics,
+    )
+}
+
+#[test]
+fn instances_sharing_an_address_give_one_record_on_both_paths() {
+    let entries: Vec<(String, String)> = [("a", "10.0.0.1"), ("b", "10.0.0.1"), ("c", "10.0.0.2")]
+        .iter()
+        .map(|(id, ip)| (format!("default/web/{id}"), format!(r#"{{"ip":"{ip}"}}"#)))
+        .collect();
+    let config = svcd_config::parse("").unwrap().dns;
+    let r = responder_over(&entries, &config);
+    let packet = query("web.default.svc.cluster.local.", RecordType::A, None);
+    for m in [fast(&r, &packet).unwrap(), slow(&r, &packet).unwrap()] {
+        assert_eq!(
+            addrs(&m),
+            ["10.0.0.1", "10.0.0.2"],
+            "no duplicate in the RRset"
+        );
+    }
+    // With one answer per query, the shared address carries both instances' shares: 2 of 3.
+    let mut config = config;
+    config.max_answers = 1;
+    let r = responder_over(&entries, &config);
+    let firsts: Vec<String> = (0..300)
+        .map(|_| addrs(&fast(&r, &packet).unwrap())[0].clone())
+        .collect();
+    let shared = firsts.iter().filter(|a| *a == "10.0.0.1").count();
+    assert_eq!(shared, 200);
+}
+
+#[test]
+fn the_do_bit_is_copied_on_both_paths() {
+    let r = responder();
+    let mut m = Message::new(0x77, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(
+        Name::from_ascii("web.default.svc.cluster.local.").unwrap(),
+        RecordType::A,
+    ));
+    let mut e = Edns::new();
+    e.set_max_payload(1232).set_dnssec_ok(true);
+    m.set_edns(e);
+    let packet = m.to_bytes().unwrap();
+    for reply in [fast(&r, &packet).unwrap(), slow(&r, &packet).unwrap()] {
+        assert!(reply.edns.as_ref().unwrap().flags().dnssec_ok, "DO copied");
+    }
+    let plain = query("web.default.svc.cluster.local.", RecordType::A, Some(1232));
+    for reply in [fast(&r, &plain).unwrap(), slow(&r, &plain).unwrap()] {
+        assert!(!reply.edns.as_ref().unwrap().flags().dnssec_ok);
+    }
+}
+
+#[test]
+fn an_opt_option_overrunning_its_rdata_is_formerr_on_both_paths() {
+    let r = responder();
+    let mut packet = query("web.default.svc.cluster.local.", RecordType::A, Some(1232));
+    // The OPT ends the packet with rdlen 0: give it 4 bytes of rdata whose one option claims 9.
+    let len = packet.len();
+    packet[len - 2..].copy_from_slice(&4u16.to_be_bytes());
+    packet.extend_from_slice(&[0x00, 0x0a, 0x00, 0x09]);
+    assert!(
+        fast(&r, &packet).is_none(),
+        "the fast path leaves it to hickory"
+    );
+    let reply = slow(&r, &packet).unwrap();
+    assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+}
+
+#[test]
+fn a_truncated_answer_without_edns_ends_at_a_record_boundary() {
+    let entries: Vec<(String, String)> = (1..=60)
+        .map(|i| {
+            (
+                format!("default/big/b{i}"),
+                format!(r#"{{"ip":"10.2.0.{i}"}}"#),
+            )
+        })
+        .collect();
+    let mut config = svcd_config::parse("").unwrap().dns;
+    config.max_answers = 60;
+    let r = responder_over(&entries, &config);
+    let packet = query("big.default.svc.cluster.local.", RecordType::A, None);
+    assert!(
+        fast(&r, &packet).is_none(),
+        "60 records do not fit 512 bytes"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let bytes = rt.block_on(r.answer_udp(packet, src())).unwrap();
+    assert!(bytes.len() <= 512, "{}", bytes.len());
+    // Parsed strictly: every record whole, nothing trailing.
+    let m = Message::from_vec(&bytes).expect("a valid message");
+    assert!(m.metadata.truncation, "TC set");
+    assert!(
+        !m.answers.is_empty() && m.answers.len() < 60,
+        "{}",
+        m.answers.len()
+    );
+    // Walk it as kdig does: header, question, the counted records — and then the end.
+    use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+    let mut d = BinDecoder::new(&bytes);
+    d.read_slice(12).unwrap();
+    Query::read(&mut d).unwrap();
+    for _ in 0..m.answers.len() + m.authorities.len() + m.additionals.len() {
+        hickory_proto::rr::Record::read(&mut d).unwrap();
+    }
+    assert_eq!(d.index(), bytes.len(), "no trailing bytes");
+}

@@ -65,8 +65,56 @@ impl ResponseHandler for BufferedResponse {
         let mut encoder = BinEncoder::new(&mut bytes);
         encoder.set_max_size(self.max_size);
         let info = response.destructive_emit(&mut encoder)?;
+        cut_at_record_boundary(&mut bytes);
         let _ = self.out.set(bytes);
         Ok(info)
+    }
+}
+
+/// A response that did not fit the client's UDP size may end in a cut-off record (hickory
+/// stops mid-record without EDNS, counting only the whole ones). Keep only whole, counted
+/// records: truncate after the last one that decodes, fix the section counts and set TC, so
+/// strict clients (kdig) read a valid message and retry over TCP.
+fn cut_at_record_boundary(bytes: &mut Vec<u8>) {
+    use hickory_proto::op::Query;
+    use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+    if bytes.len() < 12 {
+        return;
+    }
+    let count = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+    let sections = [count(bytes, 6), count(bytes, 8), count(bytes, 10)];
+    // Decode over the whole message: compression pointers count from its first byte.
+    let cut = {
+        let mut decoder = BinDecoder::new(bytes);
+        if decoder.read_slice(12).is_err() {
+            return;
+        }
+        for _ in 0..count(bytes, 4) {
+            if Query::read(&mut decoder).is_err() {
+                return; // the question is ours and whole; nothing sensible to cut
+            }
+        }
+        let mut kept = [0u16; 3];
+        let mut cut = None;
+        'sections: for (section, &n) in sections.iter().enumerate() {
+            for _ in 0..n {
+                let start = decoder.index();
+                if Record::read(&mut decoder).is_err() {
+                    cut = Some((start, kept));
+                    break 'sections;
+                }
+                kept[section] += 1;
+            }
+        }
+        // Every counted record is whole, but bytes of one left out may follow them.
+        cut.or((decoder.index() < bytes.len()).then_some((decoder.index(), kept)))
+    };
+    if let Some((end, kept)) = cut {
+        bytes.truncate(end);
+        bytes[2] |= 0x02; // TC
+        for (i, k) in kept.iter().enumerate() {
+            bytes[6 + 2 * i..8 + 2 * i].copy_from_slice(&k.to_be_bytes());
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use hickory_proto::rr::{RData, RecordType};
 use nix::sys::signal::Signal;
 
 use crate::support::daemon::Daemon;
-use crate::support::dns::{addrs, query, tcp, udp, udp_raw};
+use crate::support::dns::{addrs, query, strict, tcp, udp, udp_raw};
 use crate::support::eventually;
 
 const STATIC: &str = r#"
@@ -210,6 +210,9 @@ async fn truncated_over_udp_complete_over_tcp() {
         "UDP answer within 512 bytes, got {}",
         raw.len()
     );
+    // Cut at a record boundary: a strict parser reads it whole (kdig: no "trailing data").
+    let cut = strict(&raw);
+    assert!(cut.metadata.truncation && !cut.answers.is_empty());
     let m = udp(
         d.dns,
         "big.default.svc.cluster.local.",
@@ -402,4 +405,33 @@ async fn dns_settings_reload_on_sighup() {
     })
     .await;
     assert_eq!(m.answers.len(), 1);
+}
+
+#[tokio::test]
+async fn one_record_per_address_and_the_do_bit_over_real_udp() {
+    let mut entries = String::new();
+    for (id, ip) in [("a", "10.9.0.1"), ("b", "10.9.0.1"), ("c", "10.9.0.2")] {
+        entries.push_str(&format!(
+            "[[registry.static]]\nservice = \"dup\"\nid = \"{id}\"\nip = \"{ip}\"\n"
+        ));
+    }
+    let d = Daemon::start(&entries).await;
+    eventually(Duration::from_secs(5), "3 instances", || async {
+        (d.instance_ids("default", "dup").await.len() == 3).then_some(())
+    })
+    .await;
+    let m = udp(d.dns, "dup.default.svc.cluster.local.", RecordType::A, None).await;
+    assert_eq!(
+        addrs(&m),
+        ["10.9.0.1", "10.9.0.2"],
+        "RFC 2181 §5: no duplicate"
+    );
+    let m = tcp(d.dns, "dup.default.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(addrs(&m), ["10.9.0.1", "10.9.0.2"]);
+    // DO set in the query's OPT: copied into the response's (RFC 3225).
+    let mut packet = query("dup.default.svc.cluster.local.", RecordType::A, Some(1232));
+    let flags_hi = packet.len() - 4; // OPT: … ttl(ext-rcode, version, flags hi, flags lo), rdlen
+    packet[flags_hi] |= 0x80;
+    let reply = strict(&udp_raw(d.dns, &packet).await.unwrap());
+    assert!(reply.edns.unwrap().flags().dnssec_ok);
 }

@@ -87,3 +87,27 @@ pub fn addrs(m: &Message) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Parses a response as strict clients (kdig) do: header, question, then exactly the counted
+/// records, and nothing after them.
+pub fn strict(bytes: &[u8]) -> Message {
+    use hickory_proto::rr::Record;
+    use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+    let m = Message::from_vec(bytes).expect("a DNS message");
+    let mut d = BinDecoder::new(bytes);
+    d.read_slice(12).expect("header");
+    for _ in 0..m.queries.len() {
+        Query::read(&mut d).expect("question");
+    }
+    let counted =
+        m.answers.len() + m.authorities.len() + m.additionals.len() + usize::from(m.edns.is_some());
+    for _ in 0..counted {
+        Record::read(&mut d).expect("a whole record");
+    }
+    assert_eq!(
+        d.index(),
+        bytes.len(),
+        "trailing data after the counted records"
+    );
+    m
+}
