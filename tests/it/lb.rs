@@ -38,8 +38,17 @@ async fn views(d: &Daemon, id: &str, port: u16) -> Option<(String, bool, String,
             .to_string()
     };
     let before = api().await;
-    let answer = dns::tcp(d.dns, "web.default.svc.cluster.local.", RecordType::A).await;
-    let in_dns = dns::addrs(&answer).len() == 2;
+    // Both instances share 127.0.0.1 (one A record): SRV tells them apart by port.
+    let answer = dns::tcp(
+        d.dns,
+        "_tcp._tcp.web.default.svc.cluster.local.",
+        RecordType::SRV,
+    )
+    .await;
+    let in_dns = answer.answers.iter().any(|r| match &r.data {
+        hickory_proto::rr::RData::SRV(srv) => srv.port == port,
+        _ => false,
+    });
     let list = String::from_utf8(d.cli(&["list", "web"]).stdout).unwrap();
     let listed = list
         .lines()

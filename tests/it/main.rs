@@ -7,6 +7,7 @@ mod support;
 
 mod blame;
 mod config_cli;
+mod conformance;
 mod dns;
 mod health;
 mod lb;

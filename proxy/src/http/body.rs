@@ -12,12 +12,19 @@ use bytes::Bytes;
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus::IntCounter;
+use std::future::Future;
+use std::time::Duration;
 use svcd_lb::{Detector, EndpointHealth, ServiceBalancer, View};
+
 use tokio::sync::Notify;
+use tokio::time::Sleep;
 
 use super::metrics::{HttpSlot, HttpSlots};
 
 pub type ProxyBody = Either<TrackedBody, Full<Bytes>>;
+
+/// Errors a response body ends with: the upstream's, or svcd's own (the body stalled).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One request in flight on an instance; counted down when dropped, however the request ends.
 pub struct InFlight {
@@ -163,42 +170,70 @@ pub struct Blame {
 
 /// The upstream response body, trailers included, frame by frame. A read error is the backend's
 /// (a reset or a malformed body mid-response) and counts against it; a client that goes away
-/// drops the body without reading, which counts nothing.
+/// drops the body without reading, which counts nothing. A body with no frame for
+/// `proxy.l7.idle_timeout` ends with an error: the HTTP/2 stream is reset, the HTTP/1.1
+/// connection closed, so a backend that stalls after its head holds nothing longer than that.
 pub struct TrackedBody {
     inner: Incoming,
     bytes_out: IntCounter,
     blame: Option<Blame>,
+    idle: Duration,
+    /// Ends the body after `idle` without a frame; reset on every frame.
+    stall: Pin<Box<Sleep>>,
     _in_flight: InFlight,
 }
 
 impl TrackedBody {
-    pub fn new(inner: Incoming, bytes_out: IntCounter, blame: Blame, in_flight: InFlight) -> Self {
+    pub fn new(
+        inner: Incoming,
+        bytes_out: IntCounter,
+        blame: Blame,
+        in_flight: InFlight,
+        idle: Duration,
+    ) -> Self {
         TrackedBody {
             inner,
             bytes_out,
             blame: Some(blame),
+            idle,
+            stall: Box::pin(tokio::time::sleep(idle)),
             _in_flight: in_flight,
         }
     }
 }
 
+/// The error a stalled response body ends with.
+#[derive(Debug)]
+pub struct Stalled(pub Duration);
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "upstream response body idle for {:?}", self.0)
+    }
+}
+
+impl std::error::Error for Stalled {}
+
 impl Body for TrackedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    self.bytes_out.inc_by(data.len() as u64);
+                    this.bytes_out.inc_by(data.len() as u64);
                 }
+                let next = tokio::time::Instant::now() + this.idle;
+                this.stall.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(b) = self.blame.take() {
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(b) = this.blame.take() {
                     let slots = if b.panic {
                         &b.view.fallback
                     } else {
@@ -209,10 +244,14 @@ impl Body for TrackedBody {
                             .failure(&b.view, slot, Detector::Http, "response body failed");
                     }
                 }
+                Poll::Ready(Some(Err(e.into())))
             }
-            _ => {}
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.stall.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(this.idle).into()))),
+                Poll::Pending => Poll::Pending,
+            },
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

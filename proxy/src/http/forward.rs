@@ -16,7 +16,10 @@ use svcd_lb::{Detector, ServiceBalancer, Slot};
 
 use super::body::{local, Blame, InFlight, ProxyBody, RequestBody, TrackedBody, Upload};
 use super::framing::ConnWatch;
-use super::headers::{add_forwarding, strip_hop_by_hop, wants_upgrade};
+use super::headers::{
+    add_forwarding, declare_trailers, strip_hop_by_hop, wants_trailers, wants_upgrade,
+};
+use super::host::request_host;
 use super::metrics::{HttpSlot, HttpSlots, Outcome};
 use super::route::MAX_HOST;
 use super::{HttpContext, HttpSettings};
@@ -33,14 +36,6 @@ fn idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
-}
-
-/// The request's host: the URI authority (HTTP/2, absolute-form) or the Host header.
-fn host_of(req: &Request<Incoming>) -> Option<&str> {
-    match req.uri().authority() {
-        Some(a) => Some(a.as_str()),
-        None => req.headers().get(header::HOST)?.to_str().ok(),
-    }
 }
 
 pub async fn handle(
@@ -76,10 +71,8 @@ fn route(
     ctx: &HttpContext,
     settings: &HttpSettings,
     req: &Request<Incoming>,
+    host: &str,
 ) -> Result<Routed, Refusal> {
-    let Some(host) = host_of(req) else {
-        return Err((StatusCode::BAD_REQUEST, "missing Host\n".into(), true));
-    };
     let mut buf = [0u8; MAX_HOST];
     let no_route = || {
         (
@@ -143,8 +136,13 @@ async fn proxy(
             true,
         ));
     }
+    let host =
+        request_host(&req).map_err(|why| (StatusCode::BAD_REQUEST, format!("{why}\n"), true))?;
+    // Sent upstream as the Host (RFC 9112 §3.2.2: the target's authority, not a second Host).
+    let host_value = HeaderValue::from_str(host)
+        .map_err(|_| (StatusCode::BAD_REQUEST, "invalid Host\n".into(), true))?;
     let settings = ctx.settings.load_full();
-    let routed = route(ctx, &settings, &req)?;
+    let routed = route(ctx, &settings, &req, host)?;
     let balancer = &routed.balancer;
     *routed_to = Some(balancer.clone());
     let view = balancer.view(&routed.service);
@@ -158,23 +156,18 @@ async fn proxy(
 
     let upgrade = wants_upgrade(req.version(), req.headers());
     let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let host = req.headers().get(header::HOST).cloned().or_else(|| {
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
     let (mut parts, body) = req.into_parts();
     let downstream_version = parts.version;
+    let h1_wants_trailers =
+        downstream_version == Version::HTTP_11 && wants_trailers(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, upgrade);
     add_forwarding(
         &mut parts.headers,
         downstream_version,
         &client.ip,
-        host.clone(),
+        Some(host_value.clone()),
     );
-    if let Some(host) = host {
-        parts.headers.entry(header::HOST).or_insert(host);
-    }
+    parts.headers.insert(header::HOST, host_value);
     let path = parts
         .uri
         .path_and_query()
@@ -254,6 +247,11 @@ async fn proxy(
                 }
                 let switching = status == StatusCode::SWITCHING_PROTOCOLS;
                 if let (true, Some(on_client)) = (switching, on_client_upgrade) {
+                    // From the 101 on, the client's bytes are the tunnel's, not requests.
+                    client
+                        .watch
+                        .upgraded
+                        .store(true, std::sync::atomic::Ordering::Release);
                     let on_upstream = hyper::upgrade::on(&mut response);
                     let hard_stop = ctx.hard_stop.clone();
                     ctx.tracker.spawn(async move {
@@ -270,6 +268,9 @@ async fn proxy(
                     });
                 }
                 strip_hop_by_hop(response.headers_mut(), switching);
+                if h1_wants_trailers {
+                    declare_trailers(response.headers_mut());
+                }
                 *response.version_mut() = downstream_version;
                 let blame = Blame {
                     balancer: balancer.clone(),
@@ -278,8 +279,15 @@ async fn proxy(
                     index,
                 };
                 let bytes_out = endpoint_metrics.bytes_out.clone();
-                return Ok(response
-                    .map(|b| Either::Left(TrackedBody::new(b, bytes_out, blame, in_flight))));
+                return Ok(response.map(|b| {
+                    Either::Left(TrackedBody::new(
+                        b,
+                        bytes_out,
+                        blame,
+                        in_flight,
+                        settings.l7.idle_timeout,
+                    ))
+                }));
             }
             Some(Err(e)) if upload.client_failed() => {
                 // The client's body broke (aborted, reset, malformed chunking): nothing the

@@ -5,10 +5,17 @@
 //! Content-Length, equal duplicate lengths are merged) and hands the handler a clean request, so
 //! the handler cannot tell it was ambiguous. Such a request is a smuggling attempt, and svcd
 //! answers it 400 and closes rather than forward it. [`FramingGuard`] follows the request stream
-//! as it is read — heads, Content-Length bodies, chunked bodies — and flags:
-//! Content-Length together with Transfer-Encoding, more than one Content-Length, a malformed
-//! Content-Length, and any Transfer-Encoding other than `chunked`. It stops watching on the
-//! HTTP/2 preface or an upgrade (hyper and h2 frame those themselves).
+//! as it is read — every head, Content-Length body and chunked body on the connection — and
+//! flags: Content-Length together with Transfer-Encoding, more than one Content-Length, a
+//! malformed Content-Length, and any Transfer-Encoding other than exactly `chunked`.
+//!
+//! Heads and chunk sizes are parsed with httparse, the parser hyper itself uses, so the guard and
+//! hyper read the same bytes the same way. Where the guard cannot follow the stream (a head or a
+//! chunk-size line it cannot parse, or longer than the limits) it **fails closed**: the
+//! connection is flagged and every later request on it is refused, rather than left unwatched.
+//! Watching ends only at the HTTP/2 preface (h2 frames itself) or once the handler has actually
+//! switched protocols (101): a request that asks to upgrade and is refused is followed by more
+//! requests, and those are checked too.
 //!
 //! The same wrapper counts reads and writes, for the idle timeout.
 
@@ -23,8 +30,10 @@ use tokio::net::TcpStream;
 
 /// What one connection's guard found, and whether it has been active.
 pub struct ConnWatch {
-    /// Set when a request on this connection had ambiguous framing.
+    /// Set when a request on this connection had ambiguous framing, or the guard lost sync.
     pub bad_framing: AtomicBool,
+    /// Set by the handler before it answers 101: from then on the connection is a tunnel.
+    pub upgraded: AtomicBool,
     /// Bumped by every read or write that moved bytes. The idle check compares it between ticks,
     /// so no clock is read per I/O.
     activity: AtomicU64,
@@ -34,6 +43,7 @@ impl ConnWatch {
     pub fn new() -> Arc<Self> {
         Arc::new(ConnWatch {
             bad_framing: AtomicBool::new(false),
+            upgraded: AtomicBool::new(false),
             activity: AtomicU64::new(0),
         })
     }
@@ -61,76 +71,117 @@ enum Phase {
     ChunkData(u64),
     /// Trailer lines after the last chunk, until an empty line.
     Trailers,
-    /// No more watching (HTTP/2, upgrade, or after a finding).
+    /// After a request that asked to upgrade: a tunnel if the handler switched protocols, else
+    /// the next request head.
+    MaybeUpgraded,
+    /// HTTP/2 or a switched protocol: nothing to follow.
     Off,
-}
-
-/// Per-head findings.
-#[derive(Debug, Default)]
-struct HeadFacts {
-    first_line: bool,
-    content_lengths: u32,
-    length: Option<u64>,
-    bad_length: bool,
-    transfer_encoding: bool,
-    chunked_only: bool,
-    upgrade: bool,
-}
-
-pub struct FramingGuard {
-    phase: Phase,
-    head: HeadFacts,
-    /// A line split across reads; allocated only then, bounded by the header limit.
-    partial: Vec<u8>,
-    max_line: usize,
+    /// Lost sync or found ambiguity: nothing more is trusted on this connection.
+    Failed,
 }
 
 /// Outcome of feeding bytes.
 #[derive(Debug, PartialEq)]
 pub enum Verdict {
     Fine,
+    /// Ambiguous framing, or a stream the guard cannot follow: refuse and close.
     Ambiguous,
 }
 
-fn trim(b: &[u8]) -> &[u8] {
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let end = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &b[start..end.max(start)]
+/// Longest chunk-size or trailer line followed (hyper's own limits are smaller).
+const MAX_LINE: usize = 8 * 1024;
+
+pub struct FramingGuard {
+    phase: Phase,
+    /// Where the phase after the current body goes: the next head, or the upgrade check.
+    after_body: Phase,
+    /// The head or line being read; reused, bounded by `max_head` / [`MAX_LINE`].
+    buf: Vec<u8>,
+    max_head: usize,
+    max_headers: usize,
+}
+
+/// Header slots on the stack for a head's parse; configs allowing more headers than this take
+/// them from the heap, per head.
+const STACK_HEADERS: usize = 128;
+
+/// What a complete head says about its body.
+struct HeadFacts {
+    content_lengths: u32,
+    length: Option<u64>,
+    bad_length: bool,
+    transfer_encodings: u32,
+    chunked_only: bool,
+    upgrade: bool,
+}
+
+fn head_facts(headers: &[httparse::Header<'_>]) -> HeadFacts {
+    let mut h = HeadFacts {
+        content_lengths: 0,
+        length: None,
+        bad_length: false,
+        transfer_encodings: 0,
+        chunked_only: false,
+        upgrade: false,
+    };
+    for header in headers {
+        let value = header.value.trim_ascii();
+        if header.name.eq_ignore_ascii_case("content-length") {
+            h.content_lengths += 1;
+            let digits = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
+            match std::str::from_utf8(value).ok().filter(|_| digits) {
+                Some(v) => {
+                    h.length = v.parse().ok().or_else(|| {
+                        h.bad_length = true;
+                        None
+                    })
+                }
+                None => h.bad_length = true,
+            }
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            h.transfer_encodings += 1;
+            h.chunked_only = h.transfer_encodings == 1 && value.eq_ignore_ascii_case(b"chunked");
+        } else if header.name.eq_ignore_ascii_case("upgrade") {
+            h.upgrade = true;
+        }
+    }
+    h
 }
 
 impl FramingGuard {
-    pub fn new(max_line: usize) -> Self {
+    /// `max_head`: the request head size limit; `max_headers`: the header count limit (hyper
+    /// answers 431 past either, and so does the guard's parse).
+    pub fn new(max_head: usize, max_headers: usize) -> Self {
         FramingGuard {
             phase: Phase::Head,
-            head: HeadFacts {
-                first_line: true,
-                ..Default::default()
-            },
-            partial: Vec::new(),
-            max_line,
+            after_body: Phase::Head,
+            buf: Vec::new(),
+            max_head,
+            max_headers: max_headers.max(1),
         }
     }
 
-    /// Follows `data`, the next bytes of the client stream.
-    pub fn feed(&mut self, mut data: &[u8]) -> Verdict {
+    /// Follows `data`, the next bytes of the client stream. `upgraded`: the handler has
+    /// switched protocols on this connection.
+    pub fn feed(&mut self, mut data: &[u8], upgraded: bool) -> Verdict {
         while !data.is_empty() {
             match self.phase {
                 Phase::Off => return Verdict::Fine,
+                Phase::Failed => return Verdict::Ambiguous,
+                Phase::MaybeUpgraded if upgraded => {
+                    self.phase = Phase::Off;
+                    return Verdict::Fine;
+                }
+                Phase::MaybeUpgraded => self.phase = Phase::Head,
                 Phase::Body(n) => {
                     let take = (n as usize).min(data.len());
                     data = &data[take..];
                     let left = n - take as u64;
-                    if left == 0 {
-                        self.next_head();
+                    self.phase = if left == 0 {
+                        self.after_body
                     } else {
-                        self.phase = Phase::Body(left);
-                    }
+                        Phase::Body(left)
+                    };
                 }
                 Phase::ChunkData(n) => {
                     let take = (n as usize).min(data.len());
@@ -142,128 +193,137 @@ impl FramingGuard {
                         Phase::ChunkData(left)
                     };
                 }
-                Phase::Head | Phase::ChunkSize | Phase::Trailers => {
-                    let Some(end) = data.iter().position(|&b| b == b'\n') else {
-                        if self.partial.len() + data.len() > self.max_line {
-                            self.phase = Phase::Off; // hyper rejects it as too large
-                            return Verdict::Fine;
-                        }
-                        self.partial.extend_from_slice(data);
-                        return Verdict::Fine;
-                    };
-                    let verdict = if self.partial.is_empty() {
-                        self.line(&data[..end])
-                    } else {
-                        let mut line = std::mem::take(&mut self.partial);
-                        line.extend_from_slice(&data[..end]);
-                        let v = self.line(&line);
-                        line.clear();
-                        self.partial = line;
-                        v
-                    };
-                    if verdict == Verdict::Ambiguous {
-                        self.phase = Phase::Off;
-                        return verdict;
-                    }
-                    data = &data[end + 1..];
-                }
+                Phase::Head => match self.read_head(data) {
+                    Ok(used) => data = &data[used..],
+                    Err(()) => return self.fail(),
+                },
+                Phase::ChunkSize | Phase::Trailers => match self.read_line(data) {
+                    Ok(used) => data = &data[used..],
+                    Err(()) => return self.fail(),
+                },
             }
         }
         Verdict::Fine
     }
 
-    /// One line (without its `\n`) in a line-oriented phase.
-    fn line(&mut self, line: &[u8]) -> Verdict {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        match self.phase {
-            Phase::Head => self.head_line(line),
-            Phase::ChunkSize => {
-                let size = line.split(|&b| b == b';').next().map(trim).unwrap_or(b"");
-                match std::str::from_utf8(size)
-                    .ok()
-                    .and_then(|s| u64::from_str_radix(s, 16).ok())
-                {
-                    Some(0) => self.phase = Phase::Trailers,
-                    Some(n) => self.phase = Phase::ChunkData(n.saturating_add(2)),
-                    None => self.phase = Phase::Off, // hyper rejects the body
-                }
-                Verdict::Fine
-            }
-            Phase::Trailers => {
-                if line.is_empty() {
-                    self.next_head();
-                }
-                Verdict::Fine
-            }
-            _ => Verdict::Fine,
-        }
+    fn fail(&mut self) -> Verdict {
+        self.phase = Phase::Failed;
+        self.buf = Vec::new();
+        Verdict::Ambiguous
     }
 
-    fn next_head(&mut self) {
-        self.phase = Phase::Head;
-        self.head = HeadFacts {
-            first_line: true,
-            ..Default::default()
+    /// Takes bytes of a head; when the head is complete, judges it and moves to its body.
+    /// Returns how many bytes of `data` it used.
+    fn read_head(&mut self, data: &[u8]) -> Result<usize, ()> {
+        // Empty lines before a request line are tolerated (RFC 9112 §2.2), as hyper does.
+        let mut skipped = 0;
+        if self.buf.is_empty() {
+            skipped = data
+                .iter()
+                .position(|&b| b != b'\r' && b != b'\n')
+                .unwrap_or(data.len());
+        }
+        let data = &data[skipped..];
+        let searched = self.buf.len().saturating_sub(3);
+        self.buf.extend_from_slice(data);
+        let Some(end) = head_end(&self.buf, searched) else {
+            if self.buf.len() > self.max_head {
+                return Err(()); // hyper answers 431; nothing after it can be followed
+            }
+            return Ok(skipped + data.len());
         };
+        let used = skipped + data.len() - (self.buf.len() - end);
+        if self.buf.starts_with(b"PRI * HTTP/2.0") {
+            self.phase = Phase::Off;
+            return Ok(used);
+        }
+        let facts = {
+            let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+            let mut heap = Vec::new();
+            let slots = if self.max_headers <= STACK_HEADERS {
+                &mut stack[..self.max_headers]
+            } else {
+                heap.resize(self.max_headers, httparse::EMPTY_HEADER);
+                &mut heap[..]
+            };
+            let mut req = httparse::Request::new(slots);
+            match req.parse(&self.buf[..end]) {
+                Ok(httparse::Status::Complete(n)) if n == end => head_facts(req.headers),
+                _ => return Err(()), // hyper rejects it too: the stream cannot be followed
+            }
+        };
+        self.buf.clear();
+        let ambiguous = (facts.content_lengths > 0 && facts.transfer_encodings > 0)
+            || facts.content_lengths > 1
+            || facts.bad_length
+            || (facts.transfer_encodings > 0 && !facts.chunked_only);
+        if ambiguous {
+            return Err(());
+        }
+        self.after_body = if facts.upgrade {
+            Phase::MaybeUpgraded
+        } else {
+            Phase::Head
+        };
+        self.phase = if facts.transfer_encodings > 0 {
+            Phase::ChunkSize
+        } else {
+            match facts.length {
+                Some(n) if n > 0 => Phase::Body(n),
+                _ => self.after_body,
+            }
+        };
+        Ok(used)
     }
 
-    fn head_line(&mut self, line: &[u8]) -> Verdict {
-        let h = &mut self.head;
-        if h.first_line {
-            if line.is_empty() {
-                return Verdict::Fine; // tolerated empty lines before a request
+    /// Takes bytes of a chunk-size or trailer line. Returns how many bytes of `data` it used.
+    fn read_line(&mut self, data: &[u8]) -> Result<usize, ()> {
+        let Some(nl) = data.iter().position(|&b| b == b'\n') else {
+            if self.buf.len() + data.len() > MAX_LINE {
+                return Err(());
             }
-            h.first_line = false;
-            if line.starts_with(b"PRI * HTTP/2.0") {
-                self.phase = Phase::Off;
-            }
-            return Verdict::Fine;
+            self.buf.extend_from_slice(data);
+            return Ok(data.len());
+        };
+        self.buf.extend_from_slice(&data[..=nl]);
+        if self.buf.len() > MAX_LINE {
+            return Err(());
         }
-        if !line.is_empty() {
-            let Some(colon) = line.iter().position(|&b| b == b':') else {
-                return Verdict::Fine; // malformed: hyper answers 400
-            };
-            let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
-            if name.eq_ignore_ascii_case(b"content-length") {
-                h.content_lengths += 1;
-                match std::str::from_utf8(value).ok().and_then(|v| {
-                    v.bytes()
-                        .all(|b| b.is_ascii_digit())
-                        .then(|| v.parse::<u64>().ok())
-                        .flatten()
-                }) {
-                    Some(n) => h.length = Some(n),
-                    None => h.bad_length = true,
+        match self.phase {
+            Phase::ChunkSize => match httparse::parse_chunk_size(&self.buf) {
+                Ok(httparse::Status::Complete((_, 0))) => self.phase = Phase::Trailers,
+                Ok(httparse::Status::Complete((_, n))) => {
+                    self.phase = Phase::ChunkData(n.saturating_add(2))
                 }
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                h.chunked_only = !h.transfer_encoding && value.eq_ignore_ascii_case(b"chunked");
-                h.transfer_encoding = true;
-            } else if name.eq_ignore_ascii_case(b"upgrade") {
-                h.upgrade = true;
-            }
-            return Verdict::Fine;
-        }
-        // End of head: judge it, then follow its body.
-        let ambiguous = (h.content_lengths > 0 && h.transfer_encoding)
-            || h.content_lengths > 1
-            || h.bad_length
-            || (h.transfer_encoding && !h.chunked_only);
-        if ambiguous {
-            return Verdict::Ambiguous;
-        }
-        let (te, length, upgrade) = (h.transfer_encoding, h.length, h.upgrade);
-        if upgrade {
-            self.phase = Phase::Off;
-        } else if te {
-            self.phase = Phase::ChunkSize;
-        } else {
-            match length {
-                Some(n) if n > 0 => self.phase = Phase::Body(n),
-                _ => self.next_head(),
+                _ => return Err(()),
+            },
+            _ => {
+                // A trailer line; an empty one ends the body.
+                if self.buf == b"\r\n" || self.buf == b"\n" {
+                    self.phase = self.after_body;
+                }
             }
         }
-        Verdict::Fine
+        self.buf.clear();
+        Ok(nl + 1)
     }
+}
+
+/// The end of a head (just past its empty line) in `buf`, looking from `from`.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            if buf[i + 1..].starts_with(b"\r\n") {
+                return Some(i + 3);
+            }
+            if buf[i + 1..].starts_with(b"\n") {
+                return Some(i + 2);
+            }
+        }
+        i += 1;
+    }
+    None
 }
 
 /// The client socket as hyper reads it.
@@ -274,11 +334,16 @@ pub struct ClientIo {
 }
 
 impl ClientIo {
-    pub fn new(inner: TcpStream, watch: Arc<ConnWatch>, max_line: usize) -> Self {
+    pub fn new(
+        inner: TcpStream,
+        watch: Arc<ConnWatch>,
+        max_head: usize,
+        max_headers: usize,
+    ) -> Self {
         watch.touch();
         ClientIo {
             inner,
-            guard: FramingGuard::new(max_line),
+            guard: FramingGuard::new(max_head, max_headers),
             watch,
         }
     }
@@ -297,7 +362,8 @@ impl AsyncRead for ClientIo {
             let fresh = &buf.filled()[before..];
             if !fresh.is_empty() {
                 this.watch.touch();
-                if this.guard.feed(fresh) == Verdict::Ambiguous {
+                let upgraded = this.watch.upgraded.load(Ordering::Acquire);
+                if this.guard.feed(fresh, upgraded) == Verdict::Ambiguous {
                     this.watch.bad_framing.store(true, Ordering::Relaxed);
                 }
             }
@@ -351,69 +417,4 @@ impl AsyncWrite for ClientIo {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn judge(stream: &[u8]) -> Verdict {
-        FramingGuard::new(65536).feed(stream)
-    }
-
-    fn judge_bytewise(stream: &[u8]) -> Verdict {
-        let mut g = FramingGuard::new(65536);
-        for b in stream {
-            if g.feed(std::slice::from_ref(b)) == Verdict::Ambiguous {
-                return Verdict::Ambiguous;
-            }
-        }
-        Verdict::Fine
-    }
-
-    #[test]
-    fn smuggling_shapes_are_ambiguous() {
-        let bad: &[&[u8]] = &[
-            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
-            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
-            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello",
-            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: a\r\ntransfer-encoding: xchunked\r\n\r\n",
-        ];
-        for s in bad {
-            assert_eq!(
-                judge(s),
-                Verdict::Ambiguous,
-                "{}",
-                String::from_utf8_lossy(s)
-            );
-            assert_eq!(judge_bytewise(s), Verdict::Ambiguous);
-        }
-    }
-
-    #[test]
-    fn clean_pipelines_pass_and_later_heads_are_checked() {
-        let ok = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nab\nde\r\n0\r\nX-T: 1\r\n\r\n";
-        assert_eq!(judge(ok), Verdict::Fine);
-        assert_eq!(judge_bytewise(ok), Verdict::Fine);
-        // Body bytes that look like headers are not mistaken for them...
-        let body = b"POST / HTTP/1.1\r\nContent-Length: 24\r\n\r\nTransfer-Encoding: x\r\n\r\n";
-        assert_eq!(judge(body), Verdict::Fine);
-        // ...but a third request after two clean ones is still judged.
-        let mut third = ok.to_vec();
-        third
-            .extend_from_slice(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n");
-        assert_eq!(judge(&third), Verdict::Ambiguous);
-    }
-
-    #[test]
-    fn h2_preface_and_upgrades_end_watching() {
-        assert_eq!(
-            judge(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00Content-Length: 1\r\nContent-Length: 2\r\n\r\n"),
-            Verdict::Fine
-        );
-        assert_eq!(
-            judge(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
-            Verdict::Fine
-        );
-    }
-}
+mod tests;

@@ -12,14 +12,14 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 
 /// Removes hop-by-hop headers: the fixed set and any named in `Connection`. `keep_upgrade` keeps
 /// `Upgrade` and `Connection: upgrade` (a WebSocket handshake is forwarded as such). `TE:
-/// trailers` is kept, as gRPC needs it end to end.
+/// trailers` is kept, as gRPC needs it end to end; `Trailer` is end to end (RFC 9110 §6.6.2) and
+/// passes.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none: one pass over the names (cheap comparisons of standard headers)
     // spares a hashed removal per hop-by-hop name.
     let any = headers.keys().any(|name| {
         *name == header::CONNECTION
             || *name == header::TE
-            || *name == header::TRAILER
             || *name == header::TRANSFER_ENCODING
             || *name == header::UPGRADE
             || *name == KEEP_ALIVE
@@ -33,10 +33,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for value in headers.get_all(header::CONNECTION) {
         for token in value.as_bytes().split(|&b| b == b',') {
             let token = token.trim_ascii();
+            // `Connection: TE` accompanies `TE: trailers` (RFC 9110 §10.1.4): TE is handled
+            // below, its `trailers` kept, so the instance sends the trailers the client asked for.
             if token.is_empty()
                 || token.eq_ignore_ascii_case(b"close")
                 || token.eq_ignore_ascii_case(b"keep-alive")
                 || token.eq_ignore_ascii_case(b"upgrade")
+                || token.eq_ignore_ascii_case(b"te")
             {
                 continue;
             }
@@ -51,7 +54,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     headers.remove(header::CONNECTION);
     headers.remove(KEEP_ALIVE);
     headers.remove(PROXY_CONNECTION);
-    headers.remove(header::TRAILER);
     headers.remove(header::TRANSFER_ENCODING);
     if let Some(te) = headers.get(header::TE) {
         let trailers = te
@@ -69,6 +71,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// Trailer fields a gRPC response ends with; HTTP/2 needs no declaration, HTTP/1.1 does.
+const GRPC_TRAILERS: &str = "grpc-status, grpc-message, grpc-status-details-bin";
+
+/// For an HTTP/1.1 client that asked for trailers (`TE: trailers`): an HTTP/1.1 response may only
+/// carry trailer fields its `Trailer` header declared (hyper sends no others). A gRPC response
+/// from an HTTP/2 instance declares none, so its gRPC trailers are declared here.
+pub fn declare_trailers(headers: &mut HeaderMap) {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"));
+    if grpc && !headers.contains_key(header::TRAILER) {
+        headers.insert(header::TRAILER, HeaderValue::from_static(GRPC_TRAILERS));
+    }
+}
+
+/// Whether a request's `TE` asks for trailers.
+pub fn wants_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TE).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    })
 }
 
 /// Does this HTTP/1.1 request ask to switch protocols (WebSocket)?

@@ -9,6 +9,7 @@
 //!
 //! * [`route`]: explicit routes, then service names from the Host.
 //! * [`framing`]: the request-smuggling guard and activity stamp under hyper.
+//! * [`host`]: the request's one host (duplicate Host, absolute-form, `:authority`, syntax).
 //! * [`headers`]: hop-by-hop removal, X-Forwarded-*, Via.
 //! * [`upstream`]: the pooled hyper-util clients.
 //! * [`forward`]: one request, with retries and timeouts.
@@ -18,6 +19,7 @@ pub mod body;
 pub mod forward;
 pub mod framing;
 pub mod headers;
+pub mod host;
 pub mod metrics;
 pub mod route;
 pub mod upstream;
@@ -260,6 +262,7 @@ async fn serve_connection(
         stream,
         watch.clone(),
         settings.l7.max_header_bytes,
+        settings.l7.max_headers,
     ));
     let client = Arc::new(ClientConn {
         watch: watch.clone(),

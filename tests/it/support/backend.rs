@@ -3,7 +3,8 @@
 //! Paths: `/` answers the backend's name; `/headers` echoes the request headers; `/status/N`
 //! answers N; `/hang` never answers; `/upload` counts the body; `/stream` echoes the body frame
 //! by frame and ends with trailers (gRPC style); `/ws` upgrades and echoes raw bytes; `/slow`
-//! answers the name after a second; `/grpc.health.v1.Health/Check` answers SERVING or
+//! answers the name after a second; `/stall` sends its head and one chunk, then nothing;
+//! `/grpc.health.v1.Health/Check` answers SERVING or
 //! NOT_SERVING as [`Backend::set_serving`] says.
 
 use std::convert::Infallible;
@@ -149,6 +150,16 @@ async fn handle(
                     .await;
                 tx
             })
+        }
+        "/stall" => {
+            // The head and a first chunk, then nothing until the client goes away.
+            let (mut tx, channel) = Channel::<Bytes, hyper::Error>::new(1);
+            tokio::spawn(async move {
+                let _ = tx.send_data(Bytes::from_static(b"first")).await;
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                drop(tx);
+            });
+            Response::new(channel.boxed())
         }
         "/hang" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
