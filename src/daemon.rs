@@ -14,6 +14,7 @@ use svcd_config::{Config, Sources};
 use svcd_dns::DnsServer;
 use svcd_lb::checks::{CheckMetrics, NetworkProbe};
 use svcd_lb::{LbMetrics, LoadBalancer};
+use svcd_proxy::fds::FdBudget;
 use svcd_proxy::http::HttpProxy;
 use svcd_proxy::L4Proxy;
 use svcd_registry::{InstanceKey, Registry, SyncOptions};
@@ -138,15 +139,24 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         LbMetrics::new(&metrics.registry)?,
     );
     registry_tasks.spawn(lb.clone().run(registry_cancel.clone()));
+    // What the proxies may hold open; the rest of RLIMIT_NOFILE stays for admin and DNS.
+    let fds = FdBudget::from_rlimit(&metrics.registry)?;
     let proxy = L4Proxy::start(
         &current.proxy,
         current.shutdown.drain_timeout,
         &lb,
+        &fds,
         &metrics.registry,
     )
     .await?;
-    let http =
-        HttpProxy::start(&current.proxy, &current.dns.domain, &lb, &metrics.registry).await?;
+    let http = HttpProxy::start(
+        &current.proxy,
+        &current.dns.domain,
+        &lb,
+        &fds,
+        &metrics.registry,
+    )
+    .await?;
     readiness.listeners_bound.store(true, Ordering::Relaxed);
     info!(admin = %admin_addr, dns = %dns.addr, store = %store.describe(), "svcd started");
 

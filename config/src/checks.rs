@@ -138,6 +138,23 @@ impl Checker {
             .enumerate()
             .map(|(i, l)| {
                 let base = format!("{key}[{i}]");
+                let max_flows = match (key, l.max_flows) {
+                    ("proxy.udp", value) => Some(self.range(
+                        &format!("{base}.max_flows"),
+                        value,
+                        DEFAULT_MAX_FLOWS,
+                        1,
+                        1_000_000,
+                    )),
+                    (_, Some(_)) => {
+                        self.err(
+                            format!("{base}.max_flows"),
+                            "only UDP listeners have flows (TCP: proxy.max_connections)",
+                        );
+                        None
+                    }
+                    (_, None) => None,
+                };
                 L4ListenerConfig {
                     listen: self.required_addr(&format!("{base}.listen"), l.listen),
                     target: self.target(&base, l.service, l.port),
@@ -146,6 +163,7 @@ impl Checker {
                         l.idle_timeout,
                         idle_default,
                     ),
+                    max_flows,
                 }
             })
             .collect()

@@ -54,6 +54,7 @@ idle_timeout = "1h"
 # listen = "127.0.0.1:15353"
 # service = "dns-cache.default"
 # idle_timeout = "30s"            # a flow with no datagram either way is forgotten
+# max_flows = 4096                # clients at once (one descriptor each); the oldest is evicted
 
 # HTTP proxy listeners; routes requests by Host to healthy instances. Several allowed;
 # `http = []` under [proxy] disables the HTTP proxy.

@@ -33,7 +33,8 @@ pub use instance::{CheckKind, CheckSpec, Instance, Protocol, State};
 pub use model::{
     AdminConfig, Backend, Balance, Config, DnsConfig, EtcdConfig, HttpListenerConfig, HttpRoute,
     L4ListenerConfig, L7Config, LogConfig, LogFormat, OutlierConfig, PanicMode, ProxyConfig,
-    ProxyTarget, RegistryConfig, ShutdownConfig, StaticInstance, MAX_REQUEST_TIMEOUT,
+    ProxyTarget, RegistryConfig, ShutdownConfig, StaticInstance, DEFAULT_MAX_FLOWS,
+    MAX_REQUEST_TIMEOUT,
 };
 pub use sources::{Env, Override, ProcessEnv, Sources, ENV_OVERRIDES};
 

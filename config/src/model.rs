@@ -92,7 +92,14 @@ pub struct L4ListenerConfig {
     /// UDP: a flow with no datagram either way is forgotten (default 30 s).
     #[serde(serialize_with = "ser_duration")]
     pub idle_timeout: Duration,
+    /// UDP only: most client flows (one descriptor each) at once; a new client past it evicts
+    /// the oldest flow. Bounds what a flood of sources can take from the other listeners.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_flows: Option<usize>,
 }
+
+/// Default `max_flows` of a UDP listener.
+pub const DEFAULT_MAX_FLOWS: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HttpListenerConfig {

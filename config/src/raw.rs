@@ -101,6 +101,7 @@ pub struct RawL4Listener {
     pub service: Option<String>,
     pub port: Option<String>,
     pub idle_timeout: Option<String>,
+    pub max_flows: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -417,3 +417,22 @@ fn request_timeouts_are_bounded_by_the_histogram_buckets() {
     assert!(c.admin.endpoint_state_series);
     assert!(!crate::Config::default().admin.endpoint_state_series);
 }
+
+#[test]
+fn max_flows_belongs_to_udp_listeners() {
+    let errors = errors_of(
+        "[[proxy.tcp]]\nlisten = \"127.0.0.1:1\"\nservice = \"a\"\nmax_flows = 5\n\
+         [[proxy.udp]]\nlisten = \"127.0.0.1:2\"\nservice = \"b\"\nmax_flows = 0\n",
+    );
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].starts_with("proxy.tcp[0].max_flows: only UDP listeners"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("proxy.udp[0].max_flows:"),
+        "{errors:?}"
+    );
+    let c = crate::parse("[[proxy.udp]]\nlisten = \"127.0.0.1:2\"\nservice = \"b\"\n").unwrap();
+    assert_eq!(c.proxy.udp[0].max_flows, Some(crate::DEFAULT_MAX_FLOWS));
+}

@@ -11,6 +11,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 use svcd_config::{Balance, OutlierConfig, PanicMode};
 use svcd_lb::{BalancerTable, LbMetrics, LoadBalancer, PortRule, SlotFactory};
+use svcd_proxy::fds::FdBudget;
 use svcd_proxy::http::metrics::{HttpMetrics, HttpSlots};
 use svcd_proxy::http::route::{Router, MAX_HOST};
 use svcd_proxy::{L4Slots, ProxyMetrics};
@@ -94,7 +95,8 @@ fn bench_l4(c: &mut Criterion) {
     for weighted in [false, true] {
         let lb = published("db", 10, r#""postgres":5432,"metrics":9187"#, weighted);
         let slots = L4Slots {
-            metrics: ProxyMetrics::new(&prometheus::Registry::new()).expect("metrics"),
+            metrics: ProxyMetrics::new(&prometheus::Registry::new(), FdBudget::unlimited())
+                .expect("metrics"),
             listener: "tcp/127.0.0.1:5432".into(),
         };
         let table = BalancerTable::new(&lb, slots, PortRule::Only);

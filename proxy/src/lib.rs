@@ -17,6 +17,8 @@
 //! * [`splice`]: zero-copy forwarding, pipes pooled per thread.
 //! * [`tcp`], [`udp`]: the L4 listeners.
 //! * [`metrics`]: per listener, service and endpoint; handles resolved when the snapshot changes.
+//! * [`fds`]: the descriptor budget every client connection and UDP flow takes from, so the
+//!   admin API and DNS keep a reserve.
 //!
 //! Listeners are reconfigured in place on reload: a new target or timeout applies to the next
 //! connection or request, a removed listener stops accepting while its connections finish, a new
@@ -24,6 +26,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod fds;
 pub mod http;
 pub mod metrics;
 pub mod splice;
@@ -210,12 +213,13 @@ impl L4Proxy {
         config: &ProxyConfig,
         drain_timeout: Duration,
         lb: &Arc<LoadBalancer>,
+        fds: &Arc<fds::FdBudget>,
         prometheus: &prometheus::Registry,
     ) -> Result<L4Proxy, ProxyError> {
         let proxy = L4Proxy {
             ctx: Arc::new(ProxyContext {
                 snapshot: lb.reader().clone(),
-                metrics: ProxyMetrics::new(prometheus)?,
+                metrics: ProxyMetrics::new(prometheus, fds.clone())?,
                 settings: ArcSwap::from_pointee(ProxySettings::new(config, drain_timeout)),
                 active: AtomicUsize::new(0),
                 tracker: TaskTracker::new(),

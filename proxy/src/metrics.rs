@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use svcd_lb::{ServiceName, SlotFactory};
+
+use crate::fds::FdBudget;
 use svcd_registry::Endpoint;
 
 pub struct ProxyMetrics {
@@ -19,6 +21,10 @@ pub struct ProxyMetrics {
     datagrams: IntCounterVec,
     no_healthy: IntCounterVec,
     rejected: IntCounterVec,
+    flows: IntGaugeVec,
+    evictions: IntCounterVec,
+    /// The descriptor budget, whose refusal series are per listener too.
+    pub fds: Arc<FdBudget>,
 }
 
 /// Handles for one (listener, service, endpoint); the series go when the last handle does.
@@ -58,6 +64,11 @@ pub struct ListenerMetrics {
     pub no_healthy: IntCounter,
     /// TCP connections closed at accept because `proxy.max_connections` was reached.
     pub rejected: IntCounter,
+    /// Connections closed at accept, or flows refused: the descriptor budget was spent.
+    pub fd_refusals: IntCounter,
+    /// UDP: open flows, and flows evicted to make room (`max_flows` or the budget).
+    pub flows: IntGauge,
+    pub evictions: IntCounter,
 }
 
 impl Drop for ListenerMetrics {
@@ -65,11 +76,14 @@ impl Drop for ListenerMetrics {
         let [l, s] = &self.labels;
         let _ = self.all.no_healthy.remove_label_values(&[l, s]);
         let _ = self.all.rejected.remove_label_values(&[l]);
+        let _ = self.all.flows.remove_label_values(&[l]);
+        let _ = self.all.evictions.remove_label_values(&[l]);
+        self.all.fds.forget(l);
     }
 }
 
 impl ProxyMetrics {
-    pub fn new(registry: &Registry) -> prometheus::Result<Arc<Self>> {
+    pub fn new(registry: &Registry, fds: Arc<FdBudget>) -> prometheus::Result<Arc<Self>> {
         let labels = &["listener", "service", "endpoint"];
         let with_direction = &["listener", "service", "endpoint", "direction"];
         let m = ProxyMetrics {
@@ -119,7 +133,25 @@ impl ProxyMetrics {
                 ),
                 &["listener"],
             )?,
+            flows: IntGaugeVec::new(
+                Opts::new(
+                    "svcd_udp_flows",
+                    "Open UDP flows (client → instance), by listener.",
+                ),
+                &["listener"],
+            )?,
+            evictions: IntCounterVec::new(
+                Opts::new(
+                    "svcd_udp_flow_evictions_total",
+                    "UDP flows closed to make room for a new client (max_flows reached, or the \
+                     descriptor budget spent), by listener.",
+                ),
+                &["listener"],
+            )?,
+            fds,
         };
+        registry.register(Box::new(m.flows.clone()))?;
+        registry.register(Box::new(m.evictions.clone()))?;
         registry.register(Box::new(m.connections.clone()))?;
         registry.register(Box::new(m.active.clone()))?;
         registry.register(Box::new(m.connect_failures.clone()))?;
@@ -136,6 +168,9 @@ impl ProxyMetrics {
             labels: [listener.into(), service.into()],
             no_healthy: self.no_healthy.with_label_values(&[listener, service]),
             rejected: self.rejected.with_label_values(&[listener]),
+            fd_refusals: self.fds.refusals(listener),
+            flows: self.flows.with_label_values(&[listener]),
+            evictions: self.evictions.with_label_values(&[listener]),
         }
     }
 

@@ -40,8 +40,16 @@ pub async fn serve(listener: TcpListener, state: Arc<ListenerState>, ctx: Arc<Pr
             drop(client); // closed at once
             continue;
         }
+        // The client's descriptor and the upstream's.
+        let Some(permit) = ctx.metrics.fds.try_acquire(2) else {
+            ctx.active.fetch_sub(1, Ordering::Relaxed);
+            state.listener_metrics.load().fd_refusals.inc();
+            drop(client);
+            continue;
+        };
         let (state, ctx2) = (state.clone(), ctx.clone());
         ctx.tracker.spawn(async move {
+            let _permit = permit;
             handle(client, &state, &ctx2).await;
             ctx2.active.fetch_sub(1, Ordering::Relaxed);
             debug!(%peer, "TCP proxy connection closed");

@@ -8,7 +8,7 @@
 //!
 //! The table is owned by the listener task alone: no lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,7 +19,10 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use svcd_config::DEFAULT_MAX_FLOWS;
 use svcd_lb::{EndpointHealth, ServiceHealth};
+
+use crate::fds::FdPermit;
 
 use crate::metrics::EndpointMetrics;
 use crate::{ListenerState, ProxyContext};
@@ -34,6 +37,10 @@ struct Flow {
     last: Arc<AtomicU64>,
     metrics: Arc<EndpointMetrics>,
     reply_task: AbortHandle,
+    /// Its place in the creation order (see [`FlowTable`]).
+    seq: u64,
+    /// The upstream socket's descriptor, from the proxies' budget.
+    _permit: FdPermit,
 }
 
 impl Drop for Flow {
@@ -42,10 +49,47 @@ impl Drop for Flow {
     }
 }
 
+/// The flows of one listener and the order they were opened in, for evicting the oldest.
+#[derive(Default)]
+struct FlowTable {
+    flows: HashMap<SocketAddr, Flow>,
+    /// (sequence, client) in creation order; entries whose flow has gone are skipped when popped
+    /// and dropped by the sweep.
+    order: VecDeque<(u64, SocketAddr)>,
+    next_seq: u64,
+}
+
+impl FlowTable {
+    /// Closes the oldest flow; `false` when there is none.
+    fn evict_oldest(&mut self) -> bool {
+        while let Some((seq, client)) = self.order.pop_front() {
+            if self.flows.get(&client).is_some_and(|f| f.seq == seq) {
+                self.flows.remove(&client);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn insert(&mut self, client: SocketAddr, mut flow: Flow) -> &mut Flow {
+        flow.seq = self.next_seq;
+        self.order.push_back((self.next_seq, client));
+        self.next_seq += 1;
+        self.flows.entry(client).insert_entry(flow).into_mut()
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&SocketAddr, &mut Flow) -> bool) {
+        self.flows.retain(keep);
+        let flows = &self.flows;
+        self.order
+            .retain(|(seq, client)| flows.get(client).is_some_and(|f| f.seq == *seq));
+    }
+}
+
 pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyContext>) {
     let socket = Arc::new(socket);
     let base = Instant::now();
-    let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
+    let mut table = FlowTable::default();
     let mut buf = vec![0u8; 65535];
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut changes = ctx.snapshot.changes();
@@ -64,28 +108,29 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyC
                     }
                 };
                 let now_ms = base.elapsed().as_millis() as u64;
-                let flow = match flows.entry(client) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        match open_flow(&socket, client, &state, &ctx, base).await {
-                            Some(flow) => e.insert(flow),
-                            None => continue,
-                        }
-                    }
-                };
+                if !table.flows.contains_key(&client) {
+                    let Some(flow) = new_flow(&mut table, &socket, client, &state, &ctx, base).await
+                    else {
+                        continue;
+                    };
+                    table.insert(client, flow);
+                    state.listener_metrics.load().flows.set(table.flows.len() as i64);
+                }
+                let flow = table.flows.get_mut(&client).expect("present or just opened");
                 flow.last.store(now_ms, Ordering::Relaxed);
                 match flow.upstream.send(&buf[..n]).await {
                     Ok(_) => flow.metrics.datagrams_in.inc(),
                     Err(e) => {
                         debug!(%client, error = %e, "UDP proxy send upstream failed; dropping flow");
-                        flows.remove(&client);
+                        table.flows.remove(&client);
                     }
                 }
             }
             _ = sweep.tick() => {
                 let idle = state.config.load().idle_timeout.as_millis() as u64;
                 let now_ms = base.elapsed().as_millis() as u64;
-                flows.retain(|_, f| now_ms.saturating_sub(f.last.load(Ordering::Relaxed)) < idle);
+                table.retain(|_, f| now_ms.saturating_sub(f.last.load(Ordering::Relaxed)) < idle);
+                state.listener_metrics.load().flows.set(table.flows.len() as i64);
             }
             changed = changes.changed(), if changes_open => {
                 if changed.is_err() {
@@ -97,13 +142,43 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyC
                 let config = state.config.load();
                 let snapshot = ctx.snapshot.load();
                 let service = snapshot.service(&config.target.namespace, &config.target.service);
-                flows.retain(|_, f| {
+                table.retain(|_, f| {
                     let served = service.is_some_and(|s| s.healthy.iter().any(|e| e.id == f.health.id && e.ip == f.health.ip));
                     !f.health.has_left() && (served || (f.in_panic && f.service.in_panic()))
                 });
+                state.listener_metrics.load().flows.set(table.flows.len() as i64);
             }
         }
     }
+}
+
+/// Makes room for a new client's flow and opens it: under `max_flows` (the oldest flow makes
+/// way), with a descriptor from the budget (else this listener's oldest flow gives up its own;
+/// with none to give, the client is refused and counted).
+async fn new_flow(
+    table: &mut FlowTable,
+    listener: &Arc<UdpSocket>,
+    client: SocketAddr,
+    state: &ListenerState,
+    ctx: &ProxyContext,
+    base: Instant,
+) -> Option<Flow> {
+    let metrics = state.listener_metrics.load_full();
+    let max = state.config.load().max_flows.unwrap_or(DEFAULT_MAX_FLOWS);
+    while table.flows.len() >= max && table.evict_oldest() {
+        metrics.evictions.inc();
+    }
+    let permit = loop {
+        if let Some(permit) = ctx.metrics.fds.try_acquire(1) {
+            break permit;
+        }
+        if !table.evict_oldest() {
+            metrics.fd_refusals.inc();
+            return None;
+        }
+        metrics.evictions.inc();
+    };
+    open_flow(listener, client, state, ctx, base, permit).await
 }
 
 async fn open_flow(
@@ -112,6 +187,7 @@ async fn open_flow(
     state: &ListenerState,
     ctx: &ProxyContext,
     base: Instant,
+    permit: FdPermit,
 ) -> Option<Flow> {
     let config = state.config.load_full();
     let balancers = state.balancers.load_full();
@@ -177,6 +253,8 @@ async fn open_flow(
         last,
         metrics,
         reply_task,
+        seq: 0,
+        _permit: permit,
     })
 }
 

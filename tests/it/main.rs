@@ -12,6 +12,7 @@ mod dns;
 mod health;
 mod lb;
 mod lifecycle;
+mod limits;
 mod proxy_http;
 mod proxy_l4;
 mod registry_e2e;

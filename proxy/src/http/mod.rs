@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::fds::FdBudget;
 use crate::ProxyError;
 use forward::ClientConn;
 use framing::{ClientIo, ConnWatch};
@@ -92,6 +93,8 @@ pub struct HttpContext {
     /// The HTTP balancers, for the daemon's lifetime: a reload changes their policy in place and
     /// keeps in-flight counts, failure runs and ejections.
     pub table: Arc<BalancerTable<HttpSlots>>,
+    /// The proxies' descriptor budget: every client connection takes one.
+    pub fds: Arc<FdBudget>,
     /// Connections and upgraded tunnels, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// Cancelled when the drain time is over.
@@ -110,6 +113,7 @@ impl HttpProxy {
         config: &ProxyConfig,
         domain: &str,
         lb: &Arc<LoadBalancer>,
+        fds: &Arc<FdBudget>,
         prometheus: &prometheus::Registry,
     ) -> Result<HttpProxy, ProxyError> {
         let metrics = HttpMetrics::new(prometheus)?;
@@ -132,6 +136,7 @@ impl HttpProxy {
                 )),
                 metrics,
                 table,
+                fds: fds.clone(),
                 tracker: TaskTracker::new(),
                 hard_stop: CancellationToken::new(),
             }),
@@ -228,6 +233,21 @@ impl HttpProxy {
 }
 
 async fn accept_loop(listener: TcpListener, ctx: Arc<HttpContext>, stop: CancellationToken) {
+    let label = match listener.local_addr() {
+        Ok(addr) => format!("http/{addr}"),
+        Err(_) => "http/?".into(),
+    };
+    let refused = ctx.fds.refusals(&label);
+    accept_connections(&listener, &ctx, &stop, &refused).await;
+    ctx.fds.forget(&label);
+}
+
+async fn accept_connections(
+    listener: &TcpListener,
+    ctx: &Arc<HttpContext>,
+    stop: &CancellationToken,
+    refused: &prometheus::IntCounter,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -240,8 +260,14 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<HttpContext>, stop: Cancell
                 }
             },
         };
+        let Some(permit) = ctx.fds.try_acquire(1) else {
+            refused.inc();
+            drop(stream); // closed at once: the descriptor budget is spent
+            continue;
+        };
         let (ctx2, stop) = (ctx.clone(), stop.clone());
         ctx.tracker.spawn(async move {
+            let _permit = permit;
             serve_connection(&ctx2, stream, peer, stop).await;
             debug!(%peer, "HTTP client connection closed");
         });

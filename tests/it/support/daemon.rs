@@ -61,8 +61,20 @@ impl Daemon {
         d
     }
 
+    /// Starts under an open-files limit of `nofile` (soft and hard, through util-linux's
+    /// `prlimit`), as a node with a small `LimitNOFILE` would run it.
+    pub async fn start_with_nofile(extra: &str, nofile: u64) -> Daemon {
+        let d = Self::spawn_wrapped(extra, &[], Some(nofile));
+        d.wait_ready().await;
+        d
+    }
+
     /// Starts without waiting for readiness.
     pub fn spawn(extra: &str, env: &[(&str, &str)]) -> Daemon {
+        Self::spawn_wrapped(extra, env, None)
+    }
+
+    fn spawn_wrapped(extra: &str, env: &[(&str, &str)], nofile: Option<u64>) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let (admin_port, dns_port, http_port) = (free_port(), free_port(), free_port());
         let config_path = dir.path().join("svcd.toml");
@@ -72,7 +84,14 @@ impl Daemon {
         )
         .expect("write config");
         let log = std::fs::File::create(dir.path().join("svcd.log")).expect("log file");
-        let mut cmd = Command::new(svcd_bin());
+        let mut cmd = match nofile {
+            None => Command::new(svcd_bin()),
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(svcd_bin());
+                c
+            }
+        };
         cmd.args(["run", "--config", config_path.to_str().expect("utf-8 path")])
             .env_remove("RUST_LOG")
             .env("SVCD_LOG_LEVEL", "info,svcd_registry=debug")
