@@ -6,8 +6,9 @@
 //! hold for a client — a TCP connection and its upstream (2), an HTTP client connection (1), a
 //! UDP flow's upstream socket (1) — takes a permit first; none left means the connection is
 //! closed at once or the flow refused, and counted. The admin API and DNS take no permits: the
-//! reserve is theirs. Per-listener caps (`proxy.max_connections`, a UDP listener's `max_flows`)
-//! keep one listener's flood from using up the budget the others need.
+//! reserve is theirs. And no one listener may hold more than half of the budget
+//! ([`ListenerShare`]), so a flood on one listener always leaves the others room; per-listener
+//! settings (`proxy.max_connections`, a UDP listener's `max_flows`) bound it further.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,14 +25,32 @@ pub struct FdBudget {
     refusals: IntCounterVec,
 }
 
+/// What one listener holds of the budget, against its share (half the budget).
+#[derive(Default)]
+pub struct ListenerShare {
+    used: AtomicUsize,
+}
+
+impl ListenerShare {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
 /// Descriptors held for one connection or flow; given back when dropped.
 pub struct FdPermit {
     budget: Arc<FdBudget>,
+    share: Arc<ListenerShare>,
     n: usize,
 }
 
 impl Drop for FdPermit {
     fn drop(&mut self) {
+        self.share.used.fetch_sub(self.n, Ordering::Relaxed);
         self.budget.used.fetch_sub(self.n, Ordering::Relaxed);
         self.budget.in_use.sub(self.n as i64);
     }
@@ -87,17 +106,25 @@ impl FdBudget {
         Self::new(usize::MAX / 2, &Registry::new()).expect("fresh registry")
     }
 
-    /// `n` descriptors, if the budget has them.
+    /// `n` descriptors for a connection or flow of the listener holding `share`, if the budget
+    /// has them and the listener stays within half of it.
     #[inline]
-    pub fn try_acquire(self: &Arc<Self>, n: usize) -> Option<FdPermit> {
+    pub fn try_acquire(self: &Arc<Self>, share: &Arc<ListenerShare>, n: usize) -> Option<FdPermit> {
+        let mine = share.used.fetch_add(n, Ordering::Relaxed);
+        if mine + n > self.limit / 2 {
+            share.used.fetch_sub(n, Ordering::Relaxed);
+            return None;
+        }
         let before = self.used.fetch_add(n, Ordering::Relaxed);
         if before + n > self.limit {
             self.used.fetch_sub(n, Ordering::Relaxed);
+            share.used.fetch_sub(n, Ordering::Relaxed);
             return None;
         }
         self.in_use.add(n as i64);
         Some(FdPermit {
             budget: self.clone(),
+            share: share.clone(),
             n,
         })
     }
@@ -126,16 +153,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn permits_are_bounded_and_given_back() {
-        let b = FdBudget::new(3, &Registry::new()).unwrap();
-        let two = b.try_acquire(2).unwrap();
-        assert!(b.try_acquire(2).is_none(), "only one left");
-        let one = b.try_acquire(1).unwrap();
-        assert_eq!(b.used(), 3);
-        drop(two);
-        assert_eq!(b.used(), 1);
-        assert!(b.try_acquire(2).is_some());
-        drop(one);
+    fn permits_are_bounded_per_listener_and_overall_and_given_back() {
+        let b = FdBudget::new(6, &Registry::new()).unwrap();
+        let (x, y, z) = (
+            ListenerShare::new(),
+            ListenerShare::new(),
+            ListenerShare::new(),
+        );
+        let x2 = b.try_acquire(&x, 2).unwrap();
+        assert!(b.try_acquire(&x, 2).is_none(), "x may hold half (3)");
+        let x1 = b.try_acquire(&x, 1).unwrap();
+        let y3 = b.try_acquire(&y, 3).unwrap();
+        assert!(b.try_acquire(&z, 1).is_none(), "all 6 held");
+        assert_eq!((b.used(), x.used(), y.used(), z.used()), (6, 3, 3, 0));
+        drop(x2);
+        assert_eq!((b.used(), x.used()), (4, 1));
+        assert!(b.try_acquire(&z, 2).is_some());
+        drop((x1, y3));
     }
 
     #[test]

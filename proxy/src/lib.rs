@@ -111,6 +111,8 @@ pub struct ListenerState {
     /// changes, so the old target's series go.
     pub balancers: ArcSwap<ListenerBalancers>,
     pub listener_metrics: ArcSwap<ListenerMetrics>,
+    /// What this listener holds of the proxies' descriptor budget (at most half of it).
+    pub fds: Arc<fds::ListenerShare>,
     /// Cancelled when a reload removes the listener or the daemon stops: stops accepting.
     pub stop: CancellationToken,
 }
@@ -142,6 +144,7 @@ impl ListenerState {
             balancers: ArcSwap::new(table),
             listener_metrics: ArcSwap::from_pointee(metrics),
             config: ArcSwap::from_pointee(config),
+            fds: fds::ListenerShare::new(),
             stop: CancellationToken::new(),
         }
     }

@@ -41,7 +41,7 @@ pub async fn serve(listener: TcpListener, state: Arc<ListenerState>, ctx: Arc<Pr
             continue;
         }
         // The client's descriptor and the upstream's.
-        let Some(permit) = ctx.metrics.fds.try_acquire(2) else {
+        let Some(permit) = ctx.metrics.fds.try_acquire(&state.fds, 2) else {
             ctx.active.fetch_sub(1, Ordering::Relaxed);
             state.listener_metrics.load().fd_refusals.inc();
             drop(client);

@@ -153,8 +153,8 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyC
 }
 
 /// Makes room for a new client's flow and opens it: under `max_flows` (the oldest flow makes
-/// way), with a descriptor from the budget (else this listener's oldest flow gives up its own;
-/// with none to give, the client is refused and counted).
+/// way), with a descriptor from the budget within this listener's share (else this listener's
+/// oldest flow gives up its own; with none to give, the client is refused and counted).
 async fn new_flow(
     table: &mut FlowTable,
     listener: &Arc<UdpSocket>,
@@ -169,7 +169,7 @@ async fn new_flow(
         metrics.evictions.inc();
     }
     let permit = loop {
-        if let Some(permit) = ctx.metrics.fds.try_acquire(1) {
+        if let Some(permit) = ctx.metrics.fds.try_acquire(&state.fds, 1) {
             break permit;
         }
         if !table.evict_oldest() {

@@ -238,7 +238,8 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<HttpContext>, stop: Cancell
         Err(_) => "http/?".into(),
     };
     let refused = ctx.fds.refusals(&label);
-    accept_connections(&listener, &ctx, &stop, &refused).await;
+    let share = crate::fds::ListenerShare::new();
+    accept_connections(&listener, &ctx, &stop, &refused, &share).await;
     ctx.fds.forget(&label);
 }
 
@@ -247,6 +248,7 @@ async fn accept_connections(
     ctx: &Arc<HttpContext>,
     stop: &CancellationToken,
     refused: &prometheus::IntCounter,
+    share: &Arc<crate::fds::ListenerShare>,
 ) {
     loop {
         let (stream, peer) = tokio::select! {
@@ -260,7 +262,7 @@ async fn accept_connections(
                 }
             },
         };
-        let Some(permit) = ctx.fds.try_acquire(1) else {
+        let Some(permit) = ctx.fds.try_acquire(share, 1) else {
             refused.inc();
             drop(stream); // closed at once: the descriptor budget is spent
             continue;
