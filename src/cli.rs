@@ -55,6 +55,13 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Print the instances of SERVICE[.NS] and then every change to them, as it happens (a
+    /// blocking query on the local daemon), until interrupted.
+    Watch {
+        service: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Run CMD registered as an instance of a service while it lives; deregister the moment it
     /// exits and exit with its status.
     Exec(ExecArgs),

@@ -55,6 +55,18 @@ impl AdminClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> anyhow::Result<Value> {
+        self.call_within(method, path, body, Duration::from_secs(15))
+            .await
+    }
+
+    /// [`Self::call`] with its own deadline (blocking queries wait up to their `wait`).
+    pub async fn call_within(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        deadline: Duration,
+    ) -> anyhow::Result<Value> {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base));
@@ -65,9 +77,9 @@ impl AdminClient {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = tokio::time::timeout(Duration::from_secs(15), self.http.request(req))
+        let resp = tokio::time::timeout(deadline, self.http.request(req))
             .await
-            .context("admin API did not answer within 15s")?
+            .with_context(|| format!("admin API did not answer within {deadline:?}"))?
             .with_context(|| {
                 format!(
                     "cannot reach the svcd admin API at {} (is `svcd run` up?)",

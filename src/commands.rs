@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use http::Method;
 use serde_json::{json, Value};
@@ -172,6 +173,12 @@ pub async fn list(service: Option<&str>, admin: &AdminArgs) -> anyhow::Result<Ex
     match service {
         None => {
             let v = client.call(Method::GET, "/v1/services", None).await?;
+            if v["synced"] == false {
+                eprintln!(
+                    "svcd: the daemon has not synced with its registry store yet; no listing"
+                );
+                return Ok(ExitCode::from(2));
+            }
             println!("{:<40} {:>9} {:>7}", "SERVICE", "INSTANCES", "HEALTHY");
             for s in v["services"].as_array().into_iter().flatten() {
                 let name = format!(
@@ -190,31 +197,75 @@ pub async fn list(service: Option<&str>, admin: &AdminArgs) -> anyhow::Result<Ex
                     None,
                 )
                 .await?;
-            println!(
-                "{:<24} {:<40} {:<10} {:<16} {:<24} WHY",
-                "ID", "IP", "STATE", "NODE", "PORTS"
-            );
-            for i in v["instances"].as_array().into_iter().flatten() {
-                let ports: Vec<String> = i["ports"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, p)| format!("{k}={p}"))
-                    .collect();
-                let (state, why) = state_and_why(i);
-                println!(
-                    "{:<24} {:<40} {:<10} {:<16} {:<24} {}",
-                    i["id"].as_str().unwrap_or(""),
-                    i["ip"].as_str().unwrap_or(""),
-                    state,
-                    i["node"].as_str().unwrap_or(""),
-                    ports.join(","),
-                    why
-                );
-            }
+            print_instances(&v);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The instance table of `svcd list SERVICE` and `svcd watch`.
+fn print_instances(v: &serde_json::Value) {
+    println!(
+        "{:<24} {:<40} {:<10} {:<16} {:<24} WHY",
+        "ID", "IP", "STATE", "NODE", "PORTS"
+    );
+    for i in v["instances"].as_array().into_iter().flatten() {
+        let ports: Vec<String> = i["ports"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, p)| format!("{k}={p}"))
+            .collect();
+        let (state, why) = state_and_why(i);
+        println!(
+            "{:<24} {:<40} {:<10} {:<16} {:<24} {}",
+            i["id"].as_str().unwrap_or(""),
+            i["ip"].as_str().unwrap_or(""),
+            state,
+            i["node"].as_str().unwrap_or(""),
+            ports.join(","),
+            why
+        );
+    }
+}
+
+/// `svcd watch SERVICE`: the instances now, then after every change (blocking queries on the
+/// service's index), until interrupted.
+pub async fn watch(service: &str, admin: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(admin)?;
+    let path = format!("/v1/services/{}", service_path(service)?);
+    let mut index: Option<i64> = None;
+    loop {
+        let query = match index {
+            Some(i) => format!("{path}?index={i}&wait=60s"),
+            None => path.clone(),
+        };
+        let answer = client
+            .call_within(Method::GET, &query, None, Duration::from_secs(75))
+            .await;
+        let (now, v) = match answer {
+            Ok(v) => (v["index"].as_i64().unwrap_or(0), Some(v)),
+            Err(e)
+                if e.downcast_ref::<crate::client::ApiError>()
+                    .is_some_and(|a| a.status == 404) =>
+            {
+                (0, None)
+            }
+            Err(e) => return Err(e),
+        };
+        if index == Some(now) {
+            continue; // the wait ended without a change
+        }
+        index = Some(now);
+        let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        match v {
+            Some(v) => {
+                println!("--- {stamp} {service} (index {now})");
+                print_instances(&v);
+            }
+            None => println!("--- {stamp} {service}: no instances"),
+        }
+    }
 }
 
 /// Prints one address per healthy instance: exactly the set DNS answers and the proxies pick from.

@@ -3,7 +3,12 @@
 //! Spawns CMD, registers it with the local daemon under a renewal TTL, forwards signals to it,
 //! and deregisters the moment it exits — so the instance leaves DNS and the proxies in
 //! milliseconds, not after a lease TTL — then exits with CMD's status. If `svcd exec` itself is
-//! killed, the daemon drops the registration once renewals stop (after `--ttl`).
+//! killed, the daemon drops the registration once renewals stop (after `--ttl`), and CMD gets
+//! SIGTERM from the kernel (a parent-death signal, set through util-linux's `setpriv`), so it
+//! is never left running unregistered.
+//!
+//! Signals from the terminal (Ctrl-C, Ctrl-\\) already reach CMD, which shares the foreground
+//! process group: they are not forwarded a second time.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitCode;
@@ -34,6 +39,13 @@ fn default_id(service: &str) -> String {
     id.trim_matches('-').to_string()
 }
 
+/// Whether `sig` is one the terminal sends to its whole foreground process group (Ctrl-C,
+/// Ctrl-\\) while `svcd exec` — and so CMD, in the same group — is in the foreground.
+fn from_terminal(sig: Signal) -> bool {
+    matches!(sig, Signal::SIGINT | Signal::SIGQUIT)
+        && nix::unistd::tcgetpgrp(std::io::stdin()).is_ok_and(|fg| fg == nix::unistd::getpgrp())
+}
+
 pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(&args.admin)?;
     let ttl =
@@ -50,10 +62,12 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("--drain-timeout {:?}", args.drain_timeout))?;
     let put_path = format!("{instance_path}?ttl={}", humantime::format_duration(ttl));
 
-    let mut child = tokio::process::Command::new(&args.command[0])
-        .args(&args.command[1..])
+    // setpriv execs CMD in place (same pid) with the parent-death signal set.
+    let mut child = tokio::process::Command::new("setpriv")
+        .args(["--pdeathsig", "TERM", "--"])
+        .args(&args.command)
         .spawn()
-        .with_context(|| format!("cannot start {:?}", args.command[0]))?;
+        .with_context(|| format!("cannot start {:?} (through setpriv)", args.command[0]))?;
     let pid = Pid::from_raw(child.id().context("child has no pid")? as i32);
 
     let mut registered = match client
@@ -110,6 +124,8 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
                         warn!(error = %e, "drain failed; stopping the command anyway after the drain timeout");
                     }
                     pending_term = Some(tokio::time::Instant::now() + drain_timeout);
+                } else if from_terminal(sig) {
+                    // The terminal signalled the whole foreground group: CMD has it already.
                 } else {
                     pending_term = None;
                     let _ = kill(pid, sig);

@@ -122,6 +122,7 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
             port,
             admin,
         } => commands::resolve(&service, port.as_deref(), &admin).await,
+        Command::Watch { service, admin } => commands::watch(&service, &admin).await,
         Command::Exec(args) => exec::run(args).await,
     }
 }

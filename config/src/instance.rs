@@ -107,6 +107,10 @@ pub struct CheckSpec {
     pub unhealthy_threshold: u32,
 }
 
+/// Largest registration value accepted, from the API or found in the store (as the API's body
+/// limit).
+pub const MAX_INSTANCE_JSON: usize = 64 * 1024;
+
 fn default_check_path() -> String {
     "/healthz".into()
 }
@@ -250,8 +254,22 @@ impl Instance {
     }
 
     /// Parses the JSON stored in etcd or sent to the API, then validates it. The error names the
-    /// offending field.
+    /// offending field. A registration is one JSON object of at most [`MAX_INSTANCE_JSON`] bytes
+    /// (serde would also take a struct from a JSON array; that is not a registration).
     pub fn from_json(bytes: &[u8]) -> Result<Instance, FieldError> {
+        if bytes.len() > MAX_INSTANCE_JSON {
+            return Err(FieldError::new(
+                "",
+                format!(
+                    "a value of {} bytes is over the {} KiB limit",
+                    bytes.len(),
+                    MAX_INSTANCE_JSON / 1024
+                ),
+            ));
+        }
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(FieldError::new("", "a registration is a JSON object"));
+        }
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let instance: Instance = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();

@@ -29,7 +29,7 @@ mod sources;
 
 pub use default_file::DEFAULT_CONFIG_TOML;
 pub use error::{ConfigError, FieldError};
-pub use instance::{CheckKind, CheckSpec, Instance, Protocol, State};
+pub use instance::{CheckKind, CheckSpec, Instance, Protocol, State, MAX_INSTANCE_JSON};
 pub use model::{
     AdminConfig, Backend, Balance, Config, DnsConfig, EtcdConfig, HttpListenerConfig, HttpRoute,
     L4ListenerConfig, L7Config, LogConfig, LogFormat, OutlierConfig, PanicMode, ProxyConfig,

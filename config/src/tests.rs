@@ -436,3 +436,16 @@ fn max_flows_belongs_to_udp_listeners() {
     let c = crate::parse("[[proxy.udp]]\nlisten = \"127.0.0.1:2\"\nservice = \"b\"\n").unwrap();
     assert_eq!(c.proxy.udp[0].max_flows, Some(crate::DEFAULT_MAX_FLOWS));
 }
+
+#[test]
+fn a_registration_is_one_json_object_of_at_most_64_kib() {
+    assert!(crate::Instance::from_json(br#" {"ip":"10.0.0.1"}"#).is_ok());
+    let array = crate::Instance::from_json(br#"["10.0.0.1"]"#).unwrap_err();
+    assert_eq!(array.message, "a registration is a JSON object");
+    let huge = format!(
+        r#"{{"ip":"10.0.0.1","meta":{{"m":"{}"}}}}"#,
+        "x".repeat(64 * 1024)
+    );
+    let e = crate::Instance::from_json(huge.as_bytes()).unwrap_err();
+    assert!(e.message.contains("over the 64 KiB limit"), "{}", e.message);
+}

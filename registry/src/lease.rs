@@ -210,6 +210,17 @@ impl LeaseKeeper {
         Ok(owned || deleted)
     }
 
+    /// The value this daemon wrote (or will write) for `key`: the registration with its health
+    /// verdict applied. `None` if it holds no such registration.
+    pub async fn effective(&self, key: &InstanceKey) -> Option<Instance> {
+        self.state
+            .lock()
+            .await
+            .own
+            .get(&key.to_key())
+            .map(OwnRegistration::effective)
+    }
+
     pub async fn owned(&self) -> Vec<OwnRegistration> {
         self.state.lock().await.own.values().cloned().collect()
     }

@@ -153,6 +153,40 @@ impl Registry {
         self.publisher.reader()
     }
 
+    /// Waits until this daemon's snapshot shows `key` as `want` (`Some`: an instance equal to
+    /// it; `None`: absent), at most `timeout`. Read-your-writes for the API: a registration
+    /// returns once DNS and the proxies here serve it. `false` on timeout.
+    pub async fn wait_visible(
+        &self,
+        key: &InstanceKey,
+        want: Option<&Instance>,
+        timeout: std::time::Duration,
+    ) -> bool {
+        let reader = self.reader();
+        let mut changes = reader.changes();
+        let visible = || {
+            let snapshot = reader.load();
+            let found = snapshot
+                .service(&key.namespace, &key.service)
+                .and_then(|s| s.all.iter().find(|e| *e.id == *key.id));
+            match (found, want) {
+                (Some(e), Some(want)) => e.same_as(want),
+                (None, None) => true,
+                _ => false,
+            }
+        };
+        tokio::time::timeout(timeout, async {
+            while !visible() {
+                if changes.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// Where node-local ejections are published (the load balancer holds it).
     pub fn publisher(&self) -> Arc<SnapshotPublisher> {
         self.publisher.clone()

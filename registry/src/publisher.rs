@@ -192,6 +192,7 @@ fn apply<'a>(
                 service.service.clone(),
                 service.all.clone(),
                 ejections,
+                service.revision,
             )),
         ))
     });

@@ -29,6 +29,9 @@ pub struct ServiceEndpoints {
     /// Instances this node's load balancer has ejected (passive health), by id. Empty in a base
     /// snapshot; filled by the [`crate::SnapshotPublisher`].
     pub ejections: BTreeMap<Box<str>, Arc<Ejection>>,
+    /// Store revision of the last change to this service's instances: the index of blocking
+    /// queries (`GET /v1/services/{ns}/{svc}?index=…&wait=…`).
+    pub revision: i64,
 }
 
 /// The state an instance is served with on this node — the one answer DNS, the proxies, the API,
@@ -78,6 +81,7 @@ impl ServiceEndpoints {
         service: String,
         all: Vec<Arc<Endpoint>>,
         ejections: BTreeMap<Box<str>, Arc<Ejection>>,
+        revision: i64,
     ) -> Self {
         let mut s = ServiceEndpoints {
             namespace,
@@ -85,6 +89,7 @@ impl ServiceEndpoints {
             all,
             healthy: Vec::new(),
             ejections,
+            revision,
         };
         s.healthy = s
             .all
@@ -465,7 +470,13 @@ impl SnapshotBuilder {
             match self.working.get(&ns).and_then(|s| s.get(&svc)) {
                 Some(ids) => {
                     let all: Vec<Arc<Endpoint>> = ids.values().cloned().collect();
-                    let endpoints = Arc::new(ServiceEndpoints::new(ns, svc, all, BTreeMap::new()));
+                    let endpoints = Arc::new(ServiceEndpoints::new(
+                        ns,
+                        svc,
+                        all,
+                        BTreeMap::new(),
+                        self.revision,
+                    ));
                     if shard.insert(name, endpoints).is_none() {
                         service_count += 1;
                     }

@@ -103,10 +103,10 @@ impl SyncStatus {
 }
 
 fn record(metrics: &RegistryMetrics, results: &[Applied], kinds: impl Iterator<Item = bool>) {
+    report_invalid(metrics, results);
     for (result, is_put) in results.iter().zip(kinds) {
         match result {
-            Applied::Invalid { .. } => report_invalid(metrics, std::slice::from_ref(result)),
-            Applied::Stale => {}
+            Applied::Invalid { .. } | Applied::Stale => {}
             Applied::Changed | Applied::Unchanged => {
                 if is_put {
                     metrics.events_put.inc();
@@ -172,12 +172,28 @@ async fn relist(
     Ok(revision)
 }
 
+/// Invalid entries logged one by one per batch or listing page; past that, one summary line.
+const INVALID_LOGGED: usize = 5;
+
+/// Counts every invalid entry; logs the first few of a batch and a summary of the rest, so a
+/// store holding a thousand garbage keys gives a few lines at start, not a thousand.
 fn report_invalid(metrics: &RegistryMetrics, results: &[Applied]) {
+    let mut invalid = 0usize;
     for r in results {
         if let Applied::Invalid { key, reason } = r {
             metrics.invalid_values.inc();
-            warn!(%key, %reason, "skipping invalid registry entry");
+            invalid += 1;
+            if invalid <= INVALID_LOGGED {
+                warn!(%key, %reason, "skipping invalid registry entry");
+            }
         }
+    }
+    if invalid > INVALID_LOGGED {
+        warn!(
+            more = invalid - INVALID_LOGGED,
+            total = invalid,
+            "skipping more invalid registry entries (all counted in svcd_registry_invalid_values_total)"
+        );
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! GET    /v1/services
-//! GET    /v1/services/{ns}/{svc}
+//! GET    /v1/services/{ns}/{svc}[?index=REV&wait=30s]                blocking query (Consul-style)
 //! PUT    /v1/services/{ns}/{svc}/instances/{id}[?ttl=10s]   body: Instance JSON
 //! GET    /v1/services/{ns}/{svc}/instances/{id}
 //! DELETE /v1/services/{ns}/{svc}/instances/{id}
@@ -24,7 +24,10 @@ pub async fn route(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<
     match (req.method().clone(), parts.as_slice()) {
         (Method::GET, []) => list_services(state),
         (_, []) => super::method_not_allowed("GET"),
-        (Method::GET, [ns, svc]) => show_service(state, ns, svc),
+        (Method::GET, [ns, svc]) => match parse_blocking(req.uri().query()) {
+            Ok(blocking) => show_service(state, ns, svc, blocking).await,
+            Err(e) => e.into_response(),
+        },
         (_, [_, _]) => super::method_not_allowed("GET"),
         (method, [ns, svc, "instances", id]) => {
             let key = match InstanceKey::new(ns, svc, id) {
@@ -78,7 +81,11 @@ fn list_services(state: &AdminState) -> Response<Body> {
     });
     json_response(
         StatusCode::OK,
-        &json!({ "revision": snapshot.revision, "services": services }),
+        &json!({
+            "revision": snapshot.revision,
+            "synced": state.registry.status.is_synced(),
+            "services": services,
+        }),
     )
 }
 
@@ -107,24 +114,105 @@ fn endpoint_json_here(service: &ServiceEndpoints, e: &Endpoint) -> Value {
     v
 }
 
-fn show_service(state: &AdminState, ns: &str, svc: &str) -> Response<Body> {
-    let snapshot = state.registry.reader().load_full();
-    match snapshot.service(ns, svc) {
+/// `?index=REV&wait=DURATION`: answer once the service has changed past `REV` (its `index`,
+/// the store revision of its last change), or when `wait` (default 5m, at most 10m) is over,
+/// whichever is first — as Consul's blocking queries. Without `index` the answer is immediate.
+struct Blocking {
+    index: Option<i64>,
+    wait: Duration,
+}
+
+fn parse_blocking(query: Option<&str>) -> Result<Blocking, ApiError> {
+    let mut b = Blocking {
+        index: None,
+        wait: Duration::from_secs(300),
+    };
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "index" => {
+                b.index = Some(v.parse().map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "index",
+                        format!("invalid index {v:?}"),
+                    )
+                })?)
+            }
+            "wait" => match humantime::parse_duration(v) {
+                Ok(d) if d <= Duration::from_secs(600) => b.wait = d,
+                _ => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "wait",
+                        format!("invalid wait {v:?}: a duration of at most 10m, e.g. \"30s\""),
+                    ))
+                }
+            },
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    k,
+                    format!("unknown query parameter {k:?}"),
+                ))
+            }
+        }
+    }
+    Ok(b)
+}
+
+/// The service's index: the revision of its last change; for an absent service, 0.
+fn service_index(snapshot: &svcd_registry::EndpointSnapshot, ns: &str, svc: &str) -> i64 {
+    snapshot.service(ns, svc).map_or(0, |s| s.revision)
+}
+
+async fn show_service(
+    state: &AdminState,
+    ns: &str,
+    svc: &str,
+    blocking: Blocking,
+) -> Response<Body> {
+    let reader = state.registry.reader();
+    if let Some(index) = blocking.index {
+        let mut changes = reader.changes();
+        let _ = tokio::time::timeout(blocking.wait, async {
+            while service_index(&reader.load(), ns, svc) == index {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+    let snapshot = reader.load_full();
+    let index = service_index(&snapshot, ns, svc);
+    let mut response = match snapshot.service(ns, svc) {
         Some(s) => json_response(
             StatusCode::OK,
             &json!({
                 "namespace": s.namespace,
                 "service": s.service,
                 "revision": snapshot.revision,
+                "index": index,
                 "instances": s.all.iter().map(|e| endpoint_json_here(s, e)).collect::<Vec<_>>(),
             }),
+        ),
+        None if !state.registry.status.is_synced() => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "",
+            "the daemon has not synced with its registry store yet".to_string(),
         ),
         None => json_error(
             StatusCode::NOT_FOUND,
             "",
             format!("service {svc}.{ns} has no instances"),
         ),
-    }
+    };
+    response.headers_mut().insert(
+        "x-svcd-index",
+        http::HeaderValue::from_str(&index.to_string()).expect("digits"),
+    );
+    response
 }
 
 fn show_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {
@@ -139,6 +227,24 @@ fn show_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {
             "",
             format!("instance {key} not found"),
         ),
+    }
+}
+
+/// How long a write waits for this daemon's snapshot to show it before answering anyway
+/// (`"visible": false`: the store has it, the watch is behind — e.g. while disconnected).
+const VISIBLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits until this daemon's snapshot shows what it wrote for `key` (at most
+/// [`VISIBLE_TIMEOUT`]); whether it did.
+async fn written_visible(state: &AdminState, key: &InstanceKey) -> bool {
+    match state.registry.keeper.effective(key).await {
+        Some(written) => {
+            state
+                .registry
+                .wait_visible(key, Some(&written), VISIBLE_TIMEOUT)
+                .await
+        }
+        None => false,
     }
 }
 
@@ -204,22 +310,33 @@ async fn try_put_instance(
     if instance.node.is_empty() {
         instance.node = state.config.load().registry.node.clone();
     }
-    state
-        .registry
-        .keeper
+    let keeper = &state.registry.keeper;
+    keeper
         .register(key.clone(), instance.clone(), ttl)
         .await
         .map_err(store_failure)?;
+    // Read your writes: answer once this daemon's snapshot (DNS, proxies, API) holds it.
+    let visible = written_visible(state, &key).await;
     let mut v = serde_json::to_value(&instance).expect("instance serializes");
     v["id"] = json!(key.id);
     v["namespace"] = json!(key.namespace);
     v["service"] = json!(key.service);
+    v["visible"] = json!(visible);
     Ok(json_response(StatusCode::OK, &v))
 }
 
 async fn delete_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {
     match state.registry.keeper.deregister(key).await {
-        Ok(true) => json_response(StatusCode::OK, &json!({ "deleted": key.to_string() })),
+        Ok(true) => {
+            let visible = state
+                .registry
+                .wait_visible(key, None, VISIBLE_TIMEOUT)
+                .await;
+            json_response(
+                StatusCode::OK,
+                &json!({ "deleted": key.to_string(), "visible": visible }),
+            )
+        }
         Ok(false) => json_error(
             StatusCode::NOT_FOUND,
             "",
@@ -240,8 +357,11 @@ async fn drain_instance(state: &AdminState, key: &InstanceKey) -> Response<Body>
         .await
     {
         Ok(Some(instance)) => {
+            // Read your writes: out of this daemon's DNS and proxy picks when this answers.
+            let visible = written_visible(state, key).await;
             let mut v = serde_json::to_value(&instance).expect("instance serializes");
             v["id"] = json!(key.id);
+            v["visible"] = json!(visible);
             json_response(StatusCode::OK, &v)
         }
         Ok(None) => {

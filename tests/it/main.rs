@@ -5,6 +5,7 @@
 
 mod support;
 
+mod api_watch;
 mod blame;
 mod config_cli;
 mod conformance;

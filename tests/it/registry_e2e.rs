@@ -587,3 +587,120 @@ async fn active_checks_take_failing_instances_out_of_dns_and_back() {
         (400, Some("check.port"))
     );
 }
+
+#[tokio::test]
+async fn a_thousand_garbage_keys_give_a_summary_and_oversized_or_array_values_are_skipped() {
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await;
+    let key = |id: &str| format!("/svcd/v1/endpoints/default/web/{id}");
+    client
+        .put(key("good"), body("10.0.0.1"), None)
+        .await
+        .unwrap();
+    // Written straight into etcd, past the API: a value over 64 KiB and a JSON array.
+    let huge = format!(
+        r#"{{"ip":"10.0.0.2","meta":{{"blob":"{}"}}}}"#,
+        "x".repeat(70 * 1024)
+    );
+    client.put(key("huge"), huge, None).await.unwrap();
+    client
+        .put(key("array"), r#"["10.0.0.3"]"#, None)
+        .await
+        .unwrap();
+    let ops: Vec<etcd_client::TxnOp> = (0..1000)
+        .map(|i| etcd_client::TxnOp::put(key(&format!("junk-{i}")), "{not json", None))
+        .collect();
+    for chunk in ops.chunks(100) {
+        client
+            .txn(etcd_client::Txn::new().and_then(chunk.to_vec()))
+            .await
+            .unwrap();
+    }
+    let b = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    b.wait_instances("default", "web", &["good"], WAIT).await;
+    assert_eq!(
+        b.metric("svcd_registry_invalid_values_total").await,
+        Some(1002.0)
+    );
+    let log = b.log();
+    let lines = log.matches("skipping invalid registry entry").count();
+    assert!(lines <= 10, "{lines} lines for 1002 invalid entries");
+    assert!(
+        log.contains("skipping more invalid registry entries"),
+        "{log}"
+    );
+    // The API refuses the same shapes with a reason.
+    let r = b
+        .request(
+            "PUT",
+            "/v1/services/default/web/instances/x",
+            Some(r#"["10.0.0.3"]"#),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("JSON object"), "{}", r.body);
+}
+
+#[tokio::test]
+async fn a_sigkilled_exec_takes_its_child_with_it() {
+    let d = Daemon::start("").await;
+    let mut job = ExecJob::start(&d, "job-orphan");
+    d.wait_instances("default", "job", &["job-orphan"], WAIT)
+        .await;
+    let child = job.child_pid().await;
+    job.exec.kill().unwrap(); // SIGKILL to svcd exec itself
+    job.exec.wait().unwrap();
+    // The kernel's parent-death signal ends the child: no orphan keeps running unregistered.
+    eventually(Duration::from_secs(3), "child gone", || async {
+        let alive = nix::sys::signal::kill(child, None).is_ok()
+            && !std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ");
+        (!alive).then_some(())
+    })
+    .await;
+}
+
+/// Drives `svcd exec` from a pseudo-terminal as a person at a shell does (python3's pty module):
+/// Ctrl-C reaches the child once, not twice. The child takes SIGINTs one by one with
+/// sigwaitinfo, so a second delivery (exec forwarding what the terminal already sent) is seen.
+const CTRL_C_DRIVER: &str = r#"import os, pty, sys, time, select
+svcd, admin, out = sys.argv[1], sys.argv[2], sys.argv[3]
+child = f"import signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})\nopen({out!r}, 'a').write('ready\\n')\nwhile True:\n    i = signal.sigwaitinfo({{signal.SIGINT}})\n    open({out!r}, 'a').write(f'INT from {{i.si_pid}}\\n')\n"
+pid, fd = pty.fork()
+if pid == 0:
+    os.environ["SVCD_ADMIN_LISTEN"] = admin
+    os.execv(svcd, [svcd, "exec", "--service", "ctrlc", "--check", "none", "--", sys.executable, "-c", child])
+deadline = time.time() + 10
+while time.time() < deadline:
+    if os.path.exists(out) and "ready" in open(out).read():
+        break
+    time.sleep(0.05)
+time.sleep(0.3)
+os.write(fd, b"\x03")  # Ctrl-C: the terminal signals the foreground group
+time.sleep(1.0)
+os.kill(pid, 9)
+"#;
+
+#[tokio::test]
+async fn ctrl_c_reaches_the_exec_child_once() {
+    let d = Daemon::start("").await;
+    let driver = d.dir.path().join("ctrlc.py");
+    std::fs::write(&driver, CTRL_C_DRIVER).unwrap();
+    let out = d.dir.path().join("signals");
+    let status = std::process::Command::new("python3")
+        .arg(&driver)
+        .arg(crate::support::svcd_bin())
+        .arg(d.admin.to_string())
+        .arg(&out)
+        .status()
+        .expect("python3 (Debian's python3 package)");
+    assert!(status.success());
+    let seen = std::fs::read_to_string(&out).unwrap();
+    assert!(seen.contains("ready"), "{seen}");
+    assert_eq!(
+        seen.matches("INT").count(),
+        1,
+        "SIGINT delivered once: {seen:?}"
+    );
+}

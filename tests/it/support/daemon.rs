@@ -349,7 +349,8 @@ impl ExecJob {
     }
 
     /// SIGKILLs the child (not `svcd exec`), once it has written its pid.
-    pub async fn kill_child(&self) {
+    /// The child's pid, once it has written it.
+    pub async fn child_pid(&self) -> Pid {
         let pid: i32 = eventually(Duration::from_secs(5), "child pid file", || async {
             std::fs::read_to_string(&self.pidfile)
                 .ok()?
@@ -358,7 +359,11 @@ impl ExecJob {
                 .ok()
         })
         .await;
-        kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill child");
+        Pid::from_raw(pid)
+    }
+
+    pub async fn kill_child(&self) {
+        kill(self.child_pid().await, Signal::SIGKILL).expect("kill child");
     }
 }
 

@@ -1,0 +1,172 @@
+//! The registration API as clients use it: read your writes (a `svcd register` followed at once
+//! by `svcd list` sees it), blocking queries and `svcd watch`, and no empty listing from a daemon
+//! that has not synced yet. Against a real etcd, where the watch is the slower path.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+
+use crate::support::daemon::Daemon;
+use crate::support::etcd::Etcd;
+use crate::support::{free_port, svcd_bin};
+
+fn etcd_config(endpoint: &str) -> String {
+    format!("[registry.etcd]\nendpoints = [\"{endpoint}\"]\n")
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn a_write_is_visible_here_when_the_api_answers() {
+    let etcd = Etcd::start().await;
+    let d = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    for i in 0..30 {
+        let id = format!("w{i}");
+        let port = format!("http={}", 9000 + i);
+        stdout(&d.cli(&["register", "web", &id, "--ip", "127.0.0.1", "--port", &port]));
+        let listing = stdout(&d.cli(&["list", "web"]));
+        assert!(
+            listing.lines().any(|l| l.starts_with(&id)),
+            "try {i}: registered but not listed:\n{listing}"
+        );
+        stdout(&d.cli(&["deregister", &format!("web/{id}")]));
+        let after = d.get("/v1/services/default/web").await;
+        assert!(
+            after.status == 404 || !after.body.contains(&format!("\"id\":\"{id}\"")),
+            "try {i}: deregistered but still served"
+        );
+    }
+}
+
+#[tokio::test]
+async fn blocking_queries_answer_on_change_or_when_the_wait_is_over() {
+    let etcd = Etcd::start().await;
+    let d = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    d.put_instance("web", "a", r#"{"ip":"10.0.0.1"}"#).await;
+    let first = d.get("/v1/services/default/web").await.json();
+    let index = first["index"].as_i64().unwrap();
+    assert!(index > 0);
+    // No change: the query holds for its wait, then answers with the same index.
+    let started = Instant::now();
+    let same = d
+        .get(&format!(
+            "/v1/services/default/web?index={index}&wait=700ms"
+        ))
+        .await
+        .json();
+    let held = started.elapsed();
+    assert!(
+        held >= Duration::from_millis(650) && held < Duration::from_secs(3),
+        "{held:?}"
+    );
+    assert_eq!(same["index"].as_i64(), Some(index));
+    // A change while it waits: the answer comes with it, not at the end of the wait.
+    let admin = d.admin;
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = crate::support::daemon::http(
+            admin,
+            "GET",
+            &format!("/v1/services/default/web?index={index}&wait=30s"),
+            None,
+        )
+        .await
+        .unwrap();
+        (started.elapsed(), r.json())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.put_instance("web", "b", r#"{"ip":"10.0.0.2"}"#).await;
+    let (took, changed) = waiting.await.unwrap();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(changed["index"].as_i64().unwrap() > index);
+    assert_eq!(changed["instances"].as_array().unwrap().len(), 2);
+    // Bad parameters are named.
+    let bad = d.get("/v1/services/default/web?index=x").await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("index"), "{}", bad.body);
+}
+
+#[tokio::test]
+async fn svcd_watch_prints_each_change() {
+    let d = Daemon::start("").await;
+    let mut watch = tokio::process::Command::new(svcd_bin())
+        .args(["watch", "web"])
+        .env("SVCD_ADMIN_LISTEN", d.admin.to_string())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.put_instance("web", "a", r#"{"ip":"10.0.0.1"}"#).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.put_instance("web", "b", r#"{"ip":"10.0.0.2"}"#).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        d.request("DELETE", "/v1/services/default/web/instances/a", None)
+            .await
+            .status,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    watch.start_kill().unwrap();
+    let mut out = String::new();
+    watch
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    let sections: Vec<&str> = out.split("--- ").filter(|s| !s.is_empty()).collect();
+    assert_eq!(sections.len(), 4, "{out}");
+    assert!(sections[0].contains("no instances"), "{out}");
+    assert!(
+        sections[1].contains("10.0.0.1") && !sections[1].contains("10.0.0.2"),
+        "{out}"
+    );
+    assert!(
+        sections[2].contains("10.0.0.1") && sections[2].contains("10.0.0.2"),
+        "{out}"
+    );
+    assert!(
+        !sections[3].contains("10.0.0.1") && sections[3].contains("10.0.0.2"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn svcd_list_says_so_while_not_synced() {
+    // etcd configured but nobody listening: the daemon starts and waits.
+    let d = Daemon::spawn(
+        &etcd_config(&format!("http://127.0.0.1:{}", free_port())),
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crate::support::daemon::http(d.admin, "GET", "/healthz", None)
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "admin API never came up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = d.cli(&["list"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not synced"),
+        "{out:?}"
+    );
+    let out = d.cli(&["list", "web"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not synced"),
+        "{out:?}"
+    );
+}
