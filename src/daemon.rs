@@ -1,9 +1,12 @@
 //! `svcd run`: load config, start the registry and listeners, then wait for signals.
 //!
 //! Lifecycle: one `CancellationToken` is the shutdown signal; every accept loop and background
-//! task selects on it and lives in one `JoinSet`. First SIGTERM/SIGINT: readiness goes false, the
-//! token is cancelled, tasks drain for up to `shutdown.drain_timeout`, exit 0. A second signal
-//! exits at once. SIGHUP re-reads the config file and swaps in what can change live.
+//! task selects on it and lives in one `JoinSet`. First SIGTERM/SIGINT, in order: `/readyz`
+//! answers 503 and this daemon's registrations are marked `draining` in the store (other nodes
+//! stop sending); everything keeps serving for `shutdown.readiness_grace`; the proxies stop
+//! accepting and drain for up to `shutdown.drain_timeout` while DNS and the admin API still
+//! answer; then those stop, the lease is revoked, exit 0. A second signal exits at once. SIGHUP
+//! re-reads the config file and swaps in what can change live.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -169,28 +172,49 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     };
     wait_for_signals(&sources, &config, &live, &log, &metrics).await?;
 
-    // Drain.
-    let drain_timeout = config.load().shutdown.drain_timeout;
+    // Shutdown, in order: stop being chosen, keep serving through the grace, drain the proxies
+    // while DNS and the admin API still answer, then stop those and revoke the lease.
+    let shutdown = config.load().shutdown.clone();
     info!(
-        ?drain_timeout,
-        "shutting down: no new connections, draining"
+        grace = ?shutdown.readiness_grace,
+        drain_timeout = ?shutdown.drain_timeout,
+        "shutting down: not ready, registrations draining"
     );
     readiness.shutting_down.store(true, Ordering::Relaxed);
-    cancel.cancel();
-    tasks.spawn(dns.shutdown());
-    proxy.stop_accepting();
-    http.stop_accepting();
     let second_signal = async {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     };
     let drain = async {
-        let deadline = tokio::time::Instant::now() + drain_timeout;
-        tokio::join!(proxy.drain(drain_timeout), http.drain(drain_timeout));
-        if tokio::time::timeout_at(deadline, async {
-            while tasks.join_next().await.is_some() {}
-        })
+        // Other nodes stop sending here (bounded: a store that does not answer delays nothing
+        // beyond the grace).
+        let marking = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            registry.keeper.drain_all(),
+        );
+        match marking.await {
+            Ok(Ok(n)) if n > 0 => info!(registrations = n, "marked draining in the store"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "could not mark registrations draining"),
+            Err(_) => warn!("marking registrations draining timed out"),
+        }
+        tokio::time::sleep(shutdown.readiness_grace).await;
+        info!("no new connections; draining in-flight work");
+        proxy.stop_accepting();
+        http.stop_accepting();
+        let deadline = tokio::time::Instant::now() + shutdown.drain_timeout;
+        tokio::join!(
+            proxy.drain(shutdown.drain_timeout),
+            http.drain(shutdown.drain_timeout)
+        );
+        // DNS and the admin API answered through the drain; now they stop too.
+        cancel.cancel();
+        tasks.spawn(dns.shutdown());
+        if tokio::time::timeout_at(
+            deadline.max(tokio::time::Instant::now() + std::time::Duration::from_secs(1)),
+            async { while tasks.join_next().await.is_some() {} },
+        )
         .await
         .is_err()
         {

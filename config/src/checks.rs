@@ -63,6 +63,19 @@ impl Checker {
         }
     }
 
+    /// A duration that may be zero.
+    pub(crate) fn duration_or_zero(
+        &mut self,
+        path: &str,
+        value: Option<String>,
+        default: Duration,
+    ) -> Duration {
+        match value.as_deref().map(humantime::parse_duration) {
+            Some(Ok(d)) if d.is_zero() => d,
+            _ => self.duration(path, value, default),
+        }
+    }
+
     /// A duration with an upper bound (`max`, inclusive).
     pub(crate) fn duration_at_most(
         &mut self,
@@ -195,11 +208,17 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
     let dns = dns(&mut c, raw.dns.unwrap_or_default());
     let proxy = proxy(&mut c, raw.proxy.unwrap_or_default());
     let registry = registry(&mut c, raw.registry.unwrap_or_default());
+    let raw_shutdown = raw.shutdown.unwrap_or_default();
     let shutdown = ShutdownConfig {
         drain_timeout: c.duration(
             "shutdown.drain_timeout",
-            raw.shutdown.unwrap_or_default().drain_timeout,
+            raw_shutdown.drain_timeout,
             Duration::from_secs(10),
+        ),
+        readiness_grace: c.duration_or_zero(
+            "shutdown.readiness_grace",
+            raw_shutdown.readiness_grace,
+            Duration::ZERO,
         ),
     };
     let log = log(&mut c, raw.log.unwrap_or_default());

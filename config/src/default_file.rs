@@ -143,7 +143,12 @@ keepalive_timeout = "5s"
 # protocol = "tcp"                # tcp | http | h2 | grpc
 
 [shutdown]
-# On SIGTERM/SIGINT: stop accepting, then wait this long for in-flight work.
+# On SIGTERM/SIGINT, in order: /readyz answers 503 and this node's registrations are marked
+# draining in the store (other nodes stop sending); everything keeps serving for
+# readiness_grace (give load balancers time to notice, e.g. "5s" under Kubernetes); then the
+# proxies stop accepting and in-flight work gets up to drain_timeout, while DNS and the admin API
+# still answer; last, the lease is revoked and svcd exits 0.
+readiness_grace = "0s"
 drain_timeout = "10s"
 
 [log]

@@ -164,6 +164,11 @@ pub struct StaticInstance {
 pub struct ShutdownConfig {
     #[serde(serialize_with = "ser_duration")]
     pub drain_timeout: Duration,
+    /// After SIGTERM, how long everything keeps serving — `/readyz` already 503 and this node's
+    /// registrations already `draining` — before the proxies stop accepting: time for load
+    /// balancers and other nodes to stop sending.
+    #[serde(serialize_with = "ser_duration")]
+    pub readiness_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -140,6 +140,7 @@ pub struct RawEtcd {
 #[serde(deny_unknown_fields)]
 pub struct RawShutdown {
     pub drain_timeout: Option<String>,
+    pub readiness_grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

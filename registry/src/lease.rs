@@ -210,6 +210,24 @@ impl LeaseKeeper {
         Ok(owned || deleted)
     }
 
+    /// Marks every registration this daemon holds `draining` in the store (shutdown: other nodes
+    /// stop sending new work before this one stops serving). Returns how many were written.
+    pub async fn drain_all(&self) -> StoreResult<usize> {
+        let keys: Vec<InstanceKey> = self
+            .state
+            .lock()
+            .await
+            .own
+            .values()
+            .filter(|r| r.instance.state != svcd_config::State::Draining)
+            .map(|r| r.key.clone())
+            .collect();
+        for key in &keys {
+            self.set_state(key, svcd_config::State::Draining).await?;
+        }
+        Ok(keys.len())
+    }
+
     /// The value this daemon wrote (or will write) for `key`: the registration with its health
     /// verdict applied. `None` if it holds no such registration.
     pub async fn effective(&self, key: &InstanceKey) -> Option<Instance> {
