@@ -443,7 +443,9 @@ impl SnapshotBuilder {
             .iter()
             .map(|key| self.apply_unchecked(EventKind::Delete, key, &[], revision))
             .collect();
-        self.revision = self.revision.max(revision);
+        // The listing is the state at `revision`: that is where the watch resumes, even when it
+        // is lower than before (the store was wiped or restored from a backup).
+        self.revision = revision;
         self.reported_invalid
             .retain(|key| relist.listed.contains(key));
         self.interner.prune();

@@ -197,6 +197,23 @@ fn report_invalid(metrics: &RegistryMetrics, results: &[Applied]) {
     }
 }
 
+/// The store's current revision if it is behind `ours` (wiped or restored), by reading one key.
+async fn went_backwards(store: &dyn Store, ours: i64) -> Option<i64> {
+    let page = store
+        .list(ENDPOINTS_PREFIX, ENDPOINTS_PREFIX, 0, 1)
+        .await
+        .ok()?;
+    (page.revision < ours).then_some(page.revision)
+}
+
+fn warn_backwards(now: i64, ours: i64) {
+    warn!(
+        store_revision = now,
+        snapshot_revision = ours,
+        "registry store revision went backwards (wiped or restored from a backup); re-listing"
+    );
+}
+
 /// Why a watch session ended.
 enum WatchEnd {
     Cancelled,
@@ -242,7 +259,16 @@ pub async fn run_sync(
         }
         let resync_at = Instant::now() + options.resync_interval;
         // 2. Watch from the revision after everything applied, re-opening as needed.
+        let mut first_watch = true;
         loop {
+            // A store that comes back behind us was wiped or restored: its history is not ours
+            // any more; re-list at once rather than wait for it to reach our revision.
+            if !std::mem::take(&mut first_watch) {
+                if let Some(now) = went_backwards(store.as_ref(), builder.revision()).await {
+                    warn_backwards(now, builder.revision());
+                    continue 'relist;
+                }
+            }
             let from = builder.revision() + 1;
             let stream = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -322,6 +348,10 @@ async fn watch_session(
                             publish_at = Some(Instant::now() + options.coalesce);
                         }
                         publisher.status.confirm();
+                    }
+                    Ok(Some(WatchMessage::Progress { revision })) if revision < builder.revision() => {
+                        warn_backwards(revision, builder.revision());
+                        return WatchEnd::Relist;
                     }
                     Ok(Some(WatchMessage::Progress { revision })) => {
                         // Everything up to `revision` was delivered.

@@ -704,3 +704,47 @@ async fn ctrl_c_reaches_the_exec_child_once() {
         "SIGINT delivered once: {seen:?}"
     );
 }
+
+#[tokio::test]
+async fn a_wiped_etcd_is_noticed_and_relisted_at_once() {
+    let mut etcd = Etcd::start().await;
+    let a = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    let b = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    let mut client = etcd.client().await;
+    // Push the revision well up, then: one leased registration through A, one bare key.
+    for i in 0..50 {
+        client.put(format!("/filler/{i}"), "x", None).await.unwrap();
+    }
+    client
+        .put(
+            "/svcd/v1/endpoints/default/web/bare",
+            body("10.0.0.9"),
+            None,
+        )
+        .await
+        .unwrap();
+    a.put_instance("web", "a1", &body("10.0.0.1")).await;
+    b.wait_instances("default", "web", &["a1", "bare"], WAIT)
+        .await;
+    let before = b.metric("svcd_registry_revision").await.unwrap();
+    assert!(before > 50.0);
+
+    etcd.wipe().await;
+    let healed = Instant::now();
+    // B drops what the wiped store no longer has; A re-grants its lease and writes a1 again.
+    b.wait_instances("default", "web", &["a1"], Duration::from_secs(8))
+        .await;
+    let took = healed.elapsed();
+    let after = b.metric("svcd_registry_revision").await.unwrap();
+    assert!(
+        after < before,
+        "revision follows the store back: {after} vs {before}"
+    );
+    assert_eq!(b.metric("svcd_registry_connected").await, Some(1.0));
+    // A registration made now crosses nodes promptly.
+    a.put_instance("web", "a2", &body("10.0.0.2")).await;
+    b.wait_instances("default", "web", &["a1", "a2"], Duration::from_secs(2))
+        .await;
+    assert!(b.log().contains("went backwards"), "{}", b.log());
+    eprintln!("wipe → stale entry gone on the other node after {took:?}");
+}
