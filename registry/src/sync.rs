@@ -50,7 +50,9 @@ impl Default for SyncOptions {
             watchdog: Duration::from_secs(15),
             resync_interval: Duration::from_secs(300),
             backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
+            // Short: a retry against a down store is one refused connect, and a change made
+            // when it heals must reach every node within a second. The jitter spreads nodes.
+            backoff_max: Duration::from_millis(800),
         }
     }
 }

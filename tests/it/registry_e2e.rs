@@ -748,3 +748,28 @@ async fn a_wiped_etcd_is_noticed_and_relisted_at_once() {
     assert!(b.log().contains("went backwards"), "{}", b.log());
     eprintln!("wipe → stale entry gone on the other node after {took:?}");
 }
+
+#[tokio::test]
+async fn after_an_outage_a_change_reaches_every_node_within_a_second_of_heal() {
+    let mut etcd = Etcd::start().await;
+    let a = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    let b = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    a.put_instance("web", "w1", &body("10.0.0.1")).await;
+    b.wait_instances("default", "web", &["w1"], WAIT).await;
+    etcd.stop();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    etcd.resume().await; // returns once etcd answers
+    let healed = Instant::now();
+    let mut client = etcd.client().await;
+    client
+        .put("/svcd/v1/endpoints/default/web/after", body("10.0.0.5"), None)
+        .await
+        .unwrap();
+    for d in [&a, &b] {
+        d.wait_instances("default", "web", &["after", "w1"], Duration::from_secs(3))
+            .await;
+    }
+    let took = healed.elapsed();
+    eprintln!("change after heal visible on both nodes after {took:?}");
+    assert!(took < Duration::from_millis(1500), "{took:?} (target 1 s)");
+}
