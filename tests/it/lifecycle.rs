@@ -127,6 +127,25 @@ async fn readyz_says_why_until_the_registry_syncs() {
         &format!("[registry.etcd]\nendpoints = [\"127.0.0.1:{dead}\"]\n"),
         &[],
     );
+    readyz_waits_for_the_registry(&d).await;
+}
+
+#[tokio::test]
+async fn with_etcd_credentials_and_etcd_down_the_daemon_also_starts_and_waits() {
+    // It used to exit 1: etcd-client authenticates while connecting. The store now connects on
+    // first use and keeps retrying.
+    let dead = free_port();
+    let mut d = Daemon::spawn(
+        &format!(
+            "[registry.etcd]\nendpoints = [\"127.0.0.1:{dead}\"]\nusername = \"svcd\"\npassword = \"pw\"\n"
+        ),
+        &[],
+    );
+    readyz_waits_for_the_registry(&d).await;
+    assert!(d.try_exit_status().is_none(), "still running:\n{}", d.log());
+}
+
+async fn readyz_waits_for_the_registry(d: &Daemon) {
     // The admin API answers first; the DNS listener binds a moment later.
     let reply = eventually(Duration::from_secs(10), "listeners bound", || async {
         let r = http(d.admin, "GET", "/readyz", None).await.ok()?;

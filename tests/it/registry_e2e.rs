@@ -762,7 +762,11 @@ async fn after_an_outage_a_change_reaches_every_node_within_a_second_of_heal() {
     let healed = Instant::now();
     let mut client = etcd.client().await;
     client
-        .put("/svcd/v1/endpoints/default/web/after", body("10.0.0.5"), None)
+        .put(
+            "/svcd/v1/endpoints/default/web/after",
+            body("10.0.0.5"),
+            None,
+        )
         .await
         .unwrap();
     for d in [&a, &b] {

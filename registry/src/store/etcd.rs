@@ -15,9 +15,13 @@ use super::*;
 
 #[derive(Clone)]
 pub struct EtcdStore {
-    /// Cheap to clone (shared channel); each call clones it because etcd-client methods take
-    /// `&mut self`.
-    client: Client,
+    /// Connected on first use, then kept. Cheap to clone (shared channel); each call clones it
+    /// because etcd-client methods take `&mut self`. Lazy because with credentials etcd-client
+    /// authenticates while connecting, which needs etcd up: the daemon must start and wait for
+    /// an unreachable etcd either way (a failed connect is retried by the next call).
+    client: tokio::sync::OnceCell<Client>,
+    urls: Vec<String>,
+    options: ConnectOptions,
     endpoints: String,
 }
 
@@ -73,13 +77,24 @@ impl EtcdStore {
                 }
             })
             .collect();
-        let client = Client::connect(&endpoints, Some(options))
-            .await
-            .map_err(map_err)?;
         Ok(EtcdStore {
-            client,
+            client: tokio::sync::OnceCell::new(),
             endpoints: endpoints.join(","),
+            urls: endpoints,
+            options,
         })
+    }
+
+    /// The connected client, connecting (and with credentials, authenticating) on first use.
+    async fn client(&self) -> StoreResult<Client> {
+        self.client
+            .get_or_try_init(|| async {
+                Client::connect(&self.urls, Some(self.options.clone()))
+                    .await
+                    .map_err(map_err)
+            })
+            .await
+            .cloned()
     }
 }
 
@@ -98,8 +113,8 @@ impl Store for EtcdStore {
             .with_revision(revision)
             .with_limit(limit as i64);
         let resp = self
-            .client
-            .clone()
+            .client()
+            .await?
             .get(start, Some(options))
             .await
             .map_err(map_err)?;
@@ -122,22 +137,22 @@ impl Store for EtcdStore {
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> StoreResult<i64> {
         let options = lease.map(|id| PutOptions::new().with_lease(id));
-        let resp =
-            self.client
-                .clone()
-                .put(key, value, options)
-                .await
-                .map_err(|e| match map_err(e) {
-                    StoreError::LeaseNotFound(_) => StoreError::LeaseNotFound(lease.unwrap_or(0)),
-                    other => other,
-                })?;
+        let resp = self
+            .client()
+            .await?
+            .put(key, value, options)
+            .await
+            .map_err(|e| match map_err(e) {
+                StoreError::LeaseNotFound(_) => StoreError::LeaseNotFound(lease.unwrap_or(0)),
+                other => other,
+            })?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
     async fn delete(&self, key: &str) -> StoreResult<bool> {
         let resp = self
-            .client
-            .clone()
+            .client()
+            .await?
             .delete(key, None)
             .await
             .map_err(map_err)?;
@@ -147,8 +162,8 @@ impl Store for EtcdStore {
     async fn grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
         let secs = ttl.as_secs().max(1) as i64;
         let resp = self
-            .client
-            .clone()
+            .client()
+            .await?
             .lease_grant(secs, None)
             .await
             .map_err(map_err)?;
@@ -156,8 +171,9 @@ impl Store for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> StoreResult<Option<Duration>> {
+        let client = self.client().await?;
         let once = async {
-            let (mut keeper, mut stream) = self.client.clone().lease_keep_alive(lease).await?;
+            let (mut keeper, mut stream) = client.clone().lease_keep_alive(lease).await?;
             keeper.keep_alive().await?;
             stream.message().await
         };
@@ -171,8 +187,8 @@ impl Store for EtcdStore {
 
     async fn revoke(&self, lease: LeaseId) -> StoreResult<()> {
         match self
-            .client
-            .clone()
+            .client()
+            .await?
             .lease_revoke(lease)
             .await
             .map_err(map_err)
@@ -188,8 +204,8 @@ impl Store for EtcdStore {
             options = options.with_start_revision(from_revision);
         }
         let stream = self
-            .client
-            .clone()
+            .client()
+            .await?
             .watch(prefix, Some(options))
             .await
             .map_err(map_err)?;
@@ -197,8 +213,8 @@ impl Store for EtcdStore {
     }
 
     async fn compact(&self, revision: i64) -> StoreResult<()> {
-        self.client
-            .clone()
+        self.client()
+            .await?
             .compact(revision, None)
             .await
             .map_err(map_err)?;

@@ -224,6 +224,11 @@ impl Daemon {
         }
     }
 
+    /// The exit status if the daemon has exited, without waiting.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
