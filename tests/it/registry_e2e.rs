@@ -777,3 +777,45 @@ async fn after_an_outage_a_change_reaches_every_node_within_a_second_of_heal() {
     eprintln!("change after heal visible on both nodes after {took:?}");
     assert!(took < Duration::from_millis(1500), "{took:?} (target 1 s)");
 }
+
+#[tokio::test]
+async fn with_one_of_three_members_dead_no_registration_fails() {
+    let mut cluster = crate::support::etcd::EtcdCluster::start(3).await;
+    let endpoints: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    let d = Daemon::start(&format!(
+        "[registry]\nlease_ttl = \"5s\"\n[registry.etcd]\nendpoints = [{}]\n",
+        endpoints.join(", ")
+    ))
+    .await;
+    d.put_instance("web", "before", &body("10.0.0.1")).await;
+    cluster.kill(1);
+    let mut latencies = Vec::new();
+    for i in 0..30 {
+        let started = Instant::now();
+        let r = d
+            .request(
+                "PUT",
+                &format!("/v1/services/default/web/instances/w{i}"),
+                Some(&body("10.0.0.2")),
+            )
+            .await;
+        latencies.push(started.elapsed());
+        assert_eq!(
+            r.status, 200,
+            "write {i} failed with quorum intact: {}",
+            r.body
+        );
+    }
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    eprintln!(
+        "writes with a member down: p50 {:?}, max {p99:?}",
+        latencies[15]
+    );
+    assert!(p99 < Duration::from_secs(2), "{latencies:?}");
+    assert_eq!(d.instance_ids("default", "web").await.len(), 31);
+}

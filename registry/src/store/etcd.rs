@@ -25,6 +25,9 @@ pub struct EtcdStore {
     endpoints: String,
 }
 
+/// How long an operation retries an unavailable store before giving up.
+const RETRY_FOR: Duration = Duration::from_millis(1500);
+
 fn map_err(e: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
     match e {
@@ -85,6 +88,40 @@ impl EtcdStore {
         })
     }
 
+    /// Runs `op`, retrying a store that is unavailable for up to [`RETRY_FOR`]: with several
+    /// members, a request that reached a dead one is sent again and lands on a live one (the
+    /// client balances over the endpoints), so with quorum no write fails. The operations
+    /// retried are idempotent (a put of the same value, a delete, a lease grant whose extra
+    /// lease expires unused). A final failure names the endpoints.
+    async fn retrying<T, F, Fut>(&self, mut op: F) -> StoreResult<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(25);
+        loop {
+            let result = match self.client().await {
+                Ok(client) => op(client).await.map_err(map_err),
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(StoreError::Unavailable(msg)) if started.elapsed() + pause < RETRY_FOR => {
+                    tracing::debug!(endpoints = %self.endpoints, error = %msg, "etcd unavailable; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(400));
+                }
+                Err(StoreError::Unavailable(msg)) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "etcd {}: {msg}",
+                        self.endpoints
+                    )))
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// The connected client, connecting (and with credentials, authenticating) on first use.
     async fn client(&self) -> StoreResult<Client> {
         self.client
@@ -113,11 +150,11 @@ impl Store for EtcdStore {
             .with_revision(revision)
             .with_limit(limit as i64);
         let resp = self
-            .client()
-            .await?
-            .get(start, Some(options))
-            .await
-            .map_err(map_err)?;
+            .retrying(|mut c| {
+                let options = options.clone();
+                async move { c.get(start, Some(options)).await }
+            })
+            .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
         let kvs = resp
             .kvs()
@@ -138,11 +175,12 @@ impl Store for EtcdStore {
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> StoreResult<i64> {
         let options = lease.map(|id| PutOptions::new().with_lease(id));
         let resp = self
-            .client()
-            .await?
-            .put(key, value, options)
+            .retrying(|mut c| {
+                let (value, options) = (value.clone(), options.clone());
+                async move { c.put(key, value, options).await }
+            })
             .await
-            .map_err(|e| match map_err(e) {
+            .map_err(|e| match e {
                 StoreError::LeaseNotFound(_) => StoreError::LeaseNotFound(lease.unwrap_or(0)),
                 other => other,
             })?;
@@ -151,22 +189,16 @@ impl Store for EtcdStore {
 
     async fn delete(&self, key: &str) -> StoreResult<bool> {
         let resp = self
-            .client()
-            .await?
-            .delete(key, None)
-            .await
-            .map_err(map_err)?;
+            .retrying(|mut c| async move { c.delete(key, None).await })
+            .await?;
         Ok(resp.deleted() > 0)
     }
 
     async fn grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
         let secs = ttl.as_secs().max(1) as i64;
         let resp = self
-            .client()
-            .await?
-            .lease_grant(secs, None)
-            .await
-            .map_err(map_err)?;
+            .retrying(|mut c| async move { c.lease_grant(secs, None).await })
+            .await?;
         Ok(resp.id())
     }
 

@@ -122,3 +122,101 @@ impl Drop for Etcd {
         self.stop();
     }
 }
+
+/// A real 3-member etcd cluster (for member-loss tests): free ports, temp data dirs, killed on
+/// drop.
+pub struct EtcdCluster {
+    pub client_urls: Vec<String>,
+    _dir: tempfile::TempDir,
+    children: Vec<Option<Child>>,
+}
+
+impl EtcdCluster {
+    pub async fn start(members: usize) -> EtcdCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let client_urls: Vec<String> = (0..members)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
+        let peer_urls: Vec<String> = (0..members)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
+        let initial: Vec<String> = peer_urls
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("m{i}={p}"))
+            .collect();
+        let initial = initial.join(",");
+        let mut children = Vec::new();
+        for i in 0..members {
+            let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).expect("log");
+            let child = Command::new(etcd_binary())
+                .args([
+                    "--name",
+                    &format!("m{i}"),
+                    "--data-dir",
+                    dir.path().join(format!("m{i}")).to_str().expect("utf-8"),
+                    "--listen-client-urls",
+                    &client_urls[i],
+                    "--advertise-client-urls",
+                    &client_urls[i],
+                    "--listen-peer-urls",
+                    &peer_urls[i],
+                    "--initial-advertise-peer-urls",
+                    &peer_urls[i],
+                    "--initial-cluster",
+                    &initial,
+                    "--initial-cluster-state",
+                    "new",
+                    "--heartbeat-interval",
+                    "50",
+                    "--election-timeout",
+                    "500",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start etcd: {e}\n{INSTALL_HINT}"));
+            children.push(Some(child));
+        }
+        for url in &client_urls {
+            let url = url.clone();
+            eventually(Duration::from_secs(30), "etcd member to answer", || {
+                let url = url.clone();
+                async move {
+                    let mut client = etcd_client::Client::connect([url], None).await.ok()?;
+                    client.put("health-probe", "1", None).await.ok().map(|_| ())
+                }
+            })
+            .await;
+        }
+        EtcdCluster {
+            client_urls,
+            _dir: dir,
+            children,
+        }
+    }
+
+    /// `host:port` of every member, as svcd's config takes them.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.client_urls
+            .iter()
+            .map(|u| u.trim_start_matches("http://").to_string())
+            .collect()
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+    }
+}
