@@ -25,8 +25,11 @@ pub struct EtcdStore {
     endpoints: String,
 }
 
-/// How long an operation retries an unavailable store before giving up.
-const RETRY_FOR: Duration = Duration::from_millis(1500);
+/// How long an operation retries an unavailable store before giving up: past a leader election.
+const RETRY_FOR: Duration = Duration::from_secs(4);
+
+/// One attempt of a write (put, delete, lease grant) before it is sent again.
+const WRITE_ATTEMPT: Duration = Duration::from_secs(1);
 
 fn map_err(e: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
@@ -93,7 +96,11 @@ impl EtcdStore {
     /// client balances over the endpoints), so with quorum no write fails. The operations
     /// retried are idempotent (a put of the same value, a delete, a lease grant whose extra
     /// lease expires unused). A final failure names the endpoints.
-    async fn retrying<T, F, Fut>(&self, mut op: F) -> StoreResult<T>
+    ///
+    /// Each attempt of a write is bounded by [`WRITE_ATTEMPT`]: a request sitting at a member
+    /// whose leader was just killed is only answered after etcd's own request timeout (seconds);
+    /// asked again, it lands where the new leader is.
+    async fn retrying<T, F, Fut>(&self, attempt: Option<Duration>, mut op: F) -> StoreResult<T>
     where
         F: FnMut(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -102,7 +109,15 @@ impl EtcdStore {
         let mut pause = Duration::from_millis(25);
         loop {
             let result = match self.client().await {
-                Ok(client) => op(client).await.map_err(map_err),
+                Ok(client) => match attempt {
+                    Some(limit) => match tokio::time::timeout(limit, op(client)).await {
+                        Ok(r) => r.map_err(map_err),
+                        Err(_) => Err(StoreError::Unavailable(format!(
+                            "no answer within {limit:?}"
+                        ))),
+                    },
+                    None => op(client).await.map_err(map_err),
+                },
                 Err(e) => Err(e),
             };
             match result {
@@ -150,7 +165,7 @@ impl Store for EtcdStore {
             .with_revision(revision)
             .with_limit(limit as i64);
         let resp = self
-            .retrying(|mut c| {
+            .retrying(None, |mut c| {
                 let options = options.clone();
                 async move { c.get(start, Some(options)).await }
             })
@@ -175,7 +190,7 @@ impl Store for EtcdStore {
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> StoreResult<i64> {
         let options = lease.map(|id| PutOptions::new().with_lease(id));
         let resp = self
-            .retrying(|mut c| {
+            .retrying(Some(WRITE_ATTEMPT), |mut c| {
                 let (value, options) = (value.clone(), options.clone());
                 async move { c.put(key, value, options).await }
             })
@@ -189,7 +204,9 @@ impl Store for EtcdStore {
 
     async fn delete(&self, key: &str) -> StoreResult<bool> {
         let resp = self
-            .retrying(|mut c| async move { c.delete(key, None).await })
+            .retrying(Some(WRITE_ATTEMPT), |mut c| async move {
+                c.delete(key, None).await
+            })
             .await?;
         Ok(resp.deleted() > 0)
     }
@@ -197,7 +214,9 @@ impl Store for EtcdStore {
     async fn grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
         let secs = ttl.as_secs().max(1) as i64;
         let resp = self
-            .retrying(|mut c| async move { c.lease_grant(secs, None).await })
+            .retrying(Some(WRITE_ATTEMPT), |mut c| async move {
+                c.lease_grant(secs, None).await
+            })
             .await?;
         Ok(resp.id())
     }

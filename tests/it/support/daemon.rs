@@ -224,6 +224,30 @@ impl Daemon {
         }
     }
 
+    /// Kills the daemon (SIGKILL) and starts a new one on the same config file and ports, as a
+    /// supervisor restarting it would; waits for readiness.
+    pub async fn crash_and_restart(&mut self) {
+        self.kill9();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("svcd.log"))
+            .expect("log file");
+        let child = Command::new(svcd_bin())
+            .args([
+                "run",
+                "--config",
+                self.config_path.to_str().expect("utf-8 path"),
+            ])
+            .env_remove("RUST_LOG")
+            .env("SVCD_LOG_LEVEL", "info,svcd_registry=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("respawn svcd");
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
     /// The exit status if the daemon has exited, without waiting.
     pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
         self.child.as_mut()?.try_wait().ok().flatten()
