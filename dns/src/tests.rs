@@ -17,7 +17,6 @@ use crate::handler::DnsResponder;
 use crate::metrics::DnsMetrics;
 
 fn snapshot() -> EndpointSnapshot {
-    let mut b = SnapshotBuilder::new();
     let entries = [
         (
             "default/web/w1",
@@ -41,6 +40,16 @@ fn snapshot() -> EndpointSnapshot {
         ),
         ("default/down/d1", r#"{"ip":"10.0.1.1","state":"draining"}"#),
     ];
+    let entries: Vec<(String, String)> = entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    snapshot_of(&entries)
+}
+
+/// A snapshot of `entries` (key under /svcd/v1/endpoints/, JSON value).
+fn snapshot_of(entries: &[(String, String)]) -> EndpointSnapshot {
+    let mut b = SnapshotBuilder::new();
     for (i, (key, value)) in entries.iter().enumerate() {
         b.apply(&Event {
             kind: EventKind::Put,
@@ -427,21 +436,8 @@ fn fuzz_corpus_replays_cleanly() {
 
 /// A responder over `entries` (key under /svcd/v1/endpoints/, JSON value).
 fn responder_over(entries: &[(String, String)], config: &DnsConfig) -> Arc<DnsResponder> {
-    let mut b = SnapshotBuilder::new();
-    for (i, (key, value)) in entries.iter().enumerate() {
-        b.apply(&Event {
-            kind: EventKind::Put,
-            key: format!("/svcd/v1/endpoints/{key}"),
-            value: value.as_bytes().to_vec(),
-            mod_revision: i as i64 + 2,
-        });
-    }
     let metrics = DnsMetrics::new(&prometheus::Registry::new()).unwrap();
-    DnsResponder::new(
-        config,
-        SnapshotReader::fixed(b.build(&EndpointSnapshot::default())),
-        metrics,
-    )
+    DnsResponder::new(config, SnapshotReader::fixed(snapshot_of(entries)), metrics)
 }
 
 #[test]

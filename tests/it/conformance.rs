@@ -13,15 +13,11 @@ use tokio::net::TcpStream;
 
 use crate::support::backend::Backend;
 use crate::support::daemon::Daemon;
-use crate::support::proxy::{register, wait_routable, web_service};
+use crate::support::proxy::{raw_exchange, register, wait_routable, web_service};
 
-/// Writes `bytes` to the proxy and reads until it closes (or 5 s).
+/// Writes `bytes` to the daemon's HTTP proxy and reads until it closes (or 5 s).
 async fn exchange(d: &Daemon, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(d.http).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+    raw_exchange(d.http, bytes).await
 }
 
 #[tokio::test]

@@ -1,6 +1,5 @@
 //! The HTTP proxy through the real daemon: real hyper backends, real clients over real sockets.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,7 +12,9 @@ use tokio::net::TcpStream;
 use crate::support::backend::Backend;
 use crate::support::daemon::{metric_sum, Daemon};
 use crate::support::eventually;
-use crate::support::proxy::{register, register_state, wait_routable, web_service, H1};
+use crate::support::proxy::{
+    raw_exchange, register, register_state, wait_routable, web_service, H1,
+};
 
 async fn metrics(d: &Daemon) -> String {
     d.get("/metrics").await.body
@@ -298,15 +299,6 @@ async fn large_upload_streams_with_flat_memory() {
         hwm_kb < 150 * 1024,
         "svcd peak RSS {hwm_kb} kB after a 1 GiB upload: the body was buffered"
     );
-}
-
-/// Sends raw bytes, returns everything the proxy answers until it closes (or 5 s).
-async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into()
 }
 
 #[tokio::test]

@@ -30,6 +30,35 @@ fn etcd_binary() -> PathBuf {
     panic!("{INSTALL_HINT}");
 }
 
+/// One etcd member's command line: fast elections (tests kill members), its own ports and data.
+struct Member<'a> {
+    name: &'a str,
+    data: &'a std::path::Path,
+    client_url: &'a str,
+    peer_url: &'a str,
+    initial_cluster: &'a str,
+}
+
+impl Member<'_> {
+    fn spawn(&self, log: std::fs::File) -> Child {
+        Command::new(etcd_binary())
+            .args(["--name", self.name])
+            .arg("--data-dir")
+            .arg(self.data)
+            .args(["--listen-client-urls", self.client_url])
+            .args(["--advertise-client-urls", self.client_url])
+            .args(["--listen-peer-urls", self.peer_url])
+            .args(["--initial-advertise-peer-urls", self.peer_url])
+            .args(["--initial-cluster", self.initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start etcd: {e}\n{INSTALL_HINT}"))
+    }
+}
+
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub async fn start() -> Etcd {
@@ -53,35 +82,16 @@ impl Etcd {
     pub async fn resume(&mut self) {
         assert!(self.child.is_none(), "etcd already running");
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log file");
-        let child = Command::new(etcd_binary())
-            .args([
-                "--name",
-                "svcd-test",
-                "--data-dir",
-                self.dir
-                    .path()
-                    .join("data")
-                    .to_str()
-                    .expect("utf-8 temp path"),
-                "--listen-client-urls",
-                &self.client_url,
-                "--advertise-client-urls",
-                &self.client_url,
-                "--listen-peer-urls",
-                &self.peer_url,
-                "--initial-advertise-peer-urls",
-                &self.peer_url,
-                "--initial-cluster",
-                &format!("svcd-test={}", self.peer_url),
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start etcd: {e}\n{INSTALL_HINT}"));
+        let data = self.dir.path().join("data");
+        let initial = format!("svcd-test={}", self.peer_url);
+        let member = Member {
+            name: "svcd-test",
+            data: &data,
+            client_url: &self.client_url,
+            peer_url: &self.peer_url,
+            initial_cluster: &initial,
+        };
+        let child = member.spawn(log);
         self.child = Some(child);
         let url = self.client_url.clone();
         eventually(Duration::from_secs(20), "etcd to answer", || {
@@ -149,33 +159,15 @@ impl EtcdCluster {
         let mut children = Vec::new();
         for i in 0..members {
             let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).expect("log");
-            let child = Command::new(etcd_binary())
-                .args([
-                    "--name",
-                    &format!("m{i}"),
-                    "--data-dir",
-                    dir.path().join(format!("m{i}")).to_str().expect("utf-8"),
-                    "--listen-client-urls",
-                    &client_urls[i],
-                    "--advertise-client-urls",
-                    &client_urls[i],
-                    "--listen-peer-urls",
-                    &peer_urls[i],
-                    "--initial-advertise-peer-urls",
-                    &peer_urls[i],
-                    "--initial-cluster",
-                    &initial,
-                    "--initial-cluster-state",
-                    "new",
-                    "--heartbeat-interval",
-                    "50",
-                    "--election-timeout",
-                    "500",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(log))
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start etcd: {e}\n{INSTALL_HINT}"));
+            let (name, data) = (format!("m{i}"), dir.path().join(format!("m{i}")));
+            let member = Member {
+                name: &name,
+                data: &data,
+                client_url: &client_urls[i],
+                peer_url: &peer_urls[i],
+                initial_cluster: &initial,
+            };
+            let child = member.spawn(log);
             children.push(Some(child));
         }
         for url in &client_urls {

@@ -105,3 +105,14 @@ impl H1 {
         (s, b)
     }
 }
+
+/// Sends raw bytes to `addr` (where a library client would tidy them), returns everything the
+/// proxy answers until it closes (or 5 s).
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
