@@ -104,18 +104,19 @@ async fn svcd_watch_prints_each_change() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Changes far enough apart that each is its own answer even on a loaded machine.
+    tokio::time::sleep(Duration::from_millis(800)).await;
     d.put_instance("web", "a", r#"{"ip":"10.0.0.1"}"#).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
     d.put_instance("web", "b", r#"{"ip":"10.0.0.2"}"#).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
         d.request("DELETE", "/v1/services/default/web/instances/a", None)
             .await
             .status,
         200
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
     watch.start_kill().unwrap();
     let mut out = String::new();
     watch

@@ -134,7 +134,7 @@ async fn both_planes_ejecting_one_instance_keep_every_view_equal_until_both_let_
         }
     }
     assert!(
-        ejected_samples >= 5 && samples > ejected_samples,
+        ejected_samples >= 2 && samples > ejected_samples,
         "{samples} samples"
     );
     // Each hold lasted its own 3 s; the instance came back only after the later one.

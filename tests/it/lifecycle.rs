@@ -213,22 +213,22 @@ async fn every_metric_family_exposed_is_documented() {
 #[tokio::test]
 async fn sigterm_goes_unready_marks_draining_and_keeps_dns_and_admin_through_the_grace() {
     let mut d =
-        Daemon::start("[shutdown]\nreadiness_grace = \"1500ms\"\ndrain_timeout = \"2s\"\n").await;
+        Daemon::start("[shutdown]\nreadiness_grace = \"2s\"\ndrain_timeout = \"2s\"\n").await;
     d.put_instance("web", "w1", r#"{"ip":"10.0.0.1"}"#).await;
     let started = Instant::now();
     d.signal(Signal::SIGTERM);
     // At once: not ready, and the registration is draining (DNS stops answering with it).
-    eventually(Duration::from_millis(700), "readyz 503", || async {
+    eventually(Duration::from_millis(1000), "readyz 503", || async {
         (d.get("/readyz").await.status == 503).then_some(())
     })
     .await;
-    eventually(Duration::from_millis(700), "draining", || async {
+    eventually(Duration::from_millis(1000), "draining", || async {
         let w1 = d.get("/v1/services/default/web/instances/w1").await.json();
         (w1["state"] == "draining").then_some(())
     })
     .await;
     // Through the grace, DNS and the admin API keep answering, and so does the HTTP proxy.
-    while started.elapsed() < Duration::from_millis(1200) {
+    while started.elapsed() < Duration::from_millis(1600) {
         assert_eq!(d.get("/healthz").await.status, 200);
         let soa = crate::support::dns::udp(
             d.dns,
@@ -244,7 +244,7 @@ async fn sigterm_goes_unready_marks_draining_and_keeps_dns_and_admin_through_the
     let status = d.wait_exit(Duration::from_secs(6));
     assert_eq!(status.code(), Some(0), "log:\n{}", d.log());
     assert!(
-        started.elapsed() >= Duration::from_millis(1500),
+        started.elapsed() >= Duration::from_secs(2),
         "the grace was kept"
     );
 }
