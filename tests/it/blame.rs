@@ -10,13 +10,12 @@ use hickory_proto::rr::RecordType;
 use http::Request;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::daemon::{metric_sum, Daemon};
 use crate::support::dns;
-use crate::support::proxy::web_service;
+use crate::support::proxy::{h2_connect, web_service};
 
 /// Ejection after two failures in a row, a 1 s request timeout: any client fault counted as a
 /// backend failure would eject the only instance at once.
@@ -126,14 +125,7 @@ async fn uploads_slower_than_the_request_timeout_complete_and_eject_nothing() {
 #[tokio::test]
 async fn cancelled_http2_streams_eject_nothing() {
     let (d, _b) = web_service(STRICT, &["b1"]).await;
-    let stream = TcpStream::connect(d.http).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, StreamBody<_>>(
-        TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut send, _conn) = h2_connect::<StreamBody<_>>(d.http).await;
     for i in 0..6 {
         // A streaming upload (as a gRPC client stream), cancelled by the client: RST_STREAM.
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);

@@ -7,13 +7,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::backend::Backend;
 use crate::support::daemon::Daemon;
-use crate::support::proxy::{raw_exchange, register, wait_routable, web_service};
+use crate::support::proxy::{h2_connect, raw_exchange, register, wait_routable, web_service};
 
 /// Writes `bytes` to the daemon's HTTP proxy and reads until it closes (or 5 s).
 async fn exchange(d: &Daemon, bytes: &[u8]) -> String {
@@ -59,12 +58,7 @@ async fn one_host_the_targets_authority_and_host_syntax() {
 #[tokio::test]
 async fn http2_authority_and_host_must_agree() {
     let (d, backends) = web_service("", &["b1"]).await;
-    let stream = TcpStream::connect(d.http).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut send, _conn) = h2_connect(d.http).await;
     let before = backends[0].count();
     let req = Request::get("http://web/")
         .header("host", "evil")
@@ -135,12 +129,7 @@ async fn a_stalled_response_body_ends_after_the_idle_timeout_h1_and_h2() {
         "{took:?}"
     );
     // HTTP/2: the stream is reset after ~1 s; the connection goes on.
-    let stream = TcpStream::connect(d.http).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut send, _conn) = h2_connect(d.http).await;
     let started = Instant::now();
     let req = Request::get("http://web/stall")
         .body(Empty::<Bytes>::new())

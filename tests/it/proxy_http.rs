@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -13,7 +13,7 @@ use crate::support::backend::Backend;
 use crate::support::daemon::{metric_sum, Daemon};
 use crate::support::eventually;
 use crate::support::proxy::{
-    raw_exchange, register, register_state, wait_routable, web_service, H1,
+    h2_connect, raw_exchange, register, register_state, wait_routable, web_service, H1,
 };
 
 async fn metrics(d: &Daemon) -> String {
@@ -133,12 +133,7 @@ async fn h2_clients_reach_h1_and_h2_instances_with_trailers() {
     wait_routable(&d, "old", 1).await;
     wait_routable(&d, "grpc", 1).await;
 
-    let stream = TcpStream::connect(d.http).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut send, _conn) = h2_connect(d.http).await;
     // h2 → h1: the instance sees HTTP/1.1 and the original authority as Host.
     let req = Request::get("http://old.default/headers")
         .body(http_body_util::Either::Left(Empty::<Bytes>::new()))
@@ -401,12 +396,7 @@ async fn slow_headers_and_oversized_heads_are_cut_off() {
         "closed too early"
     );
     // An idle HTTP/2 connection is closed after idle_timeout (1 s).
-    let stream = TcpStream::connect(d.http).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut send, conn) = h2_connect(d.http).await;
     let req = Request::get("http://web/")
         .body(Empty::<Bytes>::new())
         .unwrap();

@@ -826,29 +826,7 @@ async fn with_one_of_three_members_dead_no_registration_fails() {
 #[tokio::test]
 async fn exec_registers_again_when_its_daemon_comes_back() {
     let mut d = Daemon::start("").await;
-    let mut exec = std::process::Command::new(crate::support::svcd_bin())
-        .args([
-            "exec",
-            "--service",
-            "job",
-            "--id",
-            "j1",
-            "--ip",
-            "10.1.0.1",
-            "--port",
-            "http=80",
-            "--check",
-            "none",
-            "--ttl",
-            "1s",
-            "--",
-            "sleep",
-            "60",
-        ])
-        .env("SVCD_ADMIN_LISTEN", d.admin.to_string())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut job = ExecJob::start_with(&d, "j1", &["--ttl", "1s"]);
     d.wait_instances("default", "job", &["j1"], WAIT).await;
     // The daemon dies and a supervisor restarts it (embedded store: it comes back empty).
     d.crash_and_restart().await;
@@ -859,6 +837,6 @@ async fn exec_registers_again_when_its_daemon_comes_back() {
         "re-registered {:?} after the daemon was ready again",
         back.elapsed()
     );
-    let _ = exec.kill();
-    let _ = exec.wait();
+    let _ = job.exec.kill();
+    let _ = job.exec.wait();
 }

@@ -351,6 +351,11 @@ pub struct ExecJob {
 
 impl ExecJob {
     pub fn start(daemon: &Daemon, id: &str) -> ExecJob {
+        Self::start_with(daemon, id, &[])
+    }
+
+    /// [`Self::start`] with more `svcd exec` options (e.g. `--ttl 1s`).
+    pub fn start_with(daemon: &Daemon, id: &str, options: &[&str]) -> ExecJob {
         let pidfile = daemon.dir.path().join(format!("{id}.pid"));
         let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
         let exec = Command::new(svcd_bin())
@@ -368,8 +373,9 @@ impl ExecJob {
                 // loopback.
                 "--check",
                 "none",
-                "--",
             ])
+            .args(options)
+            .arg("--")
             .args(["sh", "-c", &script])
             .env("SVCD_ADMIN_LISTEN", daemon.admin.to_string())
             .spawn()
