@@ -178,8 +178,10 @@ pub struct TrackedBody {
     bytes_out: IntCounter,
     blame: Option<Blame>,
     idle: Duration,
-    /// Ends the body after `idle` without a frame; reset on every frame.
+    /// Ends the body after `idle` without a frame. Re-armed only when the body waits after
+    /// having made progress, so a burst of ready frames reads no clock.
     stall: Pin<Box<Sleep>>,
+    progressed: bool,
     _in_flight: InFlight,
 }
 
@@ -197,6 +199,7 @@ impl TrackedBody {
             blame: Some(blame),
             idle,
             stall: Box::pin(tokio::time::sleep(idle)),
+            progressed: false,
             _in_flight: in_flight,
         }
     }
@@ -228,8 +231,7 @@ impl Body for TrackedBody {
                 if let Some(data) = frame.data_ref() {
                     this.bytes_out.inc_by(data.len() as u64);
                 }
-                let next = tokio::time::Instant::now() + this.idle;
-                this.stall.as_mut().reset(next);
+                this.progressed = true;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -247,10 +249,16 @@ impl Body for TrackedBody {
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.stall.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(this.idle).into()))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                if std::mem::take(&mut this.progressed) {
+                    let next = tokio::time::Instant::now() + this.idle;
+                    this.stall.as_mut().reset(next);
+                }
+                match this.stall.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(this.idle).into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
