@@ -27,6 +27,7 @@ pub mod udp;
 pub mod zone;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,8 +56,8 @@ pub enum DnsError {
 pub struct DnsServer {
     pub addr: SocketAddr,
     pub responder: Arc<DnsResponder>,
-    /// Stops the UDP workers: a child of the daemon's shutdown token, so either ends them.
-    stop: CancellationToken,
+    /// Stops the UDP workers; set by `shutdown` or by the daemon's shutdown token.
+    stop: Arc<AtomicBool>,
     udp_threads: Vec<std::thread::JoinHandle<()>>,
     tcp: Server<handler::Handler>,
 }
@@ -71,7 +72,13 @@ impl DnsServer {
         cancel: &CancellationToken,
     ) -> Result<DnsServer, DnsError> {
         let responder = DnsResponder::new(config, snapshot, DnsMetrics::new(prometheus)?);
-        let stop = cancel.child_token();
+        // The UDP threads look at a flag; the daemon's token sets it (or `shutdown` does).
+        let stop = Arc::new(AtomicBool::new(false));
+        let (token, flag) = (cancel.clone(), stop.clone());
+        tokio::spawn(async move {
+            token.cancelled().await;
+            flag.store(true, Ordering::Relaxed);
+        });
         let bind_err = |addr, source| DnsError::Bind { addr, source };
         let (addr, udp_threads) = udp::spawn(
             config.listen,
@@ -103,7 +110,7 @@ impl DnsServer {
 
     /// Stops accepting, lets TCP connections finish, joins the UDP workers.
     pub async fn shutdown(mut self) {
-        self.stop.cancel();
+        self.stop.store(true, Ordering::Relaxed);
         let _ = self.tcp.shutdown_gracefully().await;
         let threads = std::mem::take(&mut self.udp_threads);
         let _ = tokio::task::spawn_blocking(move || {

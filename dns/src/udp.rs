@@ -6,6 +6,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -22,7 +23,6 @@ use nix::sys::socket::{
 };
 use socket2::{Domain, Socket, Type};
 use tokio::runtime::Handle;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::fastpath::FastPath;
@@ -160,15 +160,14 @@ impl DnsResponder {
 }
 
 /// Starts `workers` threads serving UDP on `addr` (port 0: the first socket picks one and the
-/// rest join it). Returns the bound address and the threads; they exit once `stop` is cancelled
-/// (checked when the socket's read times out, and every [`STOP_CHECK_BATCHES`] batches under
-/// load, so the token's lock stays off the per-packet path).
+/// rest join it). Returns the bound address and the threads; they exit once `stop` is set
+/// (checked before every batch, and when the socket's read times out).
 pub fn spawn(
     addr: SocketAddr,
     workers: usize,
     responder: Arc<DnsResponder>,
     runtime: Handle,
-    stop: CancellationToken,
+    stop: Arc<AtomicBool>,
 ) -> io::Result<(SocketAddr, Vec<JoinHandle<()>>)> {
     let first = bind_reuseport(addr)?;
     let bound = first.local_addr()?;
@@ -191,8 +190,6 @@ pub fn spawn(
     Ok((bound, threads))
 }
 
-/// Batches between two looks at the stop token while busy.
-const STOP_CHECK_BATCHES: usize = 256;
 /// Queries read (and answers written) per syscall.
 const BATCH: usize = 32;
 /// Receive buffer per query; larger datagrams arrive truncated and are answered FORMERR.
@@ -212,7 +209,7 @@ fn serve(
     socket: Arc<UdpSocket>,
     responder: Arc<DnsResponder>,
     runtime: Handle,
-    stop: CancellationToken,
+    stop: Arc<AtomicBool>,
 ) {
     let fd = socket.as_raw_fd();
     let mut fast = FastPath::new();
@@ -223,10 +220,9 @@ fn serve(
         .map(|_| Vec::with_capacity(EDNS_PAYLOAD as usize))
         .collect();
     let mut tx_addrs: Vec<Option<SockaddrStorage>> = vec![None; BATCH];
-    let mut batches = 0usize;
     loop {
-        batches = batches.wrapping_add(1);
-        if batches % STOP_CHECK_BATCHES == 0 && stop.is_cancelled() {
+        // A plain atomic: a token's lock would sit on the per-batch path.
+        if stop.load(Ordering::Relaxed) {
             return;
         }
         let mut ready = 0;
@@ -243,7 +239,7 @@ fn serve(
                 None,
             ) {
                 Ok(r) => r,
-                Err(Errno::EAGAIN) if stop.is_cancelled() => return,
+                Err(Errno::EAGAIN) if stop.load(Ordering::Relaxed) => return,
                 Err(Errno::EAGAIN | Errno::EINTR) => continue,
                 Err(e) => {
                     warn!(error = %e, "DNS UDP receive failed");
