@@ -43,10 +43,10 @@ use arc_swap::ArcSwap;
 use svcd_config::{L4ListenerConfig, ProxyConfig};
 use svcd_lb::{BalancerTable, LoadBalancer, PortRule, ServiceName};
 use svcd_registry::SnapshotReader;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use metrics::ListenerMetrics;
 pub use metrics::{L4Slots, ProxyMetrics};
@@ -342,6 +342,37 @@ pub(crate) async fn bind_nodelay(addr: SocketAddr) -> std::io::Result<TcpListene
     Ok(listener)
 }
 
+/// Stops a listener without resetting what sits in its accept queue. Closing a listening socket
+/// resets every connection the kernel completed but nobody accepted, so clients that already
+/// sent a request see a reset. Instead: a socket filter that drops every packet makes new
+/// handshakes go unanswered (the client's SYN retry then meets the closed port: refused, which
+/// clients retry), and the queued connections are accepted here, to be served like any other.
+/// The caller drops the listener afterwards.
+pub(crate) fn drain_accept_queue(listener: &TcpListener) -> Vec<(TcpStream, SocketAddr)> {
+    // Classic BPF `ret #0`: keep no byte of any packet.
+    const DROP_ALL: [socket2::SockFilter; 1] = [socket2::SockFilter::new(0x06, 0, 0, 0)];
+    let socket = socket2::SockRef::from(listener);
+    if let Err(e) = socket.attach_filter(&DROP_ALL) {
+        debug!(error = %e, "cannot filter the listener before closing it");
+    }
+    let mut accepted = Vec::new();
+    // The listener is non-blocking: this ends when the queue is empty.
+    while let Ok((conn, peer)) = socket.accept() {
+        let Some(peer) = peer.as_socket() else {
+            continue;
+        };
+        let stream = std::net::TcpStream::from(conn);
+        match stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream))
+        {
+            Ok(stream) => accepted.push((stream, peer)),
+            Err(e) => debug!(error = %e, "cannot adopt a queued connection"),
+        }
+    }
+    accepted
+}
+
 /// Waits up to `timeout` for the tracked connection tasks, then cancels `hard_stop` (open
 /// connections close) and waits for them to finish.
 pub(crate) async fn drain_tasks(
@@ -373,5 +404,38 @@ mod tests {
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    #[tokio::test]
+    async fn closing_a_listener_serves_its_queue_and_answers_no_new_handshake() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = super::bind_nodelay("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..3 {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"ping").await.unwrap();
+            queued.push(c);
+        }
+        let drained = super::drain_accept_queue(&listener);
+        assert_eq!(drained.len(), 3, "every queued connection taken");
+        for (mut server, _) in drained {
+            let mut buf = [0u8; 4];
+            server.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"ping", "what the client sent is there");
+        }
+        // A new handshake gets no answer while the listener is still open ...
+        let late = tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await;
+        assert!(late.is_err(), "handshake completed: {late:?}");
+        // ... and is refused once it is closed.
+        drop(listener);
+        let refused = tokio::net::TcpStream::connect(addr).await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 }

@@ -6,6 +6,7 @@
 //! publish about anything else wakes no connection.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,13 @@ use crate::{ListenerState, ProxyContext};
 pub async fn serve(listener: TcpListener, state: Arc<ListenerState>, ctx: Arc<ProxyContext>) {
     loop {
         let (client, peer) = tokio::select! {
-            _ = state.stop.cancelled() => return,
+            _ = state.stop.cancelled() => {
+                // Connections already queued are proxied, not reset.
+                for (client, peer) in crate::drain_accept_queue(&listener) {
+                    admit(client, peer, &state, &ctx);
+                }
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -33,28 +40,33 @@ pub async fn serve(listener: TcpListener, state: Arc<ListenerState>, ctx: Arc<Pr
                 }
             },
         };
-        let max = ctx.settings.load().max_connections;
-        if ctx.active.fetch_add(1, Ordering::Relaxed) >= max {
-            ctx.active.fetch_sub(1, Ordering::Relaxed);
-            state.listener_metrics.load().rejected.inc();
-            drop(client); // closed at once
-            continue;
-        }
-        // The client's descriptor and the upstream's.
-        let Some(permit) = ctx.metrics.fds.try_acquire(&state.fds, 2) else {
-            ctx.active.fetch_sub(1, Ordering::Relaxed);
-            state.listener_metrics.load().fd_refusals.inc();
-            drop(client);
-            continue;
-        };
-        let (state, ctx2) = (state.clone(), ctx.clone());
-        ctx.tracker.spawn(async move {
-            let _permit = permit;
-            handle(client, &state, &ctx2).await;
-            ctx2.active.fetch_sub(1, Ordering::Relaxed);
-            debug!(%peer, "TCP proxy connection closed");
-        });
+        admit(client, peer, &state, &ctx);
     }
+}
+
+/// Takes an accepted client on within the connection and descriptor limits, or closes it.
+fn admit(client: TcpStream, peer: SocketAddr, state: &Arc<ListenerState>, ctx: &Arc<ProxyContext>) {
+    let max = ctx.settings.load().max_connections;
+    if ctx.active.fetch_add(1, Ordering::Relaxed) >= max {
+        ctx.active.fetch_sub(1, Ordering::Relaxed);
+        state.listener_metrics.load().rejected.inc();
+        drop(client); // closed at once
+        return;
+    }
+    // The client's descriptor and the upstream's.
+    let Some(permit) = ctx.metrics.fds.try_acquire(&state.fds, 2) else {
+        ctx.active.fetch_sub(1, Ordering::Relaxed);
+        state.listener_metrics.load().fd_refusals.inc();
+        drop(client);
+        return;
+    };
+    let (state, ctx2) = (state.clone(), ctx.clone());
+    ctx.tracker.spawn(async move {
+        let _permit = permit;
+        handle(client, &state, &ctx2).await;
+        ctx2.active.fetch_sub(1, Ordering::Relaxed);
+        debug!(%peer, "TCP proxy connection closed");
+    });
 }
 
 /// Decrements the per-endpoint active gauge however the connection ends.

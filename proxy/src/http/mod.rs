@@ -57,6 +57,9 @@ pub struct HttpSettings {
     pub l7: L7Config,
     /// hyper's connection builder, carrying the limits.
     server: auto::Builder<TokioExecutor>,
+    /// The same without HTTP/1 keep-alive, for connections taken from the accept queue at
+    /// shutdown (see [`Admitted::AtClose`]).
+    last_request_server: auto::Builder<TokioExecutor>,
 }
 
 impl HttpSettings {
@@ -76,10 +79,13 @@ impl HttpSettings {
             .max_pending_accept_reset_streams(l7.max_pending_accept_reset_streams)
             .max_header_list_size(l7.max_header_bytes as u32)
             .keep_alive_interval(Some(Duration::from_secs(30)));
+        let mut last_request_server = server.clone();
+        last_request_server.http1().keep_alive(false);
         HttpSettings {
             router: Router::new(&config.routes, domain, l7.request_timeout, l7.retries),
             l7: l7.clone(),
             server,
+            last_request_server,
         }
     }
 }
@@ -252,7 +258,13 @@ async fn accept_connections(
 ) {
     loop {
         let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                // Requests already queued get served (one each), not reset.
+                for (stream, peer) in crate::drain_accept_queue(listener) {
+                    admit(ctx, stream, peer, stop, refused, share, Admitted::AtClose);
+                }
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -262,18 +274,40 @@ async fn accept_connections(
                 }
             },
         };
-        let Some(permit) = ctx.fds.try_acquire(share, 1) else {
-            refused.inc();
-            drop(stream); // closed at once: the descriptor budget is spent
-            continue;
-        };
-        let (ctx2, stop) = (ctx.clone(), stop.clone());
-        ctx.tracker.spawn(async move {
-            let _permit = permit;
-            serve_connection(&ctx2, stream, peer, stop).await;
-            debug!(%peer, "HTTP client connection closed");
-        });
+        admit(ctx, stream, peer, stop, refused, share, Admitted::Open);
     }
+}
+
+/// When a client connection was accepted: while the listener was open, or out of its queue as
+/// it closed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admitted {
+    Open,
+    /// The shutdown already began: hyper's graceful shutdown would close the connection before
+    /// reading the request it carries, so HTTP/1 serves one request without keep-alive instead.
+    AtClose,
+}
+
+fn admit(
+    ctx: &Arc<HttpContext>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: &CancellationToken,
+    refused: &prometheus::IntCounter,
+    share: &Arc<crate::fds::ListenerShare>,
+    admitted: Admitted,
+) {
+    let Some(permit) = ctx.fds.try_acquire(share, 1) else {
+        refused.inc();
+        drop(stream); // closed at once: the descriptor budget is spent
+        return;
+    };
+    let (ctx2, stop) = (ctx.clone(), stop.clone());
+    ctx.tracker.spawn(async move {
+        let _permit = permit;
+        serve_connection(&ctx2, stream, peer, stop, admitted).await;
+        debug!(%peer, "HTTP client connection closed");
+    });
 }
 
 async fn serve_connection(
@@ -281,8 +315,9 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     stop: CancellationToken,
+    admitted: Admitted,
 ) {
-    // TCP_NODELAY is inherited from the listener.
+    // TCP_NODELAY is inherited from the listener (and by the queue drained at close).
     ctx.metrics.downstream_open.inc();
     let settings = ctx.settings.load_full();
     let watch = ConnWatch::new();
@@ -298,7 +333,11 @@ async fn serve_connection(
     });
     let ctx2 = ctx.clone();
     let service = service_fn(move |req| forward::handle(ctx2.clone(), client.clone(), req));
-    let conn = settings.server.serve_connection_with_upgrades(io, service);
+    let server = match admitted {
+        Admitted::Open => &settings.server,
+        Admitted::AtClose => &settings.last_request_server,
+    };
+    let conn = server.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     // Idle: no read or write during a whole check period (a quarter of the idle timeout); a
     // connection is closed after four such periods in a row, so between 1 and 1.25 x
@@ -307,7 +346,7 @@ async fn serve_connection(
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut last_activity, mut quiet_ticks) = (u64::MAX, 0u32);
-    let mut draining = false;
+    let mut draining = admitted == Admitted::AtClose;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
