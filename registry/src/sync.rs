@@ -148,22 +148,30 @@ impl Backoff {
     }
 }
 
+/// Where a listing stands: its revision, in which history (see `ListPage::history`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Position {
+    revision: i64,
+    history: u64,
+}
+
 /// Lists the whole prefix at one revision, page by page, applying each page as it arrives.
-/// Returns the revision of the listing.
 async fn relist(
     store: &dyn Store,
     builder: &mut SnapshotBuilder,
     metrics: &RegistryMetrics,
     page_size: usize,
-) -> StoreResult<i64> {
+) -> StoreResult<Position> {
     let mut relist = builder.begin_relist();
     let mut revision = 0;
+    let mut history;
     let mut start = ENDPOINTS_PREFIX.to_string();
     loop {
         let page = store
             .list(ENDPOINTS_PREFIX, &start, revision, page_size)
             .await?;
         revision = page.revision;
+        history = page.history;
         report_invalid(metrics, &builder.relist_page(&mut relist, &page.kvs));
         match page.kvs.last() {
             Some(last) if page.more => start = format!("{}\0", last.key),
@@ -171,7 +179,7 @@ async fn relist(
         }
     }
     report_invalid(metrics, &builder.finish_relist(relist, revision));
-    Ok(revision)
+    Ok(Position { revision, history })
 }
 
 /// Invalid entries logged one by one per batch or listing page; past that, one summary line.
@@ -199,13 +207,26 @@ fn report_invalid(metrics: &RegistryMetrics, results: &[Applied]) {
     }
 }
 
-/// The store's current revision if it is behind `ours` (wiped or restored), by reading one key.
-async fn went_backwards(store: &dyn Store, ours: i64) -> Option<i64> {
-    let page = store
-        .list(ENDPOINTS_PREFIX, ENDPOINTS_PREFIX, 0, 1)
-        .await
-        .ok()?;
-    (page.revision < ours).then_some(page.revision)
+/// Whether the store's history is no longer ours, by reading one key: its revision went behind
+/// ours (wiped, or restored from a backup) or it is another cluster (replaced behind the same
+/// endpoints). Either way, watching on from our revision would miss or invent events.
+async fn history_changed(store: &dyn Store, ours: Position) -> bool {
+    let Ok(page) = store.list(ENDPOINTS_PREFIX, ENDPOINTS_PREFIX, 0, 1).await else {
+        return false;
+    };
+    if page.history != ours.history {
+        warn!(
+            store_cluster = format_args!("{:x}", page.history),
+            snapshot_cluster = format_args!("{:x}", ours.history),
+            "registry store is another cluster than the one listed (replaced); re-listing"
+        );
+        return true;
+    }
+    if page.revision < ours.revision {
+        warn_backwards(page.revision, ours.revision);
+        return true;
+    }
+    false
 }
 
 fn warn_backwards(now: i64, ours: i64) {
@@ -240,14 +261,15 @@ pub async fn run_sync(
             _ = cancel.cancelled() => return,
             r = relist(store.as_ref(), &mut builder, &publisher.metrics, options.page_size) => r,
         };
-        match listed {
-            Ok(revision) => {
+        let history = match listed {
+            Ok(Position { revision, history }) => {
                 publisher.metrics.relists.inc();
                 publisher.publish_base(|previous| builder.build(previous));
                 publisher.status.synced.store(true, Ordering::Relaxed);
                 publisher.set_connected(true);
                 publisher.status.confirm();
                 debug!(revision, "registry listed");
+                history
             }
             Err(e) => {
                 publisher.set_connected(false);
@@ -258,16 +280,19 @@ pub async fn run_sync(
                     _ = sleep(delay) => continue 'relist,
                 }
             }
-        }
+        };
         let resync_at = Instant::now() + options.resync_interval;
         // 2. Watch from the revision after everything applied, re-opening as needed.
         let mut first_watch = true;
         loop {
-            // A store that comes back behind us was wiped or restored: its history is not ours
-            // any more; re-list at once rather than wait for it to reach our revision.
+            // A store that comes back behind us (wiped, restored) or as another cluster has
+            // a history that is not ours any more: re-list at once.
             if !std::mem::take(&mut first_watch) {
-                if let Some(now) = went_backwards(store.as_ref(), builder.revision()).await {
-                    warn_backwards(now, builder.revision());
+                let ours = Position {
+                    revision: builder.revision(),
+                    history,
+                };
+                if history_changed(store.as_ref(), ours).await {
                     continue 'relist;
                 }
             }

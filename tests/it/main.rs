@@ -10,6 +10,7 @@ mod blame;
 mod config_cli;
 mod conformance;
 mod dns;
+mod faults;
 mod health;
 mod lb;
 mod lifecycle;

@@ -29,6 +29,8 @@ struct Shared {
     /// Every committed revision, sent while the state lock is held so a watcher that subscribes
     /// under the same lock sees no gap and no duplicate.
     changes: broadcast::Sender<Arc<Batch>>,
+    /// Drawn at creation: a recreated store is another history, as a new etcd cluster is.
+    history: u64,
 }
 
 struct Entry {
@@ -79,6 +81,7 @@ impl EmbeddedStore {
                 history: VecDeque::new(),
             }),
             changes,
+            history: rand::random(),
         });
         tokio::spawn(expire_leases(Arc::downgrade(&shared)));
         EmbeddedStore { shared }
@@ -198,6 +201,7 @@ impl Store for EmbeddedStore {
             kvs,
             revision: state.revision,
             more,
+            history: self.shared.history,
         })
     }
 

@@ -171,6 +171,7 @@ impl Store for EtcdStore {
             })
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
+        let history = resp.header().map(|h| h.cluster_id()).unwrap_or(0);
         let kvs = resp
             .kvs()
             .iter()
@@ -184,6 +185,7 @@ impl Store for EtcdStore {
             kvs,
             revision,
             more: resp.more(),
+            history,
         })
     }
 

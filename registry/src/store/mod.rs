@@ -60,6 +60,9 @@ pub struct ListPage {
     pub revision: i64,
     /// More keys follow the last one in `kvs`.
     pub more: bool,
+    /// Which history `revision` belongs to (etcd's cluster id). A store replaced by another
+    /// cluster, or recreated, has another one; its revisions say nothing about ours.
+    pub history: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

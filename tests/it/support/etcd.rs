@@ -112,6 +112,22 @@ impl Etcd {
         }
     }
 
+    /// SIGSTOPs the process: a hung etcd whose connections stay open and silent.
+    pub fn freeze(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONTs a frozen process.
+    pub fn thaw(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("etcd running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("signal etcd");
+    }
+
     /// Kills the process, deletes its data and starts it empty on the same ports: an etcd
     /// wiped (or restored from an old backup), whose revision starts over.
     pub async fn wipe(&mut self) {
@@ -129,6 +145,9 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            self.thaw(); // a frozen process would keep its ports until reaped
+        }
         self.stop();
     }
 }
@@ -194,6 +213,23 @@ impl EtcdCluster {
             .iter()
             .map(|u| u.trim_start_matches("http://").to_string())
             .collect()
+    }
+
+    /// The index of the member that is leader now, as the members themselves report it.
+    pub async fn leader(&self) -> usize {
+        let mut ids = Vec::new();
+        let mut leader = 0;
+        for url in &self.client_urls {
+            let mut client = etcd_client::Client::connect([url.clone()], None)
+                .await
+                .expect("connect to member");
+            let status = client.status().await.expect("member status");
+            ids.push(status.header().expect("header").member_id());
+            leader = status.leader();
+        }
+        ids.iter()
+            .position(|id| *id == leader)
+            .expect("a leader among the members")
     }
 
     /// SIGKILLs member `i`.

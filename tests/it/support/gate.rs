@@ -1,4 +1,5 @@
-//! A TCP forwarder the test can cut: a network partition between svcd and etcd, on loopback.
+//! A TCP forwarder the test can cut or point elsewhere: a network partition between svcd and
+//! etcd, or etcd replaced behind the same address, on loopback.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +13,8 @@ pub struct Gate {
     open: Arc<AtomicBool>,
     /// Cancelling it drops every forwarded connection; replaced on each cut.
     epoch: Arc<Mutex<CancellationToken>>,
+    /// Where new connections go; `redirect` changes it.
+    upstream: Arc<Mutex<SocketAddr>>,
     stop: CancellationToken,
 }
 
@@ -22,7 +25,9 @@ impl Gate {
         let open = Arc::new(AtomicBool::new(true));
         let epoch = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
+        let upstream = Arc::new(Mutex::new(upstream));
         let (open2, epoch2, stop2) = (open.clone(), epoch.clone(), stop.clone());
+        let upstream2 = upstream.clone();
         tokio::spawn(async move {
             loop {
                 let (mut client, _) = tokio::select! {
@@ -34,6 +39,7 @@ impl Gate {
                     continue;
                 }
                 let token = epoch2.lock().unwrap().clone();
+                let upstream = *upstream2.lock().unwrap();
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(upstream).await else {
                         return;
@@ -49,8 +55,16 @@ impl Gate {
             addr,
             open,
             epoch,
+            upstream,
             stop,
         }
+    }
+
+    /// Drops every connection; new ones go to `upstream`.
+    pub fn redirect(&self, upstream: SocketAddr) {
+        *self.upstream.lock().unwrap() = upstream;
+        self.cut();
+        self.restore();
     }
 
     /// Drops every connection and refuses new ones.

@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod dns;
 pub mod etcd;
 pub mod gate;
+pub mod load;
 pub mod proxy;
 
 use std::net::{TcpListener, UdpSocket};

@@ -1,0 +1,391 @@
+//! Faults as operators meet them, through the real binary and real etcd processes: etcd killed
+//! for 30 s, frozen, wiped, replaced by another cluster, its leader killed mid-stream, and
+//! SIGTERM under load. Each case asserts its figure and prints what it measured.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::time::Instant;
+
+use crate::support::backend::Backend;
+use crate::support::daemon::Daemon;
+use crate::support::etcd::{Etcd, EtcdCluster};
+use crate::support::eventually;
+use crate::support::gate::Gate;
+use crate::support::load::{DnsLoad, HttpLoad, Outcome, Sample};
+use crate::support::proxy::{register, wait_routable};
+
+const WAIT: Duration = Duration::from_secs(5);
+const WEB: &str = "web.default.svc.cluster.local.";
+
+fn etcd_config(endpoint: &str) -> String {
+    format!("[registry]\nlease_ttl = \"2s\"\n[registry.etcd]\nendpoints = [\"{endpoint}\"]\n")
+}
+
+fn body(ip: &str) -> String {
+    format!(r#"{{"ip":"{ip}","ports":{{"http":8080}}}}"#)
+}
+
+/// DNS samples sent within `window` that got no answer or an empty one.
+fn dns_misses(samples: &[Sample<Option<Vec<String>>>], until: Instant) -> Vec<String> {
+    samples
+        .iter()
+        .filter(|s| s.sent < until)
+        .filter(|s| s.result.as_ref().is_none_or(|a| a.is_empty()))
+        .map(|s| format!("{:?}", s.result))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_wiped_etcd_is_noticed_and_relisted_at_once() {
+    let mut etcd = Etcd::start().await;
+    let a = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    let b = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    let mut client = etcd.client().await;
+    // Push the revision well up, then: one leased registration through A, one bare key.
+    for i in 0..50 {
+        client.put(format!("/filler/{i}"), "x", None).await.unwrap();
+    }
+    client
+        .put(
+            "/svcd/v1/endpoints/default/web/bare",
+            body("10.0.0.9"),
+            None,
+        )
+        .await
+        .unwrap();
+    a.put_instance("web", "a1", &body("10.0.0.1")).await;
+    b.wait_instances("default", "web", &["a1", "bare"], WAIT)
+        .await;
+    let before = b.metric("svcd_registry_revision").await.unwrap();
+    assert!(before > 50.0);
+
+    etcd.wipe().await;
+    let healed = Instant::now();
+    // B drops what the wiped store no longer has; A re-grants its lease and writes a1 again.
+    b.wait_instances("default", "web", &["a1"], Duration::from_secs(8))
+        .await;
+    let took = healed.elapsed();
+    let after = b.metric("svcd_registry_revision").await.unwrap();
+    assert!(
+        after < before,
+        "revision follows the store back: {after} vs {before}"
+    );
+    assert_eq!(b.metric("svcd_registry_connected").await, Some(1.0));
+    // A registration made now crosses nodes promptly.
+    a.put_instance("web", "a2", &body("10.0.0.2")).await;
+    b.wait_instances("default", "web", &["a1", "a2"], Duration::from_secs(2))
+        .await;
+    assert!(b.log().contains("went backwards"), "{}", b.log());
+    eprintln!("wipe → stale entry gone on the other node after {took:?}");
+}
+
+#[tokio::test]
+async fn etcd_killed_for_30s_under_dns_load_keeps_answering_and_converges_after_heal() {
+    let mut etcd = Etcd::start().await;
+    let a = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    let b = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    a.put_instance("web", "w1", &body("10.0.0.1")).await;
+    b.wait_instances("default", "web", &["w1"], WAIT).await;
+    let loads = [&a, &b].map(|d| DnsLoad::start(d.dns, WEB, Duration::from_millis(20)));
+
+    etcd.stop();
+    let down = Instant::now();
+    for d in [&a, &b] {
+        eventually(WAIT, "the outage noticed", || async {
+            (d.metric("svcd_registry_connected").await == Some(0.0)).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep_until(down + Duration::from_secs(30)).await;
+    // Stale, and says so.
+    for d in [&a, &b] {
+        let age = d
+            .metric("svcd_registry_snapshot_age_seconds")
+            .await
+            .unwrap();
+        assert!(age >= 25.0, "snapshot age {age} after 30 s without etcd");
+        assert_eq!(d.metric("svcd_registry_connected").await, Some(0.0));
+        assert_eq!(
+            d.get("/readyz").await.status,
+            200,
+            "a stale snapshot still serves"
+        );
+    }
+
+    etcd.resume().await; // returns once etcd answers
+    let healed = Instant::now();
+    let mut client = etcd.client().await;
+    client
+        .put(
+            "/svcd/v1/endpoints/default/web/after",
+            body("10.0.0.5"),
+            None,
+        )
+        .await
+        .unwrap();
+    for d in [&a, &b] {
+        d.wait_instances("default", "web", &["after", "w1"], Duration::from_secs(3))
+            .await;
+    }
+    let took = healed.elapsed();
+    let end = Instant::now();
+    for (d, load) in [&a, &b].into_iter().zip(loads) {
+        let samples = load.finish().await;
+        let misses = dns_misses(&samples, end);
+        assert!(
+            misses.is_empty(),
+            "{} of {} queries unanswered or empty: {misses:?}",
+            misses.len(),
+            samples.len()
+        );
+        assert!(samples.len() > 500, "{} queries", samples.len());
+        assert!(
+            d.metric("svcd_registry_snapshot_age_seconds")
+                .await
+                .unwrap()
+                < 10.0
+        );
+    }
+    eprintln!("30 s outage: DNS answered throughout; change after heal on both nodes in {took:?}");
+    // Target 1 s (measured: tens of ms); the bound leaves room for a loaded CI machine.
+    assert!(took < Duration::from_millis(2500), "{took:?} (target 1 s)");
+}
+
+#[tokio::test]
+async fn a_frozen_etcd_is_noticed_by_the_watchdog_while_dns_keeps_answering() {
+    let etcd = Etcd::start().await;
+    let d = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    let mut client = etcd.client().await;
+    client
+        .put("/svcd/v1/endpoints/default/web/w1", body("10.0.0.1"), None)
+        .await
+        .unwrap();
+    d.wait_instances("default", "web", &["w1"], WAIT).await;
+    let load = DnsLoad::start(d.dns, WEB, Duration::from_millis(50));
+
+    // SIGSTOP: connections stay open, nothing answers; only the watch's own watchdog can tell.
+    etcd.freeze();
+    let frozen = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "the hung store noticed",
+        || async { (d.metric("svcd_registry_connected").await == Some(0.0)).then_some(()) },
+    )
+    .await;
+    let noticed = frozen.elapsed();
+    etcd.thaw();
+    let thawed = Instant::now();
+    client
+        .put("/svcd/v1/endpoints/default/web/w2", body("10.0.0.2"), None)
+        .await
+        .unwrap();
+    d.wait_instances("default", "web", &["w1", "w2"], Duration::from_secs(5))
+        .await;
+    let caught_up = thawed.elapsed();
+    let samples = load.finish().await;
+    let misses = dns_misses(&samples, Instant::now());
+    assert!(misses.is_empty(), "{misses:?}");
+    eprintln!("frozen etcd noticed after {noticed:?}; caught up {caught_up:?} after SIGCONT");
+    // The watchdog is 15 s of silence; progress is asked for every 5 s.
+    assert!(noticed <= Duration::from_secs(22), "{noticed:?}");
+    eventually(WAIT, "connected again", || async {
+        (d.metric("svcd_registry_connected").await == Some(1.0)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_store_replaced_by_another_cluster_is_relisted() {
+    let old = Etcd::start().await;
+    let gate = Gate::start(old.endpoint().parse().unwrap()).await;
+    let d = Daemon::start(&etcd_config(&gate.addr.to_string())).await;
+    let mut client = old.client().await;
+    client
+        .put("/svcd/v1/endpoints/default/web/old", body("10.0.0.1"), None)
+        .await
+        .unwrap();
+    d.wait_instances("default", "web", &["old"], WAIT).await;
+    let ours = d.metric("svcd_registry_revision").await.unwrap();
+
+    // Another cluster, already further along than ours: its revision alone would not tell.
+    let new = Etcd::start().await;
+    let mut client = new.client().await;
+    for i in 0..(ours as usize + 20) {
+        client.put(format!("/filler/{i}"), "x", None).await.unwrap();
+    }
+    client
+        .put("/svcd/v1/endpoints/default/web/new", body("10.0.0.2"), None)
+        .await
+        .unwrap();
+    gate.redirect(new.endpoint().parse().unwrap());
+    let switched = Instant::now();
+    d.wait_instances("default", "web", &["new"], Duration::from_secs(5))
+        .await;
+    eprintln!("replaced store relisted after {:?}", switched.elapsed());
+    assert!(d.log().contains("another cluster"), "{}", d.log());
+}
+
+#[tokio::test]
+async fn the_leader_killed_during_a_stream_of_registrations_fails_and_loses_none() {
+    let mut cluster = EtcdCluster::start(3).await;
+    let endpoints: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    let d = Daemon::start(&format!(
+        "[registry]\nlease_ttl = \"5s\"\n[registry.etcd]\nendpoints = [{}]\n",
+        endpoints.join(", ")
+    ))
+    .await;
+    d.put_instance("web", "before", &body("10.0.0.1")).await;
+    let leader = cluster.leader().await;
+
+    const WRITES: usize = 40;
+    let (progress, mut written) = tokio::sync::watch::channel(0usize);
+    let admin = d.admin;
+    let stream = tokio::spawn(async move {
+        let mut results = Vec::new();
+        for i in 0..WRITES {
+            let started = Instant::now();
+            let r = crate::support::daemon::http(
+                admin,
+                "PUT",
+                &format!("/v1/services/default/web/instances/w{i}"),
+                Some(&body("10.0.0.2")),
+            )
+            .await
+            .expect("admin API answers");
+            results.push((i, r.status, r.body, started.elapsed()));
+            let _ = progress.send(i + 1);
+        }
+        results
+    });
+    written.wait_for(|n| *n >= 10).await.unwrap();
+    cluster.kill(leader);
+    let results = stream.await.unwrap();
+
+    let failed: Vec<_> = results.iter().filter(|r| r.1 != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "writes failed with quorum intact: {failed:?}"
+    );
+    let mut latencies: Vec<Duration> = results.iter().map(|r| r.3).collect();
+    latencies.sort();
+    let p50 = latencies[WRITES / 2];
+    let max = latencies[WRITES - 1];
+    eprintln!("leader m{leader} killed after 10 of {WRITES} writes: p50 {p50:?}, max {max:?}");
+    // The target is a p99 under 2 s; bounded here by the retry window, as CI machines are
+    // loaded and an election comes first.
+    assert!(max < Duration::from_secs(4), "{latencies:?}");
+    // None lost: every write is in this daemon's view and in the surviving members.
+    assert_eq!(d.instance_ids("default", "web").await.len(), WRITES + 1);
+    let survivor = (leader + 1) % 3;
+    let mut client = etcd_client::Client::connect([cluster.client_urls[survivor].clone()], None)
+        .await
+        .unwrap();
+    let stored = client
+        .get(
+            "/svcd/v1/endpoints/default/web/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.count() as usize, WRITES + 1);
+}
+
+/// A daemon proxying `web` (registered by another node) under steady HTTP and DNS load gets
+/// SIGTERM: it goes unready first, keeps DNS and the proxy serving through the grace, then
+/// stops; no client sees anything a retrying client would not retry.
+#[tokio::test]
+async fn sigterm_under_http_and_dns_load_fails_no_retrying_client() {
+    let etcd = Etcd::start().await;
+    let grace = Duration::from_secs(2);
+    let mut a = Daemon::start(&format!(
+        "{}[shutdown]\nreadiness_grace = \"2s\"\ndrain_timeout = \"3s\"\n",
+        etcd_config(&etcd.endpoint())
+    ))
+    .await;
+    let other = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    let backend = Backend::start("b1").await;
+    register(&other, "web", "w1", backend.addr, "http").await;
+    wait_routable(&a, "web", 1).await;
+
+    let http = HttpLoad::start(a.http, "web", 2, 2);
+    let dns = DnsLoad::start(a.dns, WEB, Duration::from_millis(10));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.signal(Signal::SIGTERM);
+    let term = Instant::now();
+    let unready = eventually(Duration::from_secs(1), "readyz 503", || async {
+        (a.get("/readyz").await.status == 503).then(Instant::now)
+    })
+    .await;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = a.wait_exit(Duration::from_secs(10));
+        (status, a)
+    });
+    let (status, a) = status.await.unwrap();
+    let exited = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let http = http.finish().await;
+    let dns = dns.finish().await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", a.log());
+
+    let failed: Vec<_> = http
+        .iter()
+        .filter(|s| matches!(s.result, Outcome::Failed(_)))
+        .map(|s| (s.sent - term, &s.result))
+        .collect();
+    let first_retry = http
+        .iter()
+        .find(|s| s.result != Outcome::Ok)
+        .map(|s| s.sent);
+    let ok = http.iter().filter(|s| s.result == Outcome::Ok).count();
+    eprintln!(
+        "SIGTERM under load: {ok} ok, {} retryable, {} failed of {}; unready after {:?}; \
+         first non-200 at {:?}; exit after {:?}",
+        http.iter()
+            .filter(|s| matches!(s.result, Outcome::Retryable(_)))
+            .count(),
+        failed.len(),
+        http.len(),
+        unready - term,
+        first_retry.map(|t| t - term),
+        exited - term,
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    // Readiness first; the proxy served through the grace.
+    let first_retry = first_retry.expect("the proxy stopped at the end");
+    assert!(first_retry > unready && first_retry - term >= grace - Duration::from_millis(200));
+    assert!(ok > 50, "{ok} requests served");
+    // DNS answered every query sent during the grace.
+    let misses = dns_misses(&dns, term + grace - Duration::from_millis(100));
+    assert!(misses.is_empty(), "{misses:?}");
+}
+
+/// A daemon paused past its lease TTL (a VM stall, a stopped process): its registrations expire
+/// in etcd, other nodes drop them, and once it runs again it grants a new lease and writes them
+/// back.
+#[tokio::test]
+async fn a_daemon_paused_past_its_lease_ttl_registers_again_when_it_resumes() {
+    let etcd = Etcd::start().await;
+    let a = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    let b = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    a.put_instance("web", "w1", &body("10.0.0.1")).await;
+    b.wait_instances("default", "web", &["w1"], WAIT).await;
+
+    a.signal(Signal::SIGSTOP);
+    // TTL 2 s: etcd expires the lease and B drops the instance.
+    b.wait_instances("default", "web", &[], Duration::from_secs(6))
+        .await;
+    a.signal(Signal::SIGCONT);
+    let resumed = Instant::now();
+    b.wait_instances("default", "web", &["w1"], Duration::from_secs(5))
+        .await;
+    eprintln!("re-registered {:?} after SIGCONT", resumed.elapsed());
+}
