@@ -256,6 +256,8 @@ async fn main() {
         keepalive_timeout: Duration::from_secs(5),
         username: None,
         password: None,
+        password_file: None,
+        tls: None,
     };
     let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(&config).await.expect("etcd store"));
 

@@ -169,6 +169,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         dns: &dns,
         proxy: &proxy,
         http: &http,
+        store: registry.store.as_ref(),
     };
     wait_for_signals(&sources, &config, &live, &log, &metrics).await?;
 
@@ -245,6 +246,8 @@ struct LiveParts<'a> {
     dns: &'a DnsServer,
     proxy: &'a L4Proxy,
     http: &'a HttpProxy,
+    /// Re-reads its credentials and certificates on reload.
+    store: &'a dyn svcd_registry::store::Store,
 }
 
 /// Returns on the first SIGTERM/SIGINT; handles SIGHUP reloads meanwhile.
@@ -298,6 +301,12 @@ async fn reload(
 ) -> Result<(), Vec<String>> {
     let new = sources.load().map_err(|e| e.lines())?;
     let token = read_token(&new).map_err(|e| vec![e.to_string()])?;
+    // The running config's files (their paths change on restart only): rotated certificates
+    // and credentials are used by the next connection.
+    live.store
+        .reload_credentials()
+        .await
+        .map_err(|e| vec![e.to_string()])?;
     log.set_level(&new.log.level).map_err(|e| vec![e])?;
     let old = config.load_full();
     for key in restart_only_changes(&old, &new) {

@@ -22,17 +22,30 @@ impl Readiness {
         }
     }
 
-    /// `Ok` when ready, otherwise the reason.
-    pub fn check(&self) -> Result<(), &'static str> {
+    /// `Ok` when ready (with a note when the snapshot served is stale), otherwise the reason.
+    pub fn check(&self) -> Result<Option<String>, String> {
         if self.shutting_down.load(Ordering::Relaxed) {
-            return Err("shutting down");
+            return Err("shutting down".into());
         }
         if !self.listeners_bound.load(Ordering::Relaxed) {
-            return Err("listeners not bound yet");
+            return Err("listeners not bound yet".into());
         }
+        let error = self.registry.last_error();
+        let why = |e: &Option<std::sync::Arc<String>>| match e {
+            Some(e) => format!(": {e}"),
+            None => String::new(),
+        };
         if !self.registry.is_synced() {
-            return Err("registry not synced yet");
+            return Err(format!("registry not synced yet{}", why(&error)));
         }
-        Ok(())
+        if !self.registry.is_connected() {
+            // A stale snapshot still serves (DNS and proxies keep answering), and says so.
+            return Ok(Some(format!(
+                "serving a snapshot last confirmed {}s ago; registry store not connected{}",
+                self.registry.snapshot_age().as_secs(),
+                why(&error)
+            )));
+        }
+        Ok(None)
     }
 }

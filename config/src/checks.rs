@@ -408,12 +408,36 @@ fn registry(c: &mut Checker, raw: RawRegistry) -> RegistryConfig {
         ),
         username: etcd_raw.username,
         password: etcd_raw.password,
+        password_file: etcd_raw.password_file.map(PathBuf::from),
+        tls: etcd_raw.tls.and_then(|raw| etcd_tls(c, raw)),
     };
-    if etcd.username.is_some() != etcd.password.is_some() {
-        c.err(
+    match (
+        etcd.username.is_some(),
+        etcd.password.is_some(),
+        etcd.password_file.is_some(),
+    ) {
+        (_, true, true) => c.err(
+            "registry.etcd.password_file",
+            "set either password or password_file, not both",
+        ),
+        (true, false, false) => c.err(
             "registry.etcd.password",
-            "username and password must be set together",
-        );
+            "username needs a password: set password_file (or SVCD_ETCD_PASSWORD)",
+        ),
+        (false, true, _) | (false, _, true) => {
+            c.err("registry.etcd.username", "a password needs a username")
+        }
+        _ => {}
+    }
+    if etcd.tls.is_some() {
+        for (i, e) in etcd.endpoints.iter().enumerate() {
+            if e.starts_with("http://") {
+                c.err(
+                    format!("registry.etcd.endpoints[{i}]"),
+                    format!("{e:?} is plaintext but registry.etcd.tls is set (use HOST:PORT or https://)"),
+                );
+            }
+        }
     }
     let lease_ttl = c.duration("registry.lease_ttl", raw.lease_ttl, Duration::from_secs(10));
     if lease_ttl < Duration::from_secs(2) {
@@ -428,6 +452,13 @@ fn registry(c: &mut Checker, raw: RawRegistry) -> RegistryConfig {
         Duration::from_secs(300),
     );
     let node = raw.node.unwrap_or_else(local_hostname);
+    let read_only = raw.read_only.unwrap_or(false);
+    if read_only && raw.static_instances.as_ref().is_some_and(|s| !s.is_empty()) {
+        c.err(
+            "registry.static",
+            "a read-only node (registry.read_only = true) owns no registrations",
+        );
+    }
     let static_instances = raw
         .static_instances
         .unwrap_or_default()
@@ -440,9 +471,35 @@ fn registry(c: &mut Checker, raw: RawRegistry) -> RegistryConfig {
         lease_ttl,
         resync_interval,
         node,
+        read_only,
         etcd,
         static_instances,
     }
+}
+
+fn etcd_tls(c: &mut Checker, raw: RawEtcdTls) -> Option<EtcdTlsConfig> {
+    if raw.cert.is_some() != raw.key.is_some() {
+        c.err(
+            "registry.etcd.tls.key",
+            "cert and key must be set together (a client certificate and its key)",
+        );
+    }
+    let Some(ca) = raw.ca else {
+        c.err(
+            "registry.etcd.tls.ca",
+            "required: the CA that signed etcd's certificates",
+        );
+        return None;
+    };
+    if raw.server_name.as_deref() == Some("") {
+        c.err("registry.etcd.tls.server_name", "must not be empty");
+    }
+    Some(EtcdTlsConfig {
+        ca: PathBuf::from(ca),
+        cert: raw.cert.map(PathBuf::from),
+        key: raw.key.map(PathBuf::from),
+        server_name: raw.server_name,
+    })
 }
 
 fn static_instance(c: &mut Checker, i: usize, mut table: toml::Table) -> Option<StaticInstance> {

@@ -123,6 +123,9 @@ lease_ttl = "10s"
 resync_interval = "5m"
 # Name of this node, stamped on registrations that do not name one. Default: the hostname.
 # node = "node-1"
+# A consumer node: serves DNS and the proxies from the registry, owns no registrations (the API
+# answers writes 403). Its etcd user then needs read access only (docs/registry.md, RBAC).
+read_only = false
 
 [registry.etcd]
 endpoints = []
@@ -131,8 +134,18 @@ request_timeout = "10s"
 # HTTP/2 keepalive pings to etcd, so a dead connection is noticed.
 keepalive_interval = "10s"
 keepalive_timeout = "5s"
+# Credentials: the password from a file (or the SVCD_ETCD_PASSWORD environment variable),
+# re-read on SIGHUP; `password = "..."` works too but keeps the secret in this file.
 # username = "svcd"
-# password = "..."
+# password_file = "/etc/svcd/etcd-password"
+
+# TLS to etcd (endpoints without a scheme then use https). cert/key: a client certificate, for
+# etcd's --client-cert-auth. The files are re-read on SIGHUP (rotation without a restart).
+# [registry.etcd.tls]
+# ca = "/etc/svcd/etcd-ca.pem"
+# cert = "/etc/svcd/etcd-client.pem"
+# key = "/etc/svcd/etcd-client-key.pem"
+# server_name = "etcd.internal"   # when etcd's certificate does not name the endpoint's host
 
 # Static registrations, for things outside the cluster. Held by this daemon's lease.
 # [[registry.static]]

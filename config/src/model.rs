@@ -125,6 +125,9 @@ pub struct RegistryConfig {
     pub resync_interval: Duration,
     /// Name of this node, stamped on registrations that do not set one. Defaults to the hostname.
     pub node: String,
+    /// A consumer node: it serves DNS and the proxies from the registry but owns no
+    /// registrations (the API answers writes with 403; its etcd user may be read-only).
+    pub read_only: bool,
     pub etcd: EtcdConfig,
     #[serde(rename = "static")]
     pub static_instances: Vec<StaticInstance>,
@@ -148,6 +151,27 @@ pub struct EtcdConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub password: Option<String>,
+    /// The password read from this file (trailing newline dropped) at start and on SIGHUP, so
+    /// it need not sit in the config file; exclusive with `password`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// TLS to etcd; files are read at start and again on SIGHUP (rotation without restart).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<EtcdTlsConfig>,
+}
+
+/// TLS to etcd: the CA that signed etcd's server certificates, and optionally this node's
+/// client certificate (etcd's `--client-cert-auth`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EtcdTlsConfig {
+    pub ca: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// The name to check etcd's certificate against, when it is not the endpoint's host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 /// A registration written in the config file, for things outside the cluster (a managed database).

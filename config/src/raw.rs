@@ -117,6 +117,7 @@ pub struct RawRegistry {
     pub lease_ttl: Option<String>,
     pub resync_interval: Option<String>,
     pub node: Option<String>,
+    pub read_only: Option<bool>,
     pub etcd: Option<RawEtcd>,
     /// Kept as tables: `service`/`id` are split off and the rest is checked as an
     /// [`crate::Instance`] so the instance schema is defined once.
@@ -134,6 +135,17 @@ pub struct RawEtcd {
     pub keepalive_timeout: Option<String>,
     pub username: Option<String>,
     pub password: Option<String>,
+    pub password_file: Option<String>,
+    pub tls: Option<RawEtcdTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcdTls {
+    pub ca: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -41,7 +41,8 @@ enum Shape {
     Listeners,
 }
 
-/// The supported `SVCD_*` variables and the key each one sets. The same keys have CLI flags.
+/// The supported `SVCD_*` variables and the key each one sets. The same keys have CLI flags,
+/// except the etcd credentials: a password on a command line is visible to every local user.
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("SVCD_ADMIN_LISTEN", "admin.listen"),
     ("SVCD_ADMIN_TOKEN_FILE", "admin.token_file"),
@@ -50,6 +51,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("SVCD_HTTP_LISTEN", "proxy.http"),
     ("SVCD_REGISTRY_BACKEND", "registry.backend"),
     ("SVCD_ETCD_ENDPOINTS", "registry.etcd.endpoints"),
+    ("SVCD_ETCD_USERNAME", "registry.etcd.username"),
+    ("SVCD_ETCD_PASSWORD", "registry.etcd.password"),
     ("SVCD_LEASE_TTL", "registry.lease_ttl"),
     ("SVCD_NODE", "registry.node"),
     ("SVCD_DRAIN_TIMEOUT", "shutdown.drain_timeout"),

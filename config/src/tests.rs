@@ -129,6 +129,72 @@ fn etcd_backend_needs_endpoints_and_endpoints_imply_etcd() {
 }
 
 #[test]
+fn etcd_credentials_and_tls_are_checked_with_key_paths() {
+    let c = parse(
+        r#"
+        [registry]
+        read_only = true
+        [registry.etcd]
+        endpoints = ["etcd-1:2379"]
+        username = "svcd"
+        password_file = "/etc/svcd/etcd-password"
+        [registry.etcd.tls]
+        ca = "/etc/svcd/ca.pem"
+        cert = "/etc/svcd/client.pem"
+        key = "/etc/svcd/client-key.pem"
+        server_name = "etcd.internal"
+        "#,
+    )
+    .unwrap();
+    assert!(c.registry.read_only);
+    let tls = c.registry.etcd.tls.as_ref().unwrap();
+    assert_eq!(tls.server_name.as_deref(), Some("etcd.internal"));
+    assert_eq!(
+        c.registry.etcd.password_file.as_deref(),
+        Some(std::path::Path::new("/etc/svcd/etcd-password"))
+    );
+
+    let errors = errors_of(
+        r#"
+        [registry]
+        read_only = true
+        [[registry.static]]
+        service = "db"
+        id = "db-1"
+        ip = "10.0.0.9"
+        [registry.etcd]
+        endpoints = ["http://etcd-1:2379"]
+        username = "svcd"
+        password = "x"
+        password_file = "/p"
+        [registry.etcd.tls]
+        cert = "/c.pem"
+        "#,
+    );
+    let keys: Vec<&str> = errors
+        .iter()
+        .map(|e| e.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            "registry.etcd.tls.key",
+            "registry.etcd.tls.ca",
+            "registry.etcd.password_file",
+            "registry.static",
+        ],
+        "{errors:?}"
+    );
+    // TLS set: a plaintext endpoint is a mistake, not a silent downgrade.
+    let errors =
+        errors_of("[registry.etcd]\nendpoints = [\"http://e:2379\"]\ntls = { ca = \"/ca.pem\" }\n");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("plaintext"), "{errors:?}");
+    let errors = errors_of("[registry.etcd]\nendpoints = [\"e:2379\"]\nusername = \"u\"\n");
+    assert!(errors[0].starts_with("registry.etcd.password: username needs a password"));
+}
+
+#[test]
 fn port_clash_names_both_keys() {
     let errors = errors_of("[dns]\nlisten = \"127.0.0.1:9901\"\n");
     assert_eq!(

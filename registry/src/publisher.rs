@@ -159,6 +159,7 @@ impl SnapshotPublisher {
     pub(crate) fn set_connected(&self, connected: bool) {
         if self.status.connected.swap(connected, Ordering::Relaxed) != connected {
             if connected {
+                self.status.clear_error();
                 info!("registry store connected");
             } else {
                 warn!("registry store disconnected; serving the last snapshot");

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -70,6 +71,8 @@ pub struct SyncStatus {
     /// When the snapshot was last known current (event, progress or listing), as nanoseconds
     /// after `base`; an atomic so the scrape path reads it without a lock.
     confirmed_nanos: AtomicU64,
+    /// Why the store is not connected (the last error), for `/readyz`; cleared on connect.
+    last_error: ArcSwapOption<String>,
 }
 
 impl Default for SyncStatus {
@@ -79,6 +82,7 @@ impl Default for SyncStatus {
             connected: AtomicBool::new(false),
             base: Instant::now(),
             confirmed_nanos: AtomicU64::new(0),
+            last_error: ArcSwapOption::empty(),
         }
     }
 }
@@ -101,6 +105,19 @@ impl SyncStatus {
 
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// The last store error while not connected.
+    pub fn last_error(&self) -> Option<Arc<String>> {
+        self.last_error.load_full()
+    }
+
+    pub(crate) fn set_error(&self, error: &StoreError) {
+        self.last_error.store(Some(Arc::new(error.to_string())));
+    }
+
+    pub(crate) fn clear_error(&self) {
+        self.last_error.store(None);
     }
 }
 
@@ -272,6 +289,7 @@ pub async fn run_sync(
                 history
             }
             Err(e) => {
+                publisher.status.set_error(&e);
                 publisher.set_connected(false);
                 let delay = backoff.step();
                 warn!(error = %e, ?delay, "registry list failed; retrying");
@@ -316,6 +334,7 @@ pub async fn run_sync(
                 }
                 Err(StoreError::Compacted { .. }) => WatchEnd::Relist,
                 Err(e) => {
+                    publisher.status.set_error(&e);
                     warn!(error = %e, "registry watch failed to start");
                     WatchEnd::Reconnect
                 }
@@ -398,6 +417,7 @@ async fn watch_session(
                         return WatchEnd::Reconnect;
                     }
                     Err(e) => {
+                        publisher.status.set_error(&e);
                         warn!(error = %e, "registry watch broke; resuming");
                         if builder.has_changes() { publisher.publish_base(|previous| builder.build(previous)); }
                         return WatchEnd::Reconnect;

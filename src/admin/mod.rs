@@ -121,7 +121,8 @@ impl AdminState {
         let resp = match path.as_str() {
             "/healthz" => get_only(&req, || text(StatusCode::OK, "ok\n")),
             "/readyz" => get_only(&req, || match self.readiness.check() {
-                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Ok(None) => text(StatusCode::OK, "ready\n"),
+                Ok(Some(note)) => text(StatusCode::OK, format!("ready ({note})\n")),
                 Err(reason) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("not ready: {reason}\n"),

@@ -21,6 +21,19 @@ use super::{json_error, json_response, read_body, AdminState, ApiError, Body};
 pub async fn route(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let parts: Vec<&str> = path.split('/').skip(3).collect(); // after "", "v1", "services"
+    let writes = matches!(
+        (req.method(), parts.as_slice()),
+        (&Method::PUT | &Method::DELETE, [_, _, "instances", _])
+            | (&Method::POST, [_, _, "instances", _, "drain"])
+    );
+    if writes && state.config.load().registry.read_only {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "",
+            "this node is read-only (registry.read_only = true): it serves DNS and proxies from \
+             the registry but owns no registrations; register with a node that does",
+        );
+    }
     match (req.method().clone(), parts.as_slice()) {
         (Method::GET, []) => list_services(state),
         (_, []) => super::method_not_allowed("GET"),

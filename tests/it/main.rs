@@ -18,4 +18,5 @@ mod limits;
 mod proxy_http;
 mod proxy_l4;
 mod registry_e2e;
+mod security;
 mod store_conformance;

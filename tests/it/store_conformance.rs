@@ -166,6 +166,8 @@ async fn etcd_store_conforms() {
         keepalive_timeout: Duration::from_secs(2),
         username: None,
         password: None,
+        password_file: None,
+        tls: None,
     };
     suite(Arc::new(EtcdStore::connect(&config).await.unwrap())).await;
 }

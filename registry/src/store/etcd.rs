@@ -6,23 +6,30 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions,
-    WatchStream as EtcdWatchStream,
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
+    WatchOptions, WatchStream as EtcdWatchStream,
 };
 use svcd_config::EtcdConfig;
 
 use super::*;
 
-#[derive(Clone)]
 pub struct EtcdStore {
-    /// Connected on first use, then kept. Cheap to clone (shared channel); each call clones it
-    /// because etcd-client methods take `&mut self`. Lazy because with credentials etcd-client
-    /// authenticates while connecting, which needs etcd up: the daemon must start and wait for
-    /// an unreachable etcd either way (a failed connect is retried by the next call).
-    client: tokio::sync::OnceCell<Client>,
+    /// The client, connected on first use and kept until credentials are re-read. Cheap to
+    /// clone (shared channel); each call clones it because etcd-client methods take `&mut
+    /// self`. Lazy because with credentials etcd-client authenticates while connecting, which
+    /// needs etcd up: the daemon must start and wait for an unreachable etcd either way (a
+    /// failed connect is retried by the next call). An async mutex: taken once per store call
+    /// (never per query) and held across a connect so concurrent callers wait for one attempt.
+    connection: tokio::sync::Mutex<Connection>,
+    /// The config the files are named in, to read them again on reload.
+    config: EtcdConfig,
     urls: Vec<String>,
-    options: ConnectOptions,
     endpoints: String,
+}
+
+struct Connection {
+    options: ConnectOptions,
+    client: Option<Client>,
 }
 
 /// How long an operation retries an unavailable store before giving up: past a leader election.
@@ -35,7 +42,11 @@ fn map_err(e: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
     match e {
         E::GRpcStatus(status) => {
-            let msg = status.message().to_string();
+            // A status made from a transport failure carries it as its source.
+            let msg = with_sources(
+                status.message().to_string(),
+                std::error::Error::source(&status),
+            );
             if msg.contains("required revision has been compacted") {
                 StoreError::Compacted {
                     compact_revision: 0,
@@ -54,24 +65,109 @@ fn map_err(e: etcd_client::Error) -> StoreError {
             }
         }
         E::LeaseKeepAliveError(msg) if msg.contains("not found") => StoreError::LeaseNotFound(0),
-        E::TransportError(e) => StoreError::Unavailable(e.to_string()),
-        E::IoError(e) => StoreError::Unavailable(e.to_string()),
-        other => StoreError::Other(other.to_string()),
+        // tonic's transport error says only "transport error"; the cause (refused, a TLS
+        // certificate rejected, ...) is in its sources.
+        E::TransportError(e) => StoreError::Unavailable(with_causes(&e)),
+        E::IoError(e) => StoreError::Unavailable(with_causes(&e)),
+        other => StoreError::Other(with_causes(&other)),
     }
 }
 
-impl EtcdStore {
-    /// Builds the client. Connection is lazy: this succeeds while etcd is down, and calls fail
-    /// with `Unavailable` until it is reachable.
-    pub async fn connect(config: &EtcdConfig) -> StoreResult<Self> {
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(config.connect_timeout)
-            .with_timeout(config.request_timeout)
-            .with_keep_alive(config.keepalive_interval, config.keepalive_timeout)
-            .with_keep_alive_while_idle(true);
-        if let (Some(user), Some(password)) = (&config.username, &config.password) {
-            options = options.with_user(user, password);
+/// `e` saying which etcd it came from (once: an error already named is kept as it is).
+fn named(endpoints: &str, e: StoreError) -> StoreError {
+    let prefix = format!("etcd {endpoints}: ");
+    let name = |msg: String| {
+        if msg.starts_with(&prefix) {
+            msg
+        } else {
+            format!("{prefix}{msg}")
         }
+    };
+    match e {
+        StoreError::Unavailable(msg) => StoreError::Unavailable(name(msg)),
+        StoreError::Other(msg) => StoreError::Other(name(msg)),
+        other => other,
+    }
+}
+
+/// An error and every cause under it, `outer: inner: root`.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    with_sources(e.to_string(), e.source())
+}
+
+/// `text`, then each cause from `source` down (those it does not already say).
+fn with_sources(
+    mut text: String,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// A file the config names, read for the client (credentials, certificates).
+fn read_named(key: &str, path: &std::path::Path) -> StoreResult<Vec<u8>> {
+    std::fs::read(path).map_err(|e| StoreError::Config(format!("{key}: {}: {e}", path.display())))
+}
+
+/// What the client connects with: timeouts from the config, credentials and certificates from
+/// the files it names (read now).
+fn connect_options(config: &EtcdConfig) -> StoreResult<ConnectOptions> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(config.connect_timeout)
+        .with_timeout(config.request_timeout)
+        .with_keep_alive(config.keepalive_interval, config.keepalive_timeout)
+        .with_keep_alive_while_idle(true);
+    let password = match (&config.password, &config.password_file) {
+        (Some(password), _) => Some(password.clone()),
+        (None, Some(path)) => {
+            let raw = read_named("registry.etcd.password_file", path)?;
+            let text = String::from_utf8(raw).map_err(|_| {
+                StoreError::Config(format!(
+                    "registry.etcd.password_file: {}: not UTF-8",
+                    path.display()
+                ))
+            })?;
+            Some(text.trim_end_matches(['\r', '\n']).to_string())
+        }
+        (None, None) => None,
+    };
+    if let (Some(user), Some(password)) = (&config.username, password) {
+        options = options.with_user(user, password);
+    }
+    if let Some(tls) = &config.tls {
+        let ca = read_named("registry.etcd.tls.ca", &tls.ca)?;
+        let mut settings = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            let cert = read_named("registry.etcd.tls.cert", cert)?;
+            let key = read_named("registry.etcd.tls.key", key)?;
+            settings = settings.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(name) = &tls.server_name {
+            settings = settings.domain_name(name.clone());
+        }
+        options = options.with_tls(settings);
+    }
+    Ok(options)
+}
+
+impl EtcdStore {
+    /// Reads the credentials and certificates and prepares the client. Connection is lazy:
+    /// this succeeds while etcd is down, and calls fail with `Unavailable` until it is
+    /// reachable. A file that cannot be read is a `Config` error.
+    pub async fn connect(config: &EtcdConfig) -> StoreResult<Self> {
+        let options = connect_options(config)?;
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let endpoints: Vec<String> = config
             .endpoints
             .iter()
@@ -79,15 +175,18 @@ impl EtcdStore {
                 if e.contains("://") {
                     e.clone()
                 } else {
-                    format!("http://{e}")
+                    format!("{scheme}://{e}")
                 }
             })
             .collect();
         Ok(EtcdStore {
-            client: tokio::sync::OnceCell::new(),
+            connection: tokio::sync::Mutex::new(Connection {
+                options,
+                client: None,
+            }),
+            config: config.clone(),
             endpoints: endpoints.join(","),
             urls: endpoints,
-            options,
         })
     }
 
@@ -126,27 +225,23 @@ impl EtcdStore {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(400));
                 }
-                Err(StoreError::Unavailable(msg)) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "etcd {}: {msg}",
-                        self.endpoints
-                    )))
-                }
-                other => return other,
+                // Unavailable past the retries, or refused (permission, authentication).
+                other => return other.map_err(|e| named(&self.endpoints, e)),
             }
         }
     }
 
     /// The connected client, connecting (and with credentials, authenticating) on first use.
     async fn client(&self) -> StoreResult<Client> {
-        self.client
-            .get_or_try_init(|| async {
-                Client::connect(&self.urls, Some(self.options.clone()))
-                    .await
-                    .map_err(map_err)
-            })
+        let mut connection = self.connection.lock().await;
+        if let Some(client) = &connection.client {
+            return Ok(client.clone());
+        }
+        let client = Client::connect(&self.urls, Some(connection.options.clone()))
             .await
-            .cloned()
+            .map_err(|e| named(&self.endpoints, map_err(e)))?;
+        connection.client = Some(client.clone());
+        Ok(client)
     }
 }
 
@@ -230,7 +325,7 @@ impl Store for EtcdStore {
             keeper.keep_alive().await?;
             stream.message().await
         };
-        match once.await.map_err(map_err) {
+        match once.await.map_err(|e| named(&self.endpoints, map_err(e))) {
             Ok(Some(resp)) if resp.ttl() > 0 => Ok(Some(Duration::from_secs(resp.ttl() as u64))),
             Ok(Some(_)) | Err(StoreError::LeaseNotFound(_)) => Ok(None),
             Ok(None) => Err(StoreError::Unavailable("keep-alive stream closed".into())),
@@ -244,7 +339,7 @@ impl Store for EtcdStore {
             .await?
             .lease_revoke(lease)
             .await
-            .map_err(map_err)
+            .map_err(|e| named(&self.endpoints, map_err(e)))
         {
             Ok(_) | Err(StoreError::LeaseNotFound(_)) => Ok(()),
             Err(e) => Err(e),
@@ -261,8 +356,11 @@ impl Store for EtcdStore {
             .await?
             .watch(prefix, Some(options))
             .await
-            .map_err(map_err)?;
-        Ok(Box::new(EtcdWatch { stream }))
+            .map_err(|e| named(&self.endpoints, map_err(e)))?;
+        Ok(Box::new(EtcdWatch {
+            stream,
+            endpoints: self.endpoints.clone(),
+        }))
     }
 
     async fn compact(&self, revision: i64) -> StoreResult<()> {
@@ -274,6 +372,16 @@ impl Store for EtcdStore {
         Ok(())
     }
 
+    async fn reload_credentials(&self) -> StoreResult<()> {
+        let options = connect_options(&self.config)?;
+        let mut connection = self.connection.lock().await;
+        connection.options = options;
+        // The next call connects with them; a watch open now keeps its connection until it
+        // breaks (TLS checks certificates at the handshake only).
+        connection.client = None;
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("etcd({})", self.endpoints)
     }
@@ -281,13 +389,16 @@ impl Store for EtcdStore {
 
 struct EtcdWatch {
     stream: EtcdWatchStream,
+    /// For the errors it reports.
+    endpoints: String,
 }
 
 #[async_trait]
 impl WatchStream for EtcdWatch {
     async fn next(&mut self) -> StoreResult<Option<WatchMessage>> {
         loop {
-            let Some(resp) = self.stream.message().await.map_err(map_err)? else {
+            let message = self.stream.message().await;
+            let Some(resp) = message.map_err(|e| named(&self.endpoints, map_err(e)))? else {
                 return Ok(None);
             };
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -329,6 +440,7 @@ impl WatchStream for EtcdWatch {
     }
 
     async fn request_progress(&mut self) -> StoreResult<()> {
-        self.stream.request_progress().await.map_err(map_err)
+        let sent = self.stream.request_progress().await;
+        sent.map_err(|e| named(&self.endpoints, map_err(e)))
     }
 }

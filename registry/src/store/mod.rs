@@ -26,6 +26,9 @@ pub enum StoreError {
     LeaseNotFound(LeaseId),
     #[error("store error: {0}")]
     Other(String),
+    /// The store's settings cannot be used (a credentials or certificate file unreadable).
+    #[error("{0}")]
+    Config(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -110,6 +113,11 @@ pub trait Store: Send + Sync + 'static {
     async fn compact(&self, revision: i64) -> StoreResult<()>;
     /// Short description for logs and `/readyz`.
     fn describe(&self) -> String;
+
+    /// Reads credentials and certificates again (SIGHUP); later connections use them.
+    async fn reload_credentials(&self) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 /// The end of a prefix range: the prefix with its last byte incremented (etcd's convention).

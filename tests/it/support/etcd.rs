@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::tls::TlsFiles;
 use super::{eventually, free_port};
 
 pub struct Etcd {
@@ -12,6 +13,9 @@ pub struct Etcd {
     peer_url: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// With TLS: the files etcd serves with (read at each start, so a test can rotate them) and
+    /// what the test's own clients connect with.
+    tls: Option<(TlsFiles, etcd_client::TlsOptions)>,
 }
 
 const INSTALL_HINT: &str = "etcd is required for this test and was not found on PATH.\n\
@@ -37,6 +41,8 @@ struct Member<'a> {
     client_url: &'a str,
     peer_url: &'a str,
     initial_cluster: &'a str,
+    /// Serve clients over TLS with these files, requiring client certificates.
+    tls: Option<&'a TlsFiles>,
 }
 
 impl Member<'_> {
@@ -52,6 +58,17 @@ impl Member<'_> {
             .args(["--initial-cluster", self.initial_cluster])
             .args(["--initial-cluster-state", "new"])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(self.tls.iter().flat_map(|t| {
+                [
+                    "--cert-file".into(),
+                    t.cert.clone().into_os_string(),
+                    "--key-file".into(),
+                    t.key.clone().into_os_string(),
+                    "--trusted-ca-file".into(),
+                    t.ca.clone().into_os_string(),
+                    "--client-cert-auth".into(),
+                ]
+            }))
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -62,20 +79,48 @@ impl Member<'_> {
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub async fn start() -> Etcd {
+        Etcd::start_with(None).await
+    }
+
+    /// Starts etcd serving clients over TLS (`server`: its CA, certificate and key), requiring
+    /// client certificates signed by that CA; the test's clients connect with `client`.
+    pub async fn start_tls(server: TlsFiles, client: etcd_client::TlsOptions) -> Etcd {
+        Etcd::start_with(Some((server, client))).await
+    }
+
+    async fn start_with(tls: Option<(TlsFiles, etcd_client::TlsOptions)>) -> Etcd {
         let dir = tempfile::tempdir().expect("temp dir");
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut etcd = Etcd {
-            client_url: format!("http://127.0.0.1:{}", free_port()),
+            client_url: format!("{scheme}://127.0.0.1:{}", free_port()),
             peer_url: format!("http://127.0.0.1:{}", free_port()),
             dir,
             child: None,
+            tls,
         };
         etcd.resume().await;
         etcd
     }
 
+    /// What the test's clients connect with from now on (after a rotation).
+    pub fn set_client_tls(&mut self, client: etcd_client::TlsOptions) {
+        if let Some(tls) = &mut self.tls {
+            tls.1 = client;
+        }
+    }
+
+    fn connect_options(&self) -> Option<etcd_client::ConnectOptions> {
+        self.tls
+            .as_ref()
+            .map(|(_, client)| etcd_client::ConnectOptions::new().with_tls(client.clone()))
+    }
+
     /// `host:port` of the client endpoint, as svcd's config takes it.
     pub fn endpoint(&self) -> String {
-        self.client_url.trim_start_matches("http://").to_string()
+        self.client_url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_string()
     }
 
     /// (Re)starts the process on the same ports and data dir.
@@ -90,14 +135,16 @@ impl Etcd {
             client_url: &self.client_url,
             peer_url: &self.peer_url,
             initial_cluster: &initial,
+            tls: self.tls.as_ref().map(|t| &t.0),
         };
         let child = member.spawn(log);
         self.child = Some(child);
         let url = self.client_url.clone();
+        let options = self.connect_options();
         eventually(Duration::from_secs(20), "etcd to answer", || {
-            let url = url.clone();
+            let (url, options) = (url.clone(), options.clone());
             async move {
-                let mut client = etcd_client::Client::connect([url], None).await.ok()?;
+                let mut client = etcd_client::Client::connect([url], options).await.ok()?;
                 client.get("health-probe", None).await.ok().map(|_| ())
             }
         })
@@ -137,7 +184,7 @@ impl Etcd {
     }
 
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.client_url.clone()], None)
+        etcd_client::Client::connect([self.client_url.clone()], self.connect_options())
             .await
             .expect("connect to test etcd")
     }
@@ -185,6 +232,7 @@ impl EtcdCluster {
                 client_url: &client_urls[i],
                 peer_url: &peer_urls[i],
                 initial_cluster: &initial,
+                tls: None,
             };
             let child = member.spawn(log);
             children.push(Some(child));

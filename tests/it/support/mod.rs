@@ -7,6 +7,7 @@ pub mod etcd;
 pub mod gate;
 pub mod load;
 pub mod proxy;
+pub mod tls;
 
 use std::net::{TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicU16, Ordering};
