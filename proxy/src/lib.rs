@@ -53,12 +53,13 @@ pub use metrics::{L4Slots, ProxyMetrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("{key}: cannot bind {addr}: {source}")]
+    /// The cause is in the message, not a source: reloads log the message alone, and a chain
+    /// printed by `main` would say it twice.
+    #[error("{key}: cannot bind {addr}: {cause}")]
     Bind {
         key: String,
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -305,10 +306,10 @@ impl L4Proxy {
                         .unwrap_or_else(|e| e.into_inner())
                         .insert((transport, addr), state);
                 }
-                Err(source) => errors.push(ProxyError::Bind {
+                Err(cause) => errors.push(ProxyError::Bind {
                     key: format!("{}[{i}].listen", transport.key()),
                     addr,
-                    source,
+                    cause,
                 }),
             }
         }
@@ -344,19 +345,38 @@ pub(crate) async fn bind_nodelay(addr: SocketAddr) -> std::io::Result<TcpListene
 
 /// Stops a listener without resetting what sits in its accept queue. Closing a listening socket
 /// resets every connection the kernel completed but nobody accepted, so clients that already
-/// sent a request see a reset. Instead: a socket filter that drops every packet makes new
-/// handshakes go unanswered (the client's SYN retry then meets the closed port: refused, which
-/// clients retry), and the queued connections are accepted here, to be served like any other.
-/// The caller drops the listener afterwards.
-pub(crate) fn drain_accept_queue(listener: &TcpListener) -> Vec<(TcpStream, SocketAddr)> {
-    // Classic BPF `ret #0`: keep no byte of any packet.
-    const DROP_ALL: [socket2::SockFilter; 1] = [socket2::SockFilter::new(0x06, 0, 0, 0)];
+/// sent a request see a reset. Instead: a socket filter drops new handshakes (a SYN without ACK;
+/// the client's SYN retry then meets the closed port: refused, which clients retry) while
+/// handshakes already under way complete; after [`ACCEPT_SETTLE`] for those, everything queued
+/// is accepted here, to be served like any other. The caller drops the listener afterwards.
+pub(crate) async fn drain_accept_queue(listener: &TcpListener) -> Vec<(TcpStream, SocketAddr)> {
     let socket = socket2::SockRef::from(listener);
-    if let Err(e) = socket.attach_filter(&DROP_ALL) {
+    if let Err(e) = socket.attach_filter(&DROP_NEW_HANDSHAKES) {
         debug!(error = %e, "cannot filter the listener before closing it");
     }
     let mut accepted = Vec::new();
-    // The listener is non-blocking: this ends when the queue is empty.
+    take_queued(&socket, &mut accepted);
+    tokio::time::sleep(ACCEPT_SETTLE).await;
+    take_queued(&socket, &mut accepted);
+    accepted
+}
+
+/// Long enough for a handshake under way when the filter went on to complete (loopback and
+/// in-cluster round trips are far shorter).
+const ACCEPT_SETTLE: Duration = Duration::from_millis(20);
+
+/// Classic BPF over the TCP header (where a TCP socket's filter starts): drop a segment whose
+/// flags have SYN without ACK, keep everything else.
+const DROP_NEW_HANDSHAKES: [socket2::SockFilter; 5] = [
+    socket2::SockFilter::new(0x30, 0, 0, 13), // ldb [13]: the flags byte
+    socket2::SockFilter::new(0x54, 0, 0, 0x12), // and #(SYN|ACK)
+    socket2::SockFilter::new(0x15, 0, 1, 0x02), // jeq #SYN: drop, else keep
+    socket2::SockFilter::new(0x06, 0, 0, 0),  // ret #0: drop
+    socket2::SockFilter::new(0x06, 0, 0, u32::MAX), // ret #-1: keep the whole segment
+];
+
+/// Accepts everything queued on the non-blocking `socket` without waiting.
+fn take_queued(socket: &socket2::SockRef<'_>, into: &mut Vec<(TcpStream, SocketAddr)>) {
     while let Ok((conn, peer)) = socket.accept() {
         let Some(peer) = peer.as_socket() else {
             continue;
@@ -366,11 +386,10 @@ pub(crate) fn drain_accept_queue(listener: &TcpListener) -> Vec<(TcpStream, Sock
             .set_nonblocking(true)
             .and_then(|()| TcpStream::from_std(stream))
         {
-            Ok(stream) => accepted.push((stream, peer)),
+            Ok(stream) => into.push((stream, peer)),
             Err(e) => debug!(error = %e, "cannot adopt a queued connection"),
         }
     }
-    accepted
 }
 
 /// Waits up to `timeout` for the tracked connection tasks, then cancels `hard_stop` (open
@@ -419,12 +438,31 @@ mod tests {
             c.write_all(b"ping").await.unwrap();
             queued.push(c);
         }
-        let drained = super::drain_accept_queue(&listener);
+        let drained = super::drain_accept_queue(&listener).await;
         assert_eq!(drained.len(), 3, "every queued connection taken");
-        for (mut server, _) in drained {
+        let mut servers: Vec<_> = drained.into_iter().map(|(s, _)| s).collect();
+        for server in &mut servers {
             let mut buf = [0u8; 4];
             server.read_exact(&mut buf).await.unwrap();
             assert_eq!(&buf, b"ping", "what the client sent is there");
+            // The filter keeps every segment that is not a new handshake.
+            socket2::SockRef::from(&*server)
+                .attach_filter(&super::DROP_NEW_HANDSHAKES)
+                .unwrap();
+        }
+        for c in &mut queued {
+            c.write_all(b"more").await.unwrap();
+        }
+        for server in &mut servers {
+            let mut buf = [0u8; 4];
+            tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                server.read_exact(&mut buf),
+            )
+            .await
+            .expect("data through the filter")
+            .unwrap();
+            assert_eq!(&buf, b"more");
         }
         // A new handshake gets no answer while the listener is still open ...
         let late = tokio::time::timeout(

@@ -26,7 +26,7 @@ pub async fn serve(listener: TcpListener, state: Arc<ListenerState>, ctx: Arc<Pr
         let (client, peer) = tokio::select! {
             _ = state.stop.cancelled() => {
                 // Connections already queued are proxied, not reset.
-                for (client, peer) in crate::drain_accept_queue(&listener) {
+                for (client, peer) in crate::drain_accept_queue(&listener).await {
                     admit(client, peer, &state, &ctx);
                 }
                 return;

@@ -202,10 +202,10 @@ impl HttpProxy {
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(addr, stop);
                 }
-                Err(source) => errors.push(ProxyError::Bind {
+                Err(cause) => errors.push(ProxyError::Bind {
                     key: format!("proxy.http[{i}].listen"),
                     addr,
-                    source,
+                    cause,
                 }),
             }
         }
@@ -260,7 +260,7 @@ async fn accept_connections(
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => {
                 // Requests already queued get served (one each), not reset.
-                for (stream, peer) in crate::drain_accept_queue(listener) {
+                for (stream, peer) in crate::drain_accept_queue(listener).await {
                     admit(ctx, stream, peer, stop, refused, share, Admitted::AtClose);
                 }
                 return;
@@ -277,6 +277,22 @@ async fn accept_connections(
         admit(ctx, stream, peer, stop, refused, share, Admitted::Open);
     }
 }
+
+/// Where a connection stands in the daemon's shutdown.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shutdown {
+    Serving,
+    /// The shutdown came before the client's first byte was read. hyper's graceful shutdown
+    /// would close the connection at once, unread request and all (a reset, as unread data is
+    /// discarded), so it waits for the first request, bounded by the header read timeout and
+    /// the drain timeout.
+    AwaitingFirstRequest,
+    /// The current request is answered with `Connection: close` (HTTP/1) or GOAWAY (HTTP/2).
+    Draining,
+}
+
+/// How often a connection awaiting its first request looks again.
+const FIRST_BYTE_POLL: Duration = Duration::from_millis(5);
 
 /// When a client connection was accepted: while the listener was open, or out of its queue as
 /// it closed.
@@ -346,7 +362,13 @@ async fn serve_connection(
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut last_activity, mut quiet_ticks) = (u64::MAX, 0u32);
-    let mut draining = admitted == Admitted::AtClose;
+    let mut shutdown = match admitted {
+        Admitted::Open => Shutdown::Serving,
+        Admitted::AtClose => Shutdown::Draining,
+    };
+    let mut first_byte = tokio::time::interval(FIRST_BYTE_POLL);
+    // The activity count before the client's first byte (opening the connection counts one).
+    let opened = watch.activity();
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -355,9 +377,19 @@ async fn serve_connection(
                 }
                 break;
             }
-            _ = stop.cancelled(), if !draining => {
-                conn.as_mut().graceful_shutdown();
-                draining = true;
+            _ = stop.cancelled(), if shutdown == Shutdown::Serving => {
+                if watch.activity() == opened {
+                    shutdown = Shutdown::AwaitingFirstRequest;
+                } else {
+                    conn.as_mut().graceful_shutdown();
+                    shutdown = Shutdown::Draining;
+                }
+            }
+            _ = first_byte.tick(), if shutdown == Shutdown::AwaitingFirstRequest => {
+                if watch.activity() != opened {
+                    conn.as_mut().graceful_shutdown();
+                    shutdown = Shutdown::Draining;
+                }
             }
             _ = ctx.hard_stop.cancelled() => break,
             _ = tick.tick() => {
