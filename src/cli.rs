@@ -1,6 +1,5 @@
 //! Command line: `svcd run` and the client commands that talk to a running daemon.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -153,16 +152,29 @@ impl OverrideArgs {
 /// How client commands reach the daemon.
 #[derive(Debug, Args, Clone)]
 pub struct AdminArgs {
-    /// Admin API address of the local daemon.
-    #[arg(
-        long = "admin",
-        env = "SVCD_ADMIN_LISTEN",
-        default_value = "127.0.0.1:9901"
-    )]
-    pub addr: SocketAddr,
+    /// Admin API of the local daemon: IP:PORT or unix:/PATH [default: unix:/run/svcd/admin.sock
+    /// when it exists, else 127.0.0.1:9901].
+    #[arg(long = "admin", env = "SVCD_ADMIN_LISTEN")]
+    pub addr: Option<String>,
     /// File with the admin bearer token, if the daemon requires one.
     #[arg(long, env = "SVCD_ADMIN_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    /// Where to reach the daemon: as given, else the packaged daemon's unix socket when it
+    /// exists, else the default TCP address.
+    pub fn target(&self) -> anyhow::Result<svcd_config::AdminListen> {
+        use svcd_config::AdminListen;
+        let text = match &self.addr {
+            Some(text) => text.clone(),
+            None if std::path::Path::new(AdminListen::DEFAULT_UNIX).exists() => {
+                format!("unix:{}", AdminListen::DEFAULT_UNIX)
+            }
+            None => "127.0.0.1:9901".into(),
+        };
+        AdminListen::parse(&text).map_err(|e| anyhow::anyhow!("--admin: {e}"))
+    }
 }
 
 /// The instance description shared by `register` and `exec`.

@@ -6,16 +6,17 @@ use anyhow::Context;
 use bytes::Bytes;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use svcd_config::AdminListen;
 
 use crate::cli::AdminArgs;
 
 pub struct AdminClient {
-    base: String,
+    /// A TCP address or a unix socket; a connection per call (the CLI makes a few).
+    target: AdminListen,
     token: Option<String>,
-    http: Client<HttpConnector, Full<Bytes>>,
 }
 
 /// A non-2xx answer, with the daemon's JSON reason when it gave one.
@@ -37,14 +38,28 @@ impl AdminClient {
             ),
             None => None,
         };
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        connector.set_nodelay(true);
         Ok(AdminClient {
-            base: format!("http://{}", args.addr),
+            target: args.target()?,
             token,
-            http: Client::builder(TokioExecutor::new()).build(connector),
         })
+    }
+
+    /// Sends `req` on a new connection to the daemon.
+    async fn send(&self, req: Request<Full<Bytes>>) -> anyhow::Result<http::Response<Incoming>> {
+        match &self.target {
+            AdminListen::Tcp(addr) => {
+                let stream = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("connect timed out"))??;
+                exchange(stream, req).await
+            }
+            AdminListen::Unix(path) => {
+                exchange(tokio::net::UnixStream::connect(path).await?, req).await
+            }
+        }
     }
 
     /// Sends one request; a 2xx JSON body is returned, anything else becomes an error naming the
@@ -69,7 +84,8 @@ impl AdminClient {
     ) -> anyhow::Result<Value> {
         let mut req = Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.base));
+            .uri(path)
+            .header(header::HOST, "localhost");
         if let Some(token) = &self.token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
@@ -77,13 +93,13 @@ impl AdminClient {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = tokio::time::timeout(deadline, self.http.request(req))
+        let resp = tokio::time::timeout(deadline, self.send(req))
             .await
             .with_context(|| format!("admin API did not answer within {deadline:?}"))?
             .with_context(|| {
                 format!(
                     "cannot reach the svcd admin API at {} (is `svcd run` up?)",
-                    self.base
+                    self.target
                 )
             })?;
         let status = resp.status();
@@ -102,4 +118,14 @@ impl AdminClient {
         }
         Ok(value)
     }
+}
+
+/// One HTTP/1.1 request on `io`.
+async fn exchange<I>(io: I, req: Request<Full<Bytes>>) -> anyhow::Result<http::Response<Incoming>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    Ok(send.send_request(req).await?)
 }

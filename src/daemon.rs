@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use svcd_config::{Config, Sources};
+use svcd_config::{AdminListen, Config, Sources};
 use svcd_dns::DnsServer;
 use svcd_lb::checks::{CheckMetrics, NetworkProbe};
 use svcd_lb::{LbMetrics, LoadBalancer};
@@ -21,13 +21,12 @@ use svcd_proxy::fds::FdBudget;
 use svcd_proxy::http::HttpProxy;
 use svcd_proxy::L4Proxy;
 use svcd_registry::{InstanceKey, Registry, SyncOptions};
-use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminSocket, AdminState, Surface};
 use crate::logging::{self, LogControl};
 use crate::metrics::DaemonMetrics;
 use crate::readiness::Readiness;
@@ -106,10 +105,14 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     ));
 
     let readiness = Arc::new(Readiness::new(registry.status.clone()));
-    let admin_listener = TcpListener::bind(config.admin.listen)
-        .await
-        .with_context(|| format!("admin.listen: cannot bind {}", config.admin.listen))?;
-    let admin_addr = admin_listener.local_addr()?;
+    let admin_socket = AdminSocket::bind(&config.admin.listen, "admin.listen").await?;
+    let admin_addr = admin_socket.describe();
+    let scrape_socket = match config.admin.metrics_listen {
+        Some(addr) => {
+            Some(AdminSocket::bind(&AdminListen::Tcp(addr), "admin.metrics_listen").await?)
+        }
+        None => None,
+    };
     let config = Arc::new(ArcSwap::from_pointee(config));
     let admin_state = Arc::new(AdminState {
         config: config.clone(),
@@ -119,10 +122,20 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         registry: registry.clone(),
     });
     tasks.spawn(admin::serve(
-        admin_listener,
+        admin_socket,
         admin_state.clone(),
+        Surface::Api,
         cancel.clone(),
     ));
+    if let Some(socket) = scrape_socket {
+        info!(addr = %socket.describe(), "metrics listener (/metrics, /healthz, /readyz)");
+        tasks.spawn(admin::serve(
+            socket,
+            admin_state.clone(),
+            Surface::Scrape,
+            cancel.clone(),
+        ));
+    }
 
     let current = config.load_full();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());

@@ -239,18 +239,28 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
 }
 
 fn admin(c: &mut Checker, raw: RawAdmin) -> AdminConfig {
-    let listen = c.addr("admin.listen", raw.listen, "127.0.0.1:9901");
+    let text = raw.listen.unwrap_or_else(|| "127.0.0.1:9901".into());
+    let listen = AdminListen::parse(&text).unwrap_or_else(|e| {
+        c.err("admin.listen", e);
+        AdminListen::Tcp(SocketAddr::from(([127, 0, 0, 1], 9901)))
+    });
     let token_file = raw.token_file.map(PathBuf::from);
-    if !listen.ip().is_loopback() && token_file.is_none() {
-        c.err(
-            "admin.listen",
-            format!(
-                "{listen} is not a loopback address; set admin.token_file to expose the admin API"
-            ),
-        );
+    if let AdminListen::Tcp(addr) = &listen {
+        if !addr.ip().is_loopback() && token_file.is_none() {
+            c.err(
+                "admin.listen",
+                format!(
+                    "{addr} is not a loopback address; set admin.token_file to expose the admin API"
+                ),
+            );
+        }
     }
+    let metrics_listen = raw
+        .metrics_listen
+        .map(|text| c.addr("admin.metrics_listen", Some(text), "127.0.0.1:0"));
     AdminConfig {
         listen,
+        metrics_listen,
         token_file,
         endpoint_state_series: raw.endpoint_state_series.unwrap_or(false),
     }
@@ -592,10 +602,13 @@ fn log(c: &mut Checker, raw: RawLog) -> LogConfig {
 /// Two listeners of the same transport on one address would fail at bind time with a less helpful
 /// message; catch it here with both key paths.
 fn check_port_clashes(c: &mut Checker, config: &Config) {
-    let mut tcp: Vec<(String, SocketAddr)> = vec![
-        ("admin.listen".into(), config.admin.listen),
-        ("dns.listen".into(), config.dns.listen),
-    ];
+    let mut tcp: Vec<(String, SocketAddr)> = vec![("dns.listen".into(), config.dns.listen)];
+    if let AdminListen::Tcp(addr) = config.admin.listen {
+        tcp.insert(0, ("admin.listen".into(), addr));
+    }
+    if let Some(addr) = config.admin.metrics_listen {
+        tcp.push(("admin.metrics_listen".into(), addr));
+    }
     for (i, l) in config.proxy.http.iter().enumerate() {
         tcp.push((format!("proxy.http[{i}].listen"), l.listen));
     }

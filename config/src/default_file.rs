@@ -7,8 +7,12 @@ pub const DEFAULT_CONFIG_TOML: &str = r#"# svcd configuration. Every key is opti
 
 [admin]
 # Admin/API listener: /healthz, /readyz, /metrics, /v1/... . svcd refuses to listen on a
-# non-loopback address unless token_file is set.
+# non-loopback address unless token_file is set. "unix:/run/svcd/admin.sock" listens on a unix
+# socket (mode 0660) instead, which the CLI uses by default when it exists.
 listen = "127.0.0.1:9901"
+# Only /metrics, /healthz and /readyz, for Prometheus on another host while the API stays local
+# (with token_file set, /metrics needs the token here too).
+# metrics_listen = "0.0.0.0:9902"
 # File holding a bearer token required on every admin request except /healthz and /readyz.
 # token_file = "/etc/svcd/admin.token"
 # One svcd_endpoint_state series per endpoint on /metrics (per-service counts by state,

@@ -24,7 +24,11 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AdminConfig {
-    pub listen: SocketAddr,
+    pub listen: AdminListen,
+    /// A second listener serving only `/metrics`, `/healthz` and `/readyz`: Prometheus on
+    /// another host scrapes it while the mutating API stays on loopback or a unix socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     /// File holding the bearer token; read at start and on reload so the token never sits in the
     /// config text (and never appears in `/v1/config`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -32,6 +36,48 @@ pub struct AdminConfig {
     /// Export `svcd_endpoint_state{service,endpoint,state}`, one series per endpoint (opt-in, as
     /// Envoy's per-host stats; per-service counts are always exported).
     pub endpoint_state_series: bool,
+}
+
+/// Where the admin API listens: a TCP address, or a unix socket (`unix:/run/svcd/admin.sock`,
+/// mode 0660) that only local users its file mode lets in can reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminListen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl AdminListen {
+    /// The unix socket the CLI uses when neither `--admin` nor `SVCD_ADMIN_LISTEN` is given and
+    /// it exists (the packaged daemon's).
+    pub const DEFAULT_UNIX: &'static str = "/run/svcd/admin.sock";
+
+    /// `IP:PORT` or `unix:PATH`.
+    pub fn parse(text: &str) -> Result<AdminListen, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("{text:?}: the socket path must be absolute"));
+            }
+            return Ok(AdminListen::Unix(PathBuf::from(path)));
+        }
+        text.parse()
+            .map(AdminListen::Tcp)
+            .map_err(|_| format!("invalid socket address {text:?} (want IP:PORT or unix:/PATH)"))
+    }
+}
+
+impl std::fmt::Display for AdminListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminListen::Tcp(addr) => write!(f, "{addr}"),
+            AdminListen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl Serialize for AdminListen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -19,6 +19,7 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
     pub token_file: Option<String>,
     pub endpoint_state_series: Option<bool>,
 }

@@ -26,7 +26,8 @@ fn empty_file_gives_useful_defaults() {
     assert_eq!(c.dns.max_answers, 20);
     assert_eq!(c.log.format, LogFormat::Human);
     // Nothing non-loopback by default.
-    assert!(c.admin.listen.ip().is_loopback());
+    assert!(matches!(c.admin.listen, AdminListen::Tcp(a) if a.ip().is_loopback()));
+    assert_eq!(c.admin.metrics_listen, None);
     assert!(c.dns.listen.ip().is_loopback());
     assert!(c.proxy.http.iter().all(|l| l.listen.ip().is_loopback()));
 }
@@ -192,6 +193,33 @@ fn etcd_credentials_and_tls_are_checked_with_key_paths() {
     assert!(errors[0].contains("plaintext"), "{errors:?}");
     let errors = errors_of("[registry.etcd]\nendpoints = [\"e:2379\"]\nusername = \"u\"\n");
     assert!(errors[0].starts_with("registry.etcd.password: username needs a password"));
+}
+
+#[test]
+fn admin_listens_on_tcp_or_a_unix_socket_and_metrics_on_their_own_port() {
+    let c = parse(
+        "[admin]\nlisten = \"unix:/run/svcd/admin.sock\"\nmetrics_listen = \"0.0.0.0:9902\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.admin.listen,
+        AdminListen::Unix("/run/svcd/admin.sock".into())
+    );
+    assert_eq!(c.admin.listen.to_string(), "unix:/run/svcd/admin.sock");
+    assert_eq!(
+        c.admin.metrics_listen,
+        Some("0.0.0.0:9902".parse().unwrap())
+    );
+    let errors = errors_of(
+        "[admin]\nlisten = \"unix:relative.sock\"\nmetrics_listen = \"127.0.0.1:8600\"\n",
+    );
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0]
+        .starts_with("admin.listen: \"unix:relative.sock\": the socket path must be absolute"));
+    assert!(
+        errors[1].starts_with("admin.metrics_listen: 127.0.0.1:8600 is already used by dns.listen"),
+        "{errors:?}"
+    );
 }
 
 #[test]

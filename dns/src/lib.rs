@@ -42,11 +42,11 @@ pub use metrics::DnsMetrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
-    #[error("dns.listen: cannot bind {addr}: {source}")]
+    /// The cause is in the message, not a source: `main` prints the chain and would say it twice.
+    #[error("dns.listen: cannot bind {addr}: {cause}")]
     Bind {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -79,7 +79,7 @@ impl DnsServer {
             token.cancelled().await;
             flag.store(true, Ordering::Relaxed);
         });
-        let bind_err = |addr, source| DnsError::Bind { addr, source };
+        let bind_err = |addr, cause| DnsError::Bind { addr, cause };
         let (addr, udp_threads) = udp::spawn(
             config.listen,
             workers,

@@ -1,7 +1,10 @@
 //! Admin API over hyper: health, readiness, metrics, effective config, and the registration
 //! endpoints. Read-only endpoints use GET; anything that changes state uses PUT/POST/DELETE.
 
+mod listener;
 mod services;
+
+pub use listener::{serve, AdminSocket, Surface};
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -11,16 +14,10 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus::{Encoder, TextEncoder};
 use serde_json::json;
 use svcd_config::Config;
 use svcd_registry::Registry;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
 
 use crate::readiness::Readiness;
 
@@ -102,8 +99,21 @@ impl AdminState {
             .is_some_and(|given| token_matches(expected, given.trim()))
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        surface: Surface,
+    ) -> Result<Response<Body>, Infallible> {
         let path = req.uri().path().to_string();
+        if surface == Surface::Scrape
+            && !matches!(path.as_str(), "/metrics" | "/healthz" | "/readyz")
+        {
+            return Ok(json_error(
+                StatusCode::NOT_FOUND,
+                "",
+                format!("{path} is not served here: this listener (admin.metrics_listen) serves /metrics, /healthz and /readyz only"),
+            ));
+        }
         // Probes carry no credentials; everything else needs the token when one is configured.
         let open = matches!(path.as_str(), "/healthz" | "/readyz");
         if !open && !self.authorized(&req) {
@@ -210,37 +220,4 @@ pub async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
             format!("request body unreadable or over {MAX_BODY} bytes: {e}"),
         )),
     }
-}
-
-/// Accepts connections until `cancel`, then lets in-flight requests finish (the caller bounds
-/// the wait with the drain timeout).
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: CancellationToken) {
-    let graceful = GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = cancel.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        let service = service_fn(move |req| state.clone().handle(req));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "admin connection ended with error");
-            }
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
 }

@@ -306,10 +306,13 @@ async fn the_leader_killed_during_a_stream_of_registrations_fails_and_loses_none
 async fn sigterm_under_http_and_dns_load_fails_no_retrying_client() {
     let etcd = Etcd::start().await;
     let grace = Duration::from_secs(2);
-    let mut a = Daemon::start(&format!(
-        "{}[shutdown]\nreadiness_grace = \"2s\"\ndrain_timeout = \"3s\"\n",
-        etcd_config(&etcd.endpoint())
-    ))
+    let mut a = Daemon::start_with(
+        &format!(
+            "{}[shutdown]\nreadiness_grace = \"2s\"\ndrain_timeout = \"3s\"\n",
+            etcd_config(&etcd.endpoint())
+        ),
+        &[("SVCD_LOG_LEVEL", "info,svcd_proxy=debug")],
+    )
     .await;
     let other = Daemon::start(&etcd_config(&etcd.endpoint())).await;
     let backend = Backend::start("b1").await;
@@ -358,6 +361,9 @@ async fn sigterm_under_http_and_dns_load_fails_no_retrying_client() {
         first_retry.map(|t| t - term),
         exited - term,
     );
+    if !failed.is_empty() {
+        eprintln!("LOG {}", a.log());
+    }
     assert!(failed.is_empty(), "{failed:?}");
     // Readiness first; the proxy served through the grace.
     let first_retry = first_retry.expect("the proxy stopped at the end");

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod admin_surface;
 mod api_watch;
 mod blame;
 mod config_cli;

@@ -115,11 +115,12 @@ async fn exchange(
     request: &[u8],
     reused: bool,
 ) -> (Outcome, Option<TcpStream>) {
+    let port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let nothing_back = |what: String| {
         if reused {
             Outcome::Retryable(format!("reused connection {what} before answering"))
         } else {
-            Outcome::Failed(what)
+            Outcome::Failed(format!("{what} (client port {port})"))
         }
     };
     if let Err(e) = stream.write_all(request).await {

@@ -1,0 +1,142 @@
+//! The admin API's listeners: TCP or a unix socket for the whole API, and an optional TCP
+//! listener serving only the scrape and probe endpoints. One accept loop serves any of them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use svcd_config::AdminListen;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::AdminState;
+
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Everything, mutating endpoints included.
+    Api,
+    /// `/metrics`, `/healthz` and `/readyz` only (`admin.metrics_listen`).
+    Scrape,
+}
+
+/// A bound admin listener.
+pub enum AdminSocket {
+    Tcp(TcpListener),
+    /// Removes its socket file when dropped.
+    Unix(UnixListener, UnixSocketFile),
+}
+
+/// The path of a unix socket this daemon bound, removed again at exit.
+pub struct UnixSocketFile(PathBuf);
+
+impl Drop for UnixSocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Owner and group may connect; nobody else.
+const SOCKET_MODE: u32 = 0o660;
+
+impl AdminSocket {
+    pub async fn bind(listen: &AdminListen, key: &str) -> anyhow::Result<AdminSocket> {
+        match listen {
+            AdminListen::Tcp(addr) => Ok(AdminSocket::Tcp(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("{key}: cannot bind {addr}"))?,
+            )),
+            AdminListen::Unix(path) => {
+                remove_stale_socket(path).await?;
+                let listener = UnixListener::bind(path)
+                    .with_context(|| format!("{key}: cannot bind unix:{}", path.display()))?;
+                let file = UnixSocketFile(path.clone());
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+                    .with_context(|| format!("{key}: cannot set the mode of {}", path.display()))?;
+                Ok(AdminSocket::Unix(listener, file))
+            }
+        }
+    }
+
+    /// What to tell the operator: the bound address or the socket path.
+    pub fn describe(&self) -> String {
+        match self {
+            AdminSocket::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string()),
+            AdminSocket::Unix(_, file) => format!("unix:{}", file.0.display()),
+        }
+    }
+}
+
+/// A socket file left by a daemon that died is removed; one another daemon still listens on is
+/// an error (two daemons must not share it).
+async fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        anyhow::bail!(
+            "admin.listen: unix:{} is in use by a running process",
+            path.display()
+        );
+    }
+    std::fs::remove_file(path)
+        .with_context(|| format!("admin.listen: cannot remove stale {}", path.display()))
+}
+
+/// Accepts connections until `cancel`, then lets in-flight requests finish (the caller bounds
+/// the wait with the drain timeout).
+pub async fn serve(
+    socket: AdminSocket,
+    state: Arc<AdminState>,
+    surface: Surface,
+    cancel: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            a = accept(&socket) => a,
+        };
+        let io = match accepted {
+            Ok(io) => io,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        let service = service_fn(move |req| state.clone().handle(req, surface));
+        let conn = builder.serve_connection(io, service).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "admin connection ended with error");
+            }
+        });
+    }
+    drop(socket);
+    graceful.shutdown().await;
+}
+
+/// Either kind of stream, as one type for hyper.
+type AdminIo = TokioIo<Box<dyn AdminStream>>;
+
+trait AdminStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AdminStream for T {}
+
+async fn accept(socket: &AdminSocket) -> std::io::Result<AdminIo> {
+    Ok(match socket {
+        AdminSocket::Tcp(l) => TokioIo::new(Box::new(l.accept().await?.0)),
+        AdminSocket::Unix(l, _) => TokioIo::new(Box::new(l.accept().await?.0)),
+    })
+}
