@@ -299,6 +299,44 @@ fn dns(c: &mut Checker, raw: RawDns) -> DnsConfig {
     let workers = raw
         .workers
         .map(|w| c.range("dns.workers", Some(w), 1, 1, 256));
+    let rrl = raw.rrl.unwrap_or_default();
+    let rrl = RrlConfig {
+        rate: c.range("dns.rrl.rate", rrl.rate, 0, 0, 1_000_000) as u32,
+        slip: c.range("dns.rrl.slip", rrl.slip, 2, 0, 100) as u32,
+        ipv4_prefix: c.range("dns.rrl.ipv4_prefix", rrl.ipv4_prefix, 24, 8, 32) as u8,
+        ipv6_prefix: c.range("dns.rrl.ipv6_prefix", rrl.ipv6_prefix, 56, 16, 128) as u8,
+    };
+    let tcp = raw.tcp.unwrap_or_default();
+    let tcp = DnsTcpConfig {
+        max_connections: c.range(
+            "dns.tcp.max_connections",
+            tcp.max_connections,
+            1024,
+            1,
+            1_000_000,
+        ),
+        max_per_client: c.range(
+            "dns.tcp.max_per_client",
+            tcp.max_per_client,
+            16,
+            1,
+            1_000_000,
+        ),
+        idle_timeout: c.duration(
+            "dns.tcp.idle_timeout",
+            tcp.idle_timeout,
+            Duration::from_secs(10),
+        ),
+    };
+    if tcp.max_per_client > tcp.max_connections {
+        c.err(
+            "dns.tcp.max_per_client",
+            format!(
+                "{} is more than dns.tcp.max_connections ({})",
+                tcp.max_per_client, tcp.max_connections
+            ),
+        );
+    }
     DnsConfig {
         listen,
         domain,
@@ -307,6 +345,8 @@ fn dns(c: &mut Checker, raw: RawDns) -> DnsConfig {
         max_answers,
         forward,
         workers,
+        rrl,
+        tcp,
     }
 }
 

@@ -34,6 +34,23 @@ forward = []
 # UDP worker threads, one socket each (SO_REUSEPORT); default: one per core.
 # workers = 2
 
+[dns.rrl]
+# Response rate limiting over UDP per client network (as Knot and BIND): answers per second per
+# network; past it every `slip`-th answer goes out truncated (honest clients retry over TCP,
+# spoofed ones cannot) and the rest are dropped. 0 = off; set it when dns.listen is reachable
+# from other hosts (the node-local default serves only this node's apps).
+rate = 0
+slip = 2
+ipv4_prefix = 24
+ipv6_prefix = 56
+
+[dns.tcp]
+# DNS over TCP: open connections in total and per client address (past either, new ones are
+# closed at once), and how long a connection may sit without a complete query.
+max_connections = 1024
+max_per_client = 16
+idle_timeout = "10s"
+
 [proxy]
 # Worker threads for the proxies; default: one per core.
 # workers = 2

@@ -94,6 +94,36 @@ pub struct DnsConfig {
     /// UDP worker threads (one SO_REUSEPORT socket each); `None` means one per core.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
+    pub rrl: RrlConfig,
+    pub tcp: DnsTcpConfig,
+}
+
+/// Response rate limiting over UDP, per client network (as Knot's and BIND's): each network
+/// gets `rate` answers a second (a token bucket holding one second's worth); past it, every
+/// `slip`-th answer goes out truncated (an honest client retries over TCP, which a spoofed
+/// source cannot) and the rest are dropped.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RrlConfig {
+    /// Answers per second per client network; 0 turns rate limiting off.
+    pub rate: u32,
+    /// Every `slip`-th limited answer is sent truncated; 0 drops them all, 1 truncates them all.
+    pub slip: u32,
+    /// Client networks: IPv4 addresses are grouped by this prefix length ...
+    pub ipv4_prefix: u8,
+    /// ... and IPv6 addresses by this one.
+    pub ipv6_prefix: u8,
+}
+
+/// DNS over TCP: connection limits, so one client cannot hold every socket.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DnsTcpConfig {
+    /// Open connections in total; past it new ones are closed at once.
+    pub max_connections: usize,
+    /// Open connections per client address.
+    pub max_per_client: usize,
+    /// A connection with no complete query for this long is closed.
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -34,6 +34,25 @@ pub struct RawDns {
     pub max_answers: Option<i64>,
     pub forward: Option<Vec<String>>,
     pub workers: Option<i64>,
+    pub rrl: Option<RawRrl>,
+    pub tcp: Option<RawDnsTcp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRrl {
+    pub rate: Option<i64>,
+    pub slip: Option<i64>,
+    pub ipv4_prefix: Option<i64>,
+    pub ipv6_prefix: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDnsTcp {
+    pub max_connections: Option<i64>,
+    pub max_per_client: Option<i64>,
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -223,6 +223,40 @@ fn admin_listens_on_tcp_or_a_unix_socket_and_metrics_on_their_own_port() {
 }
 
 #[test]
+fn dns_abuse_limits_have_defaults_and_ranges() {
+    let c = parse("").unwrap();
+    assert_eq!(c.dns.rrl.rate, 0, "off by default");
+    assert_eq!(
+        (c.dns.rrl.slip, c.dns.rrl.ipv4_prefix, c.dns.rrl.ipv6_prefix),
+        (2, 24, 56)
+    );
+    assert_eq!(
+        (c.dns.tcp.max_connections, c.dns.tcp.max_per_client),
+        (1024, 16)
+    );
+    let errors = errors_of(
+        "[dns.rrl]\nipv4_prefix = 33\n[dns.tcp]\nmax_connections = 4\nmax_per_client = 8\nbogus = 1\n",
+    );
+    assert_eq!(errors.len(), 1, "{errors:?}"); // an unknown key stops before the checks
+    assert!(
+        errors[0].contains("dns.tcp.bogus") || errors[0].contains("bogus"),
+        "{errors:?}"
+    );
+    let errors = errors_of(
+        "[dns.rrl]\nipv4_prefix = 33\n[dns.tcp]\nmax_connections = 4\nmax_per_client = 8\n",
+    );
+    let keys: Vec<&str> = errors
+        .iter()
+        .map(|e| e.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        vec!["dns.rrl.ipv4_prefix", "dns.tcp.max_per_client"],
+        "{errors:?}"
+    );
+}
+
+#[test]
 fn port_clash_names_both_keys() {
     let errors = errors_of("[dns]\nlisten = \"127.0.0.1:9901\"\n");
     assert_eq!(

@@ -8,9 +8,8 @@ use std::time::Instant;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use hickory_proto::op::{Edns, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Record};
-use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use svcd_config::DnsConfig;
 use svcd_registry::SnapshotReader;
@@ -34,6 +33,10 @@ pub struct DnsResponder {
     /// Upstreams the current forwarder was built for, to rebuild only when they change.
     forward_config: ArcSwap<Vec<std::net::SocketAddr>>,
     pub metrics: DnsMetrics,
+    /// UDP response rate limiting (`dns.rrl`), consulted by the UDP workers per packet.
+    pub rrl: crate::rrl::RateLimiter,
+    /// DNS-over-TCP limits (`dns.tcp`), read at each accept.
+    pub tcp_limits: ArcSwap<svcd_config::DnsTcpConfig>,
 }
 
 impl DnsResponder {
@@ -45,6 +48,8 @@ impl DnsResponder {
             forwarder: ArcSwapOption::empty(),
             forward_config: ArcSwap::from_pointee(Vec::new()),
             metrics,
+            rrl: crate::rrl::RateLimiter::new(&config.rrl),
+            tcp_limits: ArcSwap::from_pointee(config.tcp.clone()),
         });
         responder.reconfigure(config);
         responder
@@ -53,6 +58,8 @@ impl DnsResponder {
     /// Applies reloadable DNS settings (domain, TTLs, limits, upstreams).
     pub fn reconfigure(&self, config: &DnsConfig) {
         self.zone.store(Arc::new(ZoneSettings::new(config)));
+        self.rrl.reconfigure(&config.rrl);
+        self.tcp_limits.store(Arc::new(config.tcp.clone()));
         if **self.forward_config.load() != config.forward {
             let forwarder = if config.forward.is_empty() {
                 None
@@ -190,20 +197,5 @@ impl DnsResponder {
             answers,
             ..Answer::default()
         }
-    }
-}
-
-/// hickory's server needs an owned, `Unpin` handler.
-#[derive(Clone)]
-pub struct Handler(pub Arc<DnsResponder>);
-
-#[async_trait::async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        response_handle: R,
-    ) -> ResponseInfo {
-        self.0.respond(request, response_handle).await
     }
 }

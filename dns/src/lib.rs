@@ -6,15 +6,17 @@
 //!                   │ fastpath: A/AAAA <svc>.<ns>.svc.<domain>, pre-encoded per service version
 //!                   │   hit ──► patch ID/question/rotation ──► send
 //!                   └ miss ──► tokio: hickory parse ──► handler ──► answer::resolve ──► send
-//!  TCP ──► hickory Server ──► handler ──► answer::resolve
+//!  UDP: rate limit per client network (rrl) before either path
+//!  TCP ──► tcp (limits per client, total, idle) ──► hickory parse ──► handler ──► answer::resolve
 //!                                 └ out of zone ──► forward (hickory-resolver) │ REFUSED
 //! ```
 //!
 //! * [`zone`]: which part of the zone a name points at.
 //! * [`answer`]: the rules — records, NXDOMAIN/NODATA with SOA, rotation, limits. Pure.
-//! * [`handler`]: the hickory `RequestHandler` (opcode, EDNS, FORMERR/NOTIMP/BADVERS, forwarding).
+//! * [`handler`]: answers a hickory `Request` (opcode, EDNS, FORMERR/NOTIMP/BADVERS, forwarding).
 //! * [`fastpath`]: the hot query on raw bytes, identical in result to the handler.
-//! * [`udp`]: worker threads; TCP is hickory's `Server`.
+//! * [`udp`]: worker threads; [`rrl`]: their rate limit per client network.
+//! * [`tcp`]: length-prefixed queries over TCP with connection limits.
 
 #![forbid(unsafe_code)]
 
@@ -23,19 +25,20 @@ pub mod fastpath;
 pub mod forward;
 pub mod handler;
 pub mod metrics;
+pub mod rrl;
+pub mod tcp;
 pub mod udp;
 pub mod zone;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use hickory_server::Server;
 use svcd_config::DnsConfig;
 use svcd_registry::SnapshotReader;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use handler::DnsResponder;
 pub use metrics::DnsMetrics;
@@ -52,14 +55,17 @@ pub enum DnsError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// A running DNS server (UDP workers + hickory TCP).
+/// A running DNS server (UDP workers + TCP with connection limits).
 pub struct DnsServer {
     pub addr: SocketAddr,
     pub responder: Arc<DnsResponder>,
     /// Stops the UDP workers; set by `shutdown` or by the daemon's shutdown token.
     stop: Arc<AtomicBool>,
     udp_threads: Vec<std::thread::JoinHandle<()>>,
-    tcp: Server<handler::Handler>,
+    /// Stops the TCP accept loop and, after their current query, its connections.
+    tcp_stop: CancellationToken,
+    /// The TCP accept loop and connections, so shutdown can wait for them.
+    tcp_tasks: TaskTracker,
 }
 
 impl DnsServer {
@@ -72,6 +78,12 @@ impl DnsServer {
         cancel: &CancellationToken,
     ) -> Result<DnsServer, DnsError> {
         let responder = DnsResponder::new(config, snapshot, DnsMetrics::new(prometheus)?);
+        if !config.listen.ip().is_loopback() && config.rrl.rate == 0 {
+            tracing::warn!(
+                listen = %config.listen,
+                "DNS listens beyond loopback without response rate limiting; set dns.rrl.rate"
+            );
+        }
         // The UDP threads look at a flag; the daemon's token sets it (or `shutdown` does).
         let stop = Arc::new(AtomicBool::new(false));
         let (token, flag) = (cancel.clone(), stop.clone());
@@ -91,14 +103,21 @@ impl DnsServer {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| bind_err(addr, e))?;
-        let mut tcp = Server::new(handler::Handler(responder.clone()));
-        tcp.register_listener(listener, Duration::from_secs(5), 64);
+        let tcp_stop = cancel.child_token();
+        let tcp_tasks = TaskTracker::new();
+        tcp_tasks.spawn(tcp::serve(
+            listener,
+            responder.clone(),
+            tcp_stop.clone(),
+            tcp_tasks.clone(),
+        ));
         Ok(DnsServer {
             addr,
             responder,
             stop,
             udp_threads,
-            tcp,
+            tcp_stop,
+            tcp_tasks,
         })
     }
 
@@ -111,7 +130,9 @@ impl DnsServer {
     /// Stops accepting, lets TCP connections finish, joins the UDP workers.
     pub async fn shutdown(mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.tcp.shutdown_gracefully().await;
+        self.tcp_stop.cancel();
+        self.tcp_tasks.close();
+        self.tcp_tasks.wait().await;
         let threads = std::mem::take(&mut self.udp_threads);
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {

@@ -57,6 +57,16 @@ pub struct DnsMetrics {
     pub forwarded_ok: IntCounter,
     pub forwarded_failed: IntCounter,
     pub dropped: IntCounter,
+    /// Answers over a client network's rate: sent truncated, or dropped.
+    pub rrl_truncated: IntCounter,
+    pub rrl_dropped: IntCounter,
+    /// Open DNS-over-TCP connections.
+    pub tcp_open: prometheus::IntGauge,
+    /// Connections closed at accept: over the total or the per-client limit.
+    pub tcp_refused_total: IntCounter,
+    pub tcp_refused_client: IntCounter,
+    /// Connections closed for sitting without a complete query for the idle timeout.
+    pub tcp_idle_closed: IntCounter,
 }
 
 impl DnsMetrics {
@@ -96,16 +106,48 @@ impl DnsMetrics {
             "svcd_dns_dropped_total",
             "Packets dropped unanswered (shorter than a header, or a response).",
         )?;
+        let rrl = IntCounterVec::new(
+            Opts::new(
+                "svcd_dns_rrl_limited_total",
+                "UDP answers over their client network's rate (dns.rrl), by what was sent instead.",
+            ),
+            &["action"],
+        )?;
+        let tcp_open = prometheus::IntGauge::new(
+            "svcd_dns_tcp_connections",
+            "Open DNS-over-TCP connections.",
+        )?;
+        let tcp_refused = IntCounterVec::new(
+            Opts::new(
+                "svcd_dns_tcp_refused_total",
+                "DNS-over-TCP connections closed at accept, by the limit they met.",
+            ),
+            &["limit"],
+        )?;
+        let tcp_idle_closed = IntCounter::new(
+            "svcd_dns_tcp_idle_closed_total",
+            "DNS-over-TCP connections closed after dns.tcp.idle_timeout without a complete query.",
+        )?;
         registry.register(Box::new(requests_vec))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(forwarded.clone()))?;
         registry.register(Box::new(dropped.clone()))?;
+        registry.register(Box::new(rrl.clone()))?;
+        registry.register(Box::new(tcp_open.clone()))?;
+        registry.register(Box::new(tcp_refused.clone()))?;
+        registry.register(Box::new(tcp_idle_closed.clone()))?;
         Ok(DnsMetrics {
             requests,
             duration,
             forwarded_ok: forwarded.with_label_values(&["ok"]),
             forwarded_failed: forwarded.with_label_values(&["error"]),
             dropped,
+            rrl_truncated: rrl.with_label_values(&["truncated"]),
+            rrl_dropped: rrl.with_label_values(&["dropped"]),
+            tcp_open,
+            tcp_refused_total: tcp_refused.with_label_values(&["total"]),
+            tcp_refused_client: tcp_refused.with_label_values(&["per_client"]),
+            tcp_idle_closed,
         })
     }
 

@@ -71,7 +71,7 @@ fn responder_with(config: &DnsConfig) -> Arc<DnsResponder> {
     DnsResponder::new(config, SnapshotReader::fixed(snapshot()), metrics)
 }
 
-fn query(name: &str, rtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+pub(crate) fn query(name: &str, rtype: RecordType, edns: Option<u16>) -> Vec<u8> {
     let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
     m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));

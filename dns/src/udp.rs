@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 
 use crate::fastpath::FastPath;
 use crate::handler::{DnsResponder, EDNS_PAYLOAD};
+use crate::rrl::{truncated_answer, Verdict};
 
 /// How often a blocked worker wakes to check for shutdown.
 const POLL: Duration = Duration::from_millis(100);
@@ -131,24 +132,39 @@ impl DnsResponder {
     /// The general path for one UDP packet: `None` means drop (not a query, or too short to
     /// answer at all).
     pub async fn answer_udp(&self, packet: Vec<u8>, src: SocketAddr) -> Option<Vec<u8>> {
+        self.answer(packet, src, Protocol::Udp).await
+    }
+
+    /// One query's answer over `protocol` (UDP: sized to what the client can receive; TCP: up
+    /// to 64 KiB). `None` means drop.
+    pub async fn answer(
+        &self,
+        packet: Vec<u8>,
+        src: SocketAddr,
+        protocol: Protocol,
+    ) -> Option<Vec<u8>> {
         if packet.len() < 12 || packet[2] & 0x80 != 0 {
             self.metrics.dropped.inc();
             return None; // no header, or a response: never answer (reflection loops)
         }
-        let request = match Request::from_bytes(packet.clone(), src, Protocol::Udp) {
+        let proto = match protocol {
+            Protocol::Udp => crate::metrics::Proto::Udp,
+            _ => crate::metrics::Proto::Tcp,
+        };
+        let request = match Request::from_bytes(packet.clone(), src, protocol) {
             Ok(r) => r,
             Err(e) => {
                 debug!(%src, error = %e, "malformed DNS packet");
                 let info_rcode =
                     crate::metrics::rcode_index(hickory_proto::op::ResponseCode::FormErr);
-                self.metrics
-                    .record(crate::metrics::Proto::Udp, 9, info_rcode, Duration::ZERO);
+                self.metrics.record(proto, 9, info_rcode, Duration::ZERO);
                 return Some(formerr(&packet));
             }
         };
-        let max_size = match &request.edns {
-            Some(edns) => edns.max_payload().clamp(512, EDNS_PAYLOAD),
-            None => 512,
+        let max_size = match (&request.edns, protocol) {
+            (_, Protocol::Tcp) => u16::MAX,
+            (Some(edns), _) => edns.max_payload().clamp(512, EDNS_PAYLOAD),
+            (None, _) => 512,
         };
         let out = BufferedResponse {
             max_size,
@@ -247,9 +263,35 @@ fn serve(
                     continue;
                 }
             };
+            // One clock read per batch, and none at all with rate limiting off.
+            let now = if responder.rrl.enabled() {
+                Some(responder.rrl.now())
+            } else {
+                None
+            };
             for msg in received {
                 let Some(addr) = msg.address else { continue };
                 let packet = msg.iovs().next().unwrap_or(&[]);
+                if let Some(now) = now {
+                    let Some(client) = to_std(&addr) else {
+                        continue;
+                    };
+                    match responder.rrl.check(client.ip(), now) {
+                        Verdict::Answer => {}
+                        Verdict::Truncate => {
+                            if truncated_answer(packet, &mut tx_bufs[ready]).is_some() {
+                                tx_addrs[ready] = Some(addr);
+                                ready += 1;
+                            }
+                            responder.metrics.rrl_truncated.inc();
+                            continue;
+                        }
+                        Verdict::Drop => {
+                            responder.metrics.rrl_dropped.inc();
+                            continue;
+                        }
+                    }
+                }
                 if let Some(response) = fast.answer(packet, &responder) {
                     tx_bufs[ready].clear();
                     tx_bufs[ready].extend_from_slice(response);

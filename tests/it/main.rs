@@ -11,6 +11,7 @@ mod blame;
 mod config_cli;
 mod conformance;
 mod dns;
+mod dns_abuse;
 mod faults;
 mod health;
 mod lb;
