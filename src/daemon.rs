@@ -29,6 +29,7 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminSocket, AdminState, Surface};
 use crate::logging::{self, LogControl};
 use crate::metrics::DaemonMetrics;
+use crate::notify;
 use crate::readiness::Readiness;
 
 fn read_token(config: &Config) -> anyhow::Result<Option<String>> {
@@ -174,6 +175,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     )
     .await?;
     readiness.listeners_bound.store(true, Ordering::Relaxed);
+    notify::spawn(readiness.clone(), &mut tasks, cancel.clone());
     info!(admin = %admin_addr, dns = %dns.addr, store = %store.describe(), "svcd started");
 
     let live = LiveParts {
@@ -195,6 +197,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         "shutting down: not ready, registrations draining"
     );
     readiness.shutting_down.store(true, Ordering::Relaxed);
+    notify::stopping();
     let second_signal = async {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -278,15 +281,19 @@ async fn wait_for_signals(
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match reload(sources, config, live, log).await {
-                Ok(()) => metrics.reloads_ok.inc(),
-                Err(lines) => {
-                    metrics.reloads_failed.inc();
-                    for line in &lines {
-                        error!(error = %line, "config reload rejected; keeping the running config");
+            _ = hup.recv() => {
+                notify::reloading();
+                match reload(sources, config, live, log).await {
+                    Ok(()) => metrics.reloads_ok.inc(),
+                    Err(lines) => {
+                        metrics.reloads_failed.inc();
+                        for line in &lines {
+                            error!(error = %line, "config reload rejected; keeping the running config");
+                        }
                     }
                 }
-            },
+                notify::reloaded();
+            }
         }
     }
 }

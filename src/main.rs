@@ -15,6 +15,7 @@ mod daemon;
 mod exec;
 mod logging;
 mod metrics;
+mod notify;
 mod readiness;
 
 use clap::Parser;

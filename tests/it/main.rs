@@ -10,6 +10,7 @@ mod api_watch;
 mod blame;
 mod config_cli;
 mod conformance;
+mod deploy;
 mod dns;
 mod dns_abuse;
 mod faults;
