@@ -267,7 +267,19 @@ fn admin(c: &mut Checker, raw: RawAdmin) -> AdminConfig {
 }
 
 fn dns(c: &mut Checker, raw: RawDns) -> DnsConfig {
-    let listen = c.addr("dns.listen", raw.listen, "127.0.0.1:8600");
+    let listen = match raw.listen {
+        None => vec![c.addr("dns.listen", None, "127.0.0.1:8600")],
+        Some(OneOrMany::One(text)) => vec![c.addr("dns.listen", Some(text), "127.0.0.1:8600")],
+        Some(OneOrMany::Many(list)) => {
+            if list.is_empty() {
+                c.err("dns.listen", "needs at least one address");
+            }
+            list.into_iter()
+                .enumerate()
+                .map(|(i, text)| c.addr(&format!("dns.listen[{i}]"), Some(text), "127.0.0.1:8600"))
+                .collect()
+        }
+    };
     let domain = raw
         .domain
         .unwrap_or_else(|| "cluster.local".into())
@@ -288,13 +300,28 @@ fn dns(c: &mut Checker, raw: RawDns) -> DnsConfig {
     let mut forward = Vec::new();
     for (i, text) in raw.forward.unwrap_or_default().into_iter().enumerate() {
         let path = format!("dns.forward[{i}]");
+        // "resolv.conf": the host's; an absolute path: a file in that format.
+        if text == "resolv.conf" {
+            forward.push(ForwardTarget::ResolvConf(
+                ForwardTarget::SYSTEM_RESOLV_CONF.into(),
+            ));
+            continue;
+        }
+        if text.starts_with('/') {
+            forward.push(ForwardTarget::ResolvConf(PathBuf::from(text)));
+            continue;
+        }
         // A bare IP means port 53, as in resolv.conf.
         let text = if text.parse::<std::net::IpAddr>().is_ok() {
             format!("{text}:53")
         } else {
             text
         };
-        forward.push(c.addr(&path, Some(text), "127.0.0.1:53"));
+        forward.push(ForwardTarget::Server(c.addr(
+            &path,
+            Some(text),
+            "127.0.0.1:53",
+        )));
     }
     let workers = raw
         .workers
@@ -642,7 +669,20 @@ fn log(c: &mut Checker, raw: RawLog) -> LogConfig {
 /// Two listeners of the same transport on one address would fail at bind time with a less helpful
 /// message; catch it here with both key paths.
 fn check_port_clashes(c: &mut Checker, config: &Config) {
-    let mut tcp: Vec<(String, SocketAddr)> = vec![("dns.listen".into(), config.dns.listen)];
+    let dns_listen = |i: usize| {
+        if config.dns.listen.len() == 1 {
+            "dns.listen".to_string()
+        } else {
+            format!("dns.listen[{i}]")
+        }
+    };
+    let mut tcp: Vec<(String, SocketAddr)> = config
+        .dns
+        .listen
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (dns_listen(i), *a))
+        .collect();
     if let AdminListen::Tcp(addr) = config.admin.listen {
         tcp.insert(0, ("admin.listen".into(), addr));
     }
@@ -655,7 +695,13 @@ fn check_port_clashes(c: &mut Checker, config: &Config) {
     for (i, l) in config.proxy.tcp.iter().enumerate() {
         tcp.push((format!("proxy.tcp[{i}].listen"), l.listen));
     }
-    let mut udp: Vec<(String, SocketAddr)> = vec![("dns.listen".into(), config.dns.listen)];
+    let mut udp: Vec<(String, SocketAddr)> = config
+        .dns
+        .listen
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (dns_listen(i), *a))
+        .collect();
     for (i, l) in config.proxy.udp.iter().enumerate() {
         udp.push((format!("proxy.udp[{i}].listen"), l.listen));
     }

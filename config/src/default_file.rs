@@ -20,7 +20,8 @@ listen = "127.0.0.1:9901"
 endpoint_state_series = false
 
 [dns]
-# DNS responder, UDP and TCP on the same address.
+# DNS responder, UDP and TCP on each address: one, or a list (e.g. ["127.0.0.1:8600",
+# "169.254.20.10:53"] for a node-local address on :53 that resolv.conf can name).
 listen = "127.0.0.1:8600"
 # Cluster domain: <svc>.<ns>.svc.<domain>
 domain = "cluster.local"
@@ -29,7 +30,11 @@ ttl = "5s"
 negative_ttl = "5s"
 # Most address records in one UDP answer.
 max_answers = 20
-# Upstream resolvers for names outside the domain. Empty: such queries are REFUSED.
+# Upstream resolvers for names outside the domain: "IP[:PORT]", "resolv.conf" (the nameservers
+# of /etc/resolv.conf, re-read on SIGHUP; svcd's own addresses skipped), or the absolute path of
+# a file in that format. Answers are cached. A forwarding loop (a query svcd forwards coming back
+# to it) stops forwarding and is logged. Empty: such queries are REFUSED. For svcd as a node's
+# only nameserver: forward = ["resolv.conf"], with apps pointed at svcd (docs/deploy.md).
 forward = []
 # UDP worker threads, one socket each (SO_REUSEPORT); default: one per core.
 # workers = 2

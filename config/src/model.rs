@@ -82,7 +82,9 @@ impl Serialize for AdminListen {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DnsConfig {
-    pub listen: SocketAddr,
+    /// Every address DNS answers on, UDP and TCP each (e.g. `127.0.0.1:8600` and a node-local
+    /// `169.254.20.10:53`).
+    pub listen: Vec<SocketAddr>,
     /// Cluster domain, lower case, without trailing dot.
     pub domain: String,
     #[serde(serialize_with = "ser_duration")]
@@ -90,12 +92,40 @@ pub struct DnsConfig {
     #[serde(serialize_with = "ser_duration")]
     pub negative_ttl: Duration,
     pub max_answers: usize,
-    pub forward: Vec<SocketAddr>,
+    pub forward: Vec<ForwardTarget>,
     /// UDP worker threads (one SO_REUSEPORT socket each); `None` means one per core.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
     pub rrl: RrlConfig,
     pub tcp: DnsTcpConfig,
+}
+
+/// Where names outside the zone go: a resolver's address, or the nameservers of a
+/// resolv.conf-format file (read at start and on SIGHUP; svcd's own addresses skipped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardTarget {
+    Server(SocketAddr),
+    ResolvConf(PathBuf),
+}
+
+impl ForwardTarget {
+    /// The host's resolver configuration, for `dns.forward = ["resolv.conf"]`.
+    pub const SYSTEM_RESOLV_CONF: &'static str = "/etc/resolv.conf";
+}
+
+impl std::fmt::Display for ForwardTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ForwardTarget::Server(addr) => write!(f, "{addr}"),
+            ForwardTarget::ResolvConf(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+impl Serialize for ForwardTarget {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// Response rate limiting over UDP, per client network (as Knot's and BIND's): each network

@@ -27,7 +27,7 @@ pub struct RawAdmin {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDns {
-    pub listen: Option<String>,
+    pub listen: Option<OneOrMany>,
     pub domain: Option<String>,
     pub ttl: Option<String>,
     pub negative_ttl: Option<String>,
@@ -36,6 +36,14 @@ pub struct RawDns {
     pub workers: Option<i64>,
     pub rrl: Option<RawRrl>,
     pub tcp: Option<RawDnsTcp>,
+}
+
+/// A key that takes one value or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Default, Deserialize)]

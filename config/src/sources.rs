@@ -62,7 +62,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
 
 fn shape_of(key: &str) -> Shape {
     match key {
-        "registry.etcd.endpoints" => Shape::List,
+        "registry.etcd.endpoints" | "dns.listen" => Shape::List,
         "proxy.http" => Shape::Listeners,
         _ => Shape::Text,
     }

@@ -16,7 +16,7 @@ fn errors_of(text: &str) -> Vec<String> {
 fn empty_file_gives_useful_defaults() {
     let c = parse("").unwrap();
     assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
-    assert_eq!(c.dns.listen.to_string(), "127.0.0.1:8600");
+    assert_eq!(c.dns.listen, vec!["127.0.0.1:8600".parse().unwrap()]);
     assert_eq!(c.proxy.http.len(), 1);
     assert_eq!(c.proxy.http[0].listen.to_string(), "127.0.0.1:8080");
     assert_eq!(c.registry.backend, Backend::Embedded);
@@ -28,7 +28,7 @@ fn empty_file_gives_useful_defaults() {
     // Nothing non-loopback by default.
     assert!(matches!(c.admin.listen, AdminListen::Tcp(a) if a.ip().is_loopback()));
     assert_eq!(c.admin.metrics_listen, None);
-    assert!(c.dns.listen.ip().is_loopback());
+    assert!(c.dns.listen.iter().all(|a| a.ip().is_loopback()));
     assert!(c.proxy.http.iter().all(|l| l.listen.ip().is_loopback()));
 }
 
@@ -351,7 +351,7 @@ fn precedence_cli_over_env_over_file_over_default() {
         .load()
         .unwrap();
     assert_eq!(c.admin.listen.to_string(), "127.0.0.1:1001"); // file
-    assert_eq!(c.dns.listen.to_string(), "127.0.0.1:2002"); // env over file
+    assert_eq!(c.dns.listen, vec!["127.0.0.1:2002".parse().unwrap()]); // env over file
     assert_eq!(c.log.level, "trace"); // cli over env over file
     assert_eq!(c.dns.max_answers, 7); // cli --set, typed
     assert_eq!(c.dns.ttl, Duration::from_secs(5)); // default

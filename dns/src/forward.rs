@@ -1,9 +1,20 @@
-//! Forwarding names outside the zone to configured upstreams (hickory-resolver), so apps can use
-//! svcd as their only nameserver. Only built when `dns.forward` is set; never an open resolver
-//! otherwise.
+//! Forwarding names outside the zone to configured upstreams (hickory-resolver, with its
+//! cache), so apps can use svcd as their only nameserver. Only built when `dns.forward` is set;
+//! never an open resolver otherwise.
+//!
+//! Upstreams are addresses or the nameservers of a resolv.conf file (svcd's own addresses
+//! skipped). A forwarding loop — svcd → an upstream → … → svcd — is found as CoreDNS's `loop`
+//! plugin finds it: svcd asks itself a random name under `svcd-loop-check.`; if that query
+//! comes back to it through the upstreams, forwarding stops (SERVFAIL at once rather than
+//! queries circling until they time out), and the log and `svcd_dns_forward_loop` say so.
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
+
+use svcd_config::ForwardTarget;
+use tracing::{error, info, warn};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{Name, Record, RecordType};
@@ -13,10 +24,65 @@ use hickory_resolver::TokioResolver;
 
 pub struct Forwarder {
     resolver: TokioResolver,
+    /// The upstreams it was built for.
+    pub upstreams: Vec<SocketAddr>,
+    /// The name svcd asks itself to find a loop.
+    pub probe: Name,
+    /// Times the probe arrived here to be forwarded: once is the probe itself, twice a loop.
+    probe_seen: AtomicU32,
+    pub looped: AtomicBool,
+}
+
+/// The upstream addresses `targets` name: servers as given, resolv.conf files read now
+/// (nameservers on port 53), minus `own` (svcd's listen addresses: asking ourselves is a loop).
+pub fn upstreams(targets: &[ForwardTarget], own: &[SocketAddr]) -> Vec<SocketAddr> {
+    let is_own = |ns: &SocketAddr| {
+        own.iter().any(|a| {
+            a.port() == ns.port()
+                && (a.ip() == ns.ip() || (a.ip().is_unspecified() && ns.ip().is_loopback()))
+        })
+    };
+    let mut out = Vec::new();
+    for target in targets {
+        let found = match target {
+            ForwardTarget::Server(addr) => vec![*addr],
+            ForwardTarget::ResolvConf(path) => resolv_conf_servers(path),
+        };
+        for ns in found {
+            if is_own(&ns) {
+                info!(nameserver = %ns, "dns.forward: skipping svcd's own address");
+            } else if !out.contains(&ns) {
+                out.push(ns);
+            }
+        }
+    }
+    out
+}
+
+fn resolv_conf_servers(path: &Path) -> Vec<SocketAddr> {
+    let parsed = std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|data| {
+            hickory_resolver::system_conf::parse_resolv_conf(data).map_err(|e| e.to_string())
+        });
+    match parsed {
+        Ok((config, _)) => config
+            .name_servers()
+            .iter()
+            .map(|ns| SocketAddr::new(ns.ip, 53))
+            .collect(),
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "dns.forward: cannot read nameservers");
+            Vec::new()
+        }
+    }
 }
 
 impl Forwarder {
     pub fn new(upstreams: &[SocketAddr]) -> Result<Self, String> {
+        let label = format!("{:016x}", rand::random::<u64>());
+        let probe =
+            Name::from_ascii(format!("{label}.svcd-loop-check.")).map_err(|e| e.to_string())?;
         let servers = upstreams
             .iter()
             .map(|addr| {
@@ -38,11 +104,41 @@ impl Forwarder {
         .with_options(opts)
         .build()
         .map_err(|e| e.to_string())?;
-        Ok(Forwarder { resolver })
+        Ok(Forwarder {
+            resolver,
+            upstreams: upstreams.to_vec(),
+            probe,
+            probe_seen: AtomicU32::new(0),
+            looped: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether `name` is the loop probe; counts its arrivals and flags a loop on the second.
+    fn is_probe(&self, name: &Name) -> bool {
+        if !name.eq_case(&self.probe) && name != &self.probe {
+            return false;
+        }
+        if self.probe_seen.fetch_add(1, Ordering::Relaxed) >= 1
+            && !self.looped.swap(true, Ordering::Relaxed)
+        {
+            error!(
+                upstreams = ?self.upstreams,
+                "DNS forwarding loop: a query svcd forwarded came back to it; forwarding stopped \
+                 (out-of-zone names get SERVFAIL). Point dns.forward at resolvers that do not \
+                 send back to svcd, then reload"
+            );
+        }
+        true
     }
 
     /// Upstream's answer records and rcode.
     pub async fn forward(&self, name: &Name, qtype: RecordType) -> (ResponseCode, Vec<Record>) {
+        if self.is_probe(name) && self.looped.load(Ordering::Relaxed) {
+            return (ResponseCode::ServFail, Vec::new());
+        }
+        if self.looped.load(Ordering::Relaxed) {
+            return (ResponseCode::ServFail, Vec::new());
+        }
         let mut fqdn = name.clone();
         fqdn.set_fqdn(true);
         match self.resolver.lookup(fqdn, qtype).await {

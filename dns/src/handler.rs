@@ -32,6 +32,8 @@ pub struct DnsResponder {
     forwarder: ArcSwapOption<Forwarder>,
     /// Upstreams the current forwarder was built for, to rebuild only when they change.
     forward_config: ArcSwap<Vec<std::net::SocketAddr>>,
+    /// The addresses this server listens on, never used as upstreams (set once bound).
+    own: ArcSwap<Vec<std::net::SocketAddr>>,
     pub metrics: DnsMetrics,
     /// UDP response rate limiting (`dns.rrl`), consulted by the UDP workers per packet.
     pub rrl: crate::rrl::RateLimiter,
@@ -47,6 +49,7 @@ impl DnsResponder {
             rotation: AtomicUsize::new(0),
             forwarder: ArcSwapOption::empty(),
             forward_config: ArcSwap::from_pointee(Vec::new()),
+            own: ArcSwap::from_pointee(Vec::new()),
             metrics,
             rrl: crate::rrl::RateLimiter::new(&config.rrl),
             tcp_limits: ArcSwap::from_pointee(config.tcp.clone()),
@@ -60,11 +63,18 @@ impl DnsResponder {
         self.zone.store(Arc::new(ZoneSettings::new(config)));
         self.rrl.reconfigure(&config.rrl);
         self.tcp_limits.store(Arc::new(config.tcp.clone()));
-        if **self.forward_config.load() != config.forward {
-            let forwarder = if config.forward.is_empty() {
+        // resolv.conf files are read again on every reload.
+        let upstreams = crate::forward::upstreams(&config.forward, &self.own.load());
+        if **self.forward_config.load() != upstreams {
+            let forwarder = if upstreams.is_empty() {
+                if !config.forward.is_empty() {
+                    warn!(
+                        "dns.forward names no usable upstream; out-of-zone queries will be refused"
+                    );
+                }
                 None
             } else {
-                match Forwarder::new(&config.forward) {
+                match Forwarder::new(&upstreams) {
                     Ok(f) => Some(Arc::new(f)),
                     Err(e) => {
                         warn!(error = %e, "cannot build DNS forwarder; out-of-zone queries will be refused");
@@ -73,8 +83,21 @@ impl DnsResponder {
                 }
             };
             self.forwarder.store(forwarder);
-            self.forward_config.store(Arc::new(config.forward.clone()));
+            self.metrics.forward_loop.set(0);
+            self.forward_config.store(Arc::new(upstreams));
         }
+    }
+
+    /// Records where this server listens (its own addresses are never upstreams) and applies
+    /// `config` again with that known.
+    pub fn set_own_addresses(&self, own: Vec<std::net::SocketAddr>, config: &DnsConfig) {
+        self.own.store(Arc::new(own));
+        self.reconfigure(config);
+    }
+
+    /// The current forwarder's loop probe name, if forwarding is on.
+    pub fn loop_probe(&self) -> Option<hickory_proto::rr::Name> {
+        self.forwarder.load().as_ref().map(|f| f.probe.clone())
     }
 
     pub fn next_rotation(&self) -> usize {
@@ -187,6 +210,9 @@ impl DnsResponder {
             };
         };
         let (rcode, answers) = forwarder.forward(question.name, question.qtype).await;
+        if forwarder.looped.load(Ordering::Relaxed) {
+            self.metrics.forward_loop.set(1);
+        }
         if rcode == ResponseCode::ServFail {
             self.metrics.forwarded_failed.inc();
         } else {

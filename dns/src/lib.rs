@@ -33,6 +33,7 @@ pub mod zone;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use svcd_config::DnsConfig;
 use svcd_registry::SnapshotReader;
@@ -57,7 +58,10 @@ pub enum DnsError {
 
 /// A running DNS server (UDP workers + TCP with connection limits).
 pub struct DnsServer {
+    /// The first listen address (as bound: port 0 resolved).
     pub addr: SocketAddr,
+    /// Every listen address, as bound.
+    pub addrs: Vec<SocketAddr>,
     pub responder: Arc<DnsResponder>,
     /// Stops the UDP workers; set by `shutdown` or by the daemon's shutdown token.
     stop: Arc<AtomicBool>,
@@ -78,9 +82,9 @@ impl DnsServer {
         cancel: &CancellationToken,
     ) -> Result<DnsServer, DnsError> {
         let responder = DnsResponder::new(config, snapshot, DnsMetrics::new(prometheus)?);
-        if !config.listen.ip().is_loopback() && config.rrl.rate == 0 {
+        if config.listen.iter().any(|a| !a.ip().is_loopback()) && config.rrl.rate == 0 {
             tracing::warn!(
-                listen = %config.listen,
+                listen = ?config.listen,
                 "DNS listens beyond loopback without response rate limiting; set dns.rrl.rate"
             );
         }
@@ -92,39 +96,82 @@ impl DnsServer {
             flag.store(true, Ordering::Relaxed);
         });
         let bind_err = |addr, cause| DnsError::Bind { addr, cause };
-        let (addr, udp_threads) = udp::spawn(
-            config.listen,
-            workers,
-            responder.clone(),
-            tokio::runtime::Handle::current(),
-            stop.clone(),
-        )
-        .map_err(|e| bind_err(config.listen, e))?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| bind_err(addr, e))?;
         let tcp_stop = cancel.child_token();
         let tcp_tasks = TaskTracker::new();
-        tcp_tasks.spawn(tcp::serve(
-            listener,
-            responder.clone(),
-            tcp_stop.clone(),
-            tcp_tasks.clone(),
-        ));
-        Ok(DnsServer {
-            addr,
+        let mut addrs = Vec::new();
+        let mut udp_threads = Vec::new();
+        for &listen in &config.listen {
+            let (addr, threads) = udp::spawn(
+                listen,
+                workers,
+                responder.clone(),
+                tokio::runtime::Handle::current(),
+                stop.clone(),
+            )
+            .map_err(|e| bind_err(listen, e))?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| bind_err(addr, e))?;
+            tcp_tasks.spawn(tcp::serve(
+                listener,
+                responder.clone(),
+                tcp_stop.clone(),
+                tcp_tasks.clone(),
+            ));
+            addrs.push(addr);
+            udp_threads.extend(threads);
+        }
+        responder.set_own_addresses(addrs.clone(), config);
+        let server = DnsServer {
+            addr: addrs[0],
+            addrs,
             responder,
             stop,
             udp_threads,
             tcp_stop,
             tcp_tasks,
-        })
+        };
+        server.probe_forwarding_loop();
+        Ok(server)
+    }
+
+    /// Asks this server for the forwarder's probe name, once: if the query comes back through
+    /// the upstreams, forwarding stops (see [`forward`]).
+    fn probe_forwarding_loop(&self) {
+        let Some(probe) = self.responder.loop_probe() else {
+            return;
+        };
+        let target = self.addr;
+        tokio::spawn(async move {
+            let mut query = hickory_proto::op::Message::query();
+            query.metadata.recursion_desired = true;
+            query.add_query(hickory_proto::op::Query::query(
+                probe,
+                hickory_proto::rr::RecordType::HINFO,
+            ));
+            let Ok(bytes) = query.to_vec() else { return };
+            let bind = if target.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            let Ok(socket) = tokio::net::UdpSocket::bind(bind).await else {
+                return;
+            };
+            let _ = socket.send_to(&bytes, target).await;
+            let mut buf = [0u8; 512];
+            let _ = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await;
+        });
     }
 
     /// Applies reloadable settings (domain, TTLs, limits, upstreams); the listen address needs a
     /// restart.
     pub fn reconfigure(&self, config: &DnsConfig) {
+        let before = self.responder.loop_probe();
         self.responder.reconfigure(config);
+        if self.responder.loop_probe() != before {
+            self.probe_forwarding_loop(); // a new forwarder: look for a loop again
+        }
     }
 
     /// Stops accepting, lets TCP connections finish, joins the UDP workers.

@@ -67,6 +67,8 @@ pub struct DnsMetrics {
     pub tcp_refused_client: IntCounter,
     /// Connections closed for sitting without a complete query for the idle timeout.
     pub tcp_idle_closed: IntCounter,
+    /// 1 while forwarding is stopped because a forwarded query came back (a loop).
+    pub forward_loop: prometheus::IntGauge,
 }
 
 impl DnsMetrics {
@@ -128,6 +130,11 @@ impl DnsMetrics {
             "svcd_dns_tcp_idle_closed_total",
             "DNS-over-TCP connections closed after dns.tcp.idle_timeout without a complete query.",
         )?;
+        let forward_loop = prometheus::IntGauge::new(
+            "svcd_dns_forward_loop",
+            "1 while forwarding is stopped because a query svcd forwarded came back to it.",
+        )?;
+        registry.register(Box::new(forward_loop.clone()))?;
         registry.register(Box::new(requests_vec))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(forwarded.clone()))?;
@@ -148,6 +155,7 @@ impl DnsMetrics {
             tcp_refused_total: tcp_refused.with_label_values(&["total"]),
             tcp_refused_client: tcp_refused.with_label_values(&["per_client"]),
             tcp_idle_closed,
+            forward_loop,
         })
     }
 

@@ -93,8 +93,8 @@ fn config_check_applies_env_and_flag_precedence() {
     );
     let effective: toml::Table = toml::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
     assert_eq!(
-        effective["dns"]["listen"].as_str(),
-        Some("127.0.0.1:2222"),
+        effective["dns"]["listen"],
+        toml::Value::Array(vec!["127.0.0.1:2222".into()]),
         "env beats file"
     );
     assert_eq!(

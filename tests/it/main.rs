@@ -21,5 +21,6 @@ mod limits;
 mod proxy_http;
 mod proxy_l4;
 mod registry_e2e;
+mod resolver;
 mod security;
 mod store_conformance;
