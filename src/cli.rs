@@ -5,10 +5,22 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use svcd_config::Override;
 
+/// The package version and the git revision it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SVCD_REVISION"), ")");
+
+/// How client commands print what they got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns, for people.
+    Table,
+    /// JSON, for programs.
+    Json,
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "svcd",
-    version,
+    version = VERSION,
     about = "Service discovery and load balancing daemon"
 )]
 pub struct Cli {
@@ -42,6 +54,8 @@ pub enum Command {
     List {
         /// SERVICE[.NS]
         service: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -51,9 +65,13 @@ pub enum Command {
         /// Print IP:PORT for this named port instead of bare IPs.
         #[arg(long)]
         port: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Print the version and the git revision svcd was built from.
+    Version,
     /// Print the instances of SERVICE[.NS] and then every change to them, as it happens (a
     /// blocking query on the local daemon), until interrupted.
     Watch {

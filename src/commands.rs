@@ -8,7 +8,7 @@ use http::Method;
 use serde_json::{json, Value};
 use svcd_config::names;
 
-use crate::cli::{AdminArgs, InstanceArgs, RegisterArgs};
+use crate::cli::{AdminArgs, InstanceArgs, Output, RegisterArgs};
 use crate::client::AdminClient;
 
 /// `NAME=VALUE` pairs from repeated flags.
@@ -43,11 +43,9 @@ fn check_json(args: &InstanceArgs, default_kind: Option<&str>) -> Option<Value> 
 
 /// The registration body from CLI flags; the daemon validates it (one set of rules).
 /// `default_check` is the check kind used when `--check` is absent (`svcd exec`: tcp).
-pub fn instance_json(
-    args: &InstanceArgs,
-    default_ip: &str,
-    default_check: Option<&str>,
-) -> anyhow::Result<Value> {
+/// The registration body. Without `--ip` it carries no `ip`: the daemon fills in its advertised
+/// address (`registry.advertise_ip`).
+pub fn instance_json(args: &InstanceArgs, default_check: Option<&str>) -> anyhow::Result<Value> {
     let mut ports = serde_json::Map::new();
     for (name, port) in pairs("port", &args.ports)? {
         let port: u16 = port
@@ -56,11 +54,13 @@ pub fn instance_json(
         ports.insert(name, json!(port));
     }
     let mut v = json!({
-        "ip": args.ip.map(|ip| ip.to_string()).unwrap_or_else(|| default_ip.to_string()),
         "ports": ports,
         "tags": args.tags,
         "meta": pairs("meta", &args.meta)?,
     });
+    if let Some(ip) = args.ip {
+        v["ip"] = json!(ip.to_string());
+    }
     if let Some(p) = &args.protocol {
         v["protocol"] = json!(p);
     }
@@ -85,7 +85,7 @@ pub fn service_path(service: &str) -> anyhow::Result<String> {
 
 pub async fn register(args: RegisterArgs) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(&args.admin)?;
-    let mut body = instance_json(&args.instance, "127.0.0.1", None)?;
+    let mut body = instance_json(&args.instance, None)?;
     if let Some(state) = &args.state {
         body["state"] = json!(state);
     }
@@ -168,7 +168,11 @@ fn state_and_why(i: &serde_json::Value) -> (String, String) {
     (state, why)
 }
 
-pub async fn list(service: Option<&str>, admin: &AdminArgs) -> anyhow::Result<ExitCode> {
+pub async fn list(
+    service: Option<&str>,
+    output: Output,
+    admin: &AdminArgs,
+) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(admin)?;
     match service {
         None => {
@@ -179,15 +183,23 @@ pub async fn list(service: Option<&str>, admin: &AdminArgs) -> anyhow::Result<Ex
                 );
                 return Ok(ExitCode::from(2));
             }
-            println!("{:<40} {:>9} {:>7}", "SERVICE", "INSTANCES", "HEALTHY");
-            for s in v["services"].as_array().into_iter().flatten() {
-                let name = format!(
-                    "{}.{}",
-                    s["service"].as_str().unwrap_or(""),
-                    s["namespace"].as_str().unwrap_or("")
-                );
-                println!("{name:<40} {:>9} {:>7}", s["instances"], s["healthy"]);
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v["services"])?);
+                return Ok(ExitCode::SUCCESS);
             }
+            let mut table = Table::new(&["SERVICE", "INSTANCES", "HEALTHY"]);
+            for s in v["services"].as_array().into_iter().flatten() {
+                table.row(vec![
+                    format!(
+                        "{}.{}",
+                        s["service"].as_str().unwrap_or(""),
+                        s["namespace"].as_str().unwrap_or("")
+                    ),
+                    s["instances"].to_string(),
+                    s["healthy"].to_string(),
+                ]);
+            }
+            table.print();
         }
         Some(service) => {
             let v = client
@@ -197,18 +209,59 @@ pub async fn list(service: Option<&str>, admin: &AdminArgs) -> anyhow::Result<Ex
                     None,
                 )
                 .await?;
-            print_instances(&v);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table => print_instances(&v),
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Rows printed in columns as wide as their widest cell (the last one unpadded).
+struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Table {
+        Table {
+            rows: vec![header.iter().map(|h| h.to_string()).collect()],
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn print(&self) {
+        let columns = self.rows[0].len();
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .map(|r| r[c].chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        for row in &self.rows {
+            let mut line = String::new();
+            for (c, cell) in row.iter().enumerate() {
+                if c + 1 == columns {
+                    line.push_str(cell);
+                } else {
+                    line.push_str(&format!("{cell:<width$}  ", width = widths[c]));
+                }
+            }
+            println!("{}", line.trim_end());
+        }
+    }
+}
+
 /// The instance table of `svcd list SERVICE` and `svcd watch`.
 fn print_instances(v: &serde_json::Value) {
-    println!(
-        "{:<24} {:<40} {:<10} {:<16} {:<24} WHY",
-        "ID", "IP", "STATE", "NODE", "PORTS"
-    );
+    let mut table = Table::new(&["ID", "IP", "STATE", "NODE", "PORTS", "WHY"]);
     for i in v["instances"].as_array().into_iter().flatten() {
         let ports: Vec<String> = i["ports"]
             .as_object()
@@ -217,16 +270,16 @@ fn print_instances(v: &serde_json::Value) {
             .map(|(k, p)| format!("{k}={p}"))
             .collect();
         let (state, why) = state_and_why(i);
-        println!(
-            "{:<24} {:<40} {:<10} {:<16} {:<24} {}",
-            i["id"].as_str().unwrap_or(""),
-            i["ip"].as_str().unwrap_or(""),
+        table.row(vec![
+            i["id"].as_str().unwrap_or("").to_string(),
+            i["ip"].as_str().unwrap_or("").to_string(),
             state,
-            i["node"].as_str().unwrap_or(""),
+            i["node"].as_str().unwrap_or("").to_string(),
             ports.join(","),
-            why
-        );
+            why,
+        ]);
     }
+    table.print();
 }
 
 /// `svcd watch SERVICE`: the instances now, then after every change (blocking queries on the
@@ -272,6 +325,7 @@ pub async fn watch(service: &str, admin: &AdminArgs) -> anyhow::Result<ExitCode>
 pub async fn resolve(
     service: &str,
     port: Option<&str>,
+    output: Output,
     admin: &AdminArgs,
 ) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(admin)?;
@@ -293,24 +347,44 @@ pub async fn resolve(
         }
         Err(e) => return Err(e),
     };
-    let mut printed = 0;
+    let mut found = Vec::new();
     for i in v["instances"].as_array().into_iter().flatten() {
         // The served state, as DNS and the proxies use it (an ejected instance is left out).
         if i["served_state"] != "healthy" {
             continue;
         }
         let ip = i["ip"].as_str().unwrap_or("");
-        match port {
-            None => println!("{ip}"),
+        let port = match port {
+            None => None,
             Some(name) => match i["ports"][name].as_u64() {
-                Some(p) if ip.contains(':') => println!("[{ip}]:{p}"),
-                Some(p) => println!("{ip}:{p}"),
+                Some(p) => Some(p),
                 None => continue,
             },
-        }
-        printed += 1;
+        };
+        found.push((i["id"].as_str().unwrap_or(""), ip, port));
     }
-    if printed == 0 {
+    match output {
+        Output::Json => {
+            let list: Vec<serde_json::Value> = found
+                .iter()
+                .map(|(id, ip, port)| match port {
+                    Some(p) => serde_json::json!({ "id": id, "ip": ip, "port": p }),
+                    None => serde_json::json!({ "id": id, "ip": ip }),
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        }
+        Output::Table => {
+            for (_, ip, port) in &found {
+                match port {
+                    None => println!("{ip}"),
+                    Some(p) if ip.contains(':') => println!("[{ip}]:{p}"),
+                    Some(p) => println!("{ip}:{p}"),
+                }
+            }
+        }
+    }
+    if found.is_empty() {
         eprintln!("{service}: no healthy instances");
         return Ok(ExitCode::from(1));
     }

@@ -114,8 +114,11 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let advertise_ip = advertise_ip(&config.registry);
+    info!(%advertise_ip, "registrations without an IP publish this address");
     let config = Arc::new(ArcSwap::from_pointee(config));
     let admin_state = Arc::new(AdminState {
+        advertise_ip,
         config: config.clone(),
         token: ArcSwap::from_pointee(token),
         readiness: readiness.clone(),
@@ -294,6 +297,31 @@ async fn wait_for_signals(
                 }
                 notify::reloaded();
             }
+        }
+    }
+}
+
+/// The address registrations without an IP get: configured, else (etcd: other nodes must reach
+/// it) the source address the kernel picks for the default route, else loopback.
+fn advertise_ip(registry: &svcd_config::RegistryConfig) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+    if let Some(ip) = registry.advertise_ip {
+        return ip;
+    }
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    if registry.backend == svcd_config::Backend::Embedded {
+        return loopback;
+    }
+    // Connecting a UDP socket sends nothing; it only asks the routing table for a source.
+    let detected = UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").map(|()| s))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.ip());
+    match detected {
+        Ok(ip) if !ip.is_unspecified() => ip,
+        _ => {
+            warn!("cannot detect this node's address; set registry.advertise_ip (using 127.0.0.1, which other nodes cannot reach)");
+            loopback
         }
     }
 }

@@ -56,7 +56,7 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         "/v1/services/{}/instances/{id}",
         service_path(&args.service)?
     );
-    let mut instance = instance_json(&args.instance, "127.0.0.1", Some("tcp"))?;
+    let mut instance = instance_json(&args.instance, Some("tcp"))?;
     let mut body = serde_json::to_vec(&instance)?;
     let drain_timeout = humantime::parse_duration(&args.drain_timeout)
         .with_context(|| format!("--drain-timeout {:?}", args.drain_timeout))?;

@@ -117,12 +117,21 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Register(args) => commands::register(args).await,
         Command::Deregister { instance, admin } => commands::deregister(&instance, &admin).await,
         Command::Drain { instance, admin } => commands::drain(&instance, &admin).await,
-        Command::List { service, admin } => commands::list(service.as_deref(), &admin).await,
+        Command::List {
+            service,
+            output,
+            admin,
+        } => commands::list(service.as_deref(), output, &admin).await,
         Command::Resolve {
             service,
             port,
+            output,
             admin,
-        } => commands::resolve(&service, port.as_deref(), &admin).await,
+        } => commands::resolve(&service, port.as_deref(), output, &admin).await,
+        Command::Version => {
+            println!("svcd {}", cli::VERSION);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Watch { service, admin } => commands::watch(&service, &admin).await,
         Command::Exec(args) => exec::run(args).await,
     }

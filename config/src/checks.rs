@@ -530,6 +530,16 @@ fn registry(c: &mut Checker, raw: RawRegistry) -> RegistryConfig {
     );
     let node = raw.node.unwrap_or_else(local_hostname);
     let read_only = raw.read_only.unwrap_or(false);
+    let advertise_ip = raw.advertise_ip.and_then(|text| match text.parse() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            c.err(
+                "registry.advertise_ip",
+                format!("{text:?} is not an IP address"),
+            );
+            None
+        }
+    });
     if read_only && raw.static_instances.as_ref().is_some_and(|s| !s.is_empty()) {
         c.err(
             "registry.static",
@@ -548,6 +558,7 @@ fn registry(c: &mut Checker, raw: RawRegistry) -> RegistryConfig {
         lease_ttl,
         resync_interval,
         node,
+        advertise_ip,
         read_only,
         etcd,
         static_instances,

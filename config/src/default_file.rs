@@ -149,6 +149,9 @@ lease_ttl = "10s"
 resync_interval = "5m"
 # Name of this node, stamped on registrations that do not name one. Default: the hostname.
 # node = "node-1"
+# The address `svcd register` (without --ip) and `svcd exec` publish. Default: with etcd, the
+# address of the interface of the default route (other nodes must reach it); embedded: 127.0.0.1.
+# advertise_ip = "10.0.0.5"
 # A consumer node: serves DNS and the proxies from the registry, owns no registrations (the API
 # answers writes 403). Its etcd user then needs read access only (docs/registry.md, RBAC).
 read_only = false

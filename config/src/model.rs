@@ -231,6 +231,11 @@ pub struct RegistryConfig {
     pub resync_interval: Duration,
     /// Name of this node, stamped on registrations that do not set one. Defaults to the hostname.
     pub node: String,
+    /// The address registrations made here without an IP get (`svcd register` without `--ip`,
+    /// `svcd exec`). Unset: detected (the address of the default route's interface) with the
+    /// etcd backend, 127.0.0.1 with the embedded one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_ip: Option<std::net::IpAddr>,
     /// A consumer node: it serves DNS and the proxies from the registry but owns no
     /// registrations (the API answers writes with 403; its etcd user may be read-only).
     pub read_only: bool,

@@ -145,6 +145,7 @@ pub struct RawRegistry {
     pub lease_ttl: Option<String>,
     pub resync_interval: Option<String>,
     pub node: Option<String>,
+    pub advertise_ip: Option<String>,
     pub read_only: Option<bool>,
     pub etcd: Option<RawEtcd>,
     /// Kept as tables: `service`/`id` are split off and the rest is checked as an

@@ -36,6 +36,8 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     pub prometheus: prometheus::Registry,
     pub registry: Arc<Registry>,
+    /// The address registrations without an `ip` get: `registry.advertise_ip`, or detected.
+    pub advertise_ip: std::net::IpAddr,
 }
 
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {

@@ -15,6 +15,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 use svcd_registry::{Endpoint, Instance, InstanceKey, ServedState, ServiceEndpoints, StoreError};
+use tracing::warn;
 
 use super::{json_error, json_response, read_body, AdminState, ApiError, Body};
 
@@ -294,6 +295,19 @@ fn parse_ttl(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
     Ok(ttl)
 }
 
+/// A registration without `"ip"` gets this node's advertised address (`registry.advertise_ip`),
+/// as the CLI sends it when `--ip` is not given. Anything that is not such an object is left for
+/// the parser to refuse.
+fn with_advertised_ip(body: bytes::Bytes, ip: std::net::IpAddr) -> bytes::Bytes {
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(mut fields)) if !fields.contains_key("ip") => {
+            fields.insert("ip".into(), json!(ip.to_string()));
+            serde_json::to_vec(&fields).map_or(body, bytes::Bytes::from)
+        }
+        _ => body,
+    }
+}
+
 async fn put_instance(
     state: &AdminState,
     key: InstanceKey,
@@ -311,7 +325,7 @@ async fn try_put_instance(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let ttl = parse_ttl(req.uri().query())?;
-    let body = read_body(req.into_body()).await?;
+    let body = with_advertised_ip(read_body(req.into_body()).await?, state.advertise_ip);
     let mut instance = Instance::from_json(&body).map_err(|e| {
         let field = if e.path.is_empty() {
             "body"
@@ -322,6 +336,13 @@ async fn try_put_instance(
     })?;
     if instance.node.is_empty() {
         instance.node = state.config.load().registry.node.clone();
+    }
+    if instance.ip.is_loopback() && !state.advertise_ip.is_loopback() {
+        warn!(
+            instance = %key,
+            ip = %instance.ip,
+            "registration publishes a loopback address to every node; other nodes cannot reach it"
+        );
     }
     let keeper = &state.registry.keeper;
     keeper

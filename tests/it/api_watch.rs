@@ -171,3 +171,78 @@ async fn svcd_list_says_so_while_not_synced() {
         "{out:?}"
     );
 }
+
+#[tokio::test]
+async fn list_and_resolve_print_aligned_columns_or_json_and_version_names_the_revision() {
+    let d = Daemon::start("").await;
+    d.put_instance("web", "w1", r#"{"ip":"10.0.0.1","ports":{"http":80}}"#)
+        .await;
+    d.put_instance(
+        "web",
+        "a-much-longer-instance-id",
+        r#"{"ip":"10.0.0.22","ports":{"http":8080}}"#,
+    )
+    .await;
+    // Columns line up: every row's STATE starts where the header's does.
+    let table = stdout(&d.cli(&["list", "web"]));
+    let lines: Vec<&str> = table.lines().collect();
+    let column = lines[0].find("STATE").unwrap();
+    for row in &lines[1..] {
+        assert_eq!(&row[column..column + 7], "healthy", "{table}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&d.cli(&["list", "web", "-o", "json"]))).unwrap();
+    assert_eq!(json["instances"].as_array().unwrap().len(), 2);
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&d.cli(&["list", "-o", "json"]))).unwrap();
+    assert_eq!(json[0]["service"], "web");
+    let json: serde_json::Value = serde_json::from_str(&stdout(
+        &d.cli(&["resolve", "web", "--port", "http", "--output", "json"]),
+    ))
+    .unwrap();
+    let mut ports: Vec<u64> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["port"].as_u64().unwrap())
+        .collect();
+    ports.sort();
+    assert_eq!(ports, vec![80, 8080]);
+    let version = stdout(&d.cli(&["version"]));
+    assert!(
+        version.starts_with(&format!("svcd {} (", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    assert!(!version.contains("()"), "a revision is named: {version}");
+}
+
+#[tokio::test]
+async fn register_without_an_ip_publishes_the_advertised_address_and_warns_on_loopback() {
+    let d = Daemon::start("[registry]\nadvertise_ip = \"10.1.2.3\"\n").await;
+    let out = d.cli(&["register", "web", "w1", "--port", "http=80"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w1 = d.get("/v1/services/default/web/instances/w1").await.json();
+    assert_eq!(w1["ip"], "10.1.2.3");
+    let out = d.cli(&["register", "web", "w2", "--ip", "127.0.0.1"]);
+    assert!(out.status.success());
+    assert!(
+        d.log()
+            .contains("registration publishes a loopback address"),
+        "{}",
+        d.log()
+    );
+    // With the embedded store (one node) loopback is the default, and no warning.
+    let local = Daemon::start("").await;
+    let out = local.cli(&["register", "web", "w1"]);
+    assert!(out.status.success());
+    let w1 = local
+        .get("/v1/services/default/web/instances/w1")
+        .await
+        .json();
+    assert_eq!(w1["ip"], "127.0.0.1");
+    assert!(!local.log().contains("loopback address"));
+}
