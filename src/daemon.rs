@@ -31,6 +31,7 @@ use crate::logging::{self, LogControl};
 use crate::metrics::DaemonMetrics;
 use crate::notify;
 use crate::readiness::Readiness;
+use crate::restart_keys;
 
 fn read_token(config: &Config) -> anyhow::Result<Option<String>> {
     let Some(path) = &config.admin.token_file else {
@@ -119,6 +120,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     let config = Arc::new(ArcSwap::from_pointee(config));
     let admin_state = Arc::new(AdminState {
         advertise_ip,
+        pending_restart: ArcSwap::from_pointee(Vec::new()),
         config: config.clone(),
         token: ArcSwap::from_pointee(token),
         readiness: readiness.clone(),
@@ -326,21 +328,6 @@ fn advertise_ip(registry: &svcd_config::RegistryConfig) -> std::net::IpAddr {
     }
 }
 
-/// Keys that only take effect on restart; a reload that changes them says so.
-fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut keys = Vec::new();
-    if old.admin.listen != new.admin.listen {
-        keys.push("admin.listen");
-    }
-    if old.registry != new.registry {
-        keys.push("registry");
-    }
-    if old.dns.listen != new.dns.listen {
-        keys.push("dns.listen");
-    }
-    keys
-}
-
 async fn reload(
     sources: &Sources,
     config: &Arc<ArcSwap<Config>>,
@@ -357,9 +344,16 @@ async fn reload(
         .map_err(|e| vec![e.to_string()])?;
     log.set_level(&new.log.level).map_err(|e| vec![e])?;
     let old = config.load_full();
-    for key in restart_only_changes(&old, &new) {
-        warn!(key, "changed in the config file; takes effect on restart");
+    let (new, pending) = restart_keys::split(&old, new);
+    for p in &pending {
+        warn!(
+            key = %p.key,
+            running = %p.running,
+            pending = %p.pending,
+            "changed in the config file; takes effect on restart"
+        );
     }
+    live.admin.pending_restart.store(Arc::new(pending));
     live.admin.token.store(Arc::new(token));
     live.dns.reconfigure(&new.dns);
     live.lb.reconfigure(new.proxy.outlier.clone());
@@ -373,6 +367,12 @@ async fn reload(
         // The rest of the new configuration is live; the listeners that could not bind are not.
         return Err(bind_errors.iter().map(|e| e.to_string()).collect());
     }
-    info!(file = ?sources.file_path(), "configuration reloaded");
+    match sources.file_path() {
+        Some(file) => info!(file = %file.display(), "configuration reloaded"),
+        None => info!(
+            "SIGHUP: svcd runs without --config, so no config file was re-read; token, \
+             credential and certificate files were"
+        ),
+    }
     Ok(())
 }

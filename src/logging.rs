@@ -37,7 +37,12 @@ pub fn init(config: &LogConfig) -> LogControl {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match config.format {
         LogFormat::Json => registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
             .init(),
         LogFormat::Human => registry
             .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))

@@ -17,6 +17,7 @@ mod logging;
 mod metrics;
 mod notify;
 mod readiness;
+mod restart_keys;
 
 use clap::Parser;
 use svcd_config::{ProcessEnv, Sources, DEFAULT_CONFIG_TOML};

@@ -121,6 +121,9 @@ max_pending_accept_reset_streams = 20
 # Upstream keep-alive pool.
 pool_idle_timeout = "1m 30s"
 pool_max_idle_per_host = 256
+# One log event per request (target svcd::access; with --log-format json, one JSON object each):
+# client, method, host, path, status, service, milliseconds to the response head.
+access_log = false
 
 # Passive health: instances failing in the proxy are ejected, locally, from the proxy and from
 # this node's DNS answers.

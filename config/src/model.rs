@@ -405,6 +405,9 @@ pub struct L7Config {
     #[serde(serialize_with = "ser_duration")]
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// One INFO event per request (target `svcd::access`): client, method, host, path, status,
+    /// service, time to the response head. Off by default.
+    pub access_log: bool,
 }
 
 /// What to do when too few instances are usable.

@@ -5,7 +5,6 @@
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub admin: Option<RawAdmin>,
     pub dns: Option<RawDns>,
@@ -16,7 +15,6 @@ pub struct RawConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<String>,
     pub metrics_listen: Option<String>,
@@ -25,7 +23,6 @@ pub struct RawAdmin {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawDns {
     pub listen: Option<OneOrMany>,
     pub domain: Option<String>,
@@ -47,7 +44,6 @@ pub enum OneOrMany {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawRrl {
     pub rate: Option<i64>,
     pub slip: Option<i64>,
@@ -56,7 +52,6 @@ pub struct RawRrl {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawDnsTcp {
     pub max_connections: Option<i64>,
     pub max_per_client: Option<i64>,
@@ -64,7 +59,6 @@ pub struct RawDnsTcp {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawProxy {
     pub http: Option<Vec<RawHttpListener>>,
     pub tcp: Option<Vec<RawL4Listener>>,
@@ -82,7 +76,6 @@ pub struct RawProxy {
 
 /// A `[[proxy.routes]]` entry: explicit HTTP routing by host and path prefix.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub host: Option<String>,
     pub path_prefix: Option<String>,
@@ -94,7 +87,6 @@ pub struct RawRoute {
 
 /// `[proxy.l7]`: HTTP proxy behaviour and limits.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawL7 {
     pub balance: Option<String>,
     pub balance_by_service: Option<std::collections::BTreeMap<String, String>>,
@@ -108,11 +100,11 @@ pub struct RawL7 {
     pub max_pending_accept_reset_streams: Option<i64>,
     pub pool_idle_timeout: Option<String>,
     pub pool_max_idle_per_host: Option<i64>,
+    pub access_log: Option<bool>,
 }
 
 /// `[proxy.outlier]`: passive health (outlier ejection) and the panic threshold.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawOutlier {
     pub consecutive_failures: Option<i64>,
     pub base_ejection_time: Option<String>,
@@ -123,7 +115,6 @@ pub struct RawOutlier {
 
 /// A `[[proxy.tcp]]` or `[[proxy.udp]]` entry.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawL4Listener {
     pub listen: Option<String>,
     pub service: Option<String>,
@@ -133,13 +124,11 @@ pub struct RawL4Listener {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawHttpListener {
     pub listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawRegistry {
     pub backend: Option<String>,
     pub lease_ttl: Option<String>,
@@ -155,7 +144,6 @@ pub struct RawRegistry {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawEtcd {
     pub endpoints: Option<Vec<String>>,
     pub connect_timeout: Option<String>,
@@ -169,7 +157,6 @@ pub struct RawEtcd {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawEtcdTls {
     pub ca: Option<String>,
     pub cert: Option<String>,
@@ -178,14 +165,12 @@ pub struct RawEtcdTls {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawShutdown {
     pub drain_timeout: Option<String>,
     pub readiness_grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub level: Option<String>,
     pub format: Option<String>,

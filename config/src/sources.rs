@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::checks::validate;
-use crate::error::ConfigError;
+use crate::error::{ConfigError, FieldError};
 use crate::model::Config;
 use crate::raw::RawConfig;
 
@@ -65,6 +65,22 @@ fn shape_of(key: &str) -> Shape {
         "registry.etcd.endpoints" | "dns.listen" => Shape::List,
         "proxy.http" => Shape::Listeners,
         _ => Shape::Text,
+    }
+}
+
+/// A key's path as the config spells it: `proxy.tcp[0].listen`.
+fn key_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", key_path(parent)),
+        Path::Map { parent, key } => match key_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => key_path(parent),
     }
 }
 
@@ -217,14 +233,29 @@ impl Sources {
         for o in &self.cli {
             o.apply(&mut table);
         }
-        let raw: RawConfig =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                let path = e.path().to_string();
-                ConfigError::Syntax {
-                    path: if path == "." { "config".into() } else { path },
-                    message: e.into_inner().to_string(),
-                }
-            })?;
-        validate(raw).map_err(ConfigError::Invalid)
+        // Unknown keys are collected, all of them, rather than failing on the first.
+        let mut unknown = Vec::new();
+        let mut note = |path: serde_ignored::Path<'_>| unknown.push(key_path(&path));
+        let ignoring = serde_ignored::Deserializer::new(toml::Value::Table(table), &mut note);
+        let raw: Result<RawConfig, _> = serde_path_to_error::deserialize(ignoring);
+        let raw = raw.map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::Syntax {
+                path: if path == "." { "config".into() } else { path },
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        let unknown: Vec<FieldError> = unknown
+            .into_iter()
+            .map(|path| FieldError::new(path, "unknown key"))
+            .collect();
+        match validate(raw) {
+            Ok(config) if unknown.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigError::Invalid(unknown)),
+            Err(mut errors) => {
+                errors.splice(0..0, unknown);
+                Err(ConfigError::Invalid(errors))
+            }
+        }
     }
 }

@@ -38,6 +38,8 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     /// The address registrations without an `ip` get: `registry.advertise_ip`, or detected.
     pub advertise_ip: std::net::IpAddr,
+    /// Keys the last reload could not apply: shown in `/v1/config` beside the running config.
+    pub pending_restart: ArcSwap<Vec<crate::restart_keys::PendingKey>>,
 }
 
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -143,10 +145,13 @@ impl AdminState {
             "/metrics" => get_only(&req, || self.metrics()),
             "/v1/config" => get_only(&req, || {
                 let config = self.config.load();
-                json_response(
-                    StatusCode::OK,
-                    &serde_json::to_value(&**config).expect("config serializes"),
-                )
+                let mut value = serde_json::to_value(&**config).expect("config serializes");
+                let pending = self.pending_restart.load();
+                if !pending.is_empty() {
+                    value["pending_restart"] =
+                        serde_json::to_value(&**pending).expect("pending keys serialize");
+                }
+                json_response(StatusCode::OK, &value)
             }),
             p if p == "/v1/services" || p.starts_with("/v1/services/") => {
                 services::route(&self, req).await

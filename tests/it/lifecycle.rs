@@ -248,3 +248,62 @@ async fn sigterm_goes_unready_marks_draining_and_keeps_dns_and_admin_through_the
         "the grace was kept"
     );
 }
+
+#[tokio::test]
+async fn a_reload_names_each_key_that_needs_a_restart_and_shows_it_pending() {
+    let d = Daemon::start("").await;
+    d.reload_with_dns(
+        "ttl = \"9s\"\n",
+        "[registry]\nlease_ttl = \"30s\"\nresync_interval = \"1m\"\n",
+    )
+    .await;
+    let config = d.get("/v1/config").await.json();
+    // The live part applied; the registry runs as it was, with the file's values beside it.
+    assert_eq!(config["dns"]["ttl"], "9s");
+    assert_eq!(config["registry"]["lease_ttl"], "10s");
+    let pending = config["pending_restart"].as_array().unwrap();
+    let keys: Vec<&str> = pending.iter().map(|p| p["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, vec!["registry.lease_ttl", "registry.resync_interval"]);
+    assert_eq!(pending[0]["running"], "10s");
+    assert_eq!(pending[0]["pending"], "30s");
+    let log = d.log();
+    assert!(
+        log.contains("registry.lease_ttl") && log.contains("takes effect on restart"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn json_logs_put_fields_at_the_top_and_the_access_log_has_one_line_per_request() {
+    let d = Daemon::start_with(
+        "[proxy.l7]\naccess_log = true\n",
+        &[("SVCD_LOG_FORMAT", "json")],
+    )
+    .await;
+    let backend = crate::support::backend::Backend::start("b1").await;
+    crate::support::proxy::register(&d, "web", "w1", backend.addr, "http").await;
+    crate::support::proxy::wait_routable(&d, "web", 1).await;
+    let mut c = crate::support::proxy::H1::connect(d.http).await;
+    let (status, _) = c.get("web", "/hello").await;
+    assert_eq!(status, 200);
+    let access = eventually(Duration::from_secs(3), "the access line", || async {
+        d.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["target"] == "svcd::access" && v["path"] == "/hello")
+    })
+    .await;
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["method"], "GET");
+    assert_eq!(access["host"], "web");
+    assert_eq!(access["service"], "web.default");
+    assert_eq!(access["client"], "127.0.0.1");
+    assert!(access["ms"].as_f64().is_some());
+    // Every line is JSON with its fields at the top level.
+    for line in d.log().lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v.get("fields").is_none(), "{line}");
+        assert!(!line.contains("Some(\\\""), "{line}");
+    }
+}

@@ -147,6 +147,7 @@ pub(crate) fn l7(c: &mut Checker, raw: RawL7) -> L7Config {
             0,
             100_000,
         ),
+        access_log: raw.access_log.unwrap_or(false),
     }
 }
 

@@ -44,6 +44,13 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let mut service = None;
+    // Only with the access log on: what it needs from the request, before `proxy` takes it.
+    let access = ctx
+        .settings
+        .load()
+        .l7
+        .access_log
+        .then(|| AccessEntry::of(&req));
     let response = proxy(&ctx, &client, req, &mut service)
         .await
         .unwrap_or_else(|(status, text, close)| local(status, text, close));
@@ -53,7 +60,49 @@ pub async fn handle(
         Some(balancer) => balancer.plane.response(status),
         None => ctx.metrics.unrouted(status),
     }
+    if let Some(entry) = access {
+        entry.log(&client, status, service.as_ref().map(|b| b.name.as_str()));
+    }
     Ok(response)
+}
+
+/// One access-log line's request half, taken before the request is forwarded.
+struct AccessEntry {
+    started: std::time::Instant,
+    method: http::Method,
+    host: String,
+    path: String,
+}
+
+impl AccessEntry {
+    fn of(req: &Request<Incoming>) -> AccessEntry {
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok())
+            .unwrap_or("");
+        AccessEntry {
+            started: std::time::Instant::now(),
+            method: req.method().clone(),
+            host: host.to_string(),
+            path: req.uri().path().to_string(),
+        }
+    }
+
+    fn log(self, client: &ClientConn, status: u16, service: Option<&str>) {
+        tracing::info!(
+            target: "svcd::access",
+            client = client.ip.to_str().unwrap_or(""),
+            method = %self.method,
+            host = %self.host,
+            path = %self.path,
+            status,
+            service = service.unwrap_or(""),
+            ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            "access"
+        );
+    }
 }
 
 type Refusal = (StatusCode, String, bool);
