@@ -72,6 +72,10 @@ pub enum Command {
     },
     /// Print the version and the git revision svcd was built from.
     Version,
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff) to stdout.
+    Man,
     /// Print the instances of SERVICE[.NS] and then every change to them, as it happens (a
     /// blocking query on the local daemon), until interrupted.
     Watch {

@@ -133,6 +133,16 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
             println!("svcd {}", cli::VERSION);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Completions { shell } => {
+            let mut command = <cli::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "svcd", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            let command = <cli::Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Watch { service, admin } => commands::watch(&service, &admin).await,
         Command::Exec(args) => exec::run(args).await,
     }

@@ -139,3 +139,97 @@ async fn ready_is_sent_only_once_readyz_is_ready_then_reloading_stopping_and_wat
     })
     .await;
 }
+
+/// The metric names a rules or dashboard file queries (recording rules' own names, which have
+/// colons, left out; histogram suffixes stripped).
+fn queried_metrics(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("svcd_") {
+        let start = i + at;
+        let end = text[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(text.len(), |n| start + n);
+        let recorded = (start > 0 && bytes[start - 1] == b':') || text[end..].starts_with(':');
+        if !recorded {
+            let name = &text[start..end];
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            names.insert(name.to_string());
+        }
+        i = end;
+    }
+    names
+}
+
+#[tokio::test]
+async fn every_metric_the_rules_and_dashboard_query_is_in_a_live_scrape() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let rules =
+        std::fs::read_to_string(format!("{root}/deploy/prometheus/svcd-rules.yml")).unwrap();
+    let dashboard =
+        std::fs::read_to_string(format!("{root}/deploy/grafana/svcd-dashboard.json")).unwrap();
+    let _: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    let mut queried = queried_metrics(&rules);
+    queried.extend(queried_metrics(&dashboard));
+    assert!(queried.len() >= 20, "{queried:?}");
+
+    // A daemon with traffic in every plane, so every family has series.
+    let (tcp, udp) = (crate::support::free_port(), crate::support::free_port());
+    let d = Daemon::start(&format!(
+        "[[proxy.tcp]]\nlisten = \"127.0.0.1:{tcp}\"\nservice = \"web\"\n\
+         [[proxy.udp]]\nlisten = \"127.0.0.1:{udp}\"\nservice = \"web\"\n"
+    ))
+    .await;
+    let backend = crate::support::backend::Backend::start("b1").await;
+    crate::support::proxy::register(&d, "web", "w1", backend.addr, "http").await;
+    crate::support::proxy::wait_routable(&d, "web", 1).await;
+    let _ = tokio::net::TcpStream::connect(("127.0.0.1", tcp)).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.send_to(b"ping", ("127.0.0.1", udp)).await.unwrap();
+    crate::support::dns::udp(
+        d.dns,
+        "web.default.svc.cluster.local.",
+        hickory_proto::rr::RecordType::A,
+        None,
+    )
+    .await;
+    let scrape = eventually(Duration::from_secs(5), "UDP flow counted", || async {
+        let body = d.get("/metrics").await.body;
+        body.contains("svcd_udp_flows{").then_some(body)
+    })
+    .await;
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|name| !scrape.contains(&format!("# TYPE {name} ")))
+        .collect();
+    assert!(missing.is_empty(), "queried but not exposed: {missing:?}");
+}
+
+#[test]
+fn the_prometheus_rules_pass_promtool() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let local = format!("{root}/target/tools/promtool");
+    let promtool = if std::path::Path::new(&local).exists() {
+        local
+    } else {
+        "promtool".to_string()
+    };
+    let out = Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(format!("{root}/deploy/prometheus/svcd-rules.yml"))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("promtool not found ({e}): run scripts/setup --with-etcd, which fetches it")
+        });
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("SUCCESS"), "{text}");
+}
