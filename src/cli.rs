@@ -43,10 +43,14 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Drain an instance (SERVICE[.NS]/ID): DNS and the proxies stop sending it new work, open
-    /// connections finish.
+    /// Drain an instance (SERVICE[.NS]/ID), or with --all every registration this daemon holds:
+    /// DNS and the proxies stop sending them new work, open connections finish.
     Drain {
-        instance: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        instance: Option<String>,
+        /// Every registration of the local daemon (what SIGTERM does first; for preStop hooks).
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -72,6 +76,15 @@ pub enum Command {
     },
     /// Print the version and the git revision svcd was built from.
     Version,
+    /// Exit 0 if the local daemon answers /healthz (with --ready: /readyz), else 1; for container
+    /// HEALTHCHECKs and scripts.
+    Health {
+        /// Check readiness (registry synced, listeners bound) instead of liveness.
+        #[arg(long)]
+        ready: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: clap_complete::Shell },
     /// Print the manual page (roff) to stdout.

@@ -134,6 +134,14 @@ pub async fn drain(instance: &str, admin: &AdminArgs) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
+/// `svcd drain --all`: every registration the local daemon holds.
+pub async fn drain_all(admin: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(admin)?;
+    let v = client.call(Method::POST, "/v1/drain", None).await?;
+    println!("draining {} registration(s)", v["drained"]);
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn deregister(instance: &str, admin: &AdminArgs) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(admin)?;
     client
@@ -389,4 +397,17 @@ pub async fn resolve(
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `svcd health [--ready]`: the probe endpoints, as an exit code.
+pub async fn health(ready: bool, admin: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(admin)?;
+    let path = if ready { "/readyz" } else { "/healthz" };
+    match client.call(Method::GET, path, None).await {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("svcd: {path}: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
 }

@@ -117,7 +117,15 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Register(args) => commands::register(args).await,
         Command::Deregister { instance, admin } => commands::deregister(&instance, &admin).await,
-        Command::Drain { instance, admin } => commands::drain(&instance, &admin).await,
+        Command::Drain {
+            instance,
+            all,
+            admin,
+        } => match (instance, all) {
+            (_, true) => commands::drain_all(&admin).await,
+            (Some(instance), false) => commands::drain(&instance, &admin).await,
+            (None, false) => unreachable!("clap requires an instance without --all"),
+        },
         Command::List {
             service,
             output,
@@ -129,6 +137,7 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
             output,
             admin,
         } => commands::resolve(&service, port.as_deref(), output, &admin).await,
+        Command::Health { ready, admin } => commands::health(ready, &admin).await,
         Command::Version => {
             println!("svcd {}", cli::VERSION);
             Ok(ExitCode::SUCCESS)

@@ -143,6 +143,7 @@ impl AdminState {
                 ),
             }),
             "/metrics" => get_only(&req, || self.metrics()),
+            "/v1/drain" => services::drain_own(&self, &req).await,
             "/v1/config" => get_only(&req, || {
                 let config = self.config.load();
                 let mut value = serde_json::to_value(&**config).expect("config serializes");

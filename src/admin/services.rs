@@ -28,12 +28,7 @@ pub async fn route(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<
             | (&Method::POST, [_, _, "instances", _, "drain"])
     );
     if writes && state.config.load().registry.read_only {
-        return json_error(
-            StatusCode::FORBIDDEN,
-            "",
-            "this node is read-only (registry.read_only = true): it serves DNS and proxies from \
-             the registry but owns no registrations; register with a node that does",
-        );
+        return read_only_refusal();
     }
     match (req.method().clone(), parts.as_slice()) {
         (Method::GET, []) => list_services(state),
@@ -68,6 +63,15 @@ pub async fn route(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<
             format!("no such endpoint: {path}"),
         ),
     }
+}
+
+fn read_only_refusal() -> Response<Body> {
+    json_error(
+        StatusCode::FORBIDDEN,
+        "",
+        "this node is read-only (registry.read_only = true): it serves DNS and proxies from the \
+         registry but owns no registrations; register with a node that does",
+    )
 }
 
 fn list_services(state: &AdminState) -> Response<Body> {
@@ -423,6 +427,21 @@ async fn drain_instance(state: &AdminState, key: &InstanceKey) -> Response<Body>
                 ),
             }
         }
+        Err(e) => store_failure(e).into_response(),
+    }
+}
+
+/// `POST /v1/drain`: every registration this daemon holds goes `draining` (the first step of
+/// SIGTERM, for preStop hooks): other nodes stop sending while this one still serves.
+pub async fn drain_own(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::POST {
+        return super::method_not_allowed("POST");
+    }
+    if state.config.load().registry.read_only {
+        return read_only_refusal();
+    }
+    match state.registry.keeper.drain_all().await {
+        Ok(n) => json_response(StatusCode::OK, &json!({ "drained": n })),
         Err(e) => store_failure(e).into_response(),
     }
 }

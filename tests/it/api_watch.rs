@@ -246,3 +246,38 @@ async fn register_without_an_ip_publishes_the_advertised_address_and_warns_on_lo
     assert_eq!(w1["ip"], "127.0.0.1");
     assert!(!local.log().contains("loopback address"));
 }
+
+#[tokio::test]
+async fn drain_all_marks_every_own_registration_and_health_is_an_exit_code() {
+    let d = Daemon::start("").await;
+    for id in ["w1", "w2"] {
+        d.put_instance("web", id, r#"{"ip":"10.0.0.1"}"#).await;
+    }
+    assert!(d.cli(&["health"]).status.success());
+    assert!(d.cli(&["health", "--ready"]).status.success());
+    let out = d.cli(&["drain", "--all"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout(&out).contains("draining 2 registration(s)"),
+        "{}",
+        stdout(&out)
+    );
+    for id in ["w1", "w2"] {
+        let path = format!("/v1/services/default/web/instances/{id}");
+        crate::support::eventually(Duration::from_secs(3), "draining", || async {
+            (d.get(&path).await.json()["state"] == "draining").then_some(())
+        })
+        .await;
+    }
+    assert_eq!(d.request("GET", "/v1/drain", None).await.status, 405);
+    // Nothing listening: health fails.
+    let out = std::process::Command::new(crate::support::svcd_bin())
+        .args(["health", "--admin", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -233,3 +233,50 @@ fn the_prometheus_rules_pass_promtool() {
     );
     assert!(text.contains("SUCCESS"), "{text}");
 }
+
+#[test]
+fn the_kubernetes_manifests_validate_and_carry_a_valid_svcd_config() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let validate = format!("{root}/target/tools/venv/bin/kubernetes-validate");
+    let manifests = [
+        format!("{root}/deploy/kubernetes/daemonset.yaml"),
+        format!("{root}/deploy/kubernetes/sidecar.yaml"),
+    ];
+    let out = Command::new(&validate)
+        .arg("--strict")
+        .args(&manifests)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{validate}: {e}: run scripts/setup --with-etcd, which installs it")
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches(" passed for resource ").count(), 6, "{text}");
+    // The DaemonSet's svcd.toml is a config svcd accepts, with the environment it sets.
+    let daemonset = std::fs::read_to_string(&manifests[0]).unwrap();
+    let start = daemonset.find("svcd.toml: |\n").unwrap() + "svcd.toml: |\n".len();
+    let end = start + daemonset[start..].find("\n---").unwrap();
+    let toml: String = daemonset[start..end]
+        .lines()
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("svcd.toml");
+    std::fs::write(&file, toml).unwrap();
+    let out = Command::new(svcd_bin())
+        .args(["config", "check"])
+        .arg(&file)
+        .env("SVCD_ETCD_USERNAME", "svcd-node")
+        .env("SVCD_NODE", "node-1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
