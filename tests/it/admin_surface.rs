@@ -25,6 +25,18 @@ async fn unix_request(path: &std::path::Path, method: &str, target: &str) -> (u1
     (status, body)
 }
 
+/// A daemon started by hand, killed if the test fails before it stops it.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 #[tokio::test]
 async fn admin_api_on_a_unix_socket_and_metrics_on_their_own_listener() {
     let dir = tempfile::tempdir().unwrap();
@@ -51,7 +63,7 @@ async fn admin_api_on_a_unix_socket_and_metrics_on_their_own_listener() {
             .spawn()
             .unwrap()
     };
-    let mut daemon = spawn();
+    let mut daemon = KillOnDrop(Some(spawn()));
     eventually(
         Duration::from_secs(20),
         "ready on the metrics listener",
@@ -114,8 +126,9 @@ async fn admin_api_on_a_unix_socket_and_metrics_on_their_own_listener() {
     assert!(text.contains("in use by a running process"), "{text}");
 
     // At exit the socket file goes.
-    kill(Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).unwrap();
-    let status = tokio::task::spawn_blocking(move || daemon.wait().unwrap())
+    let mut child = daemon.0.take().unwrap();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));
