@@ -83,10 +83,68 @@ impl EncodedService {
     }
 }
 
-/// One per UDP worker thread: owns its output buffer and its cache, so nothing is shared.
+/// One per UDP worker thread: owns its output buffer and its caches, so nothing is shared.
 pub struct FastPath {
     cache: HashMap<Box<str>, EncodedService>,
+    /// Forwarded answers this worker saw, kept for a second (see [`ForwardedAnswer`]).
+    forwarded: HashMap<Vec<u8>, ForwardedAnswer>,
+    /// The key of the last query that missed `forwarded` but could be kept there.
+    forward_miss: Option<Vec<u8>>,
+    key: Vec<u8>,
     out: Vec<u8>,
+}
+
+/// A forwarded answer (a name outside the zone) as the general path encoded it, replayed by the
+/// worker for up to [`FORWARD_CACHE_FOR`] (never past the records' smallest TTL): a hot outside
+/// name is then answered like an inside one, in the worker's batch, instead of by a task per
+/// query through hickory's parser, the resolver's cache and a send of its own. The TTLs it
+/// carries can be up to that second older than hickory-resolver's own cache would say.
+struct ForwardedAnswer {
+    response: Vec<u8>,
+    until: Instant,
+    rcode: usize,
+}
+
+/// Longest a worker replays one forwarded answer.
+pub const FORWARD_CACHE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A forwarded answer for a worker to keep: sent back by the general path's task.
+pub struct LearnedAnswer {
+    key: Vec<u8>,
+    response: Vec<u8>,
+    until: Instant,
+    rcode: usize,
+}
+
+impl LearnedAnswer {
+    /// What the general path answered to the query `key` stands for, if it may be replayed: a
+    /// whole (not truncated) NOERROR or NXDOMAIN answer whose records all have a TTL.
+    pub fn of(key: Vec<u8>, response: &[u8]) -> Option<LearnedAnswer> {
+        let message = hickory_proto::op::Message::from_vec(response).ok()?;
+        let rcode = message.metadata.response_code;
+        if message.metadata.truncation
+            || !matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain)
+        {
+            return None;
+        }
+        let min_ttl = message
+            .answers
+            .iter()
+            .chain(message.authorities.iter())
+            .map(|r| r.ttl)
+            .min()
+            .unwrap_or(u32::MAX);
+        if min_ttl == 0 {
+            return None;
+        }
+        let keep = FORWARD_CACHE_FOR.min(std::time::Duration::from_secs(u64::from(min_ttl)));
+        Some(LearnedAnswer {
+            key,
+            response: response.to_vec(),
+            until: Instant::now() + keep,
+            rcode: rcode_index(rcode),
+        })
+    }
 }
 
 impl Default for FastPath {
@@ -197,24 +255,60 @@ impl FastPath {
     pub fn new() -> Self {
         FastPath {
             cache: HashMap::new(),
+            forwarded: HashMap::new(),
+            forward_miss: None,
+            key: Vec::with_capacity(264),
             out: Vec::with_capacity(EDNS_PAYLOAD as usize),
         }
+    }
+
+    /// Keeps a forwarded answer the general path made for this worker's query.
+    pub fn learn(&mut self, learned: LearnedAnswer) {
+        if self.forwarded.len() >= CACHE_LIMIT {
+            self.forwarded.clear();
+        }
+        self.forwarded.insert(
+            learned.key,
+            ForwardedAnswer {
+                response: learned.response,
+                until: learned.until,
+                rcode: learned.rcode,
+            },
+        );
+    }
+
+    /// After [`Self::answer`] returned `None`: the key under which the general path's answer
+    /// may be kept (a forwardable query this worker has no fresh answer for).
+    pub fn take_forward_miss(&mut self) -> Option<Vec<u8>> {
+        self.forward_miss.take()
     }
 
     /// The full response for `packet`, or `None` to take the general path.
     pub fn answer(&mut self, packet: &[u8], responder: &DnsResponder) -> Option<&[u8]> {
         let started = Instant::now();
+        self.forward_miss = None;
         let parsed = parse(packet)?;
         let zone = responder.zone.load();
-        // <svc>.<ns>.svc.<domain…>
         let n = parsed.label_count;
-        if n != 3 + zone.labels.len() {
-            return None;
-        }
         let label = |k: usize| {
             let (start, len) = parsed.labels[k];
             &packet[start..start + len]
         };
+        let in_zone = n >= zone.labels.len()
+            && zone.labels.iter().enumerate().all(|(k, want)| {
+                label(n - zone.labels.len() + k).eq_ignore_ascii_case(want.as_bytes())
+            });
+        if !in_zone {
+            return if zone.forward {
+                self.replay_forwarded(packet, &parsed, responder, started)
+            } else {
+                None
+            };
+        }
+        // <svc>.<ns>.svc.<domain…>
+        if n != 3 + zone.labels.len() {
+            return None;
+        }
         if !label(2).eq_ignore_ascii_case(b"svc") {
             return None;
         }
@@ -311,6 +405,51 @@ impl FastPath {
             rcode_index(ResponseCode::NoError),
             started.elapsed(),
         );
+        Some(&self.out)
+    }
+
+    /// A kept forwarded answer to `packet`, with its ID, RD bit and question (0x20 case) the
+    /// query's. On a miss, notes the key for [`Self::take_forward_miss`].
+    fn replay_forwarded(
+        &mut self,
+        packet: &[u8],
+        parsed: &Parsed,
+        responder: &DnsResponder,
+        started: Instant,
+    ) -> Option<&[u8]> {
+        // The key: the question lower-cased, and what shapes the answer (EDNS, DO).
+        self.key.clear();
+        self.key
+            .extend_from_slice(&packet[HEADER..parsed.question_end]);
+        self.key.make_ascii_lowercase();
+        self.key
+            .push(match (parsed.edns_payload, parsed.dnssec_ok) {
+                (None, _) => 0,
+                (Some(_), false) => 1,
+                (Some(_), true) => 2,
+            });
+        let limit = match parsed.edns_payload {
+            Some(payload) => payload.clamp(512, EDNS_PAYLOAD) as usize,
+            None => 512,
+        };
+        let fresh = self
+            .forwarded
+            .get(self.key.as_slice())
+            .filter(|kept| kept.until > started && kept.response.len() <= limit);
+        let Some(kept) = fresh else {
+            self.forward_miss = Some(self.key.clone());
+            return None;
+        };
+        let out = &mut self.out;
+        out.clear();
+        out.extend_from_slice(&kept.response);
+        out[..2].copy_from_slice(&packet[..2]);
+        out[2] = (out[2] & !0x01) | (packet[2] & 0x01);
+        out[HEADER..parsed.question_end].copy_from_slice(&packet[HEADER..parsed.question_end]);
+        let qtype_idx = if parsed.qtype == TYPE_A { 0 } else { 1 };
+        responder
+            .metrics
+            .record(Proto::Udp, qtype_idx, kept.rcode, started.elapsed());
         Some(&self.out)
     }
 }

@@ -545,3 +545,57 @@ fn a_truncated_answer_without_edns_ends_at_a_record_boundary() {
     }
     assert_eq!(d.index(), bytes.len(), "no trailing bytes");
 }
+
+/// A forwarded answer the general path made comes back to the worker and is replayed for its
+/// next queries (their ID, RD bit and 0x20 case), for at most a second and never past a TTL.
+#[test]
+fn workers_replay_forwarded_answers_briefly() {
+    use crate::fastpath::LearnedAnswer;
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record};
+
+    let config = svcd_config::parse("[dns]\nforward = [\"127.0.0.1:1\"]\n")
+        .unwrap()
+        .dns;
+    let r = responder_with(&config);
+    let mut fast = FastPath::new();
+    let ask = |name: &str, id: u16| {
+        let mut q = query(name, RecordType::A, Some(1232));
+        q[..2].copy_from_slice(&id.to_be_bytes());
+        q
+    };
+    // The first query misses and notes where its answer may be kept.
+    let first = ask("host.example.org.", 7);
+    assert!(fast.answer(&first, &r).is_none());
+    let key = fast.take_forward_miss().expect("a forwardable miss");
+    // What the general path answered (built here: no upstream in a unit test).
+    let answer_with_ttl = |ttl: u32| {
+        let mut m = Message::from_vec(&first).unwrap();
+        m.metadata.message_type = MessageType::Response;
+        m.metadata.recursion_available = true;
+        m.add_answer(Record::from_rdata(
+            Name::from_ascii("host.example.org.").unwrap(),
+            ttl,
+            RData::A(A::new(10, 9, 9, 9)),
+        ));
+        m.to_vec().unwrap()
+    };
+    assert!(
+        LearnedAnswer::of(key.clone(), &answer_with_ttl(0)).is_none(),
+        "TTL 0: not kept"
+    );
+    fast.learn(LearnedAnswer::of(key, &answer_with_ttl(300)).unwrap());
+    // Another query, another ID and case: replayed with both.
+    let again = ask("HoSt.Example.ORG.", 8);
+    let replayed = Message::from_vec(fast.answer(&again, &r).expect("replayed")).unwrap();
+    assert_eq!(replayed.metadata.id, 8);
+    assert_eq!(replayed.queries[0].name().to_ascii(), "HoSt.Example.ORG.");
+    assert_eq!(addrs(&replayed), vec!["10.9.9.9"]);
+    // Without EDNS it is another answer (no OPT): not replayed from the EDNS one.
+    let plain = query("host.example.org.", RecordType::A, None);
+    assert!(fast.answer(&plain, &r).is_none());
+    // In-zone names never take this path.
+    let inside = query("web.default.svc.cluster.local.", RecordType::A, None);
+    assert!(fast.answer(&inside, &r).is_some());
+    assert!(fast.take_forward_miss().is_none());
+}

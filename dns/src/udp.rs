@@ -25,7 +25,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
-use crate::fastpath::FastPath;
+use crate::fastpath::{FastPath, LearnedAnswer};
 use crate::handler::{DnsResponder, EDNS_PAYLOAD};
 use crate::rrl::{truncated_answer, Verdict};
 
@@ -236,10 +236,14 @@ fn serve(
         .map(|_| Vec::with_capacity(EDNS_PAYLOAD as usize))
         .collect();
     let mut tx_addrs: Vec<Option<SockaddrStorage>> = vec![None; BATCH];
+    let (learned_tx, learned_rx) = std::sync::mpsc::channel::<LearnedAnswer>();
     loop {
         // A plain atomic: a token's lock would sit on the per-batch path.
         if stop.load(Ordering::Relaxed) {
             return;
+        }
+        while let Ok(learned) = learned_rx.try_recv() {
+            fast.learn(learned);
         }
         let mut ready = 0;
         {
@@ -302,10 +306,19 @@ fn serve(
                 let Some(src) = to_std(&addr) else { continue };
                 let packet = packet.to_vec();
                 let (socket, responder) = (socket.clone(), responder.clone());
+                // A forwarded answer comes back to this worker to be replayed for a second.
+                let learn = fast
+                    .take_forward_miss()
+                    .map(|key| (key, learned_tx.clone()));
                 runtime.spawn(async move {
                     if let Some(response) = responder.answer_udp(packet, src).await {
                         if let Err(e) = socket.send_to(&response, src) {
                             debug!(%src, error = %e, "DNS UDP send failed");
+                        }
+                        if let Some((key, to_worker)) = learn {
+                            if let Some(learned) = LearnedAnswer::of(key, &response) {
+                                let _ = to_worker.send(learned);
+                            }
                         }
                     }
                 });
