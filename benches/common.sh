@@ -65,3 +65,23 @@ $1
 CONF
   target/release/svcd run --config "$work/svcd.toml" 2>"$work/svcd.log" & pids+=($!)
 }
+
+# wait_for_dns PORT NAME COUNT — until the server on PORT answers NAME with COUNT A records (10 s);
+# else print what it answers and the work dir's logs, and fail.
+wait_for_dns() {
+  local port=$1 name=$2 count=$3 f
+  for _ in $(seq 50); do
+    [ "$(dig +short +time=1 +tries=1 @127.0.0.1 -p "$port" "$name" A | wc -l)" = "$count" ] && return 0
+    sleep 0.2
+  done
+  echo "server on $port not answering $count records for $name"
+  dig @127.0.0.1 -p "$port" "$name" A || true
+  for f in "$work"/*.log; do echo "== $f"; tail -n 5 "$f"; done
+  return 1
+}
+
+# dnsperf_qps PORT QUERIES SECONDS — QPS of dnsperf (16 clients, 200 outstanding) on PORT.
+dnsperf_qps() {
+  dnsperf -s 127.0.0.1 -p "$1" -d "$2" -l "$3" -c 16 -q 200 -T 1 2>/dev/null \
+    | awk '/Queries per second/ {print $4}'
+}

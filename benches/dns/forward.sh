@@ -92,24 +92,15 @@ CONF
 unbound -d -c "$work/unbound.conf" 2>"$work/unbound.log" & pids+=($!)
 
 for port in "$P_SVCD" "$P_MASQ" "$P_UNB"; do
-  echo "waiting for the resolver on $port (svcd $P_SVCD, dnsmasq $P_MASQ, unbound $P_UNB)" >&2
-  for _ in $(seq 50); do
-    [ "$(dig +short +time=1 +tries=1 @127.0.0.1 -p "$port" "$NAME" A | wc -l)" = 3 ] && break
-    sleep 0.2
-  done
-  [ "$(dig +short @127.0.0.1 -p "$port" "$NAME" A | wc -l)" = 3 ] || { echo "resolver on $port not answering 3 records"; dig @127.0.0.1 -p "$port" "$NAME" A; for f in "$work"/*.log; do tail -n 5 "$f"; done; exit 1; }
+  wait_for_dns "$port" "$NAME" 3
 done
 
 echo "$NAME A" > "$work/queries"
-run() { # port → QPS
-  dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -l "$SECONDS_PER_RUN" -c 16 -q 200 -T 1 2>/dev/null \
-    | awk '/Queries per second/ {print $4}'
-}
 declare -A results
 for round in $(seq "$ROUNDS"); do
   for server in svcd dnsmasq unbound; do
     case $server in svcd) port=$P_SVCD;; dnsmasq) port=$P_MASQ;; unbound) port=$P_UNB;; esac
-    qps=$(run "$port")
+    qps=$(dnsperf_qps "$port" "$work/queries" "$SECONDS_PER_RUN")
     results[$server]+="$qps "
     echo "round $round: $server $qps qps" >&2
   done

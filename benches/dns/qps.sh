@@ -58,23 +58,15 @@ dnsmasq --no-daemon --port="$P_MASQ" --listen-address=127.0.0.1 --bind-interface
   2>"$work/dnsmasq.log" & pids+=($!)
 
 for port in "$P_SVCD" "$P_KNOT" "$P_MASQ"; do
-  for _ in $(seq 50); do
-    [ "$(dig +short +time=1 +tries=1 @127.0.0.1 -p "$port" "$NAME" A | wc -l)" = 3 ] && break
-    sleep 0.2
-  done
-  [ "$(dig +short @127.0.0.1 -p "$port" "$NAME" A | wc -l)" = 3 ] || { echo "server on $port not answering 3 records"; exit 1; }
+  wait_for_dns "$port" "$NAME" 3
 done
 
 echo "$NAME A" > "$work/queries"
-run() { # port → QPS
-  dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -l "$SECONDS_PER_RUN" -c 16 -q 200 -T 1 2>/dev/null \
-    | awk '/Queries per second/ {print $4}'
-}
 declare -A results
 for round in $(seq "$ROUNDS"); do
   for server in svcd knot dnsmasq; do
     case $server in svcd) port=$P_SVCD;; knot) port=$P_KNOT;; dnsmasq) port=$P_MASQ;; esac
-    qps=$(run "$port")
+    qps=$(dnsperf_qps "$port" "$work/queries" "$SECONDS_PER_RUN")
     results[$server]+="$qps "
     echo "round $round: $server $qps qps" >&2
   done

@@ -687,13 +687,15 @@ fn check_port_clashes(c: &mut Checker, config: &Config) {
             format!("dns.listen[{i}]")
         }
     };
-    let mut tcp: Vec<(String, SocketAddr)> = config
+    // DNS listens on each address over both transports.
+    let dns: Vec<(String, SocketAddr)> = config
         .dns
         .listen
         .iter()
         .enumerate()
         .map(|(i, a)| (dns_listen(i), *a))
         .collect();
+    let mut tcp = dns.clone();
     if let AdminListen::Tcp(addr) = config.admin.listen {
         tcp.insert(0, ("admin.listen".into(), addr));
     }
@@ -706,13 +708,7 @@ fn check_port_clashes(c: &mut Checker, config: &Config) {
     for (i, l) in config.proxy.tcp.iter().enumerate() {
         tcp.push((format!("proxy.tcp[{i}].listen"), l.listen));
     }
-    let mut udp: Vec<(String, SocketAddr)> = config
-        .dns
-        .listen
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (dns_listen(i), *a))
-        .collect();
+    let mut udp = dns;
     for (i, l) in config.proxy.udp.iter().enumerate() {
         udp.push((format!("proxy.udp[{i}].listen"), l.listen));
     }

@@ -12,6 +12,14 @@ fn errors_of(text: &str) -> Vec<String> {
     }
 }
 
+/// The key path each error names.
+fn error_keys(errors: &[String]) -> Vec<&str> {
+    errors
+        .iter()
+        .map(|e| e.split(':').next().unwrap())
+        .collect()
+}
+
 #[test]
 fn empty_file_gives_useful_defaults() {
     let c = parse("").unwrap();
@@ -181,10 +189,7 @@ fn etcd_credentials_and_tls_are_checked_with_key_paths() {
         cert = "/c.pem"
         "#,
     );
-    let keys: Vec<&str> = errors
-        .iter()
-        .map(|e| e.split(':').next().unwrap())
-        .collect();
+    let keys = error_keys(&errors);
     assert_eq!(
         keys,
         vec![
@@ -251,10 +256,7 @@ fn dns_abuse_limits_have_defaults_and_ranges() {
     let errors = errors_of(
         "[dns.rrl]\nipv4_prefix = 33\n[dns.tcp]\nmax_connections = 4\nmax_per_client = 8\n",
     );
-    let keys: Vec<&str> = errors
-        .iter()
-        .map(|e| e.split(':').next().unwrap())
-        .collect();
+    let keys = error_keys(&errors);
     assert_eq!(
         keys,
         vec!["dns.rrl.ipv4_prefix", "dns.tcp.max_per_client"],

@@ -84,11 +84,7 @@ async fn admin_api_on_a_unix_socket_and_metrics_on_their_own_listener() {
         .args(["--ip", "10.0.0.1", "--port", "http=80"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::support::assert_success(&out);
     let out = Command::new(svcd_bin())
         .args(["list", "web"])
         .env("SVCD_ADMIN_LISTEN", &admin)

@@ -274,9 +274,5 @@ fn the_kubernetes_manifests_validate_and_carry_a_valid_svcd_config() {
         .env("SVCD_NODE", "node-1")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::support::assert_success(&out);
 }

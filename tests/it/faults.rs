@@ -156,11 +156,7 @@ async fn etcd_killed_for_30s_under_dns_load_keeps_answering_and_converges_after_
 async fn a_frozen_etcd_is_noticed_by_the_watchdog_while_dns_keeps_answering() {
     let etcd = Etcd::start().await;
     let d = Daemon::start(&etcd_config(&etcd.endpoint())).await;
-    let mut client = etcd.client().await;
-    client
-        .put("/svcd/v1/endpoints/default/web/w1", body("10.0.0.1"), None)
-        .await
-        .unwrap();
+    etcd.put_endpoint("web", "w1", &body("10.0.0.1")).await;
     d.wait_instances("default", "web", &["w1"], WAIT).await;
     let load = DnsLoad::start(d.dns, WEB, Duration::from_millis(50));
 
@@ -176,10 +172,7 @@ async fn a_frozen_etcd_is_noticed_by_the_watchdog_while_dns_keeps_answering() {
     let noticed = frozen.elapsed();
     etcd.thaw();
     let thawed = Instant::now();
-    client
-        .put("/svcd/v1/endpoints/default/web/w2", body("10.0.0.2"), None)
-        .await
-        .unwrap();
+    etcd.put_endpoint("web", "w2", &body("10.0.0.2")).await;
     d.wait_instances("default", "web", &["w1", "w2"], Duration::from_secs(5))
         .await;
     let caught_up = thawed.elapsed();

@@ -118,11 +118,7 @@ async fn rotated_etcd_certificates_keep_the_daemon_serving_until_sighup_reads_th
     let node_dir = dir.path().join("node");
     let files = TlsFiles::write(&node_dir, &ca1, &ca1.issue("node-1", false));
     let d = Daemon::start(&format!("{}{}", etcd_at(&endpoint), files.svcd_config())).await;
-    let mut client = etcd.client().await;
-    client
-        .put("/svcd/v1/endpoints/default/web/w1", body("10.0.0.1"), None)
-        .await
-        .unwrap();
+    etcd.put_endpoint("web", "w1", &body("10.0.0.1")).await;
     d.wait_instances("default", "web", &["w1"], WAIT).await;
 
     // etcd restarts with certificates from a new CA the node does not know yet.
@@ -154,11 +150,7 @@ async fn rotated_etcd_certificates_keep_the_daemon_serving_until_sighup_reads_th
     // The operator rotates the node's files and sends SIGHUP: connected again.
     TlsFiles::write(&node_dir, &ca2, &ca2.issue("node-1", false));
     d.signal(Signal::SIGHUP);
-    let mut client = etcd.client().await;
-    client
-        .put("/svcd/v1/endpoints/default/web/w2", body("10.0.0.2"), None)
-        .await
-        .unwrap();
+    etcd.put_endpoint("web", "w2", &body("10.0.0.2")).await;
     d.wait_instances("default", "web", &["w1", "w2"], WAIT)
         .await;
     assert_eq!(d.metric("svcd_registry_connected").await, Some(1.0));

@@ -183,6 +183,19 @@ impl Etcd {
         self.resume().await;
     }
 
+    /// Writes an endpoint straight into etcd (no lease), as another node or tool would.
+    pub async fn put_endpoint(&self, service: &str, id: &str, json: &str) {
+        self.client()
+            .await
+            .put(
+                format!("/svcd/v1/endpoints/default/{service}/{id}"),
+                json,
+                None,
+            )
+            .await
+            .expect("put endpoint");
+    }
+
     pub async fn client(&self) -> etcd_client::Client {
         etcd_client::Client::connect([self.client_url.clone()], self.connect_options())
             .await

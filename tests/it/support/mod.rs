@@ -57,3 +57,12 @@ where
 pub fn svcd_bin() -> &'static str {
     env!("CARGO_BIN_EXE_svcd")
 }
+
+/// Panics with the command's stderr unless it exited 0.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
