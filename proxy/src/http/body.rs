@@ -183,6 +183,8 @@ pub struct TrackedBody {
     stall: Pin<Box<Sleep>>,
     progressed: bool,
     _in_flight: InFlight,
+    /// The client connection's count of requests being answered, held until the body ends.
+    _conn: Option<crate::http::framing::ConnBusy>,
 }
 
 impl TrackedBody {
@@ -201,7 +203,14 @@ impl TrackedBody {
             stall: Box::pin(tokio::time::sleep(idle)),
             progressed: false,
             _in_flight: in_flight,
+            _conn: None,
         }
+    }
+
+    /// Keeps the client connection counted busy until this body ends.
+    pub fn holding(mut self, busy: crate::http::framing::ConnBusy) -> Self {
+        self._conn = Some(busy);
+        self
     }
 }
 

@@ -63,6 +63,15 @@ pub async fn handle(
     if let Some(entry) = access {
         entry.log(&client, status, service.as_ref().map(|b| b.name.as_str()));
     }
+    // While the upstream's body streams the connection is not idle, however quiet: the body's
+    // own stall timer ends a stalled one. (Before the response head the idle check still runs,
+    // so a client stalling its upload is closed as before.)
+    let response = response.map(|body| match body {
+        http_body_util::Either::Left(tracked) => http_body_util::Either::Left(
+            tracked.holding(crate::http::framing::ConnBusy::start(&client.watch)),
+        ),
+        whole => whole,
+    });
     Ok(response)
 }
 

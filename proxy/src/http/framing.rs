@@ -37,6 +37,25 @@ pub struct ConnWatch {
     /// Bumped by every read or write that moved bytes. The idle check compares it between ticks,
     /// so no clock is read per I/O.
     activity: AtomicU64,
+    /// Upstream response bodies streaming to this client. A connection with one is not idle
+    /// however quiet it is: a stalled body has its own timer.
+    busy: AtomicU64,
+}
+
+/// One upstream response body streaming on a client connection; counted down when dropped.
+pub struct ConnBusy(Arc<ConnWatch>);
+
+impl ConnBusy {
+    pub fn start(watch: &Arc<ConnWatch>) -> ConnBusy {
+        watch.busy.fetch_add(1, Ordering::Relaxed);
+        ConnBusy(watch.clone())
+    }
+}
+
+impl Drop for ConnBusy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ConnWatch {
@@ -45,7 +64,13 @@ impl ConnWatch {
             bad_framing: AtomicBool::new(false),
             upgraded: AtomicBool::new(false),
             activity: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
         })
+    }
+
+    /// Whether a request on this connection is still being answered.
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) > 0
     }
 
     #[inline]

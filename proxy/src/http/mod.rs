@@ -394,7 +394,9 @@ async fn serve_connection(
             _ = ctx.hard_stop.cancelled() => break,
             _ = tick.tick() => {
                 let now = watch.activity();
-                quiet_ticks = if now == last_activity { quiet_ticks + 1 } else { 0 };
+                // A request still being answered keeps the connection: its own timers (the
+                // request timeout, the response body's idle timer) end it if it stalls.
+                quiet_ticks = if now == last_activity && !watch.busy() { quiet_ticks + 1 } else { 0 };
                 last_activity = now;
                 if quiet_ticks >= 4 {
                     debug!(%peer, "HTTP client connection idle; closing");
