@@ -85,3 +85,31 @@ dnsperf_qps() {
   dnsperf -s 127.0.0.1 -p "$1" -d "$2" -l "$3" -c 16 -q 200 -T 1 2>/dev/null \
     | awk '/Queries per second/ {print $4}'
 }
+
+# dns_compare TITLE NAME svcd=PORT peer=PORT ... — waits until each server answers NAME with 3 A
+# records, runs $ROUNDS rounds of dnsperf ($SECONDS_PER_RUN s each, servers alternating), then
+# prints each server's median QPS and svcd's ratio to it. svcd comes first.
+dns_compare() {
+  local title=$1 name=$2; shift 2
+  local servers=() ports=() pair server round qps
+  for pair in "$@"; do servers+=("${pair%%=*}"); ports+=("${pair#*=}"); done
+  for i in "${!servers[@]}"; do wait_for_dns "${ports[$i]}" "$name" 3; done
+  echo "$name A" > "$work/queries"
+  declare -A results
+  for round in $(seq "$ROUNDS"); do
+    for i in "${!servers[@]}"; do
+      qps=$(dnsperf_qps "${ports[$i]}" "$work/queries" "$SECONDS_PER_RUN")
+      results[${servers[$i]}]+="$qps "
+      echo "round $round: ${servers[$i]} $qps qps" >&2
+    done
+  done
+  local svcd
+  svcd=$(echo "${results[svcd]}" | median)
+  echo
+  echo "$title, dnsperf -c 16 -q 200 -T 1, ${SECONDS_PER_RUN}s x $ROUNDS rounds"
+  printf '%-10s %12s %14s\n' server "median QPS" "svcd / server"
+  for server in "${servers[@]}"; do
+    qps=$(echo "${results[$server]}" | median)
+    printf '%-10s %12.0f %14.2f\n' "$server" "$qps" "$(echo "$svcd / $qps" | bc -l)"
+  done
+}

@@ -14,7 +14,7 @@ ROUNDS=${2:-3}
 THREADS=${THREADS:-2}
 
 source benches/common.sh
-install_missing dnsperf:dnsperf knotd:knot dnsmasq:dnsmasq-base unbound:unbound dig:bind9-dnsutils
+install_missing dnsperf:dnsperf knotd:knot dnsmasq:dnsmasq-base unbound:unbound dig:bind9-dnsutils bc:bc
 # Debian starts unbound on install; this run starts its own.
 systemctl stop unbound 2>/dev/null || true
 P_KNOT=$(free_port); P_SVCD=$(free_port); P_MASQ=$(free_port); P_UNB=$(free_port)
@@ -91,24 +91,5 @@ forward-zone:
 CONF
 unbound -d -c "$work/unbound.conf" 2>"$work/unbound.log" & pids+=($!)
 
-for port in "$P_SVCD" "$P_MASQ" "$P_UNB"; do
-  wait_for_dns "$port" "$NAME" 3
-done
-
-echo "$NAME A" > "$work/queries"
-declare -A results
-for round in $(seq "$ROUNDS"); do
-  for server in svcd dnsmasq unbound; do
-    case $server in svcd) port=$P_SVCD;; dnsmasq) port=$P_MASQ;; unbound) port=$P_UNB;; esac
-    qps=$(dnsperf_qps "$port" "$work/queries" "$SECONDS_PER_RUN")
-    results[$server]+="$qps "
-    echo "round $round: $server $qps qps" >&2
-  done
-done
-s=$(echo "${results[svcd]}" | median); m=$(echo "${results[dnsmasq]}" | median); u=$(echo "${results[unbound]}" | median)
-echo
-echo "Cached forwarded A queries for $NAME (3 records), dnsperf -c 16 -q 200 -T 1, ${SECONDS_PER_RUN}s x $ROUNDS rounds, $THREADS threads (dnsmasq: 1)"
-printf '%-10s %12s %14s\n' resolver "median QPS" "svcd / it"
-printf '%-10s %12.0f %14s\n' svcd "$s" "1.00"
-printf '%-10s %12.0f %14.2f\n' dnsmasq "$m" "$(echo "$s / $m" | bc -l)"
-printf '%-10s %12.0f %14.2f\n' unbound "$u" "$(echo "$s / $u" | bc -l)"
+dns_compare "Cached forwarded A queries for $NAME (3 records), $THREADS threads (dnsmasq: 1)" "$NAME" \
+  svcd="$P_SVCD" dnsmasq="$P_MASQ" unbound="$P_UNB"

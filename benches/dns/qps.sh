@@ -14,7 +14,7 @@ ROUNDS=${2:-3}
 THREADS=${THREADS:-2}
 
 source benches/common.sh
-install_missing dnsperf:dnsperf knotd:knot dnsmasq:dnsmasq-base
+install_missing dnsperf:dnsperf knotd:knot dnsmasq:dnsmasq-base dig:bind9-dnsutils bc:bc
 P_SVCD=$(free_port); P_KNOT=$(free_port); P_MASQ=$(free_port); P_ADMIN=$(free_port); P_HTTP=$(free_port)
 NAME=web.default.svc.cluster.local
 IPS=(10.0.0.1 10.0.0.2 10.0.0.3)
@@ -57,24 +57,5 @@ dnsmasq --no-daemon --port="$P_MASQ" --listen-address=127.0.0.1 --bind-interface
   --no-hosts --addn-hosts="$work/hosts" --cache-size=10000 --user=root --pid-file="$work/dnsmasq.pid" \
   2>"$work/dnsmasq.log" & pids+=($!)
 
-for port in "$P_SVCD" "$P_KNOT" "$P_MASQ"; do
-  wait_for_dns "$port" "$NAME" 3
-done
-
-echo "$NAME A" > "$work/queries"
-declare -A results
-for round in $(seq "$ROUNDS"); do
-  for server in svcd knot dnsmasq; do
-    case $server in svcd) port=$P_SVCD;; knot) port=$P_KNOT;; dnsmasq) port=$P_MASQ;; esac
-    qps=$(dnsperf_qps "$port" "$work/queries" "$SECONDS_PER_RUN")
-    results[$server]+="$qps "
-    echo "round $round: $server $qps qps" >&2
-  done
-done
-s=$(echo "${results[svcd]}" | median); k=$(echo "${results[knot]}" | median); m=$(echo "${results[dnsmasq]}" | median)
-echo
-echo "DNS A queries for $NAME (3 records), dnsperf -c 16 -q 200 -T 1, ${SECONDS_PER_RUN}s x $ROUNDS rounds, $THREADS server threads"
-printf '%-10s %12s %14s\n' server "median QPS" "svcd / server"
-printf '%-10s %12.0f %14s\n' svcd "$s" "1.00"
-printf '%-10s %12.0f %14.2f\n' knot "$k" "$(echo "$s / $k" | bc -l)"
-printf '%-10s %12.0f %14.2f\n' dnsmasq "$m" "$(echo "$s / $m" | bc -l)"
+dns_compare "DNS A queries for $NAME (3 records), $THREADS server threads" "$NAME" \
+  svcd="$P_SVCD" knot="$P_KNOT" dnsmasq="$P_MASQ"
