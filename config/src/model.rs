@@ -408,6 +408,10 @@ pub struct L7Config {
     /// One INFO event per request (target `svcd::access`): client, method, host, path, status,
     /// service, time to the response head. Off by default.
     pub access_log: bool,
+    /// HTTP/1.1 requests served by svcd's own exchange loop (one task per client connection,
+    /// heads parsed once, upstream connections from the worker's pool); off, hyper serves every
+    /// request. Unusual requests go to hyper either way.
+    pub http1_fast_path: bool,
 }
 
 /// What to do when too few instances are usable.

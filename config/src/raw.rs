@@ -101,6 +101,7 @@ pub struct RawL7 {
     pub pool_idle_timeout: Option<String>,
     pub pool_max_idle_per_host: Option<i64>,
     pub access_log: Option<bool>,
+    pub http1_fast_path: Option<bool>,
 }
 
 /// `[proxy.outlier]`: passive health (outlier ejection) and the panic threshold.

@@ -13,6 +13,7 @@ mod conformance;
 mod deploy;
 mod dns;
 mod dns_abuse;
+mod fast_path;
 mod faults;
 mod health;
 mod lb;

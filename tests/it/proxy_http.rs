@@ -13,7 +13,8 @@ use crate::support::backend::Backend;
 use crate::support::daemon::{metric_sum, Daemon};
 use crate::support::eventually;
 use crate::support::proxy::{
-    h2_connect, raw_exchange, register, register_state, wait_routable, web_service, H1,
+    h2_connect, raw_exchange, register, register_state, wait_routable, web_service, FAST_PATH, H1,
+    HYPER_PATH,
 };
 
 async fn metrics(d: &Daemon) -> String {
@@ -298,7 +299,13 @@ async fn large_upload_streams_with_flat_memory() {
 
 #[tokio::test]
 async fn smuggling_corpus_is_refused_and_never_forwarded() {
-    let (d, backends) = web_service("", &["b1"]).await;
+    for path in [FAST_PATH, HYPER_PATH] {
+        smuggling_corpus(path).await;
+    }
+}
+
+async fn smuggling_corpus(config: &str) {
+    let (d, backends) = web_service(config, &["b1"]).await;
     let b = &backends[0];
     let before = b.count();
     let corpus: &[&[u8]] = &[
@@ -322,21 +329,30 @@ async fn smuggling_corpus_is_refused_and_never_forwarded() {
         // smuggled second request behind a clean one
         b"GET / HTTP/1.1\r\nHost: web\r\n\r\nPOST / HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ];
+    let mut clean_served = 0;
     for (i, request) in corpus.iter().enumerate() {
-        let reply = raw_exchange(d.http, request).await;
+        let mut reply = raw_exchange(d.http, request).await;
+        // The last entry's clean GET may be answered before the smuggled request behind it
+        // is refused (the fast path reads one request at a time; hyper's guard sees both in
+        // one read and refuses the connection).
+        if i == corpus.len() - 1 && reply.starts_with("HTTP/1.1 200") {
+            let second = reply.find("b1HTTP/1.1").expect("a second answer") + 2;
+            reply = reply[second..].to_string();
+            clean_served += 1;
+        }
         assert!(
             reply.starts_with("HTTP/1.1 400") || reply.starts_with("HTTP/1.0 400"),
-            "corpus[{i}] answered {reply:?}"
+            "corpus[{i}] answered {reply:?} ({config:?})"
         );
         assert!(
             !reply.contains("b1"),
-            "corpus[{i}] reached the backend: {reply:?}"
+            "corpus[{i}] reached the backend: {reply:?} ({config:?})"
         );
     }
     assert_eq!(
         b.count(),
-        before,
-        "nothing of the corpus reached the backend"
+        before + clean_served,
+        "nothing of the corpus but the clean GET reached the backend ({config:?})"
     );
 }
 

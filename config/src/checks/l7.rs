@@ -148,6 +148,7 @@ pub(crate) fn l7(c: &mut Checker, raw: RawL7) -> L7Config {
             100_000,
         ),
         access_log: raw.access_log.unwrap_or(false),
+        http1_fast_path: raw.http1_fast_path.unwrap_or(true),
     }
 }
 

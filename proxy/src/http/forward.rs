@@ -12,7 +12,7 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use svcd_lb::{Detector, ServiceBalancer, Slot};
+use svcd_lb::{Detector, ServiceBalancer, Slot, View};
 
 use super::body::{local, Blame, InFlight, ProxyBody, RequestBody, TrackedBody, Upload};
 use super::framing::ConnWatch;
@@ -76,7 +76,7 @@ pub async fn handle(
 }
 
 /// One access-log line's request half, taken before the request is forwarded.
-struct AccessEntry {
+pub(super) struct AccessEntry {
     started: std::time::Instant,
     method: http::Method,
     host: String,
@@ -99,10 +99,24 @@ impl AccessEntry {
         }
     }
 
+    /// The fast path's entry, from the head's parts.
+    pub(super) fn from_parts(method: &str, host: &str, path: &str) -> AccessEntry {
+        AccessEntry {
+            started: std::time::Instant::now(),
+            method: http::Method::from_bytes(method.as_bytes()).unwrap_or_default(),
+            host: host.to_string(),
+            path: path.split('?').next().unwrap_or("").to_string(),
+        }
+    }
+
     fn log(self, client: &ClientConn, status: u16, service: Option<&str>) {
+        self.log_for(client.ip.to_str().unwrap_or(""), status, service)
+    }
+
+    pub(super) fn log_for(self, client: &str, status: u16, service: Option<&str>) {
         tracing::info!(
             target: "svcd::access",
-            client = client.ip.to_str().unwrap_or(""),
+            client,
             method = %self.method,
             host = %self.host,
             path = %self.path,
@@ -114,21 +128,104 @@ impl AccessEntry {
     }
 }
 
-type Refusal = (StatusCode, String, bool);
-type Balancer = ServiceBalancer<HttpSlots>;
+/// svcd's own answer instead of a forwarded one: status, text, and whether to close.
+pub(super) type Refusal = (StatusCode, String, bool);
+pub(super) type Balancer = ServiceBalancer<HttpSlots>;
 
 /// A routed request: its balancer and instances.
-struct Routed {
-    balancer: Arc<Balancer>,
-    service: Arc<svcd_registry::ServiceEndpoints>,
-    timeout: std::time::Duration,
-    retries: usize,
+pub(super) struct Routed {
+    pub balancer: Arc<Balancer>,
+    pub service: Arc<svcd_registry::ServiceEndpoints>,
+    pub timeout: std::time::Duration,
+    pub retries: usize,
 }
 
-fn route(
+/// The answers both HTTP paths give when no instance answers, word for word.
+pub(super) mod refusal {
+    use super::{Refusal, StatusCode};
+
+    pub fn no_healthy(service: &impl std::fmt::Display) -> Refusal {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no healthy instance of {service}\n"),
+            false,
+        )
+    }
+
+    pub fn body_failed() -> Refusal {
+        (
+            StatusCode::BAD_REQUEST,
+            "malformed or incomplete request body\n".into(),
+            true,
+        )
+    }
+
+    /// `reason`: "connect failed" or "upstream error".
+    pub fn upstream_failed(service: &impl std::fmt::Display, reason: &str) -> Refusal {
+        (
+            StatusCode::BAD_GATEWAY,
+            format!("{service}: upstream {reason}\n"),
+            false,
+        )
+    }
+
+    pub fn timed_out(service: &impl std::fmt::Display) -> Refusal {
+        (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("{service}: upstream timed out\n"),
+            false,
+        )
+    }
+
+    pub fn none_answered(service: &impl std::fmt::Display) -> Refusal {
+        (
+            StatusCode::BAD_GATEWAY,
+            format!("{service}: no instance answered\n"),
+            false,
+        )
+    }
+}
+
+/// An attempt that got a response head: counted, and judged by its status.
+pub(super) fn record_answer(
+    balancer: &Balancer,
+    view: &View<HttpSlot>,
+    slot: &Slot<HttpSlot>,
+    status: StatusCode,
+    seconds: f64,
+) {
+    balancer.plane.attempt(Outcome::Response, seconds);
+    slot.extra
+        .metrics
+        .attempt(Outcome::Response, status.as_u16());
+    if status.is_server_error() {
+        balancer.failure(view, slot, Detector::Http, status.as_str());
+    } else {
+        balancer.success(slot, Detector::Http);
+    }
+}
+
+/// An attempt that ended without a response head. `blame`: the backend's doing (the reason
+/// recorded against it); `None` for the client's (nothing counted against the backend).
+pub(super) fn record_no_answer(
+    balancer: &Balancer,
+    view: &View<HttpSlot>,
+    slot: &Slot<HttpSlot>,
+    outcome: Outcome,
+    seconds: f64,
+    blame: Option<&str>,
+) {
+    balancer.plane.attempt(outcome, seconds);
+    slot.extra.metrics.attempt(outcome, 0);
+    if let Some(reason) = blame {
+        balancer.failure(view, slot, Detector::Http, reason);
+    }
+}
+
+pub(super) fn route(
     ctx: &HttpContext,
     settings: &HttpSettings,
-    req: &Request<Incoming>,
+    path: &str,
     host: &str,
 ) -> Result<Routed, Refusal> {
     let mut buf = [0u8; MAX_HOST];
@@ -141,7 +238,7 @@ fn route(
     };
     let target = settings
         .router
-        .route(host, req.uri().path(), &mut buf)
+        .route(host, path, &mut buf)
         .ok_or_else(no_route)?;
     let service = ctx
         .snapshot
@@ -200,16 +297,12 @@ async fn proxy(
     let host_value = HeaderValue::from_str(host)
         .map_err(|_| (StatusCode::BAD_REQUEST, "invalid Host\n".into(), true))?;
     let settings = ctx.settings.load_full();
-    let routed = route(ctx, &settings, &req, host)?;
+    let routed = route(ctx, &settings, req.uri().path(), host)?;
     let balancer = &routed.balancer;
     *routed_to = Some(balancer.clone());
     let view = balancer.view(&routed.service);
     let Some(pick) = balancer.pick(&view) else {
-        return Err((
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("no healthy instance of {}\n", balancer.name),
-            false,
-        ));
+        return Err(refusal::no_healthy(&balancer.name));
     };
 
     let upgrade = wants_upgrade(req.version(), req.headers());
@@ -296,13 +389,7 @@ async fn proxy(
         match answered {
             Some(Ok(mut response)) => {
                 let status = response.status();
-                service_metrics.attempt(Outcome::Response, seconds);
-                endpoint_metrics.attempt(Outcome::Response, status.as_u16());
-                if status.is_server_error() {
-                    balancer.failure(&view, slot, Detector::Http, status.as_str());
-                } else {
-                    balancer.success(slot, Detector::Http);
-                }
+                record_answer(balancer, &view, slot, status, seconds);
                 let switching = status == StatusCode::SWITCHING_PROTOCOLS;
                 if let (true, Some(on_client)) = (switching, on_client_upgrade) {
                     // From the 101 on, the client's bytes are the tunnel's, not requests.
@@ -352,13 +439,8 @@ async fn proxy(
                 // backend did. Not counted against it; the client gets 400 if it still listens.
                 drop(in_flight);
                 debug!(service = %balancer.name, endpoint = %slot.health.id, error = %e, "request body failed on the client's side");
-                service_metrics.attempt(Outcome::ClientError, seconds);
-                endpoint_metrics.attempt(Outcome::ClientError, 0);
-                return Err((
-                    StatusCode::BAD_REQUEST,
-                    "malformed or incomplete request body\n".into(),
-                    true,
-                ));
+                record_no_answer(balancer, &view, slot, Outcome::ClientError, seconds, None);
+                return Err(refusal::body_failed());
             }
             Some(Err(e)) => {
                 drop(in_flight);
@@ -369,38 +451,29 @@ async fn proxy(
                     (Outcome::UpstreamError, "upstream error")
                 };
                 debug!(service = %balancer.name, endpoint = %slot.health.id, error = %e, "upstream request failed");
-                service_metrics.attempt(outcome, seconds);
-                endpoint_metrics.attempt(outcome, 0);
-                balancer.failure(&view, slot, Detector::Http, reason);
+                record_no_answer(balancer, &view, slot, outcome, seconds, Some(reason));
                 let can_retry = replay.is_some() && (connect || may_retry_sent);
                 if can_retry && attempt < retries {
                     service_metrics.retries.inc();
                     continue;
                 }
-                return Err((
-                    StatusCode::BAD_GATEWAY,
-                    format!("{}: upstream {reason}\n", balancer.name),
-                    false,
-                ));
+                return Err(refusal::upstream_failed(&balancer.name, reason));
             }
             None => {
                 drop(in_flight);
-                service_metrics.attempt(Outcome::Timeout, seconds);
-                endpoint_metrics.attempt(Outcome::Timeout, 0);
-                balancer.failure(&view, slot, Detector::Http, "timeout");
-                return Err((
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("{}: upstream timed out\n", balancer.name),
-                    false,
-                ));
+                record_no_answer(
+                    balancer,
+                    &view,
+                    slot,
+                    Outcome::Timeout,
+                    seconds,
+                    Some("timeout"),
+                );
+                return Err(refusal::timed_out(&balancer.name));
             }
         }
     }
-    Err((
-        StatusCode::BAD_GATEWAY,
-        format!("{}: no instance answered\n", balancer.name),
-        false,
-    ))
+    Err(refusal::none_answered(&balancer.name))
 }
 
 fn client_pool_is_h2(slot: &Slot<HttpSlot>) -> bool {

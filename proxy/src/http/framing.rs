@@ -124,6 +124,8 @@ pub struct FramingGuard {
     buf: Vec<u8>,
     max_head: usize,
     max_headers: usize,
+    /// Body data bytes followed since [`FramingGuard::take_data`] (chunk framing excluded).
+    data: u64,
 }
 
 /// Header slots on the stack for a head's parse; configs allowing more headers than this take
@@ -138,6 +140,58 @@ struct HeadFacts {
     transfer_encodings: u32,
     chunked_only: bool,
     upgrade: bool,
+}
+
+/// How a request body is delimited (RFC 9112 §6.3); no framing headers is a length of 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    Length(u64),
+    Chunked,
+}
+
+impl HeadFacts {
+    /// The body's framing, or Err for ambiguous framing (Content-Length with Transfer-Encoding,
+    /// several or malformed lengths, a Transfer-Encoding other than exactly `chunked`).
+    fn framing(&self) -> Result<BodyFraming, ()> {
+        let ambiguous = (self.content_lengths > 0 && self.transfer_encodings > 0)
+            || self.content_lengths > 1
+            || self.bad_length
+            || (self.transfer_encodings > 0 && !self.chunked_only);
+        match () {
+            _ if ambiguous => Err(()),
+            _ if self.transfer_encodings > 0 => Ok(BodyFraming::Chunked),
+            _ => Ok(BodyFraming::Length(self.length.unwrap_or(0))),
+        }
+    }
+}
+
+/// How a response body ends (RFC 9112 §6.3): by its framing, or when the instance closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    Body(BodyFraming),
+    UntilClose,
+}
+
+/// A response head's body framing (the status and request method aside, which the caller
+/// judges). Err: several or malformed lengths, or a length beside Transfer-Encoding.
+pub(crate) fn response_framing(headers: &[httparse::Header<'_>]) -> Result<ResponseFraming, ()> {
+    let f = head_facts(headers);
+    if f.content_lengths > 1 || f.bad_length || (f.content_lengths > 0 && f.transfer_encodings > 0)
+    {
+        return Err(());
+    }
+    Ok(match (f.transfer_encodings, f.length) {
+        (0, Some(n)) => ResponseFraming::Body(BodyFraming::Length(n)),
+        (0, None) => ResponseFraming::UntilClose,
+        _ if f.chunked_only => ResponseFraming::Body(BodyFraming::Chunked),
+        _ => ResponseFraming::UntilClose,
+    })
+}
+
+/// A request head's body framing by the guard's rules, the same judgement [`FramingGuard::feed`]
+/// makes: Err where the guard would flag the request.
+pub(crate) fn request_framing(headers: &[httparse::Header<'_>]) -> Result<BodyFraming, ()> {
+    head_facts(headers).framing()
 }
 
 fn head_facts(headers: &[httparse::Header<'_>]) -> HeadFacts {
@@ -183,6 +237,7 @@ impl FramingGuard {
             buf: Vec::new(),
             max_head,
             max_headers: max_headers.max(1),
+            data: 0,
         }
     }
 
@@ -190,45 +245,96 @@ impl FramingGuard {
     /// switched protocols on this connection.
     pub fn feed(&mut self, mut data: &[u8], upgraded: bool) -> Verdict {
         while !data.is_empty() {
-            match self.phase {
+            let used = match self.phase {
                 Phase::Off => return Verdict::Fine,
                 Phase::Failed => return Verdict::Ambiguous,
                 Phase::MaybeUpgraded if upgraded => {
                     self.phase = Phase::Off;
                     return Verdict::Fine;
                 }
-                Phase::MaybeUpgraded => self.phase = Phase::Head,
-                Phase::Body(n) => {
-                    let take = (n as usize).min(data.len());
-                    data = &data[take..];
-                    let left = n - take as u64;
-                    self.phase = if left == 0 {
-                        self.after_body
-                    } else {
-                        Phase::Body(left)
-                    };
+                Phase::MaybeUpgraded => {
+                    self.phase = Phase::Head;
+                    Ok(0)
                 }
-                Phase::ChunkData(n) => {
-                    let take = (n as usize).min(data.len());
-                    data = &data[take..];
-                    let left = n - take as u64;
-                    self.phase = if left == 0 {
-                        Phase::ChunkSize
-                    } else {
-                        Phase::ChunkData(left)
-                    };
-                }
-                Phase::Head => match self.read_head(data) {
-                    Ok(used) => data = &data[used..],
-                    Err(()) => return self.fail(),
-                },
-                Phase::ChunkSize | Phase::Trailers => match self.read_line(data) {
-                    Ok(used) => data = &data[used..],
-                    Err(()) => return self.fail(),
-                },
+                Phase::Head => self.read_head(data),
+                _ => self.step_body(data),
+            };
+            match used {
+                Ok(used) => data = &data[used..],
+                Err(()) => return self.fail(),
             }
         }
         Verdict::Fine
+    }
+
+    /// A tracker of one message body whose head was judged elsewhere (the HTTP/1.1 fast path's
+    /// request and response bodies): the same chunk-size, chunk-data and trailer rules as
+    /// [`FramingGuard::feed`], one parser for both.
+    pub fn body(framing: BodyFraming) -> Self {
+        let mut guard = FramingGuard::new(0, 1);
+        guard.phase = match framing {
+            BodyFraming::Length(n) if n > 0 => Phase::Body(n),
+            BodyFraming::Length(_) => Phase::Head,
+            BodyFraming::Chunked => Phase::ChunkSize,
+        };
+        guard
+    }
+
+    /// Follows body bytes: how many of `data` belong to the body, and whether it ended there.
+    /// Err: a chunk-size or trailer line that cannot be parsed.
+    pub(crate) fn feed_body(&mut self, data: &[u8]) -> Result<(usize, bool), ()> {
+        let mut used = 0;
+        while used < data.len() && self.phase != Phase::Head {
+            match self.step_body(&data[used..]) {
+                Ok(n) => used += n,
+                Err(()) => {
+                    self.fail();
+                    return Err(());
+                }
+            }
+        }
+        Ok((used, self.phase == Phase::Head))
+    }
+
+    /// Body data bytes followed since the last call.
+    pub fn take_data(&mut self) -> u64 {
+        std::mem::take(&mut self.data)
+    }
+
+    /// Whether a body tracker has seen its body's end.
+    pub fn body_done(&self) -> bool {
+        self.phase == Phase::Head
+    }
+
+    /// One step of a body phase; how many bytes of `data` it used.
+    fn step_body(&mut self, data: &[u8]) -> Result<usize, ()> {
+        match self.phase {
+            Phase::Body(n) => {
+                let take = (n as usize).min(data.len());
+                self.data += take as u64;
+                let left = n - take as u64;
+                self.phase = if left == 0 {
+                    self.after_body
+                } else {
+                    Phase::Body(left)
+                };
+                Ok(take)
+            }
+            Phase::ChunkData(n) => {
+                let take = (n as usize).min(data.len());
+                // `n` counts the chunk's data and its CRLF.
+                self.data += (take as u64).min(n.saturating_sub(2));
+                let left = n - take as u64;
+                self.phase = if left == 0 {
+                    Phase::ChunkSize
+                } else {
+                    Phase::ChunkData(left)
+                };
+                Ok(take)
+            }
+            Phase::ChunkSize | Phase::Trailers => self.read_line(data),
+            _ => Err(()),
+        }
     }
 
     fn fail(&mut self) -> Verdict {
@@ -278,25 +384,16 @@ impl FramingGuard {
             }
         };
         self.buf.clear();
-        let ambiguous = (facts.content_lengths > 0 && facts.transfer_encodings > 0)
-            || facts.content_lengths > 1
-            || facts.bad_length
-            || (facts.transfer_encodings > 0 && !facts.chunked_only);
-        if ambiguous {
-            return Err(());
-        }
+        let framing = facts.framing()?;
         self.after_body = if facts.upgrade {
             Phase::MaybeUpgraded
         } else {
             Phase::Head
         };
-        self.phase = if facts.transfer_encodings > 0 {
-            Phase::ChunkSize
-        } else {
-            match facts.length {
-                Some(n) if n > 0 => Phase::Body(n),
-                _ => self.after_body,
-            }
+        self.phase = match framing {
+            BodyFraming::Chunked => Phase::ChunkSize,
+            BodyFraming::Length(n) if n > 0 => Phase::Body(n),
+            BodyFraming::Length(_) => self.after_body,
         };
         Ok(used)
     }
@@ -354,6 +451,9 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 /// The client socket as hyper reads it.
 pub struct ClientIo {
     inner: TcpStream,
+    /// Bytes already read from the socket (by the HTTP/1.1 fast path, which handed the
+    /// connection over): read first, through the guard like any others.
+    prefix: bytes::Bytes,
     guard: FramingGuard,
     watch: Arc<ConnWatch>,
 }
@@ -361,6 +461,7 @@ pub struct ClientIo {
 impl ClientIo {
     pub fn new(
         inner: TcpStream,
+        prefix: bytes::Bytes,
         watch: Arc<ConnWatch>,
         max_head: usize,
         max_headers: usize,
@@ -368,6 +469,7 @@ impl ClientIo {
         watch.touch();
         ClientIo {
             inner,
+            prefix,
             guard: FramingGuard::new(max_head, max_headers),
             watch,
         }
@@ -382,7 +484,13 @@ impl AsyncRead for ClientIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let r = if this.prefix.is_empty() {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        } else {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            Poll::Ready(Ok(()))
+        };
         if let Poll::Ready(Ok(())) = r {
             let fresh = &buf.filled()[before..];
             if !fresh.is_empty() {

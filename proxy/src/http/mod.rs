@@ -18,6 +18,7 @@
 pub mod body;
 pub mod forward;
 pub mod framing;
+pub mod h1;
 pub mod headers;
 pub mod host;
 pub mod metrics;
@@ -55,6 +56,8 @@ use upstream::Upstreams;
 pub struct HttpSettings {
     pub router: Router,
     pub l7: L7Config,
+    /// `proxy.connect_timeout`, for the fast path's upstream connections.
+    pub connect_timeout: Duration,
     /// hyper's connection builder, carrying the limits.
     server: auto::Builder<TokioExecutor>,
     /// The same without HTTP/1 keep-alive, for connections taken from the accept queue at
@@ -84,6 +87,7 @@ impl HttpSettings {
         HttpSettings {
             router: Router::new(&config.routes, domain, l7.request_timeout, l7.retries),
             l7: l7.clone(),
+            connect_timeout: config.connect_timeout,
             server,
             last_request_server,
         }
@@ -256,6 +260,11 @@ async fn accept_connections(
     refused: &prometheus::IntCounter,
     share: &Arc<crate::fds::ListenerShare>,
 ) {
+    // The fast path's idle upstream connections live per worker thread; this loop runs on its
+    // worker, so it closes the ones idle too long.
+    let pool_idle = ctx.settings.load().l7.pool_idle_timeout;
+    let mut sweep = tokio::time::interval((pool_idle / 2).max(Duration::from_secs(1)));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => {
@@ -264,6 +273,10 @@ async fn accept_connections(
                     admit(ctx, stream, peer, stop, refused, share, Admitted::AtClose);
                 }
                 return;
+            }
+            _ = sweep.tick() => {
+                h1::pool::sweep(ctx.settings.load().l7.pool_idle_timeout);
+                continue;
             }
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -336,9 +349,40 @@ async fn serve_connection(
     // TCP_NODELAY is inherited from the listener (and by the queue drained at close).
     ctx.metrics.downstream_open.inc();
     let settings = ctx.settings.load_full();
+    let mut read = bytes::Bytes::new();
+    let mut stream = stream;
+    if settings.l7.http1_fast_path {
+        let last_request = admitted == Admitted::AtClose;
+        match h1::serve(ctx, &settings, stream, peer, &stop, last_request).await {
+            h1::Ended::Closed => {
+                ctx.metrics.downstream_open.dec();
+                return;
+            }
+            h1::Ended::Handoff(s, bytes) => {
+                stream = s;
+                read = bytes.freeze();
+            }
+        }
+    }
+    serve_with_hyper(ctx, &settings, stream, read, peer, stop, admitted).await;
+    ctx.metrics.downstream_open.dec();
+}
+
+/// hyper serves the connection, starting with `read`, the bytes the fast path had read.
+async fn serve_with_hyper(
+    ctx: &Arc<HttpContext>,
+    settings: &HttpSettings,
+    stream: TcpStream,
+    read: bytes::Bytes,
+    peer: SocketAddr,
+    stop: CancellationToken,
+    admitted: Admitted,
+) {
     let watch = ConnWatch::new();
+    let read_any = !read.is_empty();
     let io = TokioIo::new(ClientIo::new(
         stream,
+        read,
         watch.clone(),
         settings.l7.max_header_bytes,
         settings.l7.max_headers,
@@ -367,8 +411,9 @@ async fn serve_connection(
         Admitted::AtClose => Shutdown::Draining,
     };
     let mut first_byte = tokio::time::interval(FIRST_BYTE_POLL);
-    // The activity count before the client's first byte (opening the connection counts one).
-    let opened = watch.activity();
+    // The activity count before the client's first byte (opening the connection counts one;
+    // bytes the fast path read count as the client's).
+    let opened = if read_any { u64::MAX } else { watch.activity() };
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -405,5 +450,4 @@ async fn serve_connection(
             }
         }
     }
-    ctx.metrics.downstream_open.dec();
 }

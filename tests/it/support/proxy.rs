@@ -13,6 +13,11 @@ use super::backend::Backend;
 use super::daemon::Daemon;
 use super::eventually;
 
+/// Config of the HTTP/1.1 fast path (the default), and of hyper serving every request: tests
+/// that must hold on both run on both.
+pub const FAST_PATH: &str = "";
+pub const HYPER_PATH: &str = "[proxy.l7]\nhttp1_fast_path = false\n";
+
 /// A daemon (base config plus `extra`) with one backend per name registered as instances
 /// `w1`, `w2`, … of service `web` (protocol http), and the proxy already routing to all of them.
 pub async fn web_service(extra: &str, names: &[&'static str]) -> (Daemon, Vec<Backend>) {

@@ -1,0 +1,143 @@
+//! The fast path's upstream connections: opened with `TCP_NODELAY`, counted in the pool gauges,
+//! and kept idle per thread between requests.
+//!
+//! Each proxy worker is one thread running one current-thread runtime, so a thread-local pool
+//! is the worker's own: taking and returning a connection is a `RefCell` borrow and a hash
+//! lookup, no lock, no channel, no task. A client connection takes an upstream connection for
+//! one exchange and returns it when the response has ended cleanly, so idle client connections
+//! hold no upstream connection (as HAProxy's `http-reuse`), and the pool is shared by every
+//! client of the worker.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use prometheus::IntGauge;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+
+use crate::http::metrics::HttpMetrics;
+
+/// One upstream connection, counted open until dropped.
+pub struct UpstreamConn {
+    pub stream: TcpStream,
+    pub addr: SocketAddr,
+    /// Taken from the idle pool rather than just opened: the backend may have closed it while it
+    /// sat idle, so a failure before any response byte is retried once on a fresh connection.
+    pub reused: bool,
+    _open: OpenGauge,
+}
+
+/// `svcd_http_upstream_connections` held for one connection.
+struct OpenGauge(IntGauge);
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Opens a connection to `addr` (Nagle off before the handshake: no setsockopt after it).
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    metrics: &HttpMetrics,
+) -> io::Result<UpstreamConn> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_nodelay(true)?;
+    let stream = match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(r) => r?,
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    };
+    metrics.upstream_connects.inc();
+    metrics.upstream_open.inc();
+    Ok(UpstreamConn {
+        stream,
+        addr,
+        reused: false,
+        _open: OpenGauge(metrics.upstream_open.clone()),
+    })
+}
+
+struct Idle {
+    conn: UpstreamConn,
+    since: Instant,
+}
+
+type IdleMap = HashMap<SocketAddr, Vec<Idle>, foldhash::fast::FixedState>;
+
+thread_local! {
+    /// This worker's idle connections by instance address, oldest first. A `RefCell` is enough:
+    /// the worker's tasks run on this one thread and no borrow is held across an await.
+    static IDLE: RefCell<IdleMap> = RefCell::new(HashMap::default());
+}
+
+/// The most recently used idle connection to `addr` that is still open and younger than
+/// `max_idle`. `check`: make sure the backend has not closed it (one `recv` that must find
+/// nothing); a bodiless request skips it, as it is retried if the connection turns out closed.
+pub fn take(addr: SocketAddr, max_idle: Duration, check: bool) -> Option<UpstreamConn> {
+    IDLE.with_borrow_mut(|idle| {
+        let list = idle.get_mut(&addr)?;
+        while let Some(mut entry) = list.pop() {
+            if entry.since.elapsed() >= max_idle {
+                list.clear(); // older ones are older still
+                break;
+            }
+            if check && !still_open(&entry.conn.stream) {
+                continue;
+            }
+            entry.conn.reused = true;
+            return Some(entry.conn);
+        }
+        None
+    })
+}
+
+/// Whether the backend has neither closed the idle connection nor sent stray bytes on it.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// Keeps `conn` for the next request to its instance; past `max_per_host` the oldest goes.
+pub fn put(conn: UpstreamConn, max_per_host: usize, max_idle: Duration) {
+    if max_per_host == 0 {
+        return;
+    }
+    IDLE.with_borrow_mut(|idle| {
+        let list = idle.entry(conn.addr).or_default();
+        let now = Instant::now();
+        if list
+            .first()
+            .is_some_and(|e| now.duration_since(e.since) >= max_idle)
+        {
+            list.retain(|e| now.duration_since(e.since) < max_idle);
+        }
+        if list.len() >= max_per_host {
+            list.remove(0);
+        }
+        list.push(Idle { conn, since: now });
+    });
+}
+
+/// Closes this thread's connections idle for `max_idle` or longer (run by each worker's accept
+/// loop, so connections to a quiet instance do not linger half-closed).
+pub fn sweep(max_idle: Duration) {
+    IDLE.with_borrow_mut(|idle| {
+        let now = Instant::now();
+        idle.retain(|_, list| {
+            list.retain(|e| now.duration_since(e.since) < max_idle);
+            !list.is_empty()
+        });
+    });
+}
+
+/// Closes every idle connection of this thread (shutdown, or a reload that changed the pool).
+pub fn clear() {
+    IDLE.with_borrow_mut(|idle| idle.clear());
+}

@@ -1,0 +1,94 @@
+//! The HTTP/1.1 fast path against hyper: the same raw requests through two daemons, one on each
+//! path, in front of the same backend. What the client receives, what the backend receives
+//! (its `/headers` echo) and the metrics must agree.
+
+use std::net::SocketAddr;
+
+use crate::support::backend::Backend;
+use crate::support::daemon::Daemon;
+use crate::support::proxy::{raw_exchange, register, wait_routable, FAST_PATH, HYPER_PATH};
+
+/// Requests as clients send them; each exchange ends with `Connection: close` so the reply can
+/// be read to its end.
+const CASES: &[&[u8]] = &[
+    // Hop-by-hop fields, forwarding fields the client already set, keep-alive then close.
+    b"GET /headers HTTP/1.1\r\nHost: web\r\nX-Forwarded-For: 10.0.0.1\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nTE: trailers, gzip\r\nKeep-Alive: timeout=5\r\nX-Forwarded-Proto: https\r\nVia: 1.0 edge\r\nX-Forwarded-Host: outside\r\n\r\nGET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    b"HEAD / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    b"POST /upload HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    b"POST /upload HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    b"GET /status/503 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    b"GET /status/404 HTTP/1.1\r\nHost: web.default\r\nConnection: close\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: nowhere\r\nConnection: close\r\n\r\n",
+    b"GET /headers?q=1 HTTP/1.1\r\nHost: web.default.svc.cluster.local:8080\r\nconnection: CLOSE\r\n\r\n",
+    // Pipelined, in one write.
+    b"GET / HTTP/1.1\r\nHost: web\r\n\r\nGET /headers HTTP/1.1\r\nHost: web\r\nUser-Agent: x\r\n\r\nGET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    // For hyper on both paths: HTTP/1.0, asterisk-form, absolute-form, Expect.
+    b"GET /headers HTTP/1.0\r\nHost: web\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    b"GET http://web/headers HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    b"POST /upload HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\nExpect: 100-continue\r\nConnection: close\r\n\r\nhi",
+    // Refused on both: no Host, two Hosts, a bad Host.
+    b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: web\r\nHost: web\r\nConnection: close\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: we b\r\nConnection: close\r\n\r\n",
+];
+
+/// A reply with what legitimately differs taken out: `date` values, and the order of lines
+/// (hyper writes fields in its map's order, the fast path in the instance's).
+fn normalised(reply: &str) -> Vec<String> {
+    let mut lines: Vec<String> = reply
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+async fn daemon(config: &str, backend: SocketAddr) -> Daemon {
+    let d = Daemon::start(config).await;
+    register(&d, "web", "w1", backend, "http").await;
+    wait_routable(&d, "web", 1).await;
+    d
+}
+
+/// The HTTP series of a scrape, but for durations (they differ by nature).
+fn http_counters(scrape: &str) -> Vec<String> {
+    let mut lines: Vec<String> = scrape
+        .lines()
+        .filter(|l| {
+            l.starts_with("svcd_http_responses_total")
+                || l.starts_with("svcd_http_upstream_requests_total")
+                || l.starts_with("svcd_http_bytes_total")
+        })
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[tokio::test]
+async fn fast_path_and_hyper_answer_alike() {
+    let backend = Backend::start("b1").await;
+    let fast = daemon(FAST_PATH, backend.addr).await;
+    let hyper = daemon(HYPER_PATH, backend.addr).await;
+    for (i, case) in CASES.iter().enumerate() {
+        let before = backend.count();
+        let a = raw_exchange(fast.http, case).await;
+        let via_fast = backend.count() - before;
+        let b = raw_exchange(hyper.http, case).await;
+        let via_hyper = backend.count() - before - via_fast;
+        assert!(!a.is_empty(), "case {i}: no answer on the fast path");
+        assert_eq!(
+            normalised(&a),
+            normalised(&b),
+            "case {i}: the paths differ\nfast path:\n{a}\nhyper:\n{b}"
+        );
+        assert_eq!(via_fast, via_hyper, "case {i}: backend requests differ");
+    }
+    assert_eq!(
+        http_counters(&fast.get("/metrics").await.body),
+        http_counters(&hyper.get("/metrics").await.body),
+        "the paths count differently"
+    );
+}
