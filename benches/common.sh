@@ -50,10 +50,12 @@ CONF
   nginx -c "$work/ngx-backend/nginx.conf" -g 'daemon off;' & pids+=($!)
 }
 
-# start_svcd TOML — svcd (release) with its admin and DNS on free ports, one DNS worker, warn
-# logging, plus TOML (listeners, [proxy], registrations); its log goes to $work/svcd.log.
+# start_svcd TOML [NAME] — svcd (release) with its admin and DNS on free ports, one DNS worker,
+# warn logging, plus TOML (listeners, [proxy], registrations); its config and log are
+# $work/NAME.toml and $work/NAME.log (NAME defaults to svcd).
 start_svcd() {
-  cat > "$work/svcd.toml" <<CONF
+  local name=${2:-svcd}
+  cat > "$work/$name.toml" <<CONF
 [admin]
 listen = "127.0.0.1:$(free_port)"
 [dns]
@@ -63,7 +65,19 @@ workers = 1
 level = "warn"
 $1
 CONF
-  target/release/svcd run --config "$work/svcd.toml" 2>"$work/svcd.log" & pids+=($!)
+  target/release/svcd run --config "$work/$name.toml" 2>"$work/$name.log" & pids+=($!)
+}
+
+# cpu_ticks PID... — user + system CPU of the processes (all their threads), in clock ticks.
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
+  echo "$total"
+}
+
+# us_per_request TICKS REQUESTS — CPU microseconds per request.
+us_per_request() {
+  echo "$1 * 1000000 / $(getconf CLK_TCK) / $2" | bc -l | xargs printf '%.1f'
 }
 
 # wait_for_dns PORT NAME COUNT — until the server on PORT answers NAME with COUNT A records (10 s);

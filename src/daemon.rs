@@ -19,6 +19,7 @@ use svcd_lb::checks::{CheckMetrics, NetworkProbe};
 use svcd_lb::{LbMetrics, LoadBalancer};
 use svcd_proxy::fds::FdBudget;
 use svcd_proxy::http::HttpProxy;
+use svcd_proxy::workers::ProxyWorkers;
 use svcd_proxy::L4Proxy;
 use svcd_registry::{InstanceKey, Registry, SyncOptions};
 use tokio::signal::unix::{signal, SignalKind};
@@ -163,11 +164,15 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     registry_tasks.spawn(lb.clone().run(registry_cancel.clone()));
     // What the proxies may hold open; the rest of RLIMIT_NOFILE stays for admin and DNS.
     let fds = FdBudget::from_rlimit(&metrics.registry)?;
+    // The proxies' threads: one current-thread runtime each, every TCP listener bound once per
+    // worker (SO_REUSEPORT).
+    let proxy_workers = Arc::new(ProxyWorkers::start(current.proxy.workers.unwrap_or(cores))?);
     let proxy = L4Proxy::start(
         &current.proxy,
         current.shutdown.drain_timeout,
         &lb,
         &fds,
+        &proxy_workers,
         &metrics.registry,
     )
     .await?;
@@ -176,6 +181,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         &current.dns.domain,
         &lb,
         &fds,
+        &proxy_workers,
         &metrics.registry,
     )
     .await?;
@@ -230,6 +236,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
             proxy.drain(shutdown.drain_timeout),
             http.drain(shutdown.drain_timeout)
         );
+        proxy_workers.shutdown().await;
         // DNS and the admin API answered through the drain; now they stop too.
         cancel.cancel();
         tasks.spawn(dns.shutdown());

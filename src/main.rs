@@ -36,18 +36,9 @@ fn main() -> std::process::ExitCode {
             )
             .init();
     }
-    // The proxies run on the main runtime: `proxy.workers` sizes it. One worker gets the
-    // current-thread scheduler: same semantics, and task wake-ups (two per proxied HTTP request,
-    // between the client and upstream connection tasks) need no cross-thread synchronisation.
-    let mut builder = match proxy_workers(&cli.command) {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(workers) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(workers);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
+    // The control plane, the admin API and DNS over TCP run here; the proxies run on their own
+    // worker threads (`proxy.workers`, svcd_proxy::workers), DNS over UDP on its own too.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -62,21 +53,6 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// `proxy.workers` of the config `svcd run` will load, if set (errors are reported later, by the
-/// real load).
-fn proxy_workers(command: &Command) -> Option<usize> {
-    let Command::Run(args) = command else {
-        return None;
-    };
-    let mut sources = Sources::new()
-        .env(ProcessEnv)
-        .cli(args.overrides.to_overrides().ok()?);
-    if let Some(path) = &args.config {
-        sources = sources.file(path);
-    }
-    sources.load().ok()?.proxy.workers
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {

@@ -40,6 +40,13 @@ pub fn split(old: &Config, mut new: Config) -> (Config, Vec<PendingKey>) {
         &json(&new.registry),
         &mut pending,
     );
+    diff(
+        "proxy.workers",
+        &json(&old.proxy.workers),
+        &json(&new.proxy.workers),
+        &mut pending,
+    );
+    new.proxy.workers = old.proxy.workers;
     new.admin.listen = old.admin.listen.clone();
     new.admin.metrics_listen = old.admin.metrics_listen;
     new.dns.listen = old.dns.listen.clone();

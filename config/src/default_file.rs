@@ -57,7 +57,9 @@ max_per_client = 16
 idle_timeout = "10s"
 
 [proxy]
-# Worker threads for the proxies; default: one per core.
+# Worker threads for the proxies, each running its own event loop with its own socket on every
+# TCP listener (SO_REUSEPORT when more than one: the kernel spreads new connections over them);
+# default: one per core. Takes effect at restart.
 # workers = 2
 # Open L4 (TCP) connections at most; excess connections are closed at once and counted.
 max_connections = 10000

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod splice;
 pub mod tcp;
 pub mod udp;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -207,6 +208,8 @@ impl Transport {
 /// listeners, taken at start and on reload, never by a connection.
 pub struct L4Proxy {
     pub ctx: Arc<ProxyContext>,
+    /// The threads TCP listeners run on (UDP listeners stay on the main runtime).
+    workers: Arc<workers::ProxyWorkers>,
     listeners: Mutex<HashMap<(Transport, SocketAddr), Arc<ListenerState>>>,
 }
 
@@ -218,9 +221,11 @@ impl L4Proxy {
         drain_timeout: Duration,
         lb: &Arc<LoadBalancer>,
         fds: &Arc<fds::FdBudget>,
+        workers: &Arc<workers::ProxyWorkers>,
         prometheus: &prometheus::Registry,
     ) -> Result<L4Proxy, ProxyError> {
         let proxy = L4Proxy {
+            workers: workers.clone(),
             ctx: Arc::new(ProxyContext {
                 snapshot: lb.reader().clone(),
                 metrics: ProxyMetrics::new(prometheus, fds.clone())?,
@@ -291,12 +296,12 @@ impl L4Proxy {
             let state = Arc::new(ListenerState::new(listener, &self.ctx, transport.label()));
             let tracker = &self.ctx.tracker;
             let started = match transport {
-                Transport::Tcp => bind_nodelay(addr)
-                    .await
-                    .map(|l| tracker.spawn(tcp::serve(l, state.clone(), self.ctx.clone()))),
-                Transport::Udp => UdpSocket::bind(addr)
-                    .await
-                    .map(|s| tracker.spawn(udp::serve(s, state.clone(), self.ctx.clone()))),
+                Transport::Tcp => self.workers.listen(addr, tracker, |l| {
+                    tcp::serve(l, state.clone(), self.ctx.clone())
+                }),
+                Transport::Udp => UdpSocket::bind(addr).await.map(|s| {
+                    tracker.spawn(udp::serve(s, state.clone(), self.ctx.clone()));
+                }),
             };
             match started {
                 Ok(_) => {
@@ -333,14 +338,6 @@ impl L4Proxy {
         self.stop_accepting();
         drain_tasks(&self.ctx.tracker, &self.ctx.hard_stop, timeout, "L4 proxy").await;
     }
-}
-
-/// A TCP listener whose accepted sockets inherit `TCP_NODELAY` (Linux copies it from the
-/// listening socket), sparing a `setsockopt` per connection.
-pub(crate) async fn bind_nodelay(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let listener = TcpListener::bind(addr).await?;
-    socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
-    Ok(listener)
 }
 
 /// Stops a listener without resetting what sits in its accept queue. Closing a listening socket
@@ -413,11 +410,14 @@ pub(crate) async fn drain_tasks(
 
 #[cfg(test)]
 mod tests {
+    fn test_listener() -> tokio::net::TcpListener {
+        let socket = super::workers::bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        tokio::net::TcpListener::from_std(socket.into()).unwrap()
+    }
+
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay() {
-        let listener = super::bind_nodelay("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        let listener = test_listener();
         let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
@@ -428,9 +428,7 @@ mod tests {
     #[tokio::test]
     async fn closing_a_listener_serves_its_queue_and_answers_no_new_handshake() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = super::bind_nodelay("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        let listener = test_listener();
         let addr = listener.local_addr().unwrap();
         let mut queued = Vec::new();
         for _ in 0..3 {

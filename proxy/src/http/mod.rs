@@ -114,6 +114,8 @@ pub struct HttpContext {
 /// The running HTTP listeners by address; each has its own stop token (reload removes one).
 pub struct HttpProxy {
     pub ctx: Arc<HttpContext>,
+    /// The threads listeners run on: each address is bound once per worker.
+    workers: Arc<crate::workers::ProxyWorkers>,
     /// Guards only the set of listeners (start, reload), never a request.
     listeners: Mutex<HashMap<SocketAddr, CancellationToken>>,
 }
@@ -124,6 +126,7 @@ impl HttpProxy {
         domain: &str,
         lb: &Arc<LoadBalancer>,
         fds: &Arc<FdBudget>,
+        workers: &Arc<crate::workers::ProxyWorkers>,
         prometheus: &prometheus::Registry,
     ) -> Result<HttpProxy, ProxyError> {
         let metrics = HttpMetrics::new(prometheus)?;
@@ -151,6 +154,7 @@ impl HttpProxy {
                 hard_stop: CancellationToken::new(),
             }),
             listeners: Mutex::new(HashMap::new()),
+            workers: workers.clone(),
         };
         match proxy.bind_missing(config).await.into_iter().next() {
             Some(e) => Err(e),
@@ -194,13 +198,13 @@ impl HttpProxy {
         }
         let mut errors = Vec::new();
         for (i, addr) in to_bind {
-            match crate::bind_nodelay(addr).await {
-                Ok(listener) => {
-                    info!(%addr, "HTTP proxy listening");
-                    let stop = CancellationToken::new();
-                    self.ctx
-                        .tracker
-                        .spawn(accept_loop(listener, self.ctx.clone(), stop.clone()));
+            let stop = CancellationToken::new();
+            let bound = self.workers.listen(addr, &self.ctx.tracker, |listener| {
+                accept_loop(listener, self.ctx.clone(), stop.clone())
+            });
+            match bound {
+                Ok(()) => {
+                    info!(%addr, workers = self.workers.count(), "HTTP proxy listening");
                     self.listeners
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

@@ -1,0 +1,185 @@
+//! Proxy workers: `proxy.workers` threads, each running its own current-thread tokio runtime.
+//! Every TCP listener (HTTP and L4) is bound once per worker with `SO_REUSEPORT`, so the kernel
+//! spreads new connections over the workers and each connection lives on one thread from accept
+//! to close: no work stealing, no cross-thread wake-ups, and per-worker state (the HTTP fast
+//! path's upstream pool, the splice pipe pool) needs no lock. The control plane, the admin API
+//! and DNS stay on the main runtime.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+/// Backlog of each worker's listening socket.
+const BACKLOG: i32 = 4096;
+
+pub struct ProxyWorkers {
+    /// One runtime handle per worker, to spawn its accept loops on.
+    handles: Vec<Handle>,
+    /// Ends every worker's runtime (after the proxies drained).
+    stop: CancellationToken,
+    /// Joined at shutdown; a mutex as `shutdown` takes them once through `&self`.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl ProxyWorkers {
+    /// Starts `count` worker threads (at least one).
+    pub fn start(count: usize) -> io::Result<ProxyWorkers> {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..count.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("svcd-proxy-{i}"))
+                .spawn(move || {
+                    runtime.block_on(stop.cancelled());
+                    // Dropping the runtime cancels what is left (the drain is over by then).
+                })?;
+            threads.push(thread);
+        }
+        Ok(ProxyWorkers {
+            handles,
+            stop,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    pub fn count(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Binds `addr` once per worker (with `SO_REUSEPORT` when there are several, so a second
+    /// daemon on the same port still fails to bind with one worker) and runs `serve` on each
+    /// listener on its worker, tracked by `tracker`. Accepted sockets inherit `TCP_NODELAY`.
+    pub fn listen<F, Fut>(
+        &self,
+        addr: SocketAddr,
+        tracker: &TaskTracker,
+        serve: F,
+    ) -> io::Result<()>
+    where
+        F: Fn(TcpListener) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut sockets = Vec::with_capacity(self.handles.len());
+        let mut bound = addr;
+        for _ in &self.handles {
+            let socket = bind_listener(bound, self.handles.len() > 1)?;
+            bound = socket.local_addr()?.as_socket().unwrap_or(bound);
+            sockets.push(socket);
+        }
+        for (socket, handle) in sockets.into_iter().zip(&self.handles) {
+            let listener = {
+                let _entered = handle.enter();
+                TcpListener::from_std(socket.into())?
+            };
+            handle.spawn(tracker.track_future(serve(listener)));
+        }
+        Ok(())
+    }
+
+    /// Ends the worker runtimes and waits for their threads.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                if t.join().is_err() {
+                    warn!("a proxy worker thread panicked");
+                }
+            }
+        });
+        let _ = joined.await;
+    }
+}
+
+/// A non-blocking listening socket whose accepted sockets inherit `TCP_NODELAY` (Linux copies it
+/// from the listening socket), sparing a `setsockopt` per connection.
+pub(crate) fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use socket2::SockRef;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_spread_over_the_workers_listeners() {
+        let workers = ProxyWorkers::start(2).unwrap();
+        let tracker = TaskTracker::new();
+        let counts: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let next = AtomicUsize::new(0);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        workers
+            .listen("127.0.0.1:0".parse().unwrap(), &tracker, |listener| {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let (counts, tx) = (counts.clone(), tx.clone());
+                let _ = tx.send(listener.local_addr().unwrap());
+                async move {
+                    let name = std::thread::current().name().unwrap_or("").to_string();
+                    assert_eq!(
+                        name,
+                        format!("svcd-proxy-{i}"),
+                        "listener {i} on its worker"
+                    );
+                    while let Ok((_s, _)) = listener.accept().await {
+                        counts[i].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .unwrap();
+        let (a, b) = (rx.recv().await.unwrap(), rx.recv().await.unwrap());
+        assert_eq!(a, b, "every worker listens on the same address");
+        for _ in 0..64 {
+            let _c = tokio::net::TcpStream::connect(a).await.unwrap();
+        }
+        for _ in 0..100 {
+            if counts[0].load(Ordering::Relaxed) + counts[1].load(Ordering::Relaxed) == 64 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let (x, y) = (
+            counts[0].load(Ordering::Relaxed),
+            counts[1].load(Ordering::Relaxed),
+        );
+        assert_eq!(x + y, 64);
+        assert!(x > 0 && y > 0, "the kernel spread connections: {x} and {y}");
+        workers.shutdown().await;
+    }
+
+    #[test]
+    fn one_worker_does_not_share_its_port() {
+        let first = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = first.local_addr().unwrap().as_socket().unwrap();
+        assert!(bind_listener(addr, false).is_err());
+        assert!(SockRef::from(&first).tcp_nodelay().unwrap());
+    }
+}
