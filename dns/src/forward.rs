@@ -28,8 +28,10 @@ pub struct Forwarder {
     pub upstreams: Vec<SocketAddr>,
     /// The name svcd asks itself to find a loop.
     pub probe: Name,
-    /// Times the probe arrived here to be forwarded: once is the probe itself, twice a loop.
+    /// Times the probe arrived here to be forwarded. More arrivals than probes sent is a loop.
     probe_seen: AtomicU32,
+    /// Probes this server sent itself (a probe lost on the way is sent again).
+    probes_sent: AtomicU32,
     pub looped: AtomicBool,
 }
 
@@ -109,16 +111,24 @@ impl Forwarder {
             upstreams: upstreams.to_vec(),
             probe,
             probe_seen: AtomicU32::new(0),
+            probes_sent: AtomicU32::new(0),
             looped: AtomicBool::new(false),
         })
     }
 
-    /// Whether `name` is the loop probe; counts its arrivals and flags a loop on the second.
+    /// Counts a probe about to be sent (before it is: its arrival must not look like a loop).
+    pub fn probe_sending(&self) {
+        self.probes_sent.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether `name` is the loop probe; counts its arrivals and flags a loop when more arrive
+    /// than were sent (one came back through the upstreams).
     fn is_probe(&self, name: &Name) -> bool {
         if !name.eq_case(&self.probe) && name != &self.probe {
             return false;
         }
-        if self.probe_seen.fetch_add(1, Ordering::Relaxed) >= 1
+        let seen = self.probe_seen.fetch_add(1, Ordering::SeqCst) + 1;
+        if seen > self.probes_sent.load(Ordering::SeqCst)
             && !self.looped.swap(true, Ordering::Relaxed)
         {
             error!(

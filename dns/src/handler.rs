@@ -100,6 +100,18 @@ impl DnsResponder {
         self.forwarder.load().as_ref().map(|f| f.probe.clone())
     }
 
+    /// Counts a probe about to be sent; false when forwarding is off or a loop is already found
+    /// (no probe needed).
+    pub fn probe_sending(&self) -> bool {
+        match self.forwarder.load().as_ref() {
+            Some(f) if !f.looped.load(Ordering::Relaxed) => {
+                f.probe_sending();
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn next_rotation(&self) -> usize {
         self.rotation.fetch_add(1, Ordering::Relaxed)
     }

@@ -135,18 +135,21 @@ impl DnsServer {
         Ok(server)
     }
 
-    /// Asks this server for the forwarder's probe name, once: if the query comes back through
-    /// the upstreams, forwarding stops (see [`forward`]).
+    /// Asks this server for the forwarder's probe name, three times a second or more apart (a
+    /// probe or its loop may be lost on a busy host, and an upstream may start forwarding back
+    /// only just after this reload): if a query comes back through the upstreams, forwarding
+    /// stops (see [`forward`]).
     fn probe_forwarding_loop(&self) {
         let Some(probe) = self.responder.loop_probe() else {
             return;
         };
         let target = self.addr;
+        let responder = self.responder.clone();
         tokio::spawn(async move {
             let mut query = hickory_proto::op::Message::query();
             query.metadata.recursion_desired = true;
             query.add_query(hickory_proto::op::Query::query(
-                probe,
+                probe.clone(),
                 hickory_proto::rr::RecordType::HINFO,
             ));
             let Ok(bytes) = query.to_vec() else { return };
@@ -158,9 +161,16 @@ impl DnsServer {
             let Ok(socket) = tokio::net::UdpSocket::bind(bind).await else {
                 return;
             };
-            let _ = socket.send_to(&bytes, target).await;
-            let mut buf = [0u8; 512];
-            let _ = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await;
+            for _ in 0..3 {
+                // Stop once the forwarder changed (a reload probes anew) or found a loop.
+                if responder.loop_probe().as_ref() != Some(&probe) || !responder.probe_sending() {
+                    return;
+                }
+                let _ = socket.send_to(&bytes, target).await;
+                let mut buf = [0u8; 512];
+                let _ = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         });
     }
 

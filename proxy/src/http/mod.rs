@@ -198,7 +198,9 @@ impl HttpProxy {
         }
         let mut errors = Vec::new();
         for (i, addr) in to_bind {
-            let stop = CancellationToken::new();
+            // A child of hard_stop: a connection waiting on its listener's stop also sees the end
+            // of the drain.
+            let stop = self.ctx.hard_stop.child_token();
             let bound = self.workers.listen(addr, &self.ctx.tracker, |listener| {
                 accept_loop(listener, self.ctx.clone(), stop.clone())
             });
@@ -335,41 +337,59 @@ fn admit(
         drop(stream); // closed at once: the descriptor budget is spent
         return;
     };
-    let (ctx2, stop) = (ctx.clone(), stop.clone());
-    ctx.tracker.spawn(async move {
-        let _permit = permit;
-        serve_connection(&ctx2, stream, peer, stop, admitted).await;
-        debug!(%peer, "HTTP client connection closed");
-    });
+    // Spawned as it is, with no wrapping block: every layer of async state around an idle
+    // connection is memory it holds.
+    ctx.tracker.spawn(serve_connection(
+        ctx.clone(),
+        stream,
+        peer,
+        stop.clone(),
+        admitted,
+        permit,
+    ));
 }
 
 async fn serve_connection(
-    ctx: &Arc<HttpContext>,
+    ctx: Arc<HttpContext>,
     stream: TcpStream,
     peer: SocketAddr,
     stop: CancellationToken,
     admitted: Admitted,
+    _permit: crate::fds::FdPermit,
 ) {
     // TCP_NODELAY is inherited from the listener (and by the queue drained at close).
     ctx.metrics.downstream_open.inc();
     let settings = ctx.settings.load_full();
-    let mut read = bytes::Bytes::new();
-    let mut stream = stream;
-    if settings.l7.http1_fast_path {
+    let handoff = if settings.l7.http1_fast_path {
         let last_request = admitted == Admitted::AtClose;
-        match h1::serve(ctx, &settings, stream, peer, &stop, last_request).await {
-            h1::Ended::Closed => {
-                ctx.metrics.downstream_open.dec();
-                return;
-            }
-            h1::Ended::Handoff(s, bytes) => {
-                stream = s;
-                read = bytes.freeze();
-            }
+        match h1::serve(&ctx, &settings, stream, peer.ip(), &stop, last_request).await {
+            h1::Ended::Closed => None,
+            h1::Ended::Handoff(stream, read) => Some((stream, read.freeze())),
         }
+    } else {
+        Some((stream, bytes::Bytes::new()))
+    };
+    if let Some((stream, read)) = handoff {
+        hyper_boxed(&ctx, &settings, stream, read, peer, stop, admitted).await;
     }
-    serve_with_hyper(ctx, &settings, stream, read, peer, stop, admitted).await;
     ctx.metrics.downstream_open.dec();
+    debug!(%peer, "HTTP client connection closed");
+}
+
+/// [`serve_with_hyper`], made and boxed outside the caller's async frame: a fast-path
+/// connection's task then holds no room for hyper's connection state.
+fn hyper_boxed<'a>(
+    ctx: &'a Arc<HttpContext>,
+    settings: &'a HttpSettings,
+    stream: TcpStream,
+    read: bytes::Bytes,
+    peer: SocketAddr,
+    stop: CancellationToken,
+    admitted: Admitted,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(serve_with_hyper(
+        ctx, settings, stream, read, peer, stop, admitted,
+    ))
 }
 
 /// hyper serves the connection, starting with `read`, the bytes the fast path had read.

@@ -10,9 +10,10 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::buffers;
 use super::head::{self, ParsedResponse, RequestInfo, ResponseInfo};
 use super::pool::{self, UpstreamConn};
-use super::{ClientConn, Next, MAX_RESPONSE_HEAD, READ_CHUNK};
+use super::{ClientConn, Next, MAX_RESPONSE_HEAD};
 use crate::http::body::InFlight;
 use crate::http::forward::{
     record_answer, record_no_answer, refusal, route, AccessEntry, Balancer, Refusal,
@@ -155,7 +156,11 @@ impl ClientConn<'_> {
         }
         balancer.plane.response(response.status);
         if let Some(entry) = access {
-            entry.log_for(&self.ip, response.status, Some(balancer.name.as_str()));
+            entry.log_for(
+                &self.ip.to_string(),
+                response.status,
+                Some(balancer.name.as_str()),
+            );
         }
         let relayed = self.relay_response(&mut up, response, slot).await;
         drop(in_flight);
@@ -234,6 +239,11 @@ impl ClientConn<'_> {
         }
         self.buf.advance(used);
         bytes_in.inc_by(body.take_data());
+        if body.body_done() && self.buf.is_empty() && self.rbuf.capacity() == 0 {
+            // The request is all read: its buffer takes the response, so an exchange holds one
+            // buffer, not two.
+            std::mem::swap(&mut self.buf, &mut self.rbuf);
+        }
         let idle = l7.idle_timeout;
         let ClientConn {
             stream,
@@ -316,7 +326,7 @@ impl ClientConn<'_> {
         }
         while !done {
             self.rbuf.clear();
-            self.rbuf.reserve(READ_CHUNK);
+            buffers::room_for_body(&mut self.rbuf);
             let n = match tokio::time::timeout(idle, up.stream.read_buf(&mut self.rbuf)).await {
                 Ok(Ok(n)) => n,
                 _ => return Relayed::UpstreamBroke,
@@ -357,7 +367,7 @@ impl ClientConn<'_> {
         }
         if let Some(entry) = access {
             entry.log_for(
-                &self.ip,
+                &self.ip.to_string(),
                 refused.0.as_u16(),
                 counted.map(|b| b.name.as_str()),
             );
@@ -375,7 +385,11 @@ impl ClientConn<'_> {
     ) -> Next {
         balancer.plane.response(refused.0.as_u16());
         if let Some(entry) = access {
-            entry.log_for(&self.ip, refused.0.as_u16(), Some(balancer.name.as_str()));
+            entry.log_for(
+                &self.ip.to_string(),
+                refused.0.as_u16(),
+                Some(balancer.name.as_str()),
+            );
         }
         self.send_local(refused, closing).await
     }
@@ -447,7 +461,7 @@ async fn upload(
     bytes_in: &prometheus::IntCounter,
 ) -> Result<(), UploadError> {
     while !body.body_done() {
-        buf.reserve(READ_CHUNK);
+        buffers::room_for_body(buf);
         match tokio::time::timeout(idle, client.read_buf(buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => return Err(UploadError::Client),
@@ -490,7 +504,7 @@ async fn read_response_head(
                 ParsedResponse::Partial => {}
             }
         }
-        rbuf.reserve(READ_CHUNK);
+        buffers::room(rbuf);
         match up.read_buf(rbuf).await {
             Ok(n) if n > 0 => read_any = true,
             _ => return Err(!read_any),
@@ -505,7 +519,7 @@ async fn client_gone(stream: &mut TcpStream, buf: &mut BytesMut, limit: usize) {
         if buf.len() > limit {
             return std::future::pending().await;
         }
-        buf.reserve(READ_CHUNK);
+        buffers::room(buf);
         match stream.read_buf(buf).await {
             Ok(n) if n > 0 => {}
             _ => return,

@@ -15,19 +15,43 @@
 //! Answers match the hyper path's: the same routing, refusals, retries, header rewrite,
 //! metrics, health judgements and shutdown behaviour (the differential tests compare them).
 
+mod buffers;
 mod exchange;
 pub mod head;
 pub mod pool;
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
+
+use std::future::Future;
+use std::task::Poll;
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{HttpContext, HttpSettings};
 use head::{ParsedRequest, RequestInfo};
+
+/// An IP address as text, on the stack.
+struct IpText {
+    buf: [u8; 46],
+}
+
+impl Default for IpText {
+    fn default() -> Self {
+        IpText { buf: [0; 46] }
+    }
+}
+
+impl IpText {
+    fn of(&mut self, ip: IpAddr) -> &str {
+        use std::io::Write;
+        let mut cursor = std::io::Cursor::new(&mut self.buf[..]);
+        let _ = write!(cursor, "{ip}"); // 46 bytes hold any IPv6 text
+        let n = cursor.position() as usize;
+        std::str::from_utf8(&self.buf[..n]).unwrap_or("")
+    }
+}
 
 /// How a fast-path connection ended.
 pub enum Ended {
@@ -36,8 +60,6 @@ pub enum Ended {
     Handoff(TcpStream, BytesMut),
 }
 
-/// Read size for heads and bodies.
-const READ_CHUNK: usize = 16 * 1024;
 /// The longest response head accepted from an instance.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
@@ -46,8 +68,9 @@ struct ClientConn<'a> {
     ctx: &'a HttpContext,
     settings: &'a HttpSettings,
     stream: TcpStream,
-    /// The client's address as text, for `X-Forwarded-For` and the access log.
-    ip: String,
+    /// The client's address, for `X-Forwarded-For` and the access log (formatted per request
+    /// on the stack: an idle connection keeps no string).
+    ip: IpAddr,
     /// Client bytes read and not yet used: the head being parsed, body bytes, pipelined
     /// requests. Released while the connection waits idle, so idle connections hold no buffer.
     buf: BytesMut,
@@ -70,6 +93,7 @@ enum HeadRead {
     Request(RequestInfo),
     Unusual,
     Closed,
+    NeedMore,
 }
 
 /// Serves `stream` until it closes or needs hyper. `stop`: the listener's shutdown (the current
@@ -79,7 +103,7 @@ pub async fn serve(
     ctx: &HttpContext,
     settings: &HttpSettings,
     stream: TcpStream,
-    peer: SocketAddr,
+    ip: IpAddr,
     stop: &CancellationToken,
     last_request: bool,
 ) -> Ended {
@@ -87,7 +111,7 @@ pub async fn serve(
         ctx,
         settings,
         stream,
-        ip: peer.ip().to_string(),
+        ip,
         buf: BytesMut::new(),
         up_head: Vec::new(),
         down_head: Vec::new(),
@@ -105,25 +129,31 @@ pub async fn serve(
             }
             conn.release_buffers();
             // Before the first request a shutdown does not interrupt the wait: the client's
-            // request is served (with `Connection: close`), bounded by the drain.
-            let woke = tokio::select! {
-                r = conn.stream.readable() => r.is_ok(),
-                _ = tokio::time::sleep_until(deadline) => false,
-                _ = stop.cancelled(), if served > 0 => false,
-                _ = ctx.hard_stop.cancelled() => false,
-            };
-            if !woke {
+            // request is served (with `Connection: close`), bounded by the drain. (`stop` is a
+            // child of `hard_stop`, so one token covers both; fewer futures, a smaller task.)
+            let ends = if served > 0 { stop } else { &ctx.hard_stop };
+            if !readable_by(&conn.stream, deadline, Some(ends)).await {
                 return Ended::Closed;
             }
         }
-        let info = match conn.read_head(deadline).await {
-            HeadRead::Request(info) => info,
-            HeadRead::Unusual => return Ended::Handoff(conn.stream, conn.buf),
-            HeadRead::Closed => return Ended::Closed,
+        // Read the head, waiting (within the same deadline) while it is incomplete.
+        let info = loop {
+            match conn.try_head() {
+                HeadRead::Request(info) => break info,
+                HeadRead::Unusual => return Ended::Handoff(conn.stream, conn.buf),
+                HeadRead::Closed => return Ended::Closed,
+                HeadRead::NeedMore => {
+                    if !readable_by(&conn.stream, deadline, None).await {
+                        return Ended::Closed;
+                    }
+                }
+            }
         };
         let closing = info.close || last_request || stop.is_cancelled();
+        // Boxed per request: an idle connection's task then holds only what waiting needs (its
+        // memory per idle connection is what HAProxy is compared on), not an exchange's state.
         let next = tokio::select! {
-            next = conn.exchange(info, closing) => next,
+            next = conn.exchange_boxed(info, closing) => next,
             _ = ctx.hard_stop.cancelled() => return Ended::Closed,
         };
         served += 1;
@@ -135,13 +165,55 @@ pub async fn serve(
     }
 }
 
-impl ClientConn<'_> {
-    /// Reads until a whole head is buffered (within the header read timeout) and parses it.
-    async fn read_head(&mut self, deadline: tokio::time::Instant) -> HeadRead {
+/// Waits until the client's socket is readable (true), or until `deadline` or `ends` (false).
+/// This is the state every idle connection sits in, so it is kept small: `poll_read_ready`
+/// keeps its waker in the socket's own slot, with no waiter stored in this future.
+async fn readable_by(
+    stream: &TcpStream,
+    deadline: tokio::time::Instant,
+    ends: Option<&CancellationToken>,
+) -> bool {
+    let sleep = tokio::time::sleep_until(deadline);
+    tokio::pin!(sleep);
+    let ended = ends.map(CancellationToken::cancelled);
+    tokio::pin!(ended);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = stream.poll_read_ready(cx) {
+            return Poll::Ready(r.is_ok());
+        }
+        let timed_out = sleep.as_mut().poll(cx).is_ready();
+        let cancelled = ended
+            .as_mut()
+            .as_pin_mut()
+            .is_some_and(|f| f.poll(cx).is_ready());
+        match timed_out || cancelled {
+            true => Poll::Ready(false),
+            false => Poll::Pending,
+        }
+    })
+    .await
+}
+
+impl<'a> ClientConn<'a> {
+    /// The exchange's future, made and boxed outside the caller's async frame (made inside it,
+    /// the compiler keeps room for it there too, and every idle connection would carry it).
+    fn exchange_boxed<'c>(
+        &'c mut self,
+        info: RequestInfo,
+        closing: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Next> + Send + 'c>> {
+        Box::pin(self.exchange(info, closing))
+    }
+
+    /// Reads what the client has sent and parses the head. `NeedMore`: nothing more to read yet
+    /// (the caller waits; with nothing buffered, the buffer has been given back).
+    fn try_head(&mut self) -> HeadRead {
         let l7 = &self.settings.l7;
         loop {
             if !self.buf.is_empty() {
-                match head::parse_request(&self.buf, l7.max_headers, &self.ip, &mut self.up_head) {
+                let mut text = IpText::default();
+                let ip = text.of(self.ip);
+                match head::parse_request(&self.buf, l7.max_headers, ip, &mut self.up_head) {
                     ParsedRequest::Request(info) => return HeadRead::Request(info),
                     ParsedRequest::Unusual => return HeadRead::Unusual,
                     // hyper answers 431 for a head past the limit.
@@ -151,18 +223,26 @@ impl ClientConn<'_> {
                     ParsedRequest::Partial => {}
                 }
             }
-            self.buf.reserve(READ_CHUNK);
-            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return HeadRead::Closed,
+            buffers::room(&mut self.buf);
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return HeadRead::Closed,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.buf.is_empty() {
+                        buffers::give_back(&mut self.buf);
+                    }
+                    return HeadRead::NeedMore;
+                }
+                Err(_) => return HeadRead::Closed,
             }
         }
     }
 
-    /// Frees the buffers while the connection waits for its next request.
+    /// Gives the buffers up while the connection waits for its next request.
     fn release_buffers(&mut self) {
-        self.buf = BytesMut::new();
-        self.rbuf = BytesMut::new();
+        buffers::give_back(&mut self.buf);
+        self.rbuf.clear(); // an exchange's leftovers: relayed, or not to be relayed
+        buffers::give_back(&mut self.rbuf);
         self.up_head = Vec::new();
         self.down_head = Vec::new();
     }
