@@ -18,6 +18,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
+thread_local! {
+    /// This thread's worker index (0 off the workers).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The index of the proxy worker running this code (0 elsewhere), for per-worker state.
+pub fn current() -> usize {
+    WORKER.get()
+}
+
 /// Backlog of each worker's listening socket.
 const BACKLOG: i32 = 4096;
 
@@ -45,6 +55,7 @@ impl ProxyWorkers {
             let thread = std::thread::Builder::new()
                 .name(format!("svcd-proxy-{i}"))
                 .spawn(move || {
+                    WORKER.set(i);
                     runtime.block_on(stop.cancelled());
                     // Dropping the runtime cancels what is left (the drain is over by then).
                 })?;

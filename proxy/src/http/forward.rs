@@ -330,7 +330,8 @@ async fn proxy(
         .then(|| (parts.method.clone(), parts.headers.clone()));
     let may_retry_sent = idempotent(&parts.method);
     let mut first = Some((parts, body));
-    let upstreams = ctx.upstreams.load_full();
+    let worker = crate::workers::current().min(ctx.upstreams.len() - 1);
+    let upstreams = ctx.upstreams[worker].load_full();
     let service_metrics = &balancer.plane;
 
     for attempt in 0..=retries {

@@ -98,7 +98,9 @@ impl HttpSettings {
 pub struct HttpContext {
     pub snapshot: SnapshotReader,
     pub settings: ArcSwap<HttpSettings>,
-    pub upstreams: ArcSwap<Upstreams>,
+    /// hyper's upstream pools, one per proxy worker: a request uses its own worker's, so the
+    /// pooled connections' tasks run on the thread that uses them (no cross-thread wake-ups).
+    pub upstreams: Vec<ArcSwap<Upstreams>>,
     pub metrics: Arc<HttpMetrics>,
     /// The HTTP balancers, for the daemon's lifetime: a reload changes their policy in place and
     /// keeps in-flight counts, failure runs and ejections.
@@ -142,11 +144,15 @@ impl HttpProxy {
             ctx: Arc::new(HttpContext {
                 snapshot: lb.reader().clone(),
                 settings: ArcSwap::from_pointee(HttpSettings::new(config, domain)),
-                upstreams: ArcSwap::from_pointee(Upstreams::new(
-                    &config.l7,
-                    config.connect_timeout,
-                    metrics.clone(),
-                )),
+                upstreams: (0..workers.count())
+                    .map(|_| {
+                        ArcSwap::from_pointee(Upstreams::new(
+                            &config.l7,
+                            config.connect_timeout,
+                            metrics.clone(),
+                        ))
+                    })
+                    .collect(),
                 metrics,
                 table,
                 fds: fds.clone(),
@@ -170,11 +176,13 @@ impl HttpProxy {
             .store(Arc::new(HttpSettings::new(config, domain)));
         ctx.table
             .set_policies(config.l7.balance, config.l7.balance_by_service.clone());
-        ctx.upstreams.store(Arc::new(Upstreams::new(
-            &config.l7,
-            config.connect_timeout,
-            ctx.metrics.clone(),
-        )));
+        for upstreams in &ctx.upstreams {
+            upstreams.store(Arc::new(Upstreams::new(
+                &config.l7,
+                config.connect_timeout,
+                ctx.metrics.clone(),
+            )));
+        }
         self.bind_missing(config).await
     }
 
