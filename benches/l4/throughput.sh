@@ -46,6 +46,7 @@ id = \"w1\"
 ip = \"127.0.0.1\"
 ports = { http = $P_WEB }
 "
+PID_SVCD=${pids[-1]}
 
 cat > "$work/haproxy.cfg" <<CONF
 global
@@ -63,7 +64,7 @@ listen web
   bind 127.0.0.1:$P_HAP_WEB
   server s1 127.0.0.1:$P_WEB
 CONF
-haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
+haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!); PID_HAP=${pids[-1]}
 
 cat > "$work/ngx-proxy/nginx.conf" <<CONF
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
@@ -76,7 +77,7 @@ stream {
   server { listen 127.0.0.1:$P_NGX_WEB backlog=4096; proxy_pass 127.0.0.1:$P_WEB; }
 }
 CONF
-nginx -c "$work/ngx-proxy/nginx.conf" -g 'daemon off;' & pids+=($!)
+nginx -c "$work/ngx-proxy/nginx.conf" -g 'daemon off;' & pids+=($!); PID_NGX=${pids[-1]}
 
 for port in "$P_WEB" "$P_SVCD_WEB" "$P_HAP_WEB" "$P_NGX_WEB"; do
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.2; done
@@ -87,25 +88,31 @@ gbps() { # port streams → Gbit/s received
   iperf3 -c 127.0.0.1 -p "$1" -P "$2" -t "$SECS" -J 2>/dev/null \
     | python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'
 }
-cps() { # port → requests (= new connections) per second
-  wrk -t 1 -c 32 -d "${SECS}s" -H "Connection: close" "http://127.0.0.1:$1/" 2>/dev/null | awk '/Requests\/sec/ {print $2}'
+cps() { # port → "connections/s connections": requests with "Connection: close", one each
+  wrk -t 1 -c 32 -d "${SECS}s" -H "Connection: close" "http://127.0.0.1:$1/" 2>/dev/null \
+    | awk '/Requests\/sec/ {rps=$2} /requests in/ {n=$1} END {print rps, n}'
 }
 declare -A r
 for round in $(seq "$ROUNDS"); do
   for t in direct svcd haproxy nginx; do
     case $t in
-      direct) p=$P_IPERF; w=$P_WEB;; svcd) p=$P_SVCD; w=$P_SVCD_WEB;;
-      haproxy) p=$P_HAP; w=$P_HAP_WEB;; nginx) p=$P_NGX; w=$P_NGX_WEB;;
+      direct) p=$P_IPERF; w=$P_WEB; procs="";; svcd) p=$P_SVCD; w=$P_SVCD_WEB; procs=$PID_SVCD;;
+      haproxy) p=$P_HAP; w=$P_HAP_WEB; procs=$PID_HAP;;
+      nginx) p=$P_NGX; w=$P_NGX_WEB; procs="$PID_NGX $(pgrep -P "$PID_NGX" | tr '\n' ' ')";;
     esac
-    r[$t.1]+="$(gbps "$p" 1) "; r[$t.4]+="$(gbps "$p" 4) "; r[$t.c]+="$(cps "$w") "
+    r[$t.1]+="$(gbps "$p" 1) "; r[$t.4]+="$(gbps "$p" 4) "
+    before=0; [ -n "$procs" ] && before=$(cpu_ticks $procs)
+    read -r rate n < <(cps "$w")
+    cpu=-; [ -n "$procs" ] && cpu=$(us_per_request $(( $(cpu_ticks $procs) - before )) "$n")
+    r[$t.c]+="$rate "; r[$t.cpu]+="$cpu "
     echo "round $round $t: 1 stream ${r[$t.1]##* }... done" >&2
   done
 done
 echo
-echo "L4 proxy, loopback, one worker thread per proxy, ${SECS}s x $ROUNDS rounds (medians)"
-printf '%-8s %14s %14s %14s\n' path "1 stream Gb/s" "4 streams Gb/s" "conn/s"
+echo "L4 proxy, loopback, one worker thread per proxy, ${SECS}s x $ROUNDS rounds (medians); CPU = the proxy's user+system time per connection"
+printf '%-8s %14s %14s %10s %12s\n' path "1 stream Gb/s" "4 streams Gb/s" "conn/s" "CPU us/conn"
 for t in direct svcd haproxy nginx; do
-  printf '%-8s %14s %14s %14s\n' "$t" "$(echo "${r[$t.1]}" | median)" "$(echo "${r[$t.4]}" | median)" "$(echo "${r[$t.c]}" | median)"
+  printf '%-8s %14s %14s %10s %12s\n' "$t" "$(echo "${r[$t.1]}" | median)" "$(echo "${r[$t.4]}" | median)" "$(echo "${r[$t.c]}" | median)" "$(echo "${r[$t.cpu]}" | median)"
 done
 s1=$(echo "${r[svcd.1]}" | median); h1=$(echo "${r[haproxy.1]}" | median)
 s4=$(echo "${r[svcd.4]}" | median); h4=$(echo "${r[haproxy.4]}" | median)
@@ -114,3 +121,6 @@ n1=$(echo "${r[nginx.1]}" | median)
 echo
 printf 'svcd / haproxy: 1 stream %.2f, 4 streams %.2f, conn/s %.2f\n' "$(echo "$s1/$h1" | bc -l)" "$(echo "$s4/$h4" | bc -l)" "$(echo "$sc/$hc" | bc -l)"
 printf 'svcd / nginx:   1 stream %.2f, conn/s %.2f\n' "$(echo "$s1/$n1" | bc -l)" "$(echo "$sc/$nc" | bc -l)"
+sp=$(echo "${r[svcd.cpu]}" | median)
+printf 'CPU per connection, svcd / haproxy %.2f, svcd / nginx %.2f (lower is better)\n' \
+  "$(echo "$sp/$(echo "${r[haproxy.cpu]}" | median)" | bc -l)" "$(echo "$sp/$(echo "${r[nginx.cpu]}" | median)" | bc -l)"
