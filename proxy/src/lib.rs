@@ -408,6 +408,18 @@ pub(crate) async fn drain_tasks(
     tracker.wait().await;
 }
 
+/// The same pseudo-random inputs every run, for the never-panic tests (a fixed-seed xorshift).
+#[cfg(test)]
+pub(crate) fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
 #[cfg(test)]
 mod tests {
     fn test_listener() -> tokio::net::TcpListener {

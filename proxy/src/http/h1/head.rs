@@ -53,6 +53,17 @@ fn name_is(name: &str, lower: &str) -> bool {
     name.len() == lower.len() && name.eq_ignore_ascii_case(lower)
 }
 
+/// A field that ends at this hop (RFC 9110 §7.6.1): the fixed set or one `Connection` named.
+/// (`TE`, `Upgrade` and `Transfer-Encoding` are handled where the fast path meets them.)
+fn hop_by_hop(name: &str, listed: &[&[u8]]) -> bool {
+    name_is(name, "connection")
+        || name_is(name, "keep-alive")
+        || name_is(name, "proxy-connection")
+        || listed
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
+}
+
 fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
@@ -139,15 +150,7 @@ pub fn parse_request(
     let mut forwarded_for = false;
     for h in headers.iter() {
         let name = h.name;
-        if name_is(name, "host")
-            || name_is(name, "connection")
-            || name_is(name, "keep-alive")
-            || name_is(name, "proxy-connection")
-            || name_is(name, "x-forwarded-proto")
-            || listed
-                .iter()
-                .any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
-        {
+        if hop_by_hop(name, listed) || name_is(name, "host") || name_is(name, "x-forwarded-proto") {
             continue;
         }
         if name_is(name, "te") {
@@ -290,14 +293,7 @@ pub fn parse_response(
     out.extend_from_slice(b"\r\n");
     for h in headers.iter() {
         let name = h.name;
-        if name_is(name, "connection")
-            || name_is(name, "keep-alive")
-            || name_is(name, "proxy-connection")
-            || name_is(name, "upgrade")
-            || listed
-                .iter()
-                .any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
-        {
+        if hop_by_hop(name, listed) || name_is(name, "upgrade") {
             continue;
         }
         out.extend_from_slice(name.as_bytes());
