@@ -68,6 +68,26 @@ CONF
   target/release/svcd run --config "$work/$name.toml" 2>"$work/$name.log" & pids+=($!)
 }
 
+# svcd_web_config PORT WORKERS L7_KEYS — an HTTP listener on PORT routing host 127.0.0.1 to the
+# backend on $P_WEB, with WORKERS proxy workers and L7_KEYS under [proxy.l7].
+svcd_web_config() {
+  echo "[proxy]
+workers = $2
+[proxy.l7]
+$3
+[[proxy.http]]
+listen = \"127.0.0.1:$1\"
+[[proxy.routes]]
+host = \"127.0.0.1\"
+service = \"web\"
+[[registry.static]]
+service = \"web\"
+id = \"w1\"
+ip = \"127.0.0.1\"
+ports = { http = $P_WEB }
+protocol = \"http\""
+}
+
 # cpu_ticks PID... — user + system CPU of the processes (all their threads), in clock ticks.
 cpu_ticks() {
   local total=0 pid

@@ -34,21 +34,7 @@ mkdir -p "$work/ngx-proxy"
 start_proxy() { # NAME → starts it; sets PROCS and PORT
   case $1 in
     svcd)
-      start_svcd "[proxy]
-workers = 1
-[proxy.l7]
-header_read_timeout = \"60s\"
-[[proxy.http]]
-listen = \"127.0.0.1:$P_SVCD\"
-[[proxy.routes]]
-host = \"127.0.0.1\"
-service = \"web\"
-[[registry.static]]
-service = \"web\"
-id = \"w1\"
-ip = \"127.0.0.1\"
-ports = { http = $P_WEB }
-protocol = \"http\""
+      start_svcd "$(svcd_web_config "$P_SVCD" 1 'header_read_timeout = "60s"')"
       PROCS=${pids[-1]}; PORT=$P_SVCD;;
     haproxy)
       cat > "$work/haproxy.cfg" <<CONF
@@ -76,7 +62,7 @@ worker_processes 1;
 worker_rlimit_nofile $(ulimit -n);
 pid $work/ngx-proxy/nginx.pid;
 error_log $work/ngx-proxy/error.log;
-events { worker_connections $((CONNS * 2)); }
+events { worker_connections $((CONNS * 2 + 1000)); }
 http {
   access_log off;
   keepalive_timeout 60s;

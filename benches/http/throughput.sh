@@ -25,27 +25,9 @@ P_HAP=$(free_port); P_NGX=$(free_port); P_NGX2=$(free_port)
 start_nginx_backend "$P_WEB" "$P_WEB2"
 mkdir -p "$work/ngx-proxy"
 
-# svcd_config PORT WORKERS FAST_PATH — requests for host 127.0.0.1 routed to the backend.
-svcd_config() {
-  echo "[proxy]
-workers = $2
-[proxy.l7]
-http1_fast_path = $3
-[[proxy.http]]
-listen = \"127.0.0.1:$1\"
-[[proxy.routes]]
-host = \"127.0.0.1\"
-service = \"web\"
-[[registry.static]]
-service = \"web\"
-id = \"w1\"
-ip = \"127.0.0.1\"
-ports = { http = $P_WEB }
-protocol = \"http\""
-}
-start_svcd "$(svcd_config "$P_SVCD" 1 true)" svcd; PID_SVCD=${pids[-1]}
-start_svcd "$(svcd_config "$P_HYPER" 1 false)" svcd-hyper; PID_HYPER=${pids[-1]}
-start_svcd "$(svcd_config "$P_SVCD2" 2 true)" svcd-2w; PID_SVCD2=${pids[-1]}
+start_svcd "$(svcd_web_config "$P_SVCD" 1 "http1_fast_path = true")" svcd; PID_SVCD=${pids[-1]}
+start_svcd "$(svcd_web_config "$P_HYPER" 1 "http1_fast_path = false")" svcd-hyper; PID_HYPER=${pids[-1]}
+start_svcd "$(svcd_web_config "$P_SVCD2" 2 "http1_fast_path = true")" svcd-2w; PID_SVCD2=${pids[-1]}
 
 cat > "$work/haproxy.cfg" <<CONF
 global
