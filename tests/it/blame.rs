@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 use crate::support::daemon::{metric_sum, Daemon};
 use crate::support::dns;
-use crate::support::proxy::{h2_connect, web_service};
+use crate::support::proxy::{h2_connect, on_path, web_service, FAST_PATH, HYPER_PATH};
 
 /// Ejection after two failures in a row, a 1 s request timeout: any client fault counted as a
 /// backend failure would eject the only instance at once.
@@ -51,7 +51,13 @@ async fn nothing_blamed(d: &Daemon) {
 
 #[tokio::test]
 async fn aborted_uploads_and_malformed_chunked_bodies_eject_nothing() {
-    let (d, _b) = web_service(STRICT, &["b1"]).await;
+    for path in [FAST_PATH, HYPER_PATH] {
+        aborted_uploads_and_malformed_chunked_bodies_eject_nothing_on(path).await;
+    }
+}
+
+async fn aborted_uploads_and_malformed_chunked_bodies_eject_nothing_on(path: &str) {
+    let (d, _b) = web_service(&on_path(STRICT, path), &["b1"]).await;
     for _ in 0..5 {
         // Promises 100 kB, sends 1 kB, hangs up.
         let mut req =
@@ -164,7 +170,13 @@ async fn cancelled_http2_streams_eject_nothing() {
 
 #[tokio::test]
 async fn a_backend_that_really_fails_is_still_ejected() {
-    let (d, backends) = web_service(STRICT, &["b1", "b2"]).await;
+    for path in [FAST_PATH, HYPER_PATH] {
+        a_backend_that_really_fails_is_still_ejected_on(path).await;
+    }
+}
+
+async fn a_backend_that_really_fails_is_still_ejected_on(path: &str) {
+    let (d, backends) = web_service(&on_path(STRICT, path), &["b1", "b2"]).await;
     // b2's process dies: connects are refused, a backend fault.
     backends[1].kill();
     for _ in 0..6 {

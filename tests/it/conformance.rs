@@ -12,7 +12,9 @@ use tokio::net::TcpStream;
 
 use crate::support::backend::Backend;
 use crate::support::daemon::Daemon;
-use crate::support::proxy::{h2_connect, raw_exchange, register, wait_routable, web_service};
+use crate::support::proxy::{
+    h2_connect, on_path, raw_exchange, register, wait_routable, web_service, FAST_PATH, HYPER_PATH,
+};
 
 /// Writes `bytes` to the daemon's HTTP proxy and reads until it closes (or 5 s).
 async fn exchange(d: &Daemon, bytes: &[u8]) -> String {
@@ -21,7 +23,13 @@ async fn exchange(d: &Daemon, bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn one_host_the_targets_authority_and_host_syntax() {
-    let (d, backends) = web_service("", &["b1"]).await;
+    for path in [FAST_PATH, HYPER_PATH] {
+        one_host_the_targets_authority_and_host_syntax_on(path).await;
+    }
+}
+
+async fn one_host_the_targets_authority_and_host_syntax_on(path: &str) {
+    let (d, backends) = web_service(&on_path("", path), &["b1"]).await;
     let before = backends[0].count();
     // Two Host headers: 400 and closed, never forwarded.
     let r = exchange(&d, b"GET / HTTP/1.1\r\nHost: web\r\nHost: evil\r\n\r\n").await;
@@ -77,7 +85,13 @@ async fn http2_authority_and_host_must_agree() {
 
 #[tokio::test]
 async fn a_refused_upgrade_does_not_stop_the_smuggling_guard() {
-    let (d, backends) = web_service("", &["b1"]).await;
+    for path in [FAST_PATH, HYPER_PATH] {
+        a_refused_upgrade_does_not_stop_the_smuggling_guard_on(path).await;
+    }
+}
+
+async fn a_refused_upgrade_does_not_stop_the_smuggling_guard_on(path: &str) {
+    let (d, backends) = web_service(&on_path("", path), &["b1"]).await;
     let before = backends[0].count();
     // /headers answers 200, not 101: the connection stays HTTP...
     let mut s = TcpStream::connect(d.http).await.unwrap();
@@ -152,9 +166,15 @@ async fn a_stalled_response_body_ends_after_the_idle_timeout_h1_and_h2() {
 
 #[tokio::test]
 async fn an_http11_client_asking_for_trailers_gets_them() {
+    for path in [FAST_PATH, HYPER_PATH] {
+        an_http11_client_asking_for_trailers_gets_them_on(path).await;
+    }
+}
+
+async fn an_http11_client_asking_for_trailers_gets_them_on(path: &str) {
     // A gRPC-style instance (h2c upstream): its trailers reach an HTTP/1.1 client that sent
     // `TE: trailers`.
-    let d = Daemon::start("").await;
+    let d = Daemon::start(&on_path("", path)).await;
     let b = Backend::start("g1").await;
     register(&d, "web", "g1", b.addr, "grpc").await;
     wait_routable(&d, "web", 1).await;

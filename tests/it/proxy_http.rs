@@ -13,8 +13,8 @@ use crate::support::backend::Backend;
 use crate::support::daemon::{metric_sum, Daemon};
 use crate::support::eventually;
 use crate::support::proxy::{
-    h2_connect, raw_exchange, register, register_state, wait_routable, web_service, FAST_PATH, H1,
-    HYPER_PATH,
+    h2_connect, on_path, raw_exchange, register, register_state, wait_routable, web_service,
+    FAST_PATH, H1, HYPER_PATH,
 };
 
 async fn metrics(d: &Daemon) -> String {
@@ -23,7 +23,13 @@ async fn metrics(d: &Daemon) -> String {
 
 #[tokio::test]
 async fn requests_not_connections_are_balanced_round_robin() {
-    let (d, backends) = web_service("", &["b1", "b2", "b3"]).await;
+    for path in [FAST_PATH, HYPER_PATH] {
+        requests_not_connections_are_balanced_round_robin_on(path).await;
+    }
+}
+
+async fn requests_not_connections_are_balanced_round_robin_on(path: &str) {
+    let (d, backends) = web_service(&on_path("", path), &["b1", "b2", "b3"]).await;
     let before: Vec<usize> = backends.iter().map(Backend::count).collect();
     // One keep-alive connection, 30 requests: each backend gets exactly 10.
     let mut c = H1::connect(d.http).await;
@@ -76,7 +82,13 @@ async fn requests_not_connections_are_balanced_round_robin() {
 
 #[tokio::test]
 async fn headers_rewritten_and_errors_named() {
-    let (d, backends) = web_service("", &["b1"]).await;
+    for path in [FAST_PATH, HYPER_PATH] {
+        headers_rewritten_and_errors_named_on(path).await;
+    }
+}
+
+async fn headers_rewritten_and_errors_named_on(path: &str) {
+    let (d, backends) = web_service(&on_path("", path), &["b1"]).await;
     let b = &backends[0];
     let mut c = H1::connect(d.http).await;
     let req = Request::get("/headers")
@@ -209,8 +221,13 @@ async fn websocket_upgrade_is_tunnelled() {
 
 #[tokio::test]
 async fn killed_backend_is_retried_and_hanging_one_times_out() {
-    let (d, backends) = web_service(
-        "[proxy.outlier]\nconsecutive_failures = 0\n[[proxy.routes]]\nhost = \"slow.test\"\nservice = \"web\"\ntimeout = \"300ms\"\n",
+    for path in [FAST_PATH, HYPER_PATH] {
+        killed_backend_is_retried_and_hanging_one_times_out_on(path).await;
+    }
+}
+
+async fn killed_backend_is_retried_and_hanging_one_times_out_on(path: &str) {
+    let (d, backends) = web_service(&on_path("[proxy.outlier]\nconsecutive_failures = 0\n[[proxy.routes]]\nhost = \"slow.test\"\nservice = \"web\"\ntimeout = \"300ms\"\n", path),
         &["b1", "b2"],
     )
     .await;
@@ -358,8 +375,13 @@ async fn smuggling_corpus(config: &str) {
 
 #[tokio::test]
 async fn slow_headers_and_oversized_heads_are_cut_off() {
-    let (d, _backends) = web_service(
-        "[proxy.l7]\nheader_read_timeout = \"500ms\"\nmax_header_bytes = 8192\nmax_headers = 10\nidle_timeout = \"1s\"\n",
+    for path in [FAST_PATH, HYPER_PATH] {
+        slow_headers_and_oversized_heads_are_cut_off_on(path).await;
+    }
+}
+
+async fn slow_headers_and_oversized_heads_are_cut_off_on(path: &str) {
+    let (d, _backends) = web_service(&on_path("[proxy.l7]\nheader_read_timeout = \"500ms\"\nmax_header_bytes = 8192\nmax_headers = 10\nidle_timeout = \"1s\"\n", path),
         &["b1"],
     )
     .await;

@@ -18,6 +18,25 @@ use super::eventually;
 pub const FAST_PATH: &str = "";
 pub const HYPER_PATH: &str = "[proxy.l7]\nhttp1_fast_path = false\n";
 
+/// `config` on the HTTP/1.1 path `path` ([`FAST_PATH`] or [`HYPER_PATH`]): the key joins a
+/// `[proxy.l7]` table `config` already has.
+pub fn on_path(config: &str, path: &str) -> String {
+    if path.is_empty() {
+        return config.to_string();
+    }
+    match config.find("[proxy.l7]\n") {
+        Some(i) => {
+            let at = i + "[proxy.l7]\n".len();
+            format!(
+                "{}http1_fast_path = false\n{}",
+                &config[..at],
+                &config[at..]
+            )
+        }
+        None => format!("{config}{path}"),
+    }
+}
+
 /// A daemon (base config plus `extra`) with one backend per name registered as instances
 /// `w1`, `w2`, … of service `web` (protocol http), and the proxy already routing to all of them.
 pub async fn web_service(extra: &str, names: &[&'static str]) -> (Daemon, Vec<Backend>) {
