@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 
 use crate::support::backend::Backend;
 use crate::support::daemon::Daemon;
-use crate::support::proxy::{raw_exchange, register, wait_routable, FAST_PATH, HYPER_PATH};
+use crate::support::proxy::{
+    on_path, raw_exchange, register, wait_routable, FAST_PATH, H1, HYPER_PATH,
+};
 
 /// Requests as clients send them; each exchange ends with `Connection: close` so the reply can
 /// be read to its end.
@@ -91,4 +93,23 @@ async fn fast_path_and_hyper_answer_alike() {
         http_counters(&hyper.get("/metrics").await.body),
         "the paths count differently"
     );
+}
+
+/// A reload applies to the next request of a connection already open (routes here), on both
+/// paths: the fast path loads the settings per request, as hyper's handler does.
+#[tokio::test]
+async fn a_reload_reaches_open_keep_alive_connections() {
+    let backend = Backend::start("b1").await;
+    for path in [HYPER_PATH, FAST_PATH] {
+        let d = daemon(path, backend.addr).await;
+        let mut c = H1::connect(d.http).await;
+        assert_eq!(c.get("alias.test", "/").await.0, 404, "{path:?}");
+        d.reload_with(&on_path(
+            "[[proxy.routes]]\nhost = \"alias.test\"\nservice = \"web\"\n",
+            path,
+        ))
+        .await;
+        let (status, body) = c.get("alias.test", "/").await;
+        assert_eq!((status.as_u16(), body.as_str()), (200, "b1"), "{path:?}");
+    }
 }

@@ -370,7 +370,16 @@ async fn serve_connection(
     let settings = ctx.settings.load_full();
     let handoff = if settings.l7.http1_fast_path {
         let last_request = admitted == Admitted::AtClose;
-        match h1::serve(&ctx, &settings, stream, peer.ip(), &stop, last_request).await {
+        match h1::serve(
+            &ctx,
+            settings.clone(),
+            stream,
+            peer.ip(),
+            &stop,
+            last_request,
+        )
+        .await
+        {
             h1::Ended::Closed => None,
             h1::Ended::Handoff(stream, read) => Some((stream, read.freeze())),
         }

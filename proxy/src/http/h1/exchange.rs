@@ -48,7 +48,8 @@ enum Attempt {
 impl ClientConn<'_> {
     pub(super) async fn exchange(&mut self, info: RequestInfo, closing: bool) -> Next {
         let ctx = self.ctx;
-        let settings = self.settings;
+        let settings = self.settings.clone();
+        let settings = &*settings;
         let text = |r: std::ops::Range<usize>, buf: &BytesMut| -> String {
             String::from_utf8_lossy(&buf[r]).into_owned()
         };

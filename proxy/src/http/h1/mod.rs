@@ -21,6 +21,7 @@ pub mod head;
 pub mod pool;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use std::future::Future;
 use std::task::Poll;
@@ -66,7 +67,9 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// One client connection's state between and during exchanges.
 struct ClientConn<'a> {
     ctx: &'a HttpContext,
-    settings: &'a HttpSettings,
+    /// The settings of the current request: loaded again for each, so a reload (routes,
+    /// timeouts, limits) applies to the next request of an open connection, as on hyper's path.
+    settings: Arc<HttpSettings>,
     stream: TcpStream,
     /// The client's address, for `X-Forwarded-For` and the access log (formatted per request
     /// on the stack: an idle connection keeps no string).
@@ -101,7 +104,7 @@ enum HeadRead {
 /// request is served without keep-alive.
 pub async fn serve(
     ctx: &HttpContext,
-    settings: &HttpSettings,
+    settings: Arc<HttpSettings>,
     stream: TcpStream,
     ip: IpAddr,
     stop: &CancellationToken,
@@ -118,11 +121,10 @@ pub async fn serve(
         rbuf: BytesMut::new(),
     };
     let mut served = 0u64;
-    let l7 = &settings.l7;
     loop {
         // The header read timeout bounds the wait for the next request and its head together
         // (as hyper's, and HAProxy's http-keep-alive defaulting to http-request).
-        let deadline = tokio::time::Instant::now() + l7.header_read_timeout;
+        let deadline = tokio::time::Instant::now() + conn.settings.l7.header_read_timeout;
         if conn.buf.is_empty() {
             if served > 0 && stop.is_cancelled() {
                 return Ended::Closed;
@@ -149,6 +151,9 @@ pub async fn serve(
                 }
             }
         };
+        // The request is here: it runs under the settings of now (a reload may have come while
+        // the connection waited).
+        conn.settings = ctx.settings.load_full();
         let closing = info.close || last_request || stop.is_cancelled();
         // Boxed per request: an idle connection's task then holds only what waiting needs (its
         // memory per idle connection is what HAProxy is compared on), not an exchange's state.
