@@ -79,7 +79,7 @@ fn nix_err(e: nix::Error) -> io::Error {
 }
 
 /// Moves bytes from `from` to `to` until `from` reaches EOF, then propagates the half-close (see
-/// [`propagate_eof`]). Returns the bytes moved. `on_progress` is called after every
+/// `propagate_eof`). Returns the bytes moved. `on_progress` is called after every
 /// transfer (idle tracking, metrics).
 ///
 /// Each splice is tried at once and only waits for readiness on `EAGAIN`: a fresh socket is

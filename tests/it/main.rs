@@ -8,6 +8,7 @@ mod support;
 mod admin_surface;
 mod api_watch;
 mod blame;
+mod bridge;
 mod config_cli;
 mod conformance;
 mod deploy;

@@ -66,6 +66,13 @@ const SENT: u8 = 1;
 const FAILED: u8 = 2;
 
 impl Upload {
+    /// A request with no body to send: its timeout starts at once.
+    pub fn nothing_to_send() -> Arc<Upload> {
+        let upload = Upload::default();
+        upload.state.store(SENT, Ordering::Relaxed);
+        Arc::new(upload)
+    }
+
     fn finish(&self, state: u8) {
         if self
             .state
@@ -158,6 +165,44 @@ impl Body for RequestBody {
     }
 }
 
+/// Where an upstream response body comes from: hyper-util's client, or an HTTP/1.1
+/// connection read directly (see [`crate::http::h1::bridge`]).
+pub enum ResponseSource {
+    Hyper(Incoming),
+    /// Boxed: the reader's state (connection, buffer, framing) is ten times a hyper body's, and
+    /// the response is moved several times on its way to hyper.
+    Direct(Box<crate::http::h1::bridge::DirectBody>),
+}
+
+impl Body for ResponseSource {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseSource::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ResponseSource::Direct(b) => Pin::new(&mut **b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseSource::Hyper(b) => b.is_end_stream(),
+            ResponseSource::Direct(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseSource::Hyper(b) => b.size_hint(),
+            ResponseSource::Direct(b) => b.size_hint(),
+        }
+    }
+}
+
 /// Where a response body reports a backend failure mid-stream.
 pub struct Blame {
     pub balancer: Arc<ServiceBalancer<HttpSlots>>,
@@ -174,7 +219,7 @@ pub struct Blame {
 /// `proxy.l7.idle_timeout` ends with an error: the HTTP/2 stream is reset, the HTTP/1.1
 /// connection closed, so a backend that stalls after its head holds nothing longer than that.
 pub struct TrackedBody {
-    inner: Incoming,
+    inner: ResponseSource,
     bytes_out: IntCounter,
     blame: Option<Blame>,
     idle: Duration,
@@ -189,7 +234,7 @@ pub struct TrackedBody {
 
 impl TrackedBody {
     pub fn new(
-        inner: Incoming,
+        inner: ResponseSource,
         bytes_out: IntCounter,
         blame: Blame,
         in_flight: InFlight,
@@ -255,7 +300,7 @@ impl Body for TrackedBody {
                             .failure(&b.view, slot, Detector::Http, "response body failed");
                     }
                 }
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {

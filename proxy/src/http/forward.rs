@@ -14,8 +14,12 @@ use tracing::debug;
 
 use svcd_lb::{Detector, ServiceBalancer, Slot, View};
 
-use super::body::{local, Blame, InFlight, ProxyBody, RequestBody, TrackedBody, Upload};
+use super::body::{
+    local, Blame, InFlight, ProxyBody, RequestBody, ResponseSource, TrackedBody, Upload,
+};
 use super::framing::ConnWatch;
+use super::h1::bridge;
+use super::h1::speaks_h1;
 use super::headers::{
     add_forwarding, declare_trailers, strip_hop_by_hop, wants_trailers, wants_upgrade,
 };
@@ -329,6 +333,11 @@ async fn proxy(
     let replay = (retries > 0 && body.is_end_stream())
         .then(|| (parts.method.clone(), parts.headers.clone()));
     let may_retry_sent = idempotent(&parts.method);
+    // Bodiless requests to HTTP/1.1 instances go out directly over the worker's pooled
+    // connections (h1::bridge), unless the fast path is turned off.
+    let bridgeable = settings.l7.http1_fast_path
+        && !upgrade
+        && bridge::bodiless(body.is_end_stream(), &parts.headers);
     let mut first = Some((parts, body));
     let worker = crate::workers::current().min(ctx.upstreams.len() - 1);
     let upstreams = ctx.upstreams[worker].load_full();
@@ -345,42 +354,45 @@ async fn proxy(
             upstreams.for_protocol(slot.endpoint.protocol)
         };
         let h2 = !upgrade && client_pool_is_h2(slot);
-        let upload = Arc::new(Upload::default());
+        let bridged = bridgeable && speaks_h1(slot.endpoint.protocol);
         let bytes_in = slot.extra.metrics.bytes_in.clone();
-        let mut request = match first.take() {
-            Some((parts, body)) => Request::from_parts(
-                parts,
-                RequestBody::new(Either::Left(body), upload.clone(), bytes_in),
-            ),
-            None => {
-                let (method, headers) = replay.clone().expect("retries need a replayable request");
-                let mut r = Request::new(RequestBody::new(
-                    Either::Right(Empty::new()),
-                    upload.clone(),
-                    bytes_in,
-                ));
-                *r.method_mut() = method;
-                *r.headers_mut() = headers;
-                r
-            }
-        };
-        *request.uri_mut() = upstream_uri(slot, path.clone());
-        *request.version_mut() = if h2 {
-            Version::HTTP_2
+        let (upload, request) = if bridged {
+            (Upload::nothing_to_send(), None)
         } else {
-            Version::HTTP_11
+            let upload = Arc::new(Upload::default());
+            let uri = upstream_uri(slot, path.clone());
+            let request = upstream_request(first.take(), &replay, &upload, bytes_in, uri, h2);
+            (upload, Some(request))
         };
-        if h2 {
-            // HTTP/2 carries the authority as `:authority` (the instance address here); a Host
-            // header beside it that differs is refused by servers such as nginx (RFC 9113
-            // §8.3.1). The client's host travels in X-Forwarded-Host.
-            request.headers_mut().remove(header::HOST);
-        }
         let in_flight = InFlight::start(&slot.health, &service_metrics.active);
         let started = Instant::now();
-        // The request timeout starts once the whole request (head and body) has been sent: it
-        // bounds the backend's time to answer, never the client's upload.
-        let response = client_pool.request(request);
+        let response = async {
+            match request {
+                Some(request) => client_pool
+                    .request(request)
+                    .await
+                    .map(|r| r.map(ResponseSource::Hyper))
+                    .map_err(SendError::Hyper),
+                None => {
+                    let (method, headers) = match &first {
+                        Some((parts, _)) => (&parts.method, &parts.headers),
+                        None => {
+                            let (m, h) = replay.as_ref().expect("retries need a replay");
+                            (m, h)
+                        }
+                    };
+                    let req = bridge::BodilessRequest {
+                        method,
+                        path: &path,
+                        headers,
+                    };
+                    bridge::send(req, slot.addr, &settings, &ctx.metrics)
+                        .await
+                        .map(|r| r.map(|b| ResponseSource::Direct(Box::new(b))))
+                        .map_err(SendError::Bridge)
+                }
+            }
+        };
         let answered = tokio::select! {
             r = response => Some(r),
             _ = async { upload.sent().await; tokio::time::sleep(routed.timeout).await } => None,
@@ -475,6 +487,73 @@ async fn proxy(
         }
     }
     Err(refusal::none_answered(&balancer.name))
+}
+
+/// The request for hyper-util's client: the client's own (the first attempt) or a bodiless one
+/// rebuilt for a retry, addressed to the instance.
+fn upstream_request(
+    first: Option<(http::request::Parts, Incoming)>,
+    replay: &Option<(Method, http::HeaderMap)>,
+    upload: &Arc<Upload>,
+    bytes_in: prometheus::IntCounter,
+    uri: Uri,
+    h2: bool,
+) -> Request<RequestBody> {
+    let mut request = match first {
+        Some((parts, body)) => Request::from_parts(
+            parts,
+            RequestBody::new(Either::Left(body), upload.clone(), bytes_in),
+        ),
+        None => {
+            let (method, headers) = replay.clone().expect("retries need a replayable request");
+            let mut r = Request::new(RequestBody::new(
+                Either::Right(Empty::new()),
+                upload.clone(),
+                bytes_in,
+            ));
+            *r.method_mut() = method;
+            *r.headers_mut() = headers;
+            r
+        }
+    };
+    *request.uri_mut() = uri;
+    *request.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    if h2 {
+        // HTTP/2 carries the authority as `:authority` (the instance address here); a Host
+        // header beside it that differs is refused by servers such as nginx (RFC 9113 §8.3.1).
+        // The client's host travels in X-Forwarded-Host.
+        request.headers_mut().remove(header::HOST);
+    }
+    request
+}
+
+/// Why an attempt got no response head, from either client.
+#[derive(Debug)]
+enum SendError {
+    Hyper(hyper_util::client::legacy::Error),
+    Bridge(bridge::BridgeError),
+}
+
+impl SendError {
+    fn is_connect(&self) -> bool {
+        match self {
+            SendError::Hyper(e) => e.is_connect(),
+            SendError::Bridge(e) => matches!(e, bridge::BridgeError::Connect(_)),
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Hyper(e) => e.fmt(f),
+            SendError::Bridge(e) => e.fmt(f),
+        }
+    }
 }
 
 fn client_pool_is_h2(slot: &Slot<HttpSlot>) -> bool {

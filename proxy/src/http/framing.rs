@@ -296,6 +296,29 @@ impl FramingGuard {
         Ok((used, self.phase == Phase::Head))
     }
 
+    /// One step over body bytes, for a relay that passes on the data alone (hyper's client
+    /// side of an HTTP/1.1 instance): how many bytes of `data` the step used, and how many of
+    /// those, from their start, are body data (chunk sizes, chunk CRLFs and trailers are not).
+    /// Err: a chunk-size or trailer line that cannot be parsed.
+    pub(crate) fn next_piece(&mut self, data: &[u8]) -> Result<(usize, usize), ()> {
+        if data.is_empty() || self.phase == Phase::Head {
+            return Ok((0, 0));
+        }
+        let before = self.data;
+        match self.step_body(data) {
+            Ok(used) => Ok((used, (self.data - before) as usize)),
+            Err(()) => {
+                self.fail();
+                Err(())
+            }
+        }
+    }
+
+    /// Whether the next bytes are trailer lines (the chunked body's last chunk was read).
+    pub(crate) fn in_trailers(&self) -> bool {
+        self.phase == Phase::Trailers
+    }
+
     /// Body data bytes followed since the last call.
     pub fn take_data(&mut self) -> u64 {
         std::mem::take(&mut self.data)

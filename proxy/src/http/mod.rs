@@ -3,15 +3,18 @@
 //! ```text
 //! client ──TCP──► ClientIo (framing guard, idle stamp) ──► hyper auto (HTTP/1.1 | h2c)
 //!   └─► forward::handle: Host/:authority ─► Router ─► snapshot service ─► ServiceBalancer.pick
-//!         ─► rewrite headers ─► Upstreams (h1 or h2 pool per instance protocol)
+//!         ─► rewrite headers ─► bodiless to an HTTP/1.1 instance: h1::bridge (the fast
+//!            path's pooled connections) | else Upstreams (hyper-util h1 or h2 pool)
 //!         ─► response streamed back (trailers included); 101 → tunnel both upgraded streams
 //! ```
 //!
+//! * [`h1`]: the HTTP/1.1 fast path, its per-worker upstream pool, and the bridge that sends
+//!   hyper's bodiless requests over that pool.
 //! * [`route`]: explicit routes, then service names from the Host.
 //! * [`framing`]: the request-smuggling guard and activity stamp under hyper.
 //! * [`host`]: the request's one host (duplicate Host, absolute-form, `:authority`, syntax).
 //! * [`headers`]: hop-by-hop removal, X-Forwarded-*, Via.
-//! * [`upstream`]: the pooled hyper-util clients.
+//! * [`upstream`]: the pooled hyper-util clients (bodies, upgrades, HTTP/2 instances).
 //! * [`forward`]: one request, with retries and timeouts.
 //! * [`metrics`], [`body`]: accounting that ends when the response body does.
 
@@ -433,7 +436,10 @@ async fn serve_with_hyper(
         ip: HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a header value"),
     });
     let ctx2 = ctx.clone();
-    let service = service_fn(move |req| forward::handle(ctx2.clone(), client.clone(), req));
+    // Boxed: hyper spawns one task per HTTP/2 stream, and a task's future is moved into place
+    // by value; the handler's state machine (~2.6 KiB) is then written once, not on each move.
+    let service =
+        service_fn(move |req| Box::pin(forward::handle(ctx2.clone(), client.clone(), req)));
     let server = match admitted {
         Admitted::Open => &settings.server,
         Admitted::AtClose => &settings.last_request_server,

@@ -5,13 +5,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::WriteHalf;
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::buffers;
-use super::head::{self, ParsedResponse, RequestInfo, ResponseInfo};
+use super::head::{self, ParsedResponse, RequestInfo, ResponseInfo, ResponseSink};
 use super::pool::{self, UpstreamConn};
 use super::{ClientConn, Next, MAX_RESPONSE_HEAD};
 use crate::http::body::InFlight;
@@ -480,12 +480,12 @@ async fn upload(
 /// Reads the response head (interim 1xx heads skipped, as hyper's client does) and writes the
 /// client's version of it to `out`. Err(true): nothing at all was read (the connection was
 /// closed or reset before any response byte); Err(false): a malformed or cut head.
-async fn read_response_head(
-    up: &mut ReadHalf<'_>,
+pub(super) async fn read_response_head<R: AsyncRead + Unpin>(
+    up: &mut R,
     rbuf: &mut BytesMut,
     head_request: bool,
     closing: bool,
-    out: &mut Vec<u8>,
+    out: &mut impl ResponseSink,
 ) -> Result<ResponseInfo, bool> {
     rbuf.clear();
     let mut read_any = false;
@@ -536,7 +536,7 @@ async fn write_timed(stream: &mut TcpStream, data: &[u8], idle: Duration) -> boo
     )
 }
 
-fn speaks_h1(protocol: svcd_config::Protocol) -> bool {
+pub(crate) fn speaks_h1(protocol: svcd_config::Protocol) -> bool {
     matches!(
         protocol,
         svcd_config::Protocol::Http | svcd_config::Protocol::Tcp

@@ -49,7 +49,7 @@ pub enum ParsedRequest {
     Request(RequestInfo),
 }
 
-fn name_is(name: &str, lower: &str) -> bool {
+pub(crate) fn name_is(name: &str, lower: &str) -> bool {
     name.len() == lower.len() && name.eq_ignore_ascii_case(lower)
 }
 
@@ -238,14 +238,56 @@ pub enum ParsedResponse {
     Response(ResponseInfo),
 }
 
-/// Parses the response head at the start of `buf`; on success writes the head for the client
-/// into `out` (cleared first): an HTTP/1.1 status line and the fields but hop-by-hop ones, plus
-/// `connection: close` when `closing`.
+/// Where a parsed response head goes, with the proxy's edits made: the client's HTTP/1.1 head
+/// as bytes (the fast path's `Vec<u8>`), or a status and header map for hyper to send
+/// (`bridge::HeadParts`, for requests hyper serves).
+pub trait ResponseSink {
+    /// The status line; starts the head afresh (an interim 1xx head may have come before).
+    fn status(&mut self, status: u16, reason: &[u8]);
+    /// A field that goes on (hop-by-hop fields and `Upgrade` are not passed).
+    fn field(&mut self, name: &str, value: &[u8]);
+    /// The head is complete; `close`: the client's connection closes after this response.
+    fn end(&mut self, close: bool);
+}
+
+impl ResponseSink for Vec<u8> {
+    fn status(&mut self, status: u16, reason: &[u8]) {
+        self.clear();
+        self.extend_from_slice(b"HTTP/1.1 ");
+        let code = [
+            b'0' + (status / 100 % 10) as u8,
+            b'0' + (status / 10 % 10) as u8,
+            b'0' + (status % 10) as u8,
+        ];
+        self.extend_from_slice(&code);
+        self.push(b' ');
+        self.extend_from_slice(reason);
+        self.extend_from_slice(b"\r\n");
+    }
+
+    fn field(&mut self, name: &str, value: &[u8]) {
+        self.extend_from_slice(name.as_bytes());
+        self.extend_from_slice(b": ");
+        self.extend_from_slice(value);
+        self.extend_from_slice(b"\r\n");
+    }
+
+    fn end(&mut self, close: bool) {
+        if close {
+            self.extend_from_slice(b"connection: close\r\n");
+        }
+        self.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Parses the response head at the start of `buf`; on success gives `out` the head for the
+/// client: the status and the fields but hop-by-hop ones, and whether to close (`closing`, or a
+/// body that ends with the connection).
 pub fn parse_response(
     buf: &[u8],
     head_request: bool,
     closing: bool,
-    out: &mut Vec<u8>,
+    out: &mut impl ResponseSink,
 ) -> ParsedResponse {
     let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS * 2];
     let mut resp = httparse::Response::new(&mut slots);
@@ -281,30 +323,13 @@ pub fn parse_response(
         }
     }
     let listed = &listed[..n_listed];
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    let mut code = [0u8; 3];
-    code[0] = b'0' + (status / 100 % 10) as u8;
-    code[1] = b'0' + (status / 10 % 10) as u8;
-    code[2] = b'0' + (status % 10) as u8;
-    out.extend_from_slice(&code);
-    out.push(b' ');
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    out.status(status, resp.reason.unwrap_or("").as_bytes());
     for h in headers.iter() {
-        let name = h.name;
-        if hop_by_hop(name, listed) || name_is(name, "upgrade") {
-            continue;
+        if !(hop_by_hop(h.name, listed) || name_is(h.name, "upgrade")) {
+            out.field(h.name, h.value);
         }
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
     }
-    if closing || framing == ResponseFraming::UntilClose {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    out.end(closing || framing == ResponseFraming::UntilClose);
     ParsedResponse::Response(ResponseInfo {
         len,
         status,

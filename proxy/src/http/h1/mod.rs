@@ -15,10 +15,13 @@
 //! Answers match the hyper path's: the same routing, refusals, retries, header rewrite,
 //! metrics, health judgements and shutdown behaviour (the differential tests compare them).
 
+pub mod bridge;
 mod buffers;
 mod exchange;
 pub mod head;
 pub mod pool;
+
+pub(crate) use exchange::speaks_h1;
 
 use std::net::IpAddr;
 use std::sync::Arc;
