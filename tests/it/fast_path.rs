@@ -113,3 +113,53 @@ async fn a_reload_reaches_open_keep_alive_connections() {
         assert_eq!((status.as_u16(), body.as_str()), (200, "b1"), "{path:?}");
     }
 }
+
+/// Many keep-alive clients at once, their requests split across writes or pipelined two to a
+/// write: every request is answered, none waits for a wake-up that never comes (the fast path
+/// clears a socket's read readiness itself after a read that drained it).
+#[tokio::test]
+async fn concurrent_split_and_pipelined_requests_are_all_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("b1").await;
+    let d = daemon(FAST_PATH, backend.addr).await;
+    const CLIENTS: usize = 16;
+    const ROUNDS: usize = 50; // three requests a round
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let addr = d.http;
+        clients.spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut seen = 0;
+            let mut buf = Vec::new();
+            for round in 0..ROUNDS {
+                s.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+                tokio::task::yield_now().await;
+                s.write_all(b"st: web\r\n\r\n").await.unwrap();
+                s.write_all(
+                    b"GET / HTTP/1.1\r\nHost: web\r\n\r\nGET / HTTP/1.1\r\nHost: web\r\n\r\n",
+                )
+                .await
+                .unwrap();
+                let want = 3 * (round + 1);
+                while seen < want {
+                    let mut chunk = [0u8; 4096];
+                    let n = s.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "closed after {seen} answers");
+                    buf.extend_from_slice(&chunk[..n]);
+                    seen = String::from_utf8_lossy(&buf).matches("\r\n\r\nb1").count();
+                }
+            }
+            seen
+        });
+    }
+    let all = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let mut total = 0;
+        while let Some(n) = clients.join_next().await {
+            total += n.unwrap();
+        }
+        total
+    })
+    .await
+    .expect("every request answered within 30 s");
+    assert_eq!(all, CLIENTS * ROUNDS * 3);
+}

@@ -329,9 +329,11 @@ async fn proxy(
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let retries = routed.retries.min(pick.slots.len().saturating_sub(1));
-    // A bodiless request can be sent again; keep what is needed to rebuild it.
-    let replay = (retries > 0 && body.is_end_stream())
-        .then(|| (parts.method.clone(), parts.headers.clone()));
+    // A bodiless request can be sent again. What rebuilds it is copied only when hyper-util's
+    // client is about to take the request and another attempt may follow (the bridge borrows
+    // the request and leaves it in `first`).
+    let replayable = retries > 0 && body.is_end_stream();
+    let mut replay: Option<(Method, http::HeaderMap)> = None;
     let may_retry_sent = idempotent(&parts.method);
     // Bodiless requests to HTTP/1.1 instances go out directly over the worker's pooled
     // connections (h1::bridge), unless the fast path is turned off.
@@ -359,6 +361,11 @@ async fn proxy(
         let (upload, request) = if bridged {
             (Upload::nothing_to_send(), None)
         } else {
+            if let (true, None, Some((parts, _))) =
+                (replayable && attempt < retries, &replay, &first)
+            {
+                replay = Some((parts.method.clone(), parts.headers.clone()));
+            }
             let upload = Arc::new(Upload::default());
             let uri = upstream_uri(slot, path.clone());
             let request = upstream_request(first.take(), &replay, &upload, bytes_in, uri, h2);
@@ -465,7 +472,7 @@ async fn proxy(
                 };
                 debug!(service = %balancer.name, endpoint = %slot.health.id, error = %e, "upstream request failed");
                 record_no_answer(balancer, &view, slot, outcome, seconds, Some(reason));
-                let can_retry = replay.is_some() && (connect || may_retry_sent);
+                let can_retry = replayable && (connect || may_retry_sent);
                 if can_retry && attempt < retries {
                     service_metrics.retries.inc();
                     continue;

@@ -114,7 +114,7 @@ pub async fn send(
         }
         let mut rbuf = BytesMut::new();
         let mut parts = HeadParts::default();
-        match read_response_head(&mut up.stream, &mut rbuf, head_request, false, &mut parts).await {
+        match read_response_head(&up.stream, &mut rbuf, head_request, false, &mut parts).await {
             Ok(info) => {
                 let Some(status) = parts.valid_status(info.status) else {
                     break Err(BridgeError::Upstream("malformed response head"));
@@ -349,7 +349,7 @@ impl Body for DirectBody {
             };
             ready!(up.stream.poll_read_ready(cx))?;
             buffers::room(&mut this.buf);
-            match up.stream.try_read_buf(&mut this.buf) {
+            match super::read::try_read_some(&up.stream, &mut this.buf) {
                 Ok(0) if this.tracker.is_none() => this.finish(false), // ends with the connection
                 Ok(0) => {
                     this.finish(false);

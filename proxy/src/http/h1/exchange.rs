@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::WriteHalf;
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -13,6 +13,7 @@ use tracing::debug;
 use super::buffers;
 use super::head::{self, ParsedResponse, RequestInfo, ResponseInfo, ResponseSink};
 use super::pool::{self, UpstreamConn};
+use super::read::read_some;
 use super::{ClientConn, Next, MAX_RESPONSE_HEAD};
 use crate::http::body::InFlight;
 use crate::http::forward::{
@@ -255,8 +256,9 @@ impl ClientConn<'_> {
         } = self;
         let mut uploaded = body.body_done();
         let got = {
-            let (mut up_read, mut up_write) = up.stream.split();
-            let head = read_response_head(&mut up_read, rbuf, info.head_method, closing, down_head);
+            let (up_read, mut up_write) = up.stream.split();
+            let head =
+                read_response_head(up_read.as_ref(), rbuf, info.head_method, closing, down_head);
             tokio::pin!(head);
             let mut early = None;
             if !uploaded {
@@ -328,7 +330,7 @@ impl ClientConn<'_> {
         while !done {
             self.rbuf.clear();
             buffers::room_for_body(&mut self.rbuf);
-            let n = match tokio::time::timeout(idle, up.stream.read_buf(&mut self.rbuf)).await {
+            let n = match tokio::time::timeout(idle, read_some(&up.stream, &mut self.rbuf)).await {
                 Ok(Ok(n)) => n,
                 _ => return Relayed::UpstreamBroke,
             };
@@ -463,7 +465,7 @@ async fn upload(
 ) -> Result<(), UploadError> {
     while !body.body_done() {
         buffers::room_for_body(buf);
-        match tokio::time::timeout(idle, client.read_buf(buf)).await {
+        match tokio::time::timeout(idle, read_some(client, buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => return Err(UploadError::Client),
         }
@@ -480,8 +482,8 @@ async fn upload(
 /// Reads the response head (interim 1xx heads skipped, as hyper's client does) and writes the
 /// client's version of it to `out`. Err(true): nothing at all was read (the connection was
 /// closed or reset before any response byte); Err(false): a malformed or cut head.
-pub(super) async fn read_response_head<R: AsyncRead + Unpin>(
-    up: &mut R,
+pub(super) async fn read_response_head(
+    up: &TcpStream,
     rbuf: &mut BytesMut,
     head_request: bool,
     closing: bool,
@@ -506,7 +508,7 @@ pub(super) async fn read_response_head<R: AsyncRead + Unpin>(
             }
         }
         buffers::room(rbuf);
-        match up.read_buf(rbuf).await {
+        match read_some(up, rbuf).await {
             Ok(n) if n > 0 => read_any = true,
             _ => return Err(!read_any),
         }
@@ -521,7 +523,7 @@ async fn client_gone(stream: &mut TcpStream, buf: &mut BytesMut, limit: usize) {
             return std::future::pending().await;
         }
         buffers::room(buf);
-        match stream.read_buf(buf).await {
+        match read_some(stream, buf).await {
             Ok(n) if n > 0 => {}
             _ => return,
         }

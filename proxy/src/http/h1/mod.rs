@@ -20,6 +20,7 @@ mod buffers;
 mod exchange;
 pub mod head;
 pub mod pool;
+mod read;
 
 pub(crate) use exchange::speaks_h1;
 
@@ -232,7 +233,7 @@ impl<'a> ClientConn<'a> {
                 }
             }
             buffers::room(&mut self.buf);
-            match self.stream.try_read_buf(&mut self.buf) {
+            match read::try_read_some(&self.stream, &mut self.buf) {
                 Ok(0) => return HeadRead::Closed,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
