@@ -25,6 +25,18 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+# rotated ROUND ITEM... — the items, starting at the ROUND-th (round 1: as given). Each target
+# then runs first, last and in between across rounds: a connection-rate run leaves tens of
+# thousands of sockets in TIME_WAIT, and whoever runs right after pays for them.
+rotated() {
+  local round=$1; shift
+  local n=$# i
+  for ((i = 0; i < n; i++)); do
+    local k=$(( (i + round - 1) % n + 1 ))
+    printf '%s ' "${!k}"
+  done
+}
+
 # Median of whitespace-separated numbers on stdin.
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 

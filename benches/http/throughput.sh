@@ -82,7 +82,7 @@ h2() { # port → "req/s requests"
 TARGETS="direct svcd svcd-hyper svcd-2w haproxy nginx"
 declare -A r
 for round in $(seq "$ROUNDS"); do
-  for t in $TARGETS; do
+  for t in $(rotated "$round" $TARGETS); do
     case $t in
       direct) p=$P_WEB; p2=$P_WEB2; procs="";;
       svcd) p=$P_SVCD; p2=$P_SVCD; procs=$PID_SVCD;;

@@ -94,7 +94,7 @@ cps() { # port → "connections/s connections": requests with "Connection: close
 }
 declare -A r
 for round in $(seq "$ROUNDS"); do
-  for t in direct svcd haproxy nginx; do
+  for t in $(rotated "$round" direct svcd haproxy nginx); do
     case $t in
       direct) p=$P_IPERF; w=$P_WEB; procs="";; svcd) p=$P_SVCD; w=$P_SVCD_WEB; procs=$PID_SVCD;;
       haproxy) p=$P_HAP; w=$P_HAP_WEB; procs=$PID_HAP;;
@@ -105,7 +105,7 @@ for round in $(seq "$ROUNDS"); do
     read -r rate n < <(cps "$w")
     cpu=-; [ -n "$procs" ] && cpu=$(us_per_request $(( $(cpu_ticks $procs) - before )) "$n")
     r[$t.c]+="$rate "; r[$t.cpu]+="$cpu "
-    echo "round $round $t: 1 stream ${r[$t.1]##* }... done" >&2
+    echo "round $round $t: $rate conn/s, $cpu us CPU/conn" >&2
   done
 done
 echo
