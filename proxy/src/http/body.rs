@@ -223,9 +223,11 @@ pub struct TrackedBody {
     bytes_out: IntCounter,
     blame: Option<Blame>,
     idle: Duration,
-    /// Ends the body after `idle` without a frame. Re-armed only when the body waits after
-    /// having made progress, so a burst of ready frames reads no clock.
-    stall: Pin<Box<Sleep>>,
+    /// Ends the body after `idle` without a frame. Made when the body first waits (a body
+    /// read whole at once, most small responses, costs no timer or allocation), then re-armed
+    /// only when the body waits after having made progress, so a burst of ready frames reads no
+    /// clock.
+    stall: Option<Pin<Box<Sleep>>>,
     progressed: bool,
     _in_flight: InFlight,
     /// The client connection's count of requests being answered, held until the body ends.
@@ -245,7 +247,7 @@ impl TrackedBody {
             bytes_out,
             blame: Some(blame),
             idle,
-            stall: Box::pin(tokio::time::sleep(idle)),
+            stall: None,
             progressed: false,
             _in_flight: in_flight,
             _conn: None,
@@ -304,11 +306,18 @@ impl Body for TrackedBody {
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                if std::mem::take(&mut this.progressed) {
-                    let next = tokio::time::Instant::now() + this.idle;
-                    this.stall.as_mut().reset(next);
-                }
-                match this.stall.as_mut().poll(cx) {
+                let progressed = std::mem::take(&mut this.progressed);
+                let idle = this.idle;
+                let stall = match &mut this.stall {
+                    Some(stall) => {
+                        if progressed {
+                            stall.as_mut().reset(tokio::time::Instant::now() + idle);
+                        }
+                        stall
+                    }
+                    None => this.stall.insert(Box::pin(tokio::time::sleep(idle))),
+                };
+                match stall.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(this.idle).into()))),
                     Poll::Pending => Poll::Pending,
                 }
