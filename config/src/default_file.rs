@@ -127,8 +127,9 @@ pool_max_idle_per_host = 256
 # client, method, host, path, status, service, milliseconds to the response head.
 access_log = false
 # HTTP/1.1 requests on svcd's own exchange loop (heads parsed once, upstream connections kept per
-# worker); false sends every request through hyper. HTTP/2, upgrades, HTTP/1.0, Expect and
-# anything malformed go to hyper either way.
+# worker), and the bodiless requests hyper serves (HTTP/2 clients) sent to HTTP/1.1 instances over
+# those same connections; false sends every request through hyper and hyper-util's client.
+# HTTP/2, upgrades, HTTP/1.0, Expect and anything malformed go to hyper either way.
 http1_fast_path = true
 
 # Passive health: instances failing in the proxy are ejected, locally, from the proxy and from

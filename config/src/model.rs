@@ -409,8 +409,9 @@ pub struct L7Config {
     /// service, time to the response head. Off by default.
     pub access_log: bool,
     /// HTTP/1.1 requests served by svcd's own exchange loop (one task per client connection,
-    /// heads parsed once, upstream connections from the worker's pool); off, hyper serves every
-    /// request. Unusual requests go to hyper either way.
+    /// heads parsed once, upstream connections from the worker's pool), and hyper's bodiless
+    /// requests to HTTP/1.1 instances sent over that pool (the bridge); off, hyper and
+    /// hyper-util serve every request. Unusual requests go to hyper either way.
     pub http1_fast_path: bool,
 }
 
