@@ -19,21 +19,19 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 thread_local! {
-    /// This thread's worker index (0 off the workers).
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-    /// Whether this thread is a proxy worker: the only thread of its current-thread runtime.
-    static ON_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This thread's worker index; `None` off the workers.
+    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 /// The index of the proxy worker running this code (0 elsewhere), for per-worker state.
 pub fn current() -> usize {
-    WORKER.get()
+    WORKER.get().unwrap_or(0)
 }
 
 /// Whether this code runs on a proxy worker, whose runtime's I/O driver only runs when this
 /// thread's tasks yield (see `http::h1::read`).
 pub fn on_worker() -> bool {
-    ON_WORKER.get()
+    WORKER.get().is_some()
 }
 
 /// Backlog of each worker's listening socket.
@@ -63,8 +61,7 @@ impl ProxyWorkers {
             let thread = std::thread::Builder::new()
                 .name(format!("svcd-proxy-{i}"))
                 .spawn(move || {
-                    WORKER.set(i);
-                    ON_WORKER.set(true);
+                    WORKER.set(Some(i));
                     runtime.block_on(stop.cancelled());
                     // Dropping the runtime cancels what is left (the drain is over by then).
                 })?;

@@ -19,13 +19,13 @@ use super::body::{
 };
 use super::framing::ConnWatch;
 use super::h1::bridge;
-use super::h1::speaks_h1;
 use super::headers::{
     add_forwarding, declare_trailers, strip_hop_by_hop, wants_trailers, wants_upgrade,
 };
 use super::host::request_host;
 use super::metrics::{HttpSlot, HttpSlots, Outcome};
 use super::route::MAX_HOST;
+use super::speaks_h1;
 use super::{HttpContext, HttpSettings};
 
 /// What a request handler knows about its client connection.
@@ -355,7 +355,7 @@ async fn proxy(
         } else {
             upstreams.for_protocol(slot.endpoint.protocol)
         };
-        let h2 = !upgrade && client_pool_is_h2(slot);
+        let h2 = !upgrade && !speaks_h1(slot.endpoint.protocol);
         let bridged = bridgeable && speaks_h1(slot.endpoint.protocol);
         let bytes_in = slot.extra.metrics.bytes_in.clone();
         let (upload, request) = if bridged {
@@ -561,13 +561,6 @@ impl std::fmt::Display for SendError {
             SendError::Bridge(e) => e.fmt(f),
         }
     }
-}
-
-fn client_pool_is_h2(slot: &Slot<HttpSlot>) -> bool {
-    matches!(
-        slot.endpoint.protocol,
-        svcd_config::Protocol::H2 | svcd_config::Protocol::Grpc
-    )
 }
 
 /// `http://<ip:port><path>`, from parts made once per instance.

@@ -54,6 +54,15 @@ use metrics::{HttpMetrics, HttpSlots};
 use route::Router;
 use upstream::Upstreams;
 
+/// Whether an instance registered with `protocol` is spoken to in HTTP/1.1 (`http`, or a `tcp`
+/// instance an HTTP route names); `h2` and `grpc` instances get HTTP/2.
+pub(crate) fn speaks_h1(protocol: svcd_config::Protocol) -> bool {
+    matches!(
+        protocol,
+        svcd_config::Protocol::Http | svcd_config::Protocol::Tcp
+    )
+}
+
 /// Everything a request reads that a reload can change; swapped whole. (The balancers are not
 /// here: they outlive reloads, see [`HttpContext::table`].)
 pub struct HttpSettings {

@@ -56,9 +56,10 @@ impl Upstreams {
     /// The pool for an instance registered with `protocol`.
     #[inline]
     pub fn for_protocol(&self, protocol: Protocol) -> &Client<CountingConnector, UpstreamBody> {
-        match protocol {
-            Protocol::H2 | Protocol::Grpc => &self.h2,
-            Protocol::Http | Protocol::Tcp => &self.h1,
+        if super::speaks_h1(protocol) {
+            &self.h1
+        } else {
+            &self.h2
         }
     }
 

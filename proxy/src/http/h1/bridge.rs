@@ -92,17 +92,10 @@ pub async fn send(
     let head_request = req.method == Method::HEAD;
     let mut fresh_only = false;
     let result = loop {
-        let pooled = if fresh_only {
-            None
-        } else {
-            pool::take(addr, l7.pool_idle_timeout, false)
-        };
-        let mut up = match pooled {
-            Some(up) => up,
-            None => match pool::connect(addr, settings.connect_timeout, metrics).await {
-                Ok(up) => up,
-                Err(e) => break Err(BridgeError::Connect(e)),
-            },
+        // No liveness check: a closed one is retried on a new one, below.
+        let mut up = match pool::checkout(addr, settings, metrics, fresh_only, false).await {
+            Ok(up) => up,
+            Err(e) => break Err(BridgeError::Connect(e)),
         };
         let stale = up.reused && !fresh_only;
         if up.stream.write_all(&head).await.is_err() {

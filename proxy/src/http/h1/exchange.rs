@@ -21,6 +21,7 @@ use crate::http::forward::{
 };
 use crate::http::framing::{FramingGuard, ResponseFraming};
 use crate::http::metrics::{HttpSlot, Outcome};
+use crate::http::speaks_h1;
 use svcd_lb::Slot;
 
 /// How one attempt on one instance went.
@@ -198,29 +199,20 @@ impl ClientConn<'_> {
         fresh_only: bool,
     ) -> Attempt {
         let l7 = &self.settings.l7;
-        let replayable = info.replayable();
-        let pooled = if fresh_only {
-            None
-        } else {
-            pool::take(slot.addr, l7.pool_idle_timeout, !replayable)
-        };
-        let mut up = match pooled {
-            Some(up) => up,
-            None => {
-                let connect_timeout = self.settings.connect_timeout;
-                match pool::connect(slot.addr, connect_timeout, &self.ctx.metrics).await {
-                    Ok(up) => up,
-                    Err(e) => {
-                        debug!(addr = %slot.addr, error = %e, "upstream connect failed");
-                        return Attempt::Failed {
-                            outcome: Outcome::ConnectError,
-                            reason: "connect failed",
-                            untouched: false,
-                        };
-                    }
+        let check = !info.replayable();
+        let metrics = &self.ctx.metrics;
+        let mut up =
+            match pool::checkout(slot.addr, &self.settings, metrics, fresh_only, check).await {
+                Ok(up) => up,
+                Err(e) => {
+                    debug!(addr = %slot.addr, error = %e, "upstream connect failed");
+                    return Attempt::Failed {
+                        outcome: Outcome::ConnectError,
+                        reason: "connect failed",
+                        untouched: false,
+                    };
                 }
-            }
-        };
+            };
         let reused = up.reused;
         let bytes_in = &slot.extra.metrics.bytes_in;
         // The head, with the body bytes already read.
@@ -535,13 +527,6 @@ async fn write_timed(stream: &mut TcpStream, data: &[u8], idle: Duration) -> boo
     matches!(
         tokio::time::timeout(idle, stream.write_all(data)).await,
         Ok(Ok(()))
-    )
-}
-
-pub(crate) fn speaks_h1(protocol: svcd_config::Protocol) -> bool {
-    matches!(
-        protocol,
-        svcd_config::Protocol::Http | svcd_config::Protocol::Tcp
     )
 }
 

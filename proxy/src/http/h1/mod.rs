@@ -22,8 +22,6 @@ pub mod head;
 pub mod pool;
 mod read;
 
-pub(crate) use exchange::speaks_h1;
-
 use std::net::IpAddr;
 use std::sync::Arc;
 

@@ -64,6 +64,26 @@ pub async fn connect(
     })
 }
 
+/// A connection to `addr` for one exchange: the most recent idle one (unless `fresh_only`, a
+/// retry after a pooled one turned out closed), else a new one. `check`: see [`take`].
+pub async fn checkout(
+    addr: SocketAddr,
+    settings: &crate::http::HttpSettings,
+    metrics: &HttpMetrics,
+    fresh_only: bool,
+    check: bool,
+) -> io::Result<UpstreamConn> {
+    let pooled = if fresh_only {
+        None
+    } else {
+        take(addr, settings.l7.pool_idle_timeout, check)
+    };
+    match pooled {
+        Some(up) => Ok(up),
+        None => connect(addr, settings.connect_timeout, metrics).await,
+    }
+}
+
 struct Idle {
     conn: UpstreamConn,
     since: Instant,
