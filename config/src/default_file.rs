@@ -120,7 +120,8 @@ max_header_bytes = 65536
 max_headers = 100
 max_concurrent_streams = 256
 max_pending_accept_reset_streams = 20
-# Upstream keep-alive pool.
+# Upstream keep-alive pool. An instance that leaves the registry takes its idle connections with
+# it; a reload applies new limits to the idle connections at once.
 pool_idle_timeout = "1m 30s"
 pool_max_idle_per_host = 256
 # One log event per request (target svcd::access; with --log-format json, one JSON object each):

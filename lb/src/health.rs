@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use futures_util::StreamExt as _;
 use svcd_config::{OutlierConfig, PanicMode};
 use svcd_registry::{EndpointSnapshot, SnapshotPublisher, SnapshotReader};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
@@ -207,6 +207,10 @@ pub struct LoadBalancer {
     expiries_rx: Mutex<Option<mpsc::UnboundedReceiver<Expiry>>>,
     /// The plane tables, told to prune after every publish.
     tables: Mutex<Vec<Weak<dyn Prune>>>,
+    /// Bumped once instances have left (their `left` tokens cancelled), so what keeps state per
+    /// instance elsewhere (the HTTP fast path's idle connections) drops it then: after the
+    /// tokens, which a plain publish subscription would race.
+    departures: watch::Sender<u64>,
     metrics: LbMetrics,
 }
 
@@ -227,6 +231,7 @@ impl LoadBalancer {
             expiries,
             expiries_rx: Mutex::new(Some(rx)),
             tables: Mutex::new(Vec::new()),
+            departures: watch::Sender::new(0),
             metrics,
         })
     }
@@ -234,6 +239,16 @@ impl LoadBalancer {
     /// The snapshot every plane reads.
     pub fn reader(&self) -> &SnapshotReader {
         &self.reader
+    }
+
+    /// Fires after instances left the registry; their [`EndpointHealth::has_left`] is true by
+    /// then.
+    pub fn departures(&self) -> watch::Receiver<u64> {
+        self.departures.subscribe()
+    }
+
+    fn announce_departures(&self) {
+        self.departures.send_modify(|n| *n += 1);
     }
 
     /// New thresholds for the next failure and pick; ejections in force keep their deadlines.
@@ -270,6 +285,7 @@ impl LoadBalancer {
         if let Some(old) = replaced {
             old.left.cancel();
             self.release_all(service, &old);
+            self.announce_departures();
         }
         health
     }
@@ -345,6 +361,7 @@ impl LoadBalancer {
         if changed.is_empty() {
             return;
         }
+        let mut departed = false;
         {
             let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
             for name in &changed {
@@ -363,12 +380,16 @@ impl LoadBalancer {
                     keep
                 });
                 for h in gone {
+                    departed = true;
                     self.release_all(&health, &h);
                 }
                 if current.is_none() {
                     services.remove(*name);
                 }
             }
+        }
+        if departed {
+            self.announce_departures();
         }
         let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
         tables.retain(|t| match t.upgrade() {

@@ -108,6 +108,18 @@ impl ProxyWorkers {
         Ok(())
     }
 
+    /// Runs `task()` once on every worker, for upkeep of the worker's own state. Untracked: it
+    /// ends on its own or with the worker's runtime.
+    pub fn spawn_each<F, Fut>(&self, task: F)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        for handle in &self.handles {
+            handle.spawn(task());
+        }
+    }
+
     /// Ends the worker runtimes and waits for their threads.
     pub async fn shutdown(&self) {
         self.stop.cancel();

@@ -3,11 +3,16 @@
 //! (its `/headers` echo) and the metrics must agree.
 
 use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
 
 use crate::support::backend::Backend;
 use crate::support::daemon::Daemon;
+use crate::support::eventually;
 use crate::support::proxy::{
-    on_path, raw_exchange, register, wait_routable, FAST_PATH, H1, HYPER_PATH,
+    h2_connect, on_path, raw_exchange, register, wait_routable, FAST_PATH, H1, HYPER_PATH,
 };
 
 /// Requests as clients send them; each exchange ends with `Connection: close` so the reply can
@@ -162,4 +167,66 @@ async fn concurrent_split_and_pipelined_requests_are_all_answered() {
     .await
     .expect("every request answered within 30 s");
     assert_eq!(all, CLIENTS * ROUNDS * 3);
+}
+
+/// The fast path's idle upstream connections (HTTP/1.1 clients, and HTTP/2 clients through the
+/// bridge) go with their instance when it leaves the registry, not when they idle out; a reload
+/// that lowers `pool_max_idle_per_host` to 0 closes the others.
+#[tokio::test]
+async fn idle_upstream_connections_go_with_their_instance_and_a_lowered_limit() {
+    let (b1, b2) = (Backend::start("b1").await, Backend::start("b2").await);
+    let d = daemon(FAST_PATH, b1.addr).await;
+    register(&d, "web", "w2", b2.addr, "http").await;
+    wait_routable(&d, "web", 2).await;
+    let mut h1 = H1::connect(d.http).await;
+    let (mut h2, _conn) = h2_connect::<Empty<Bytes>>(d.http).await;
+    for _ in 0..4 {
+        assert_eq!(h1.get("web", "/").await.0, 200);
+        let req = http::Request::get("http://web/")
+            .body(Empty::new())
+            .unwrap();
+        assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+    }
+    assert!(b1.open_connections() >= 1 && b2.open_connections() >= 1);
+    let before = d.metric("svcd_http_upstream_connections").await.unwrap();
+
+    let gone = d
+        .request("DELETE", "/v1/services/default/web/instances/w1", None)
+        .await;
+    assert!(gone.status < 300, "{}", gone.body);
+    eventually(
+        Duration::from_secs(2),
+        "w1's idle connections closed",
+        || async { (b1.open_connections() == 0).then_some(()) },
+    )
+    .await;
+    assert!(b2.open_connections() >= 1, "w2's idle connections stay");
+    let after = d.metric("svcd_http_upstream_connections").await.unwrap();
+    assert!(after < before && after >= 1.0, "{before} -> {after}");
+    for _ in 0..4 {
+        assert_eq!(
+            h1.get("web", "/").await,
+            (http::StatusCode::OK, "b2".into())
+        );
+    }
+
+    d.reload_with("[proxy.l7]\npool_max_idle_per_host = 0\n")
+        .await;
+    // At once, not at the keeper's next round (5 s).
+    eventually(
+        Duration::from_secs(2),
+        "w2's idle connections closed",
+        || async { (b2.open_connections() == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(d.metric("svcd_http_upstream_connections").await, Some(0.0));
+    // Without a pool every request opens and closes its own connection.
+    assert_eq!(
+        h1.get("web", "/").await,
+        (http::StatusCode::OK, "b2".into())
+    );
+    eventually(Duration::from_secs(2), "no connection kept", || async {
+        (b2.open_connections() == 0).then_some(())
+    })
+    .await;
 }

@@ -106,6 +106,12 @@ impl HttpSettings {
     }
 }
 
+/// What the fast path's pool keeps: at most this many idle connections per address, for at most
+/// this long.
+fn pool_limits(l7: &L7Config) -> (usize, Duration) {
+    (l7.pool_max_idle_per_host, l7.pool_idle_timeout)
+}
+
 /// Shared by the HTTP listeners and every request.
 pub struct HttpContext {
     pub snapshot: SnapshotReader,
@@ -123,6 +129,9 @@ pub struct HttpContext {
     pub tracker: TaskTracker,
     /// Cancelled when the drain time is over.
     pub hard_stop: CancellationToken,
+    /// `pool_max_idle_per_host` and `pool_idle_timeout`, for the workers' pool keepers
+    /// ([`h1::pool::upkeep`]): a reload applies them to idle connections at once.
+    pub pool_limits: tokio::sync::watch::Sender<(usize, Duration)>,
 }
 
 /// The running HTTP listeners by address; each has its own stop token (reload removes one).
@@ -170,10 +179,18 @@ impl HttpProxy {
                 fds: fds.clone(),
                 tracker: TaskTracker::new(),
                 hard_stop: CancellationToken::new(),
+                pool_limits: tokio::sync::watch::Sender::new(pool_limits(&config.l7)),
             }),
             listeners: Mutex::new(HashMap::new()),
             workers: workers.clone(),
         };
+        workers.spawn_each(|| {
+            h1::pool::upkeep(
+                lb.departures(),
+                proxy.ctx.pool_limits.subscribe(),
+                proxy.ctx.hard_stop.clone(),
+            )
+        });
         match proxy.bind_missing(config).await.into_iter().next() {
             Some(e) => Err(e),
             None => Ok(proxy),
@@ -186,6 +203,10 @@ impl HttpProxy {
         let ctx = &self.ctx;
         ctx.settings
             .store(Arc::new(HttpSettings::new(config, domain)));
+        ctx.pool_limits.send_if_modified(|limits| {
+            let new = pool_limits(&config.l7);
+            std::mem::replace(limits, new) != new
+        });
         ctx.table
             .set_policies(config.l7.balance, config.l7.balance_by_service.clone());
         for upstreams in &ctx.upstreams {
@@ -286,11 +307,6 @@ async fn accept_connections(
     refused: &prometheus::IntCounter,
     share: &Arc<crate::fds::ListenerShare>,
 ) {
-    // The fast path's idle upstream connections live per worker thread; this loop runs on its
-    // worker, so it closes the ones idle too long.
-    let pool_idle = ctx.settings.load().l7.pool_idle_timeout;
-    let mut sweep = tokio::time::interval((pool_idle / 2).max(Duration::from_secs(1)));
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => {
@@ -299,10 +315,6 @@ async fn accept_connections(
                     admit(ctx, stream, peer, stop, refused, share, Admitted::AtClose);
                 }
                 return;
-            }
-            _ = sweep.tick() => {
-                h1::pool::sweep(ctx.settings.load().l7.pool_idle_timeout);
-                continue;
             }
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,

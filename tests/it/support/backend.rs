@@ -32,6 +32,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Requests that reached this backend.
     pub requests: Arc<AtomicUsize>,
+    /// Connections open to it now.
+    open: Arc<AtomicUsize>,
     serving: Arc<AtomicBool>,
     stop: CancellationToken,
 }
@@ -41,9 +43,11 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
         let serving = Arc::new(AtomicBool::new(true));
         let stop = CancellationToken::new();
         let (count, token, up) = (requests.clone(), stop.clone(), serving.clone());
+        let opened = open.clone();
         tokio::spawn(async move {
             loop {
                 let stream = tokio::select! {
@@ -51,6 +55,8 @@ impl Backend {
                     r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => return },
                 };
                 let (count, token, up) = (count.clone(), token.clone(), up.clone());
+                let opened = opened.clone();
+                opened.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         count.fetch_add(1, Ordering::SeqCst);
@@ -63,12 +69,14 @@ impl Backend {
                         _ = conn => {}
                         _ = token.cancelled() => {}
                     }
+                    opened.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         Backend {
             addr,
             requests,
+            open,
             serving,
             stop,
         }
@@ -86,6 +94,12 @@ impl Backend {
 
     pub fn count(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Connections open to this backend now (a closed one counts until the backend reads its
+    /// end).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 }
 

@@ -16,6 +16,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -82,6 +83,7 @@ pub fn bodiless(end_of_stream: bool, headers: &HeaderMap) -> bool {
 pub async fn send(
     req: BodilessRequest<'_>,
     addr: std::net::SocketAddr,
+    health: &Arc<svcd_lb::EndpointHealth>,
     settings: &HttpSettings,
     metrics: &HttpMetrics,
 ) -> Result<Response<DirectBody>, BridgeError> {
@@ -93,7 +95,8 @@ pub async fn send(
     let mut fresh_only = false;
     let result = loop {
         // No liveness check: a closed one is retried on a new one, below.
-        let mut up = match pool::checkout(addr, settings, metrics, fresh_only, false).await {
+        let mut up = match pool::checkout(addr, health, settings, metrics, fresh_only, false).await
+        {
             Ok(up) => up,
             Err(e) => break Err(BridgeError::Connect(e)),
         };

@@ -201,18 +201,26 @@ impl ClientConn<'_> {
         let l7 = &self.settings.l7;
         let check = !info.replayable();
         let metrics = &self.ctx.metrics;
-        let mut up =
-            match pool::checkout(slot.addr, &self.settings, metrics, fresh_only, check).await {
-                Ok(up) => up,
-                Err(e) => {
-                    debug!(addr = %slot.addr, error = %e, "upstream connect failed");
-                    return Attempt::Failed {
-                        outcome: Outcome::ConnectError,
-                        reason: "connect failed",
-                        untouched: false,
-                    };
-                }
-            };
+        let mut up = match pool::checkout(
+            slot.addr,
+            &slot.health,
+            &self.settings,
+            metrics,
+            fresh_only,
+            check,
+        )
+        .await
+        {
+            Ok(up) => up,
+            Err(e) => {
+                debug!(addr = %slot.addr, error = %e, "upstream connect failed");
+                return Attempt::Failed {
+                    outcome: Outcome::ConnectError,
+                    reason: "connect failed",
+                    untouched: false,
+                };
+            }
+        };
         let reused = up.reused;
         let bytes_in = &slot.extra.metrics.bytes_in;
         // The head, with the body bytes already read.

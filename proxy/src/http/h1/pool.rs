@@ -7,15 +7,22 @@
 //! one exchange and returns it when the response has ended cleanly, so idle client connections
 //! hold no upstream connection (as HAProxy's `http-reuse`), and the pool is shared by every
 //! client of the worker.
+//!
+//! Each worker runs one [`upkeep`] task: an idle connection goes when it has idled
+//! `pool_idle_timeout`, when its instance leaves the registry (at once, as Envoy drains a removed
+//! host's pool), and past a lowered `pool_max_idle_per_host` after a reload.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntGauge;
+use svcd_lb::EndpointHealth;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::http::metrics::HttpMetrics;
@@ -27,6 +34,9 @@ pub struct UpstreamConn {
     /// Taken from the idle pool rather than just opened: the backend may have closed it while it
     /// sat idle, so a failure before any response byte is retried once on a fresh connection.
     pub reused: bool,
+    /// The instance it was opened to: once that leaves the registry (or re-registers elsewhere)
+    /// the connection is not reused, even if a new instance takes the address.
+    health: Arc<EndpointHealth>,
     _open: OpenGauge,
 }
 
@@ -39,9 +49,11 @@ impl Drop for OpenGauge {
     }
 }
 
-/// Opens a connection to `addr` (Nagle off before the handshake: no setsockopt after it).
+/// Opens a connection to `addr`, instance `health` (Nagle off before the handshake: no
+/// setsockopt after it).
 pub async fn connect(
     addr: SocketAddr,
+    health: &Arc<EndpointHealth>,
     timeout: Duration,
     metrics: &HttpMetrics,
 ) -> io::Result<UpstreamConn> {
@@ -60,14 +72,17 @@ pub async fn connect(
         stream,
         addr,
         reused: false,
+        health: health.clone(),
         _open: OpenGauge(metrics.upstream_open.clone()),
     })
 }
 
-/// A connection to `addr` for one exchange: the most recent idle one (unless `fresh_only`, a
-/// retry after a pooled one turned out closed), else a new one. `check`: see [`take`].
+/// A connection to instance `health` at `addr` for one exchange: the most recent idle one
+/// (unless `fresh_only`, a retry after a pooled one turned out closed), else a new one. `check`:
+/// see [`take`].
 pub async fn checkout(
     addr: SocketAddr,
+    health: &Arc<EndpointHealth>,
     settings: &crate::http::HttpSettings,
     metrics: &HttpMetrics,
     fresh_only: bool,
@@ -80,7 +95,7 @@ pub async fn checkout(
     };
     match pooled {
         Some(up) => Ok(up),
-        None => connect(addr, settings.connect_timeout, metrics).await,
+        None => connect(addr, health, settings.connect_timeout, metrics).await,
     }
 }
 
@@ -108,7 +123,7 @@ pub fn take(addr: SocketAddr, max_idle: Duration, check: bool) -> Option<Upstrea
                 list.clear(); // older ones are older still
                 break;
             }
-            if check && !still_open(&entry.conn.stream) {
+            if entry.conn.health.has_left() || (check && !still_open(&entry.conn.stream)) {
                 continue;
             }
             entry.conn.reused = true;
@@ -145,19 +160,46 @@ pub fn put(conn: UpstreamConn, max_per_host: usize, max_idle: Duration) {
     });
 }
 
-/// Closes this thread's connections idle for `max_idle` or longer (run by each worker's accept
-/// loop, so connections to a quiet instance do not linger half-closed).
-pub fn sweep(max_idle: Duration) {
+/// Closes this thread's idle connections that have idled `max_idle` or longer, whose instance
+/// has left the registry, or that are past `max_per_host` for their address (oldest first).
+pub fn tidy(max_per_host: usize, max_idle: Duration) {
     IDLE.with_borrow_mut(|idle| {
         let now = Instant::now();
         idle.retain(|_, list| {
-            list.retain(|e| now.duration_since(e.since) < max_idle);
+            list.retain(|e| now.duration_since(e.since) < max_idle && !e.conn.health.has_left());
+            let excess = list.len().saturating_sub(max_per_host);
+            list.drain(..excess);
             !list.is_empty()
         });
     });
 }
 
-/// Closes every idle connection of this thread (shutdown, or a reload that changed the pool).
-pub fn clear() {
-    IDLE.with_borrow_mut(|idle| idle.clear());
+/// This worker's pool keeper, until `stop`: tidies the pool when instances leave the registry
+/// (`departures`: they take their idle connections with them), when a reload changes the
+/// `limits` (`pool_max_idle_per_host`, `pool_idle_timeout`), and every few seconds (idle
+/// timeout).
+pub async fn upkeep(
+    mut departures: watch::Receiver<u64>,
+    mut limits: watch::Receiver<(usize, Duration)>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let (mut announced, mut reloading) = (true, true);
+    loop {
+        let max_idle = limits.borrow_and_update().1;
+        let every = (max_idle / 2).clamp(Duration::from_secs(1), UPKEEP_EVERY);
+        tokio::select! {
+            _ = stop.cancelled() => {
+                IDLE.with_borrow_mut(|idle| idle.clear());
+                return;
+            }
+            changed = departures.changed(), if announced => announced = changed.is_ok(),
+            changed = limits.changed(), if reloading => reloading = changed.is_ok(),
+            _ = tokio::time::sleep(every) => {}
+        }
+        let (max_per_host, max_idle) = *limits.borrow();
+        tidy(max_per_host, max_idle);
+    }
 }
+
+/// The longest an idle connection outlives its idle timeout.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
