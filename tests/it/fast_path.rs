@@ -230,3 +230,38 @@ async fn idle_upstream_connections_go_with_their_instance_and_a_lowered_limit() 
     })
     .await;
 }
+
+/// An instance that leaves while a request to it is in flight: the response is relayed whole,
+/// then its connection is closed rather than pooled.
+#[tokio::test]
+async fn a_connection_whose_instance_left_mid_exchange_is_not_pooled() {
+    let b1 = Backend::start("b1").await;
+    let d = daemon(FAST_PATH, b1.addr).await;
+    eventually(
+        Duration::from_secs(2),
+        "the probes' connections pooled",
+        || async { (b1.open_connections() >= 1).then_some(()) },
+    )
+    .await;
+    let mut c = H1::connect(d.http).await;
+    let slow = tokio::spawn(async move { c.get("web", "/slow").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let gone = d
+        .request("DELETE", "/v1/services/default/web/instances/w1", None)
+        .await;
+    assert!(gone.status < 300, "{}", gone.body);
+    // The idle ones go; the one in use stays until its answer is relayed.
+    eventually(
+        Duration::from_secs(2),
+        "idle connections closed",
+        || async { (b1.open_connections() <= 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(slow.await.unwrap(), (http::StatusCode::OK, "b1".into()));
+    eventually(
+        Duration::from_secs(1),
+        "the answered connection closed",
+        || async { (b1.open_connections() == 0).then_some(()) },
+    )
+    .await;
+}

@@ -139,9 +139,10 @@ fn still_open(stream: &TcpStream) -> bool {
     matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
-/// Keeps `conn` for the next request to its instance; past `max_per_host` the oldest goes.
+/// Keeps `conn` for the next request to its instance; past `max_per_host` the oldest goes. A
+/// connection whose instance left during the exchange is closed instead.
 pub fn put(conn: UpstreamConn, max_per_host: usize, max_idle: Duration) {
-    if max_per_host == 0 {
+    if max_per_host == 0 || conn.health.has_left() {
         return;
     }
     IDLE.with_borrow_mut(|idle| {
