@@ -169,6 +169,21 @@ async fn concurrent_split_and_pipelined_requests_are_all_answered() {
     assert_eq!(all, CLIENTS * ROUNDS * 3);
 }
 
+/// Deregisters instance `id` of `web`.
+async fn deregister(d: &Daemon, id: &str) {
+    let path = format!("/v1/services/default/web/instances/{id}");
+    let gone = d.request("DELETE", &path, None).await;
+    assert!(gone.status < 300, "{}", gone.body);
+}
+
+/// Waits up to `secs` seconds until `backend`'s open connections satisfy `ok`.
+async fn until_open(backend: &Backend, secs: u64, what: &str, ok: impl Fn(usize) -> bool) {
+    eventually(Duration::from_secs(secs), what, || async {
+        ok(backend.open_connections()).then_some(())
+    })
+    .await;
+}
+
 /// The fast path's idle upstream connections (HTTP/1.1 clients, and HTTP/2 clients through the
 /// bridge) go with their instance when it leaves the registry, not when they idle out; a reload
 /// that lowers `pool_max_idle_per_host` to 0 closes the others.
@@ -190,16 +205,8 @@ async fn idle_upstream_connections_go_with_their_instance_and_a_lowered_limit() 
     assert!(b1.open_connections() >= 1 && b2.open_connections() >= 1);
     let before = d.metric("svcd_http_upstream_connections").await.unwrap();
 
-    let gone = d
-        .request("DELETE", "/v1/services/default/web/instances/w1", None)
-        .await;
-    assert!(gone.status < 300, "{}", gone.body);
-    eventually(
-        Duration::from_secs(2),
-        "w1's idle connections closed",
-        || async { (b1.open_connections() == 0).then_some(()) },
-    )
-    .await;
+    deregister(&d, "w1").await;
+    until_open(&b1, 2, "w1's idle connections closed", |n| n == 0).await;
     assert!(b2.open_connections() >= 1, "w2's idle connections stay");
     let after = d.metric("svcd_http_upstream_connections").await.unwrap();
     assert!(after < before && after >= 1.0, "{before} -> {after}");
@@ -213,22 +220,14 @@ async fn idle_upstream_connections_go_with_their_instance_and_a_lowered_limit() 
     d.reload_with("[proxy.l7]\npool_max_idle_per_host = 0\n")
         .await;
     // At once, not at the keeper's next round (5 s).
-    eventually(
-        Duration::from_secs(2),
-        "w2's idle connections closed",
-        || async { (b2.open_connections() == 0).then_some(()) },
-    )
-    .await;
+    until_open(&b2, 2, "w2's idle connections closed", |n| n == 0).await;
     assert_eq!(d.metric("svcd_http_upstream_connections").await, Some(0.0));
     // Without a pool every request opens and closes its own connection.
     assert_eq!(
         h1.get("web", "/").await,
         (http::StatusCode::OK, "b2".into())
     );
-    eventually(Duration::from_secs(2), "no connection kept", || async {
-        (b2.open_connections() == 0).then_some(())
-    })
-    .await;
+    until_open(&b2, 2, "no connection kept", |n| n == 0).await;
 }
 
 /// An instance that leaves while a request to it is in flight: the response is relayed whole,
@@ -237,31 +236,13 @@ async fn idle_upstream_connections_go_with_their_instance_and_a_lowered_limit() 
 async fn a_connection_whose_instance_left_mid_exchange_is_not_pooled() {
     let b1 = Backend::start("b1").await;
     let d = daemon(FAST_PATH, b1.addr).await;
-    eventually(
-        Duration::from_secs(2),
-        "the probes' connections pooled",
-        || async { (b1.open_connections() >= 1).then_some(()) },
-    )
-    .await;
+    until_open(&b1, 2, "the probes' connections pooled", |n| n >= 1).await;
     let mut c = H1::connect(d.http).await;
     let slow = tokio::spawn(async move { c.get("web", "/slow").await });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let gone = d
-        .request("DELETE", "/v1/services/default/web/instances/w1", None)
-        .await;
-    assert!(gone.status < 300, "{}", gone.body);
+    deregister(&d, "w1").await;
     // The idle ones go; the one in use stays until its answer is relayed.
-    eventually(
-        Duration::from_secs(2),
-        "idle connections closed",
-        || async { (b1.open_connections() <= 1).then_some(()) },
-    )
-    .await;
+    until_open(&b1, 2, "idle connections closed", |n| n <= 1).await;
     assert_eq!(slow.await.unwrap(), (http::StatusCode::OK, "b1".into()));
-    eventually(
-        Duration::from_secs(1),
-        "the answered connection closed",
-        || async { (b1.open_connections() == 0).then_some(()) },
-    )
-    .await;
+    until_open(&b1, 1, "the answered connection closed", |n| n == 0).await;
 }
