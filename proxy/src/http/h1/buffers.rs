@@ -13,8 +13,10 @@ const SIZE: usize = 4 * 1024;
 const READ_ROOM: usize = 1024;
 /// Free space a body relay reads into, once the body needs more than one read.
 const BODY_ROOM: usize = 16 * 1024;
-/// Buffers kept per thread (512 KiB); more are freed.
-const KEEP: usize = 64;
+/// Buffers kept per thread (1 MiB of 4 KiB buffers); more are freed. Sized for the bridge's
+/// HTTP/2 streams in flight (each holds a buffer until its response is read): with 64, 16 h2load
+/// connections of 10 streams emptied the pool and cost a new buffer on every other request.
+const KEEP: usize = 256;
 
 thread_local! {
     static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
