@@ -11,6 +11,7 @@
 //! * [`h1`]: the HTTP/1.1 fast path, its per-worker upstream pool, and the bridge that sends
 //!   hyper's bodiless requests over that pool.
 //! * [`route`]: explicit routes, then service names from the Host.
+//! * `serve`: one client connection's life: accept, admission, the fast path or hyper, shutdown.
 //! * [`framing`]: the request-smuggling guard and activity stamp under hyper.
 //! * [`host`]: the request's one host (duplicate Host, absolute-form, `:authority`, syntax).
 //! * [`headers`]: hop-by-hop removal, X-Forwarded-*, Via.
@@ -26,6 +27,7 @@ pub mod headers;
 pub mod host;
 pub mod metrics;
 pub mod route;
+mod serve;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -34,22 +36,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::HeaderValue;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use svcd_config::{L7Config, ProxyConfig};
 use svcd_lb::{BalancerTable, LoadBalancer, PortRule};
 use svcd_registry::SnapshotReader;
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::fds::FdBudget;
 use crate::ProxyError;
-use forward::ClientConn;
-use framing::{ClientIo, ConnWatch};
 use metrics::{HttpMetrics, HttpSlots};
 use route::Router;
 use upstream::Upstreams;
@@ -243,7 +240,7 @@ impl HttpProxy {
             // of the drain.
             let stop = self.ctx.hard_stop.child_token();
             let bound = self.workers.listen(addr, &self.ctx.tracker, |listener| {
-                accept_loop(listener, self.ctx.clone(), stop.clone())
+                serve::accept_loop(listener, self.ctx.clone(), stop.clone())
             });
             match bound {
                 Ok(()) => {
@@ -286,236 +283,5 @@ impl HttpProxy {
             "HTTP proxy",
         )
         .await;
-    }
-}
-
-async fn accept_loop(listener: TcpListener, ctx: Arc<HttpContext>, stop: CancellationToken) {
-    let label = match listener.local_addr() {
-        Ok(addr) => format!("http/{addr}"),
-        Err(_) => "http/?".into(),
-    };
-    let refused = ctx.fds.refusals(&label);
-    let share = crate::fds::ListenerShare::new();
-    accept_connections(&listener, &ctx, &stop, &refused, &share).await;
-    ctx.fds.forget(&label);
-}
-
-async fn accept_connections(
-    listener: &TcpListener,
-    ctx: &Arc<HttpContext>,
-    stop: &CancellationToken,
-    refused: &prometheus::IntCounter,
-    share: &Arc<crate::fds::ListenerShare>,
-) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => {
-                // Requests already queued get served (one each), not reset.
-                for (stream, peer) in crate::drain_accept_queue(listener).await {
-                    admit(ctx, stream, peer, stop, refused, share, Admitted::AtClose);
-                }
-                return;
-            }
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    warn!(error = %e, "HTTP proxy accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        admit(ctx, stream, peer, stop, refused, share, Admitted::Open);
-    }
-}
-
-/// Where a connection stands in the daemon's shutdown.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Shutdown {
-    Serving,
-    /// The shutdown came before the client's first byte was read. hyper's graceful shutdown
-    /// would close the connection at once, unread request and all (a reset, as unread data is
-    /// discarded), so it waits for the first request, bounded by the header read timeout and
-    /// the drain timeout.
-    AwaitingFirstRequest,
-    /// The current request is answered with `Connection: close` (HTTP/1) or GOAWAY (HTTP/2).
-    Draining,
-}
-
-/// How often a connection awaiting its first request looks again.
-const FIRST_BYTE_POLL: Duration = Duration::from_millis(5);
-
-/// When a client connection was accepted: while the listener was open, or out of its queue as
-/// it closed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Admitted {
-    Open,
-    /// The shutdown already began: hyper's graceful shutdown would close the connection before
-    /// reading the request it carries, so HTTP/1 serves one request without keep-alive instead.
-    AtClose,
-}
-
-fn admit(
-    ctx: &Arc<HttpContext>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    stop: &CancellationToken,
-    refused: &prometheus::IntCounter,
-    share: &Arc<crate::fds::ListenerShare>,
-    admitted: Admitted,
-) {
-    let Some(permit) = ctx.fds.try_acquire(share, 1) else {
-        refused.inc();
-        drop(stream); // closed at once: the descriptor budget is spent
-        return;
-    };
-    // Spawned as it is, with no wrapping block: every layer of async state around an idle
-    // connection is memory it holds.
-    ctx.tracker.spawn(serve_connection(
-        ctx.clone(),
-        stream,
-        peer,
-        stop.clone(),
-        admitted,
-        permit,
-    ));
-}
-
-async fn serve_connection(
-    ctx: Arc<HttpContext>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    stop: CancellationToken,
-    admitted: Admitted,
-    _permit: crate::fds::FdPermit,
-) {
-    // TCP_NODELAY is inherited from the listener (and by the queue drained at close).
-    ctx.metrics.downstream_open.inc();
-    let settings = ctx.settings.load_full();
-    let handoff = if settings.l7.http1_fast_path {
-        let last_request = admitted == Admitted::AtClose;
-        match h1::serve(
-            &ctx,
-            settings.clone(),
-            stream,
-            peer.ip(),
-            &stop,
-            last_request,
-        )
-        .await
-        {
-            h1::Ended::Closed => None,
-            h1::Ended::Handoff(stream, read) => Some((stream, read.freeze())),
-        }
-    } else {
-        Some((stream, bytes::Bytes::new()))
-    };
-    if let Some((stream, read)) = handoff {
-        hyper_boxed(&ctx, &settings, stream, read, peer, stop, admitted).await;
-    }
-    ctx.metrics.downstream_open.dec();
-    debug!(%peer, "HTTP client connection closed");
-}
-
-/// [`serve_with_hyper`], made and boxed outside the caller's async frame: a fast-path
-/// connection's task then holds no room for hyper's connection state.
-fn hyper_boxed<'a>(
-    ctx: &'a Arc<HttpContext>,
-    settings: &'a HttpSettings,
-    stream: TcpStream,
-    read: bytes::Bytes,
-    peer: SocketAddr,
-    stop: CancellationToken,
-    admitted: Admitted,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
-    Box::pin(serve_with_hyper(
-        ctx, settings, stream, read, peer, stop, admitted,
-    ))
-}
-
-/// hyper serves the connection, starting with `read`, the bytes the fast path had read.
-async fn serve_with_hyper(
-    ctx: &Arc<HttpContext>,
-    settings: &HttpSettings,
-    stream: TcpStream,
-    read: bytes::Bytes,
-    peer: SocketAddr,
-    stop: CancellationToken,
-    admitted: Admitted,
-) {
-    let watch = ConnWatch::new();
-    let read_any = !read.is_empty();
-    let io = TokioIo::new(ClientIo::new(
-        stream,
-        read,
-        watch.clone(),
-        settings.l7.max_header_bytes,
-        settings.l7.max_headers,
-    ));
-    let client = Arc::new(ClientConn {
-        watch: watch.clone(),
-        ip: HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a header value"),
-    });
-    let ctx2 = ctx.clone();
-    // Boxed: hyper spawns one task per HTTP/2 stream, and a task's future is moved into place
-    // by value; the handler's state machine (~2.6 KiB) is then written once, not on each move.
-    let service =
-        service_fn(move |req| Box::pin(forward::handle(ctx2.clone(), client.clone(), req)));
-    let server = match admitted {
-        Admitted::Open => &settings.server,
-        Admitted::AtClose => &settings.last_request_server,
-    };
-    let conn = server.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    // Idle: no read or write during a whole check period (a quarter of the idle timeout); a
-    // connection is closed after four such periods in a row, so between 1 and 1.25 x
-    // idle_timeout after its last byte.
-    let idle = settings.l7.idle_timeout;
-    let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut last_activity, mut quiet_ticks) = (u64::MAX, 0u32);
-    let mut shutdown = match admitted {
-        Admitted::Open => Shutdown::Serving,
-        Admitted::AtClose => Shutdown::Draining,
-    };
-    let mut first_byte = tokio::time::interval(FIRST_BYTE_POLL);
-    // The activity count before the client's first byte (opening the connection counts one;
-    // bytes the fast path read count as the client's).
-    let opened = if read_any { u64::MAX } else { watch.activity() };
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    debug!(%peer, error = %e, "HTTP client connection ended with an error");
-                }
-                break;
-            }
-            _ = stop.cancelled(), if shutdown == Shutdown::Serving => {
-                if watch.activity() == opened {
-                    shutdown = Shutdown::AwaitingFirstRequest;
-                } else {
-                    conn.as_mut().graceful_shutdown();
-                    shutdown = Shutdown::Draining;
-                }
-            }
-            _ = first_byte.tick(), if shutdown == Shutdown::AwaitingFirstRequest => {
-                if watch.activity() != opened {
-                    conn.as_mut().graceful_shutdown();
-                    shutdown = Shutdown::Draining;
-                }
-            }
-            _ = ctx.hard_stop.cancelled() => break,
-            _ = tick.tick() => {
-                let now = watch.activity();
-                // A request still being answered keeps the connection: its own timers (the
-                // request timeout, the response body's idle timer) end it if it stalls.
-                quiet_ticks = if now == last_activity && !watch.busy() { quiet_ticks + 1 } else { 0 };
-                last_activity = now;
-                if quiet_ticks >= 4 {
-                    debug!(%peer, "HTTP client connection idle; closing");
-                    break;
-                }
-            }
-        }
     }
 }
