@@ -1,0 +1,378 @@
+//! The single writer of the snapshot: watch events and re-list pages applied to a working copy,
+//! then, once per burst, a new [`EndpointSnapshot`] in which only the services that changed are
+//! rebuilt and only their shards copied.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use svcd_config::Instance;
+
+use super::{shard_of, EndpointSnapshot, ServiceEndpoints};
+use crate::endpoint::{Endpoint, Interner};
+use crate::keys::InstanceKey;
+use crate::store::{Event, EventKind, KeyValue};
+
+/// Keys seen so far by a re-list in progress.
+#[derive(Default)]
+pub struct Relist {
+    listed: HashSet<String>,
+}
+
+/// What applying one event did, for metrics and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Already applied (a resumed watch repeated it); not counted as an event.
+    Stale,
+    Changed,
+    Unchanged,
+    /// The key or value did not parse; the key is treated as absent.
+    Invalid {
+        key: String,
+        reason: String,
+    },
+}
+
+/// The single writer: working state plus the set of services touched since the last publish.
+#[derive(Default)]
+pub struct SnapshotBuilder {
+    /// ns → svc → id → endpoint; the source of truth between publishes.
+    working: HashMap<String, HashMap<String, BTreeMap<String, Arc<Endpoint>>>>,
+    dirty: HashSet<(String, String)>,
+    revision: i64,
+    endpoint_count: usize,
+    /// Keys already reported invalid, so garbage is logged once, not on every re-list.
+    reported_invalid: HashSet<String>,
+    /// Shares port names, node names and tag/meta keys between endpoints.
+    interner: Interner,
+}
+
+impl SnapshotBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Applies the events of one watch response. Events at or below the revision already applied
+    /// were seen before (a resumed watch may repeat them) and are ignored: revisions only go
+    /// forward. The floor is taken once per batch because one revision (a lease expiry, a
+    /// transaction) can carry several events.
+    pub fn apply_batch(&mut self, events: &[Event]) -> Vec<Applied> {
+        let floor = self.revision;
+        let mut results = Vec::with_capacity(events.len());
+        for event in events {
+            if event.mod_revision <= floor {
+                results.push(Applied::Stale);
+                continue;
+            }
+            self.revision = self.revision.max(event.mod_revision);
+            results.push(self.apply_unchecked(
+                event.kind,
+                &event.key,
+                &event.value,
+                event.mod_revision,
+            ));
+        }
+        results
+    }
+
+    /// Applies a single event (see [`Self::apply_batch`]).
+    pub fn apply(&mut self, event: &Event) -> Applied {
+        self.apply_batch(std::slice::from_ref(event))
+            .pop()
+            .expect("one result per event")
+    }
+
+    /// Moves the revision forward without events (watch progress).
+    pub fn advance(&mut self, revision: i64) {
+        self.revision = self.revision.max(revision);
+    }
+
+    fn apply_unchecked(
+        &mut self,
+        kind: EventKind,
+        key: &str,
+        value: &[u8],
+        mod_revision: i64,
+    ) -> Applied {
+        let Some(parsed) = InstanceKey::parse(key) else {
+            return self.invalid(
+                key,
+                "key is not /svcd/v1/endpoints/<ns>/<service>/<id>".into(),
+            );
+        };
+        match kind {
+            EventKind::Delete => self.remove(&parsed),
+            EventKind::Put => match Instance::from_json(value) {
+                Ok(instance) => {
+                    self.reported_invalid.remove(key);
+                    self.upsert(parsed, instance, mod_revision)
+                }
+                Err(e) => {
+                    // The key now holds garbage: whatever it held before is gone.
+                    self.remove(&parsed);
+                    let reason = if e.path.is_empty() {
+                        e.message
+                    } else {
+                        format!("{}: {}", e.path, e.message)
+                    };
+                    self.invalid(key, reason)
+                }
+            },
+        }
+    }
+
+    fn invalid(&mut self, key: &str, reason: String) -> Applied {
+        if self.reported_invalid.insert(key.to_string()) {
+            Applied::Invalid {
+                key: key.to_string(),
+                reason,
+            }
+        } else {
+            Applied::Unchanged
+        }
+    }
+
+    fn upsert(&mut self, key: InstanceKey, instance: Instance, mod_revision: i64) -> Applied {
+        let ids = self
+            .working
+            .entry(key.namespace.clone())
+            .or_default()
+            .entry(key.service.clone())
+            .or_default();
+        if let Some(old) = ids.get(&key.id) {
+            if old.same_as(&instance) {
+                return Applied::Unchanged;
+            }
+        }
+        let endpoint = Arc::new(self.interner.endpoint(&key.id, instance, mod_revision));
+        if ids.insert(key.id, endpoint).is_none() {
+            self.endpoint_count += 1;
+        }
+        self.dirty.insert((key.namespace, key.service));
+        Applied::Changed
+    }
+
+    fn remove(&mut self, key: &InstanceKey) -> Applied {
+        let Some(services) = self.working.get_mut(&key.namespace) else {
+            return Applied::Unchanged;
+        };
+        let Some(ids) = services.get_mut(&key.service) else {
+            return Applied::Unchanged;
+        };
+        if ids.remove(&key.id).is_none() {
+            return Applied::Unchanged;
+        }
+        self.endpoint_count -= 1;
+        if ids.is_empty() {
+            services.remove(&key.service);
+            if services.is_empty() {
+                self.working.remove(&key.namespace);
+            }
+        }
+        self.dirty
+            .insert((key.namespace.clone(), key.service.clone()));
+        Applied::Changed
+    }
+
+    /// Starts applying a full listing taken at one revision. Pages are applied as they arrive
+    /// ([`Self::relist_page`]) so a 100k-key registry is never held twice in memory; keys the
+    /// listing did not contain are deleted by [`Self::finish_relist`]. Together they turn the old
+    /// state into the new one as events, so a re-list after compaction or a reconnect misses
+    /// nothing and repeats nothing.
+    pub fn begin_relist(&mut self) -> Relist {
+        Relist::default()
+    }
+
+    pub fn relist_page(&mut self, relist: &mut Relist, kvs: &[KeyValue]) -> Vec<Applied> {
+        kvs.iter()
+            .map(|kv| {
+                relist.listed.insert(kv.key.clone());
+                self.apply_unchecked(EventKind::Put, &kv.key, &kv.value, kv.mod_revision)
+            })
+            .collect()
+    }
+
+    pub fn finish_relist(&mut self, relist: Relist, revision: i64) -> Vec<Applied> {
+        let mut vanished = Vec::new();
+        for (ns, services) in &self.working {
+            for (svc, ids) in services {
+                for id in ids.keys() {
+                    let key = format!("{}{ns}/{svc}/{id}", crate::keys::ENDPOINTS_PREFIX);
+                    if !relist.listed.contains(&key) {
+                        vanished.push(key);
+                    }
+                }
+            }
+        }
+        let results = vanished
+            .iter()
+            .map(|key| self.apply_unchecked(EventKind::Delete, key, &[], revision))
+            .collect();
+        // The listing is the state at `revision`: that is where the watch resumes, even when it
+        // is lower than before (the store was wiped or restored from a backup).
+        self.revision = revision;
+        self.reported_invalid
+            .retain(|key| relist.listed.contains(key));
+        self.interner.prune();
+        results
+    }
+
+    /// A whole listing in one call (tests, small registries).
+    pub fn reset_to(&mut self, kvs: &[KeyValue], revision: i64) -> Vec<Applied> {
+        let mut relist = self.begin_relist();
+        let mut results = self.relist_page(&mut relist, kvs);
+        results.extend(self.finish_relist(relist, revision));
+        results
+    }
+
+    /// Builds the next snapshot from `previous`, rebuilding only dirty services and copying only
+    /// the shards that hold them.
+    pub fn build(&mut self, previous: &EndpointSnapshot) -> EndpointSnapshot {
+        let mut shards = previous.shards.clone();
+        let mut service_count = previous.service_count;
+        for (ns, svc) in self.dirty.drain() {
+            let name: Arc<str> = Arc::from(format!("{svc}.{ns}"));
+            // Copy-on-write: the first change to a shard clones it, later ones reuse the copy.
+            let shard = Arc::make_mut(&mut shards[shard_of(&name)]);
+            match self.working.get(&ns).and_then(|s| s.get(&svc)) {
+                Some(ids) => {
+                    let all: Vec<Arc<Endpoint>> = ids.values().cloned().collect();
+                    let endpoints = Arc::new(ServiceEndpoints::new(
+                        ns,
+                        svc,
+                        all,
+                        BTreeMap::new(),
+                        self.revision,
+                    ));
+                    if shard.insert(name, endpoints).is_none() {
+                        service_count += 1;
+                    }
+                }
+                None => {
+                    if shard.remove(&name).is_some() {
+                        service_count -= 1;
+                    }
+                }
+            }
+        }
+        EndpointSnapshot {
+            revision: self.revision,
+            shards,
+            endpoint_count: self.endpoint_count,
+            service_count,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, ip: &str, rev: i64) -> Event {
+        Event {
+            kind: EventKind::Put,
+            key: format!("/svcd/v1/endpoints/{key}"),
+            value: format!(r#"{{"ip":"{ip}"}}"#).into_bytes(),
+            mod_revision: rev,
+        }
+    }
+
+    fn del(key: &str, rev: i64) -> Event {
+        Event {
+            kind: EventKind::Delete,
+            key: format!("/svcd/v1/endpoints/{key}"),
+            value: vec![],
+            mod_revision: rev,
+        }
+    }
+
+    #[test]
+    fn unchanged_services_are_shared_between_snapshots() {
+        let mut b = SnapshotBuilder::new();
+        b.apply(&put("default/web/a", "10.0.0.1", 2));
+        b.apply(&put("default/db/a", "10.0.0.2", 3));
+        let s1 = b.build(&EndpointSnapshot::default());
+        b.apply(&put("default/web/b", "10.0.0.3", 4));
+        let s2 = b.build(&s1);
+        assert!(Arc::ptr_eq(
+            s1.service("default", "db").unwrap(),
+            s2.service("default", "db").unwrap()
+        ));
+        assert_eq!(s2.service("default", "web").unwrap().healthy.len(), 2);
+        assert_eq!(s2.endpoint_count(), 3);
+        assert_eq!(s2.revision, 4);
+    }
+
+    #[test]
+    fn old_revisions_ignored_and_garbage_skipped_once() {
+        let mut b = SnapshotBuilder::new();
+        assert_eq!(
+            b.apply(&put("default/web/a", "10.0.0.1", 5)),
+            Applied::Changed
+        );
+        assert_eq!(b.apply(&del("default/web/a", 4)), Applied::Stale);
+        let mut garbage = put("default/web/a", "x", 6);
+        garbage.value = b"{not json".to_vec();
+        assert!(matches!(b.apply(&garbage), Applied::Invalid { .. }));
+        let s = b.build(&EndpointSnapshot::default());
+        assert!(
+            s.service("default", "web").is_none(),
+            "garbage replaced the endpoint"
+        );
+        garbage.mod_revision = 7;
+        assert_eq!(b.apply(&garbage), Applied::Unchanged, "reported once");
+    }
+
+    #[test]
+    fn reset_synthesizes_deletes() {
+        let mut b = SnapshotBuilder::new();
+        b.apply(&put("default/web/a", "10.0.0.1", 2));
+        b.apply(&put("default/web/b", "10.0.0.2", 3));
+        let s1 = b.build(&EndpointSnapshot::default());
+        let kvs = vec![KeyValue {
+            key: "/svcd/v1/endpoints/default/web/b".into(),
+            value: br#"{"ip":"10.0.0.2"}"#.to_vec(),
+            mod_revision: 3,
+        }];
+        b.reset_to(&kvs, 10);
+        let s2 = b.build(&s1);
+        let web = s2.service("default", "web").unwrap();
+        assert_eq!(web.all.len(), 1);
+        assert_eq!(&*web.all[0].id, "b");
+        assert_eq!(s2.revision, 10);
+    }
+
+    #[test]
+    fn changed_since_names_added_changed_and_removed_services() {
+        let mut b = SnapshotBuilder::new();
+        b.apply(&put("default/web/a", "10.0.0.1", 2));
+        b.apply(&put("default/db/a", "10.0.0.2", 3));
+        let s1 = b.build(&EndpointSnapshot::default());
+        b.apply(&put("default/web/b", "10.0.0.3", 4));
+        b.apply(&del("default/db/a", 5));
+        b.apply(&put("default/cache/a", "10.0.0.4", 6));
+        let s2 = b.build(&s1);
+        let mut changed: Vec<&str> = s2.changed_since(&s1).map(|n| &**n).collect();
+        changed.sort();
+        assert_eq!(changed, ["cache.default", "db.default", "web.default"]);
+        assert_eq!(s2.changed_since(&s2).count(), 0);
+    }
+
+    #[test]
+    fn unhealthy_not_in_healthy_set() {
+        let mut b = SnapshotBuilder::new();
+        let mut e = put("default/web/a", "10.0.0.1", 2);
+        e.value = br#"{"ip":"10.0.0.1","state":"draining"}"#.to_vec();
+        b.apply(&e);
+        let s = b.build(&EndpointSnapshot::default());
+        let web = s.service("default", "web").unwrap();
+        assert_eq!((web.all.len(), web.healthy.len()), (1, 0));
+    }
+}
