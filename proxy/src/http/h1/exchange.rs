@@ -254,6 +254,7 @@ impl ClientConn<'_> {
             down_head,
             ..
         } = self;
+        buffers::head_room(down_head);
         let mut uploaded = body.body_done();
         let got = {
             let (up_read, mut up_write) = up.stream.split();
@@ -399,6 +400,7 @@ impl ClientConn<'_> {
 
     async fn send_local(&mut self, (status, text, close): Refusal, closing: bool) -> Next {
         let closing = closing || close;
+        buffers::head_room(&mut self.down_head);
         head::write_local(&mut self.down_head, status, &text, closing);
         let idle = self.settings.l7.idle_timeout;
         if !write_timed(&mut self.stream, &self.down_head, idle).await {

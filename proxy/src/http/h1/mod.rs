@@ -129,7 +129,7 @@ pub async fn serve(
         let deadline = tokio::time::Instant::now() + conn.settings.l7.header_read_timeout;
         if conn.buf.is_empty() {
             if served > 0 && stop.is_cancelled() {
-                return Ended::Closed;
+                return conn.close();
             }
             conn.release_buffers();
             // Before the first request a shutdown does not interrupt the wait: the client's
@@ -137,18 +137,18 @@ pub async fn serve(
             // child of `hard_stop`, so one token covers both; fewer futures, a smaller task.)
             let ends = if served > 0 { stop } else { &ctx.hard_stop };
             if !readable_by(&conn.stream, deadline, Some(ends)).await {
-                return Ended::Closed;
+                return conn.close();
             }
         }
         // Read the head, waiting (within the same deadline) while it is incomplete.
         let info = loop {
             match conn.try_head() {
                 HeadRead::Request(info) => break info,
-                HeadRead::Unusual => return Ended::Handoff(conn.stream, conn.buf),
-                HeadRead::Closed => return Ended::Closed,
+                HeadRead::Unusual => return conn.hand_off(),
+                HeadRead::Closed => return conn.close(),
                 HeadRead::NeedMore => {
                     if !readable_by(&conn.stream, deadline, None).await {
-                        return Ended::Closed;
+                        return conn.close();
                     }
                 }
             }
@@ -161,13 +161,13 @@ pub async fn serve(
         // memory per idle connection is what HAProxy is compared on), not an exchange's state.
         let next = tokio::select! {
             next = conn.exchange_boxed(info, closing) => next,
-            _ = ctx.hard_stop.cancelled() => return Ended::Closed,
+            _ = ctx.hard_stop.cancelled() => return conn.close(),
         };
         served += 1;
         match next {
             Next::KeepAlive => {}
-            Next::Close => return Ended::Closed,
-            Next::Handoff => return Ended::Handoff(conn.stream, conn.buf),
+            Next::Close => return conn.close(),
+            Next::Handoff => return conn.hand_off(),
         }
     }
 }
@@ -220,6 +220,7 @@ impl<'a> ClientConn<'a> {
             if !self.buf.is_empty() {
                 let mut text = IpText::default();
                 let ip = text.of(self.ip);
+                buffers::head_room(&mut self.up_head);
                 match head::parse_request(&self.buf, l7.max_headers, ip, &mut self.up_head) {
                     ParsedRequest::Request(info) => return HeadRead::Request(info),
                     ParsedRequest::Unusual => return HeadRead::Unusual,
@@ -245,12 +246,30 @@ impl<'a> ClientConn<'a> {
         }
     }
 
+    /// Ends the connection, its buffers back to the worker's pools.
+    fn close(mut self) -> Ended {
+        self.release_buffers();
+        Ended::Closed
+    }
+
+    /// Hands the connection to hyper with the bytes it has read; the rest of its buffers go back
+    /// to the worker's pools.
+    fn hand_off(mut self) -> Ended {
+        self.release_exchange_buffers();
+        Ended::Handoff(self.stream, self.buf)
+    }
+
     /// Gives the buffers up while the connection waits for its next request.
     fn release_buffers(&mut self) {
         buffers::give_back(&mut self.buf);
+        self.release_exchange_buffers();
+    }
+
+    /// Gives back what only an exchange uses: the instance's bytes and both heads.
+    fn release_exchange_buffers(&mut self) {
         self.rbuf.clear(); // an exchange's leftovers: relayed, or not to be relayed
         buffers::give_back(&mut self.rbuf);
-        self.up_head = Vec::new();
-        self.down_head = Vec::new();
+        buffers::give_back_head(&mut self.up_head);
+        buffers::give_back_head(&mut self.down_head);
     }
 }
