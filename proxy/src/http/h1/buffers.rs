@@ -13,15 +13,17 @@ const SIZE: usize = 4 * 1024;
 const READ_ROOM: usize = 1024;
 /// Free space a body relay reads into, once the body needs more than one read.
 const BODY_ROOM: usize = 16 * 1024;
-/// Buffers kept per thread (1 MiB of 4 KiB buffers); more are freed. Sized for the bridge's
-/// HTTP/2 streams in flight (each holds a buffer until its response is read): with 64, 16 h2load
-/// connections of 10 streams emptied the pool and cost a new buffer on every other request.
-const KEEP: usize = 256;
+/// Buffers kept per thread (256 KiB of 4 KiB buffers); more are freed. What the pool keeps stays
+/// resident: keeping 256, with heads pooled alike, took `benches/http/idle_memory.sh` from 1,791
+/// to 2,088 bytes per idle connection (HAProxy: 2,023), for 0.8 fewer allocations per HTTP/2
+/// request.
+const KEEP: usize = 64;
+/// Room a head takes at once (a request head, or a response head with its first body bytes):
+/// grown from nothing, a head doubled its way up (nine reallocations a request, measured).
+const HEAD_ROOM: usize = 1024;
 
 thread_local! {
     static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
-    /// The same for the heads a connection writes (upstream request, client response).
-    static FREE_HEADS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Makes room in `buf` for a read: a recycled buffer if it has none, more space if it is full.
@@ -64,28 +66,10 @@ pub fn give_back(buf: &mut BytesMut) {
     }
 }
 
-/// Gives `head` a recycled buffer if it has none, so a head written into it grows no
-/// allocation: an idle connection keeps no head buffer, and a new one would double its way up
-/// (nine reallocations a request, measured, before heads were recycled).
+/// Gives `head` room for a head if it has none. Heads are not pooled: an idle connection frees
+/// its heads, and what a pool would keep resident costs more than the allocation it saves.
 pub fn head_room(head: &mut Vec<u8>) {
     if head.capacity() == 0 {
-        *head = FREE_HEADS
-            .with_borrow_mut(Vec::pop)
-            .unwrap_or_else(|| Vec::with_capacity(SIZE));
+        head.reserve(HEAD_ROOM);
     }
-}
-
-/// Takes `head` (leaving it without capacity) and keeps it for the next head if it is of the
-/// usual size.
-pub fn give_back_head(head: &mut Vec<u8>) {
-    let mut h = std::mem::take(head);
-    if h.capacity() == 0 || h.capacity() > 2 * SIZE {
-        return;
-    }
-    h.clear();
-    FREE_HEADS.with_borrow_mut(|free| {
-        if free.len() < KEEP {
-            free.push(h);
-        }
-    });
 }

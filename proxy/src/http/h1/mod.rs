@@ -269,7 +269,7 @@ impl<'a> ClientConn<'a> {
     fn release_exchange_buffers(&mut self) {
         self.rbuf.clear(); // an exchange's leftovers: relayed, or not to be relayed
         buffers::give_back(&mut self.rbuf);
-        buffers::give_back_head(&mut self.up_head);
-        buffers::give_back_head(&mut self.down_head);
+        self.up_head = Vec::new();
+        self.down_head = Vec::new();
     }
 }
