@@ -393,7 +393,7 @@ async fn proxy(
                         path: &path,
                         headers,
                     };
-                    bridge::send(req, slot.addr, &slot.health, &settings, &ctx.metrics)
+                    bridge::send(req, slot, &settings, &ctx.metrics)
                         .await
                         .map(|r| r.map(|b| ResponseSource::Direct(Box::new(b))))
                         .map_err(SendError::Bridge)

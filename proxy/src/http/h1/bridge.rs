@@ -6,7 +6,7 @@
 //! exchange, and the response body is read by whoever polls it (hyper's stream task).
 //!
 //! ```text
-//! forward::proxy ─► send: head written from the rewritten parts ─► pool::take | pool::connect
+//! forward::proxy ─► send: head written from the rewritten parts ─► pool::checkout
 //!   ◄─ read_response_head (1xx skipped) ─► Response<DirectBody>: status + HeaderMap
 //!   DirectBody::poll_frame ─► chunk framing taken off (DATA frames carry the data alone,
 //!   trailers become a trailers frame) ─► at the body's clean end ─► pool::put
@@ -16,9 +16,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
@@ -32,8 +30,9 @@ use super::exchange::read_response_head;
 use super::head::{name_is, ResponseSink};
 use super::pool::{self, UpstreamConn};
 use crate::http::framing::{BodyFraming, FramingGuard, ResponseFraming};
-use crate::http::metrics::HttpMetrics;
+use crate::http::metrics::{HttpMetrics, HttpSlot};
 use crate::http::HttpSettings;
+use svcd_lb::Slot;
 
 /// Body data up to this size is copied out of the read buffer, so the buffer goes back to the
 /// worker's free list whole; larger pieces are split off it without a copy.
@@ -82,8 +81,7 @@ pub fn bodiless(end_of_stream: bool, headers: &HeaderMap) -> bool {
 /// is replaced by a new one once: the request has no body, so sending it again is safe.
 pub async fn send(
     req: BodilessRequest<'_>,
-    addr: std::net::SocketAddr,
-    health: &Arc<svcd_lb::EndpointHealth>,
+    slot: &Slot<HttpSlot>,
     settings: &HttpSettings,
     metrics: &HttpMetrics,
 ) -> Result<Response<DirectBody>, BridgeError> {
@@ -95,8 +93,7 @@ pub async fn send(
     let mut fresh_only = false;
     let result = loop {
         // No liveness check: a closed one is retried on a new one, below.
-        let mut up = match pool::checkout(addr, health, settings, metrics, fresh_only, false).await
-        {
+        let mut up = match pool::checkout(slot, settings, metrics, fresh_only, false).await {
             Ok(up) => up,
             Err(e) => break Err(BridgeError::Connect(e)),
         };
@@ -116,7 +113,7 @@ pub async fn send(
                     break Err(BridgeError::Upstream("malformed response head"));
                 };
                 rbuf.advance(info.len);
-                let keep = (l7.pool_max_idle_per_host, l7.pool_idle_timeout);
+                let keep = l7.pool_max_idle_per_host;
                 let body = DirectBody::new(up, rbuf, info.framing, info.reusable, keep);
                 let mut response = Response::new(body);
                 *response.status_mut() = status;
@@ -255,8 +252,8 @@ pub struct DirectBody {
     /// Trailers still to be passed on, once the data is all out.
     trailers: Option<HeaderMap>,
     done: bool,
-    /// The pool's limits: idle connections per instance, and their idle time.
-    keep: (usize, Duration),
+    /// `pool_max_idle_per_host`, for returning the connection to the pool.
+    keep_per_host: usize,
 }
 
 impl DirectBody {
@@ -265,7 +262,7 @@ impl DirectBody {
         buf: BytesMut,
         framing: ResponseFraming,
         reusable: bool,
-        keep: (usize, Duration),
+        keep_per_host: usize,
     ) -> Self {
         let tracker = match framing {
             ResponseFraming::Body(f) => Some(FramingGuard::body(f)),
@@ -279,7 +276,7 @@ impl DirectBody {
             trailer_lines: Vec::new(),
             trailers: None,
             done: false,
-            keep,
+            keep_per_host,
         };
         if framing == ResponseFraming::Body(BodyFraming::Length(0)) {
             body.finish(true);
@@ -292,7 +289,7 @@ impl DirectBody {
         self.done = true;
         let up = self.up.take();
         if let (Some(up), true) = (up, clean && self.reusable && self.buf.is_empty()) {
-            pool::put(up, self.keep.0, self.keep.1);
+            pool::put(up, self.keep_per_host);
         }
         buffers::give_back(&mut self.buf);
         if !self.trailer_lines.is_empty() {

@@ -171,7 +171,7 @@ impl ClientConn<'_> {
             Relayed::Done { reusable } => {
                 if reusable && response.reusable {
                     let l7 = &self.settings.l7;
-                    pool::put(up, l7.pool_max_idle_per_host, l7.pool_idle_timeout);
+                    pool::put(up, l7.pool_max_idle_per_host);
                 }
                 if closing {
                     let _ = self.stream.shutdown().await;
@@ -201,16 +201,7 @@ impl ClientConn<'_> {
         let l7 = &self.settings.l7;
         let check = !info.replayable();
         let metrics = &self.ctx.metrics;
-        let mut up = match pool::checkout(
-            slot.addr,
-            &slot.health,
-            &self.settings,
-            metrics,
-            fresh_only,
-            check,
-        )
-        .await
-        {
+        let mut up = match pool::checkout(slot, &self.settings, metrics, fresh_only, check).await {
             Ok(up) => up,
             Err(e) => {
                 debug!(addr = %slot.addr, error = %e, "upstream connect failed");

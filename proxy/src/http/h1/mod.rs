@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! client bytes ─► head::parse_request (httparse; upstream head written in passing)
-//!   usual ─► forward::route ─► pick ─► pool::take | pool::connect
+//!   usual ─► forward::route ─► pick ─► pool::checkout
 //!            ─► head + body (framing::FramingGuard tracks the body) ─► instance
 //!            ◄─ head::parse_response ◄─ body relayed by its framing ─► pool::put
 //!   unusual (HTTP/1.0, h2c preface, upgrade, Expect, absolute-form, CONNECT, bad Host or

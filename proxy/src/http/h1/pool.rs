@@ -20,12 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntGauge;
-use svcd_lb::EndpointHealth;
+use svcd_lb::{EndpointHealth, Slot};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::http::metrics::HttpMetrics;
+use crate::http::metrics::{HttpMetrics, HttpSlot};
 
 /// One upstream connection, counted open until dropped.
 pub struct UpstreamConn {
@@ -51,7 +51,7 @@ impl Drop for OpenGauge {
 
 /// Opens a connection to `addr`, instance `health` (Nagle off before the handshake: no
 /// setsockopt after it).
-pub async fn connect(
+async fn connect(
     addr: SocketAddr,
     health: &Arc<EndpointHealth>,
     timeout: Duration,
@@ -77,12 +77,11 @@ pub async fn connect(
     })
 }
 
-/// A connection to instance `health` at `addr` for one exchange: the most recent idle one
-/// (unless `fresh_only`, a retry after a pooled one turned out closed), else a new one. `check`:
-/// see [`take`].
+/// A connection to `slot`'s instance for one exchange: the most recent idle one (unless
+/// `fresh_only`, a retry after a pooled one turned out closed), else a new one. `check`: see
+/// [`take`].
 pub async fn checkout(
-    addr: SocketAddr,
-    health: &Arc<EndpointHealth>,
+    slot: &Slot<HttpSlot>,
     settings: &crate::http::HttpSettings,
     metrics: &HttpMetrics,
     fresh_only: bool,
@@ -91,11 +90,11 @@ pub async fn checkout(
     let pooled = if fresh_only {
         None
     } else {
-        take(addr, settings.l7.pool_idle_timeout, check)
+        take(slot.addr, settings.l7.pool_idle_timeout, check)
     };
     match pooled {
         Some(up) => Ok(up),
-        None => connect(addr, health, settings.connect_timeout, metrics).await,
+        None => connect(slot.addr, &slot.health, settings.connect_timeout, metrics).await,
     }
 }
 
@@ -115,7 +114,7 @@ thread_local! {
 /// The most recently used idle connection to `addr` that is still open and younger than
 /// `max_idle`. `check`: make sure the backend has not closed it (one `recv` that must find
 /// nothing); a bodiless request skips it, as it is retried if the connection turns out closed.
-pub fn take(addr: SocketAddr, max_idle: Duration, check: bool) -> Option<UpstreamConn> {
+fn take(addr: SocketAddr, max_idle: Duration, check: bool) -> Option<UpstreamConn> {
     IDLE.with_borrow_mut(|idle| {
         let list = idle.get_mut(&addr)?;
         while let Some(mut entry) = list.pop() {
@@ -140,30 +139,27 @@ fn still_open(stream: &TcpStream) -> bool {
 }
 
 /// Keeps `conn` for the next request to its instance; past `max_per_host` the oldest goes. A
-/// connection whose instance left during the exchange is closed instead.
-pub fn put(conn: UpstreamConn, max_per_host: usize, max_idle: Duration) {
+/// connection whose instance left during the exchange is closed instead. (Connections past
+/// their idle time are the keeper's, [`upkeep`], and [`take`] never hands one out.)
+pub fn put(conn: UpstreamConn, max_per_host: usize) {
     if max_per_host == 0 || conn.health.has_left() {
         return;
     }
     IDLE.with_borrow_mut(|idle| {
         let list = idle.entry(conn.addr).or_default();
-        let now = Instant::now();
-        if list
-            .first()
-            .is_some_and(|e| now.duration_since(e.since) >= max_idle)
-        {
-            list.retain(|e| now.duration_since(e.since) < max_idle);
-        }
         if list.len() >= max_per_host {
             list.remove(0);
         }
-        list.push(Idle { conn, since: now });
+        list.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
     });
 }
 
 /// Closes this thread's idle connections that have idled `max_idle` or longer, whose instance
 /// has left the registry, or that are past `max_per_host` for their address (oldest first).
-pub fn tidy(max_per_host: usize, max_idle: Duration) {
+fn tidy(max_per_host: usize, max_idle: Duration) {
     IDLE.with_borrow_mut(|idle| {
         let now = Instant::now();
         idle.retain(|_, list| {
