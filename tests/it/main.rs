@@ -17,6 +17,7 @@ mod dns_abuse;
 mod fast_path;
 mod faults;
 mod health;
+mod hostile_backend;
 mod lb;
 mod lifecycle;
 mod limits;

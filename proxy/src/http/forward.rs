@@ -166,6 +166,7 @@ pub(super) mod refusal {
 
     /// `reason`: "connect failed" or "upstream error".
     pub fn upstream_failed(service: &impl std::fmt::Display, reason: &str) -> Refusal {
+        let reason = reason.strip_prefix("upstream ").unwrap_or(reason);
         (
             StatusCode::BAD_GATEWAY,
             format!("{service}: upstream {reason}\n"),

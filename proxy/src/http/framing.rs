@@ -435,6 +435,7 @@ impl FramingGuard {
             return Err(());
         }
         match self.phase {
+            Phase::ChunkSize if !chunk_line_is_strict(&self.buf) => return Err(()),
             Phase::ChunkSize => match httparse::parse_chunk_size(&self.buf) {
                 Ok(httparse::Status::Complete((_, 0))) => self.phase = Phase::Trailers,
                 Ok(httparse::Status::Complete((_, n))) => {
@@ -452,6 +453,75 @@ impl FramingGuard {
         self.buf.clear();
         Ok(nl + 1)
     }
+}
+
+/// Whether a chunk-size line is exactly RFC 9112's `chunk-size *chunk-ext CRLF`:
+/// `1*HEXDIG *( BWS ";" BWS token [ BWS "=" BWS ( token / quoted-string ) ] ) CRLF`, with
+/// optional white space before the CRLF. httparse (and so hyper) skips whatever follows a `;`,
+/// so an extension holding a request line reaches an instance that may read the body its own
+/// way (a smuggling vector); such a line is refused here, on every path and in both directions.
+fn chunk_line_is_strict(line: &[u8]) -> bool {
+    let Some(line) = line.strip_suffix(b"\r\n") else {
+        return false;
+    };
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return false;
+    }
+    let mut rest = &line[digits..];
+    loop {
+        rest = skip_bws(rest);
+        match rest.split_first() {
+            None => return true,
+            Some((b';', after)) => rest = skip_bws(after),
+            Some(_) => return false,
+        }
+        let name = token_len(rest);
+        if name == 0 {
+            return false;
+        }
+        rest = skip_bws(&rest[name..]);
+        if let Some((b'=', after)) = rest.split_first() {
+            rest = skip_bws(after);
+            let value = match rest.first() {
+                Some(b'"') => quoted_string_len(rest),
+                _ => token_len(rest),
+            };
+            if value == 0 {
+                return false;
+            }
+            rest = &rest[value..];
+        }
+    }
+}
+
+fn skip_bws(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+    &s[n..]
+}
+
+/// The length of the RFC 9110 token at the start of `s` (0: none).
+fn token_len(s: &[u8]) -> usize {
+    s.iter()
+        .take_while(|&&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        .count()
+}
+
+/// The length of the RFC 9110 quoted-string at the start of `s`, quotes included (0: none).
+fn quoted_string_len(s: &[u8]) -> usize {
+    let mut i = 1;
+    while i < s.len() {
+        match s[i] {
+            b'"' => return i + 1,
+            b'\\' => match s.get(i + 1) {
+                Some(&c) if c == b'\t' || c == b' ' || c >= 0x21 && c != 0x7f => i += 2,
+                _ => return 0,
+            },
+            c if c == b'\t' || c == b' ' || c >= 0x21 && c != 0x7f => i += 1,
+            _ => return 0,
+        }
+    }
+    0
 }
 
 /// The end of a head (just past its empty line) in `buf`, looking from `from`.

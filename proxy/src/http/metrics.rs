@@ -87,6 +87,13 @@ pub struct HttpMetrics {
     pub upstream_connects: IntCounter,
     /// Open downstream (client) connections.
     pub downstream_open: IntGauge,
+    /// Idle pooled connections found closed, or holding bytes no request asked for, when taken
+    /// for reuse: closed instead.
+    pub upstream_stale: IntCounter,
+    /// HTTP/2 streams the client cancelled (RST_STREAM) before their response head was ready.
+    pub streams_cancelled: IntCounter,
+    /// HTTP/2 client connections closed because most of their streams were cancelled early.
+    pub reset_floods: IntCounter,
     /// Responses to requests that matched no service, by class (`service=""`).
     unrouted: [IntCounter; 5],
 }
@@ -180,6 +187,20 @@ impl HttpMetrics {
                 "svcd_http_downstream_connections",
                 "Open client connections of the HTTP proxy.",
             )?,
+            upstream_stale: IntCounter::new(
+                "svcd_http_upstream_stale_total",
+                "Idle upstream connections found closed or holding stray bytes when taken for \
+                 reuse, and closed.",
+            )?,
+            streams_cancelled: IntCounter::new(
+                "svcd_http_streams_cancelled_total",
+                "HTTP/2 streams cancelled by the client before their response head.",
+            )?,
+            reset_floods: IntCounter::new(
+                "svcd_http_reset_flood_closes_total",
+                "HTTP/2 client connections closed because most of their streams were \
+                 cancelled early.",
+            )?,
         };
         registry.register(Box::new(m.responses.clone()))?;
         registry.register(Box::new(m.upstream_requests.clone()))?;
@@ -190,6 +211,9 @@ impl HttpMetrics {
         registry.register(Box::new(m.upstream_open.clone()))?;
         registry.register(Box::new(m.upstream_connects.clone()))?;
         registry.register(Box::new(m.downstream_open.clone()))?;
+        registry.register(Box::new(m.upstream_stale.clone()))?;
+        registry.register(Box::new(m.streams_cancelled.clone()))?;
+        registry.register(Box::new(m.reset_floods.clone()))?;
         Ok(Arc::new(m))
     }
 

@@ -143,3 +143,49 @@ fn arbitrary_bytes_never_panic() {
         }
     }
 }
+
+#[test]
+fn chunk_extensions_are_taken_only_in_rfc_9112_form() {
+    let head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let fine: &[&[u8]] = &[
+        b"5\r\nhello\r\n0\r\n\r\n",
+        b"5;a\r\nhello\r\n0\r\n\r\n",
+        b"5 ; a = b ;c=\"q \\\" x\"\r\nhello\r\n0;last\r\n\r\n",
+        b"5;name=tok-en.1\t\r\nhello\r\n0\r\n\r\n",
+        b"A\r\n0123456789\r\n0\r\n\r\n",
+    ];
+    for body in fine {
+        let stream = [&head[..], body].concat();
+        assert_eq!(
+            both(&stream),
+            Verdict::Fine,
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    let bad: &[&[u8]] = &[
+        // A request line hidden in an extension (relayed as is, an instance that reads the
+        // body its own way would answer it as a second request).
+        b"5;GET / HTTP/1.1\r\nhello\r\n0\r\n\r\n",
+        b"5;a=GET /x HTTP/1.1\r\nhello\r\n0\r\n\r\n",
+        b"5;\r\nhello\r\n0\r\n\r\n",
+        b"5;=b\r\nhello\r\n0\r\n\r\n",
+        b"5;a=\r\nhello\r\n0\r\n\r\n",
+        b"5;a=\"open\r\nhello\r\n0\r\n\r\n",
+        b"5;a=b c\r\nhello\r\n0\r\n\r\n",
+        b"5 x\r\nhello\r\n0\r\n\r\n",
+        b";a\r\nhello\r\n0\r\n\r\n",
+        // Lines end with CRLF only, as hyper reads them.
+        b"5\nhello\r\n0\r\n\r\n",
+        b"5;a\rb\r\nhello\r\n0\r\n\r\n",
+    ];
+    for body in bad {
+        let stream = [&head[..], body].concat();
+        assert_eq!(
+            both(&stream),
+            Verdict::Ambiguous,
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+}

@@ -26,7 +26,7 @@ use hyper::body::{Body, Frame};
 use tokio::io::AsyncWriteExt;
 
 use super::buffers;
-use super::exchange::read_response_head;
+use super::exchange::{idle_timeout_notice, read_response_head};
 use super::head::{name_is, ResponseSink};
 use super::pool::{self, UpstreamConn};
 use crate::http::framing::{BodyFraming, FramingGuard, ResponseFraming};
@@ -92,8 +92,7 @@ pub async fn send(
     let head_request = req.method == Method::HEAD;
     let mut fresh_only = false;
     let result = loop {
-        // No liveness check: a closed one is retried on a new one, below.
-        let mut up = match pool::checkout(slot, settings, metrics, fresh_only, false).await {
+        let mut up = match pool::checkout(slot, settings, metrics, fresh_only).await {
             Ok(up) => up,
             Err(e) => break Err(BridgeError::Connect(e)),
         };
@@ -108,6 +107,7 @@ pub async fn send(
         let mut rbuf = BytesMut::new();
         let mut parts = HeadParts::default();
         match read_response_head(&up.stream, &mut rbuf, head_request, false, &mut parts).await {
+            Ok(info) if stale && idle_timeout_notice(info.status) => fresh_only = true,
             Ok(info) => {
                 let Some(status) = parts.valid_status(info.status) else {
                     break Err(BridgeError::Upstream("malformed response head"));

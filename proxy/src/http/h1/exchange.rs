@@ -199,9 +199,8 @@ impl ClientConn<'_> {
         fresh_only: bool,
     ) -> Attempt {
         let l7 = &self.settings.l7;
-        let check = !info.replayable();
         let metrics = &self.ctx.metrics;
-        let mut up = match pool::checkout(slot, &self.settings, metrics, fresh_only, check).await {
+        let mut up = match pool::checkout(slot, &self.settings, metrics, fresh_only).await {
             Ok(up) => up,
             Err(e) => {
                 debug!(addr = %slot.addr, error = %e, "upstream connect failed");
@@ -287,6 +286,16 @@ impl ClientConn<'_> {
                 reason: "timeout",
                 untouched: false,
             },
+            Some(Ok(answer))
+                if reused && info.replayable() && idle_timeout_notice(answer.status) =>
+            {
+                // The instance's "closed while idle" notice, not an answer to this request.
+                Attempt::Failed {
+                    outcome: Outcome::UpstreamError,
+                    reason: "upstream error",
+                    untouched: true,
+                }
+            }
             Some(Ok(info)) => Attempt::Answered { up, info, uploaded },
             Some(Err(nothing_read)) => Attempt::Failed {
                 outcome: Outcome::UpstreamError,
@@ -387,6 +396,17 @@ impl ClientConn<'_> {
             );
         }
         self.send_local(refused, closing).await
+    }
+
+    /// The answer to a head past `max_header_bytes` (hyper's, on its path); the connection
+    /// closes.
+    pub(super) async fn too_large(&mut self) {
+        let refused = (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            String::new(),
+            true,
+        );
+        self.send_local(refused, true).await;
     }
 
     async fn send_local(&mut self, (status, text, close): Refusal, closing: bool) -> Next {
@@ -506,6 +526,14 @@ pub(super) async fn read_response_head(
             _ => return Err(!read_any),
         }
     }
+}
+
+/// Whether a response read from a reused connection is the `408` an instance writes on an idle
+/// keep-alive connection before closing it (nginx, Apache, Node do), which raced the request:
+/// as Go's transport does, it is taken as "closed while idle", and a request that may be sent
+/// again is, on a new connection, without blaming the instance.
+pub(super) fn idle_timeout_notice(status: u16) -> bool {
+    status == 408
 }
 
 /// Resolves when the client closes its connection (or resets it). Bytes it sends meanwhile (a

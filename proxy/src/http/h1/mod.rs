@@ -97,6 +97,8 @@ enum Next {
 enum HeadRead {
     Request(RequestInfo),
     Unusual,
+    /// Past `max_header_bytes`: 431 and close, as hyper answers.
+    TooLarge,
     Closed,
     NeedMore,
 }
@@ -145,6 +147,10 @@ pub async fn serve(
             match conn.try_head() {
                 HeadRead::Request(info) => break info,
                 HeadRead::Unusual => return conn.hand_off(),
+                HeadRead::TooLarge => {
+                    conn.too_large().await;
+                    return conn.close();
+                }
                 HeadRead::Closed => return conn.close(),
                 HeadRead::NeedMore => {
                     if !readable_by(&conn.stream, deadline, None).await {
@@ -221,12 +227,16 @@ impl<'a> ClientConn<'a> {
                 let mut text = IpText::default();
                 let ip = text.of(self.ip);
                 buffers::head_room(&mut self.up_head);
+                // A head of up to `max_header_bytes` is taken, one byte more gets 431: the
+                // fast path answers it itself rather than hand hyper an oversized start.
                 match head::parse_request(&self.buf, l7.max_headers, ip, &mut self.up_head) {
+                    ParsedRequest::Request(info) if info.len > l7.max_header_bytes => {
+                        return HeadRead::TooLarge
+                    }
                     ParsedRequest::Request(info) => return HeadRead::Request(info),
                     ParsedRequest::Unusual => return HeadRead::Unusual,
-                    // hyper answers 431 for a head past the limit.
                     ParsedRequest::Partial if self.buf.len() > l7.max_header_bytes => {
-                        return HeadRead::Unusual
+                        return HeadRead::TooLarge
                     }
                     ParsedRequest::Partial => {}
                 }

@@ -77,20 +77,18 @@ async fn connect(
     })
 }
 
-/// A connection to `slot`'s instance for one exchange: the most recent idle one (unless
-/// `fresh_only`, a retry after a pooled one turned out closed), else a new one. `check`: see
-/// [`take`].
+/// A connection to `slot`'s instance for one exchange: the most recent idle one that is still
+/// clean (unless `fresh_only`, a retry after a pooled one turned out closed), else a new one.
 pub async fn checkout(
     slot: &Slot<HttpSlot>,
     settings: &crate::http::HttpSettings,
     metrics: &HttpMetrics,
     fresh_only: bool,
-    check: bool,
 ) -> io::Result<UpstreamConn> {
     let pooled = if fresh_only {
         None
     } else {
-        take(slot.addr, settings.l7.pool_idle_timeout, check)
+        take(slot.addr, settings.l7.pool_idle_timeout, metrics)
     };
     match pooled {
         Some(up) => Ok(up),
@@ -111,10 +109,12 @@ thread_local! {
     static IDLE: RefCell<IdleMap> = RefCell::new(HashMap::default());
 }
 
-/// The most recently used idle connection to `addr` that is still open and younger than
-/// `max_idle`. `check`: make sure the backend has not closed it (one `recv` that must find
-/// nothing); a bodiless request skips it, as it is retried if the connection turns out closed.
-fn take(addr: SocketAddr, max_idle: Duration, check: bool) -> Option<UpstreamConn> {
+/// The most recently used idle connection to `addr` that is younger than `max_idle` and still
+/// clean: every one is checked before reuse, whatever the request, as nginx's keepalive and
+/// hyper-util's pool do. An idle connection with something to read has either been closed by
+/// the instance or carries bytes no request asked for (a `408` written before closing, a second
+/// response to a smuggled request); a request written onto it would be answered with them.
+fn take(addr: SocketAddr, max_idle: Duration, metrics: &HttpMetrics) -> Option<UpstreamConn> {
     IDLE.with_borrow_mut(|idle| {
         let list = idle.get_mut(&addr)?;
         while let Some(mut entry) = list.pop() {
@@ -122,7 +122,11 @@ fn take(addr: SocketAddr, max_idle: Duration, check: bool) -> Option<UpstreamCon
                 list.clear(); // older ones are older still
                 break;
             }
-            if entry.conn.health.has_left() || (check && !still_open(&entry.conn.stream)) {
+            if entry.conn.health.has_left() {
+                continue;
+            }
+            if !quiet(&entry.conn.stream) {
+                metrics.upstream_stale.inc();
                 continue;
             }
             entry.conn.reused = true;
@@ -132,10 +136,15 @@ fn take(addr: SocketAddr, max_idle: Duration, check: bool) -> Option<UpstreamCon
     })
 }
 
-/// Whether the backend has neither closed the idle connection nor sent stray bytes on it.
-fn still_open(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+/// Whether an idle connection has nothing to read: neither the instance's close nor stray bytes.
+/// Asks the kernel (a non-blocking `MSG_PEEK`), not tokio's readiness, which is only as fresh as
+/// the worker's last turn of its I/O driver.
+fn quiet(stream: &TcpStream) -> bool {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(
+        socket2::SockRef::from(stream).peek(&mut probe),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock
+    )
 }
 
 /// Keeps `conn` for the next request to its instance; past `max_per_host` the oldest goes. A
