@@ -16,6 +16,7 @@ mod dns;
 mod dns_abuse;
 mod fast_path;
 mod faults;
+mod h2_resets;
 mod health;
 mod hostile_backend;
 mod lb;

@@ -24,6 +24,7 @@ use super::headers::{
 };
 use super::host::request_host;
 use super::metrics::{HttpSlot, HttpSlots, Outcome};
+use super::resets::{Stream, StreamLedger};
 use super::route::MAX_HOST;
 use super::speaks_h1;
 use super::{HttpContext, HttpSettings};
@@ -33,6 +34,8 @@ pub struct ClientConn {
     pub watch: Arc<ConnWatch>,
     /// The client's IP as a header value, made once per connection for `X-Forwarded-For`.
     pub ip: HeaderValue,
+    /// HTTP/2 streams opened and cancelled early, for the rapid-reset rule.
+    pub streams: StreamLedger,
 }
 
 fn idempotent(method: &Method) -> bool {
@@ -55,9 +58,17 @@ pub async fn handle(
         .l7
         .access_log
         .then(|| AccessEntry::of(&req));
+    // An HTTP/2 stream the client resets before this yields is dropped with nothing sent.
+    let stream = match req.version() {
+        http::Version::HTTP_2 => Some(Stream::begin(&client.streams, &ctx.metrics).await),
+        _ => None,
+    };
     let response = proxy(&ctx, &client, req, &mut service)
         .await
         .unwrap_or_else(|(status, text, close)| local(status, text, close));
+    if let Some(stream) = stream {
+        stream.answered();
+    }
     // What the client sees, whoever made it.
     let status = response.status().as_u16();
     match &service {

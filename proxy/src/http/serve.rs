@@ -188,7 +188,9 @@ async fn serve_with_hyper(
     let client = Arc::new(ClientConn {
         watch: watch.clone(),
         ip: HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a header value"),
+        streams: Default::default(),
     });
+    let ledger = client.clone();
     let ctx2 = ctx.clone();
     // Boxed: hyper spawns one task per HTTP/2 stream, and a task's future is moved into place
     // by value; the handler's state machine (~2.6 KiB) is then written once, not on each move.
@@ -238,6 +240,11 @@ async fn serve_with_hyper(
                 }
             }
             _ = ctx.hard_stop.cancelled() => break,
+            _ = ledger.streams.flooded(), if shutdown != Shutdown::Draining => {
+                debug!(%peer, "HTTP/2 client cancelled most of its streams; sending GOAWAY");
+                conn.as_mut().graceful_shutdown();
+                shutdown = Shutdown::Draining;
+            }
             _ = tick.tick() => {
                 let now = watch.activity();
                 // A request still being answered keeps the connection: its own timers (the
