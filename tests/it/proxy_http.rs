@@ -255,10 +255,18 @@ async fn killed_backend_is_retried_and_hanging_one_times_out_on(path: &str) {
             .header("host", "web")
             .body(Full::new(Bytes::from_static(b"payload")))
             .unwrap();
-        let (s, _, _) = H1::connect(d.http).await.request(req).await;
+        let (s, _, text) = H1::connect(d.http).await.request(req).await;
         match s {
             StatusCode::OK => {}
-            StatusCode::BAD_GATEWAY => failures += 1,
+            StatusCode::BAD_GATEWAY => {
+                failures += 1;
+                // The cause, said once ("upstream upstream error" before).
+                assert!(
+                    text == "web.default: upstream connect failed\n"
+                        || text == "web.default: upstream error\n",
+                    "{text:?}"
+                );
+            }
             other => panic!("unexpected {other}"),
         }
     }
