@@ -26,6 +26,7 @@ pub mod h1;
 pub mod headers;
 pub mod host;
 pub mod metrics;
+mod outcome;
 mod resets;
 pub mod route;
 mod serve;

@@ -26,9 +26,9 @@ use hyper::body::{Body, Frame};
 use tokio::io::AsyncWriteExt;
 
 use super::buffers;
-use super::exchange::{idle_timeout_notice, read_response_head};
 use super::head::{name_is, ResponseSink};
 use super::pool::{self, UpstreamConn};
+use super::read::{idle_timeout_notice, read_response_head};
 use crate::http::framing::{BodyFraming, FramingGuard, ResponseFraming};
 use crate::http::metrics::{HttpMetrics, HttpSlot};
 use crate::http::HttpSettings;

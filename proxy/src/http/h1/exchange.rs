@@ -11,16 +11,16 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::buffers;
-use super::head::{self, ParsedResponse, RequestInfo, ResponseInfo, ResponseSink};
+use super::head::{self, RequestInfo, ResponseInfo};
 use super::pool::{self, UpstreamConn};
-use super::read::read_some;
-use super::{ClientConn, Next, MAX_RESPONSE_HEAD};
+use super::read::{idle_timeout_notice, read_response_head, read_some};
+use super::{ClientConn, Next};
 use crate::http::body::InFlight;
-use crate::http::forward::{
-    record_answer, record_no_answer, refusal, route, AccessEntry, Balancer, Refusal,
-};
 use crate::http::framing::{FramingGuard, ResponseFraming};
 use crate::http::metrics::{HttpSlot, Outcome};
+use crate::http::outcome::{
+    record_answer, record_no_answer, refusal, route, AccessEntry, Balancer, Refusal,
+};
 use crate::http::speaks_h1;
 use svcd_lb::Slot;
 
@@ -490,50 +490,6 @@ async fn upload(
         buf.advance(used);
     }
     Ok(())
-}
-
-/// Reads the response head (interim 1xx heads skipped, as hyper's client does) and writes the
-/// client's version of it to `out`. Err(true): nothing at all was read (the connection was
-/// closed or reset before any response byte); Err(false): a malformed or cut head.
-pub(super) async fn read_response_head(
-    up: &TcpStream,
-    rbuf: &mut BytesMut,
-    head_request: bool,
-    closing: bool,
-    out: &mut impl ResponseSink,
-) -> Result<ResponseInfo, bool> {
-    rbuf.clear();
-    let mut read_any = false;
-    loop {
-        if !rbuf.is_empty() {
-            match head::parse_response(rbuf, head_request, closing, out) {
-                ParsedResponse::Response(info) if (100..200).contains(&info.status) => {
-                    if info.status == 101 {
-                        return Err(false); // switching protocols nobody asked for
-                    }
-                    rbuf.advance(info.len);
-                    continue;
-                }
-                ParsedResponse::Response(info) => return Ok(info),
-                ParsedResponse::Bad => return Err(false),
-                ParsedResponse::Partial if rbuf.len() > MAX_RESPONSE_HEAD => return Err(false),
-                ParsedResponse::Partial => {}
-            }
-        }
-        buffers::room(rbuf);
-        match read_some(up, rbuf).await {
-            Ok(n) if n > 0 => read_any = true,
-            _ => return Err(!read_any),
-        }
-    }
-}
-
-/// Whether a response read from a reused connection is the `408` an instance writes on an idle
-/// keep-alive connection before closing it (nginx, Apache, Node do), which raced the request:
-/// as Go's transport does, it is taken as "closed while idle", and a request that may be sent
-/// again is, on a new connection, without blaming the instance.
-pub(super) fn idle_timeout_notice(status: u16) -> bool {
-    status == 408
 }
 
 /// Resolves when the client closes its connection (or resets it). Bytes it sends meanwhile (a

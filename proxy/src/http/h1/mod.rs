@@ -63,9 +63,6 @@ pub enum Ended {
     Handoff(TcpStream, BytesMut),
 }
 
-/// The longest response head accepted from an instance.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-
 /// One client connection's state between and during exchanges.
 struct ClientConn<'a> {
     ctx: &'a HttpContext,
