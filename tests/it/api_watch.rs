@@ -104,29 +104,59 @@ async fn svcd_watch_prints_each_change() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    // Changes far enough apart that each is its own answer even on a loaded machine.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // What `svcd watch` printed so far, read as it comes.
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let printed = printed.clone();
+        let mut stdout = watch.stdout.take().unwrap();
+        tokio::spawn(async move {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                printed
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        })
+    };
+    // Each change is made once the answer before it has been printed, so each is its own.
+    let sections = |printed: &str| -> Vec<String> {
+        printed
+            .split("--- ")
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let printed_sections = |n: usize| {
+        let printed = printed.clone();
+        async move {
+            crate::support::eventually(Duration::from_secs(10), "svcd watch's answer", || {
+                let text = printed.lock().unwrap().clone();
+                let got = sections(&text);
+                async move { (got.len() >= n && got[n - 1].contains('\n')).then_some(()) }
+            })
+            .await
+        }
+    };
+    printed_sections(1).await;
     d.put_instance("web", "a", r#"{"ip":"10.0.0.1"}"#).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    printed_sections(2).await;
     d.put_instance("web", "b", r#"{"ip":"10.0.0.2"}"#).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    printed_sections(3).await;
     assert_eq!(
         d.request("DELETE", "/v1/services/default/web/instances/a", None)
             .await
             .status,
         200
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    printed_sections(4).await;
     watch.start_kill().unwrap();
-    let mut out = String::new();
-    watch
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .await
-        .unwrap();
-    let sections: Vec<&str> = out.split("--- ").filter(|s| !s.is_empty()).collect();
+    let _ = reader.await;
+    let out = printed.lock().unwrap().clone();
+    let sections = sections(&out);
     assert_eq!(sections.len(), 4, "{out}");
     assert!(sections[0].contains("no instances"), "{out}");
     assert!(

@@ -35,6 +35,22 @@ async fn raw(d: &Daemon, bytes: &[u8], close_early: bool) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Waits until the series `selector` reaches `at_least` (or, for 0, falls to it): the positive
+/// signal that the requests a test sent have ended and been judged, before it checks that
+/// nothing was blamed.
+async fn judged(d: &Daemon, selector: &str, at_least: f64) {
+    crate::support::eventually(Duration::from_secs(5), selector, || async {
+        let v = d.metric(selector).await?;
+        let done = if at_least == 0.0 {
+            v == 0.0
+        } else {
+            v >= at_least
+        };
+        done.then_some(())
+    })
+    .await;
+}
+
 /// Nothing was ejected or counted against the instance, and DNS and the API still serve it.
 async fn nothing_blamed(d: &Daemon) {
     let m = d.get("/metrics").await.body;
@@ -75,17 +91,15 @@ async fn aborted_uploads_and_malformed_chunked_bodies_eject_nothing_on(path: &st
         .await;
         assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
     }
-    // Let the aborted exchanges finish on the proxy's side before judging.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Judged first: every aborted upload ended on the proxy's side as the client's fault.
+    judged(
+        &d,
+        r#"svcd_http_upstream_requests_total{code="client_error",endpoint="w1"}"#,
+        5.0,
+    )
+    .await;
     nothing_blamed(&d).await;
     let m = d.get("/metrics").await.body;
-    assert!(
-        metric_sum(
-            &m,
-            r#"svcd_http_upstream_requests_total{code="client_error",endpoint="w1"}"#
-        ) >= Some(5.0),
-        "client faults are counted as such: {m}"
-    );
     // The malformed bodies were answered 400 (and aborted uploads, to a client that had gone,
     // may be too: a response is counted when it is handed to the connection).
     assert!(
@@ -149,7 +163,9 @@ async fn cancelled_http2_streams_eject_nothing() {
         let _ = tokio::time::timeout(Duration::from_millis(200), pending).await; // then dropped
         drop(tx);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Judged first: all six streams were cancelled and their requests have ended.
+    judged(&d, "svcd_http_streams_cancelled_total", 6.0).await;
+    judged(&d, "svcd_http_requests_active", 0.0).await;
     nothing_blamed(&d).await;
     // The connection is fine for the next request.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);

@@ -238,8 +238,14 @@ async fn a_connection_whose_instance_left_mid_exchange_is_not_pooled() {
     let d = daemon(FAST_PATH, b1.addr).await;
     until_open(&b1, 2, "the probes' connections pooled", |n| n >= 1).await;
     let mut c = H1::connect(d.http).await;
+    let asked = b1.count();
     let slow = tokio::spawn(async move { c.get("web", "/slow").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the slow request at the instance",
+        || async { (b1.count() > asked).then_some(()) },
+    )
+    .await;
     deregister(&d, "w1").await;
     // The idle ones go; the one in use stays until its answer is relayed.
     until_open(&b1, 2, "idle connections closed", |n| n <= 1).await;

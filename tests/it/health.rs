@@ -79,7 +79,11 @@ async fn backend_killed_under_load_is_ejected_from_proxy_and_local_dns() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The load is running (some answers in) before the instance dies.
+    eventually(Duration::from_secs(5), "load running", || async {
+        (gets.load(Ordering::SeqCst) >= 20).then_some(())
+    })
+    .await;
     backends[2].kill();
     // Non-retryable requests (POST with a body), each on a new connection, while the load runs.
     let mut post_errors = 0;
@@ -93,7 +97,12 @@ async fn backend_killed_under_load_is_ejected_from_proxy_and_local_dns() {
             post_errors += 1;
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The GET load goes on past the POSTs (more answers in) before it stops.
+    let so_far = gets.load(Ordering::SeqCst);
+    eventually(Duration::from_secs(5), "load past the POSTs", || async {
+        (gets.load(Ordering::SeqCst) >= so_far + 20).then_some(())
+    })
+    .await;
     stop.cancel();
     for task in load {
         task.await.unwrap();
@@ -271,8 +280,12 @@ async fn drained_instance_finishes_its_open_request_and_gets_no_new_ones() {
     register(&d, "web", "w1", b1.addr, "http").await;
     wait_routable(&d, "web", 1).await;
     let addr = d.http;
+    let asked = b1.count();
     let slow = tokio::spawn(async move { H1::connect(addr).await.get("web", "/slow").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(Duration::from_secs(5), "the slow request at w1", || async {
+        (b1.count() > asked).then_some(())
+    })
+    .await;
     register(&d, "web", "w2", b2.addr, "http").await;
     let r = d
         .request("POST", "/v1/services/default/web/instances/w1/drain", None)

@@ -462,10 +462,14 @@ async fn slow_headers_and_oversized_heads_are_cut_off_on(path: &str) {
 
 #[tokio::test]
 async fn sigterm_lets_an_open_request_finish_then_exits_cleanly() {
-    let (mut d, _backends) = web_service("[shutdown]\ndrain_timeout = \"5s\"\n", &["b1"]).await;
+    let (mut d, backends) = web_service("[shutdown]\ndrain_timeout = \"5s\"\n", &["b1"]).await;
     let addr = d.http;
+    let asked = backends[0].count();
     let slow = tokio::spawn(async move { H1::connect(addr).await.get("web", "/slow").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    crate::support::eventually(Duration::from_secs(5), "the slow request at b1", || async {
+        (backends[0].count() > asked).then_some(())
+    })
+    .await;
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(
         slow.await.unwrap(),
