@@ -5,8 +5,6 @@
 //! and selection) → `svcd-proxy`, with `svcd-dns` reading the registry snapshot (serving it).
 //! See `docs/` for the design.
 
-#![forbid(unsafe_code)]
-
 mod admin;
 mod cli;
 mod client;

@@ -16,8 +16,6 @@
 //! ([`names`]), because static registrations in the config file use them and every crate above
 //! (registry, admin API, DNS) must agree on one definition.
 
-#![forbid(unsafe_code)]
-
 mod checks;
 mod default_file;
 mod error;

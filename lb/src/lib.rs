@@ -27,8 +27,6 @@
 //! * [`checks`]: active health checks of this daemon's own registrations, behind a [`Probe`].
 //! * [`metrics`]: ejection and panic series, removed with the service they describe.
 
-#![forbid(unsafe_code)]
-
 pub mod balancer;
 pub mod checks;
 pub mod health;
