@@ -297,8 +297,9 @@ fn share(counts: &BTreeMap<String, usize>, name: &str) -> f64 {
     counts.get(name).copied().unwrap_or(0) as f64 / counts.values().sum::<usize>() as f64
 }
 
+/// Weights 1:3 split TCP connections and HTTP requests one to three (DNS answers: the next test).
 #[tokio::test]
-async fn weights_split_tcp_http_and_dns_one_to_three() {
+async fn weights_split_tcp_and_http_one_to_three() {
     let tcp_port = free_port();
     let d = Daemon::start(&tcp_listener(tcp_port, "light")).await;
     put(&d, "light", "a", echo_backend("la").await, r#","weight":1"#).await;
