@@ -1,12 +1,21 @@
 //! `svcd run`: load config, start the registry and listeners, then wait for signals.
 //!
-//! Lifecycle: one `CancellationToken` is the shutdown signal; every accept loop and background
-//! task selects on it and lives in one `JoinSet`. First SIGTERM/SIGINT, in order: `/readyz`
-//! answers 503 and this daemon's registrations are marked `draining` in the store (other nodes
-//! stop sending); everything keeps serving for `shutdown.readiness_grace`; the proxies stop
-//! accepting and drain for up to `shutdown.drain_timeout` while DNS and the admin API still
-//! answer; then those stop, the lease is revoked, exit 0. A second signal exits at once. SIGHUP
-//! re-reads the config file and swaps in what can change live.
+//! Lifecycle: every long-lived task and thread runs in one of the daemon's [`Phase`]s (see
+//! `svcd_lifecycle`), which hands out its stop signal and tracks what runs in it. First
+//! SIGTERM/SIGINT, in order: `/readyz` answers 503 and this daemon's registrations are marked
+//! `draining` in the store (other nodes stop sending); everything keeps serving for
+//! `shutdown.readiness_grace`; then the phases stop in order:
+//!
+//! 1. `http proxy`, `l4 proxy`: stop accepting, drain for up to `shutdown.drain_timeout`, close
+//!    what is left (DNS and the admin API still answer meanwhile);
+//! 2. `proxy workers`: the worker threads the proxies ran on;
+//! 3. `dns and admin`: DNS, the admin and metrics listeners, the service-manager notifier;
+//! 4. `registry`: the watch, the active checks, the balancer and the lease keeper, which
+//!    revokes the lease on its way out, so requests in flight read a live snapshot to the end.
+//!
+//! Exit 0, with a log line counting what was left running in each phase (nothing, normally). A
+//! second signal exits at once (130). SIGHUP re-reads the config file and swaps in what can
+//! change live: everything is validated first, then applied.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,14 +26,13 @@ use svcd_config::{AdminListen, Config, Sources};
 use svcd_dns::DnsServer;
 use svcd_lb::checks::{CheckMetrics, NetworkProbe};
 use svcd_lb::{LbMetrics, LoadBalancer};
+use svcd_lifecycle::Phase;
 use svcd_proxy::fds::FdBudget;
 use svcd_proxy::http::HttpProxy;
 use svcd_proxy::workers::ProxyWorkers;
 use svcd_proxy::L4Proxy;
 use svcd_registry::{InstanceKey, Registry, SyncOptions};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminSocket, AdminState, Surface};
@@ -89,22 +97,22 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         }))
         .await;
 
-    let cancel = CancellationToken::new();
-    let mut tasks = JoinSet::new();
+    // The daemon's phases, in the order they stop (see the module header).
+    let http_phase = Phase::new("http proxy");
+    let l4_phase = Phase::new("l4 proxy");
+    let workers_phase = Phase::new("proxy workers");
+    let answer = Phase::new("dns and admin");
+    let registry_phase = Phase::new("registry");
     let sync_options = SyncOptions {
         resync_interval: config.registry.resync_interval,
         ..SyncOptions::default()
     };
-    // The registry gets its own token so it outlives the listeners during drain: requests still
-    // in flight keep reading a live snapshot, and the lease is revoked last.
-    let registry_cancel = CancellationToken::new();
-    let mut registry_tasks = JoinSet::new();
-    registry.spawn(&mut registry_tasks, sync_options, registry_cancel.clone());
-    registry_tasks.spawn(svcd_lb::checks::run(
+    registry.spawn(&registry_phase, sync_options);
+    registry_phase.spawn(svcd_lb::checks::run(
         registry.keeper.clone(),
         Arc::new(NetworkProbe::default()),
         CheckMetrics::new(&metrics.registry)?,
-        registry_cancel.clone(),
+        registry_phase.token(),
     ));
 
     let readiness = Arc::new(Readiness::new(registry.status.clone()));
@@ -128,19 +136,19 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         prometheus: metrics.registry.clone(),
         registry: registry.clone(),
     });
-    tasks.spawn(admin::serve(
+    answer.spawn(admin::serve(
         admin_socket,
         admin_state.clone(),
         Surface::Api,
-        cancel.clone(),
+        answer.clone(),
     ));
     if let Some(socket) = scrape_socket {
         info!(addr = %socket.describe(), "metrics listener (/metrics, /healthz, /readyz)");
-        tasks.spawn(admin::serve(
+        answer.spawn(admin::serve(
             socket,
             admin_state.clone(),
             Surface::Scrape,
-            cancel.clone(),
+            answer.clone(),
         ));
     }
 
@@ -152,7 +160,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         workers,
         registry.reader(),
         &metrics.registry,
-        &cancel,
+        &answer.token(),
     )
     .await?;
     // The one owner of endpoint health, for the daemon's lifetime (reloads reconfigure it).
@@ -161,18 +169,22 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         current.proxy.outlier.clone(),
         LbMetrics::new(&metrics.registry)?,
     );
-    registry_tasks.spawn(lb.clone().run(registry_cancel.clone()));
+    registry_phase.spawn(lb.clone().run(registry_phase.token()));
     // What the proxies may hold open; the rest of RLIMIT_NOFILE stays for admin and DNS.
     let fds = FdBudget::from_rlimit(&metrics.registry)?;
     // The proxies' threads: one current-thread runtime each, every TCP listener bound once per
     // worker (SO_REUSEPORT).
-    let proxy_workers = Arc::new(ProxyWorkers::start(current.proxy.workers.unwrap_or(cores))?);
+    let proxy_workers = Arc::new(ProxyWorkers::start(
+        current.proxy.workers.unwrap_or(cores),
+        &workers_phase,
+    )?);
     let proxy = L4Proxy::start(
         &current.proxy,
         current.shutdown.drain_timeout,
         &lb,
         &fds,
         &proxy_workers,
+        &l4_phase,
         &metrics.registry,
     )
     .await?;
@@ -182,11 +194,12 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         &lb,
         &fds,
         &proxy_workers,
+        &http_phase,
         &metrics.registry,
     )
     .await?;
     readiness.listeners_bound.store(true, Ordering::Relaxed);
-    notify::spawn(readiness.clone(), &mut tasks, cancel.clone());
+    notify::spawn(readiness.clone(), &answer);
     info!(admin = %admin_addr, dns = %dns.addr, store = %store.describe(), "svcd started");
 
     let live = LiveParts {
@@ -236,29 +249,39 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
             proxy.drain(shutdown.drain_timeout),
             http.drain(shutdown.drain_timeout)
         );
-        proxy_workers.shutdown().await;
-        // DNS and the admin API answered through the drain; now they stop too.
-        cancel.cancel();
-        tasks.spawn(dns.shutdown());
-        if tokio::time::timeout_at(
-            deadline.max(tokio::time::Instant::now() + std::time::Duration::from_secs(1)),
-            async { while tasks.join_next().await.is_some() {} },
-        )
-        .await
-        .is_err()
+        workers_phase.stop().await;
+        // DNS and the admin API answered through the drain; now they stop too (DNS waits for
+        // its threads in a task of the phase).
+        answer.spawn(dns.shutdown());
+        let left = deadline.max(tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+        if answer
+            .stop_within(left - tokio::time::Instant::now())
+            .await
+            .is_err()
         {
-            warn!("drain timeout reached; closing remaining connections");
-            tasks.abort_all();
+            warn!("drain timeout reached; closing remaining admin connections");
         }
-        registry_cancel.cancel();
         // Lease revoke is bounded inside the keeper; this bounds everything else.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
-            while registry_tasks.join_next().await.is_some() {}
-        })
-        .await;
+        let _ = registry_phase
+            .stop_within(std::time::Duration::from_secs(3))
+            .await;
     };
+    let phases = [
+        &http_phase,
+        &l4_phase,
+        &workers_phase,
+        &answer,
+        &registry_phase,
+    ];
     tokio::select! {
-        _ = drain => info!("svcd stopped"),
+        _ = drain => {
+            let left: Vec<String> = phases
+                .iter()
+                .map(|p| format!("{}: {}", p.name(), p.live()))
+                .collect();
+            let all_ended = phases.iter().all(|p| p.live() == 0);
+            info!(all_ended, left = %left.join(", "), "svcd stopped");
+        }
         _ = second_signal => {
             warn!("second signal: exiting now");
             std::process::exit(130);

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use svcd_lifecycle::Phase;
 use tracing::{debug, warn};
 
 use crate::readiness::Readiness;
@@ -21,12 +20,12 @@ fn send(states: &[NotifyState<'_>]) {
 }
 
 /// Starts the tasks that say `READY=1` once ready and ping the watchdog while running.
-pub fn spawn(readiness: Arc<Readiness>, tasks: &mut JoinSet<()>, cancel: CancellationToken) {
+pub fn spawn(readiness: Arc<Readiness>, phase: &Phase) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
-    let until_ready = cancel.clone();
-    tasks.spawn(async move {
+    let until_ready = phase.token();
+    phase.spawn(async move {
         loop {
             if readiness.check().is_ok() {
                 send(&[NotifyState::Ready, NotifyState::Status("serving")]);
@@ -40,7 +39,8 @@ pub fn spawn(readiness: Arc<Readiness>, tasks: &mut JoinSet<()>, cancel: Cancell
         }
     });
     if let Some(period) = sd_notify::watchdog_enabled() {
-        tasks.spawn(async move {
+        let cancel = phase.token();
+        phase.spawn(async move {
             let mut tick = tokio::time::interval(period / 2);
             loop {
                 tokio::select! {

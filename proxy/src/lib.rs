@@ -41,10 +41,10 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use svcd_config::{L4ListenerConfig, ProxyConfig};
 use svcd_lb::{BalancerTable, LoadBalancer, PortRule, ServiceName};
+use svcd_lifecycle::Phase;
 use svcd_registry::SnapshotReader;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use metrics::ListenerMetrics;
@@ -94,9 +94,11 @@ pub struct ProxyContext {
     pub settings: ArcSwap<ProxySettings>,
     /// Open TCP connections across listeners, against `max_connections`.
     pub active: AtomicUsize,
-    /// Every connection task and UDP reply task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// Cancelled when the drain time is over: open connections close.
+    /// The L4 proxy's phase: every listener task, connection task and UDP reply task runs in
+    /// it, so shutdown drains them and then ends the rest.
+    pub phase: Phase,
+    /// The phase's stop (cancelled when the drain time is over: open connections close), as a
+    /// token for code that holds one.
     pub hard_stop: CancellationToken,
     /// The daemon's one load balancer: every listener's balancers share its endpoint health.
     pub lb: Arc<LoadBalancer>,
@@ -220,6 +222,7 @@ impl L4Proxy {
         lb: &Arc<LoadBalancer>,
         fds: &Arc<fds::FdBudget>,
         workers: &Arc<workers::ProxyWorkers>,
+        phase: &Phase,
         prometheus: &prometheus::Registry,
     ) -> Result<L4Proxy, ProxyError> {
         let proxy = L4Proxy {
@@ -229,8 +232,8 @@ impl L4Proxy {
                 metrics: ProxyMetrics::new(prometheus, fds.clone())?,
                 settings: ArcSwap::from_pointee(ProxySettings::new(config, drain_timeout)),
                 active: AtomicUsize::new(0),
-                tracker: TaskTracker::new(),
-                hard_stop: CancellationToken::new(),
+                hard_stop: phase.token(),
+                phase: phase.clone(),
                 lb: lb.clone(),
             }),
             listeners: Mutex::new(HashMap::new()),
@@ -292,13 +295,13 @@ impl L4Proxy {
         for (transport, i, listener) in to_bind {
             let addr = listener.listen;
             let state = Arc::new(ListenerState::new(listener, &self.ctx, transport.label()));
-            let tracker = &self.ctx.tracker;
+            let phase = &self.ctx.phase;
             let started = match transport {
-                Transport::Tcp => self.workers.listen(addr, tracker, |l| {
+                Transport::Tcp => self.workers.listen(addr, phase, |l| {
                     tcp::serve(l, state.clone(), self.ctx.clone())
                 }),
                 Transport::Udp => UdpSocket::bind(addr).await.map(|s| {
-                    tracker.spawn(udp::serve(s, state.clone(), self.ctx.clone()));
+                    phase.spawn(udp::serve(s, state.clone(), self.ctx.clone()));
                 }),
             };
             match started {
@@ -334,7 +337,7 @@ impl L4Proxy {
     /// Waits for open connections up to `timeout`, then closes what is left.
     pub async fn drain(&self, timeout: Duration) {
         self.stop_accepting();
-        drain_tasks(&self.ctx.tracker, &self.ctx.hard_stop, timeout, "L4 proxy").await;
+        drain(&self.ctx.phase, timeout).await;
     }
 }
 
@@ -387,23 +390,15 @@ fn take_queued(socket: &socket2::SockRef<'_>, into: &mut Vec<(TcpStream, SocketA
     }
 }
 
-/// Waits up to `timeout` for the tracked connection tasks, then cancels `hard_stop` (open
-/// connections close) and waits for them to finish.
-pub(crate) async fn drain_tasks(
-    tracker: &TaskTracker,
-    hard_stop: &CancellationToken,
-    timeout: Duration,
-    what: &str,
-) {
-    tracker.close();
-    if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
+/// Lets a proxy's connections finish for up to `timeout`, then closes what is left (the phase's
+/// stop) and waits for it.
+pub(crate) async fn drain(phase: &Phase, timeout: Duration) {
+    if !phase.drain(timeout).await {
         warn!(
-            proxy = what,
-            "drain timeout reached; closing open connections"
+            proxy = phase.name(),
+            "drain timeout reached; closed the open connections"
         );
     }
-    hard_stop.cancel();
-    tracker.wait().await;
 }
 
 /// The same pseudo-random inputs every run, for the never-panic tests (a fixed-seed xorshift).

@@ -61,7 +61,7 @@ fn admit(client: TcpStream, peer: SocketAddr, state: &Arc<ListenerState>, ctx: &
         return;
     };
     let (state, ctx2) = (state.clone(), ctx.clone());
-    ctx.tracker.spawn(async move {
+    ctx.phase.spawn(async move {
         let _permit = permit;
         handle(client, &state, &ctx2).await;
         ctx2.active.fetch_sub(1, Ordering::Relaxed);

@@ -235,7 +235,7 @@ async fn open_flow(
     let upstream = Arc::new(upstream);
     let last = Arc::new(AtomicU64::new(base.elapsed().as_millis() as u64));
     let reply_task = ctx
-        .tracker
+        .phase
         .spawn(relay_replies(
             upstream.clone(),
             listener.clone(),

@@ -8,15 +8,12 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::thread::JoinHandle;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use svcd_lifecycle::Phase;
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::warn;
 
 thread_local! {
     /// This thread's worker index; `None` off the workers.
@@ -40,37 +37,31 @@ const BACKLOG: i32 = 4096;
 pub struct ProxyWorkers {
     /// One runtime handle per worker, to spawn its accept loops on.
     handles: Vec<Handle>,
-    /// Ends every worker's runtime (after the proxies drained).
-    stop: CancellationToken,
-    /// Joined at shutdown; a mutex as `shutdown` takes them once through `&self`.
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The workers' own phase: their threads and per-worker upkeep tasks. It stops after the
+    /// proxies drained (their connections run on these threads); each thread then drops its
+    /// runtime and returns.
+    phase: Phase,
 }
 
 impl ProxyWorkers {
-    /// Starts `count` worker threads (at least one).
-    pub fn start(count: usize) -> io::Result<ProxyWorkers> {
-        let stop = CancellationToken::new();
+    /// Starts `count` worker threads (at least one) in `phase`.
+    pub fn start(count: usize, phase: &Phase) -> io::Result<ProxyWorkers> {
         let mut handles = Vec::new();
-        let mut threads = Vec::new();
         for i in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             handles.push(runtime.handle().clone());
-            let stop = stop.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("svcd-proxy-{i}"))
-                .spawn(move || {
-                    WORKER.set(Some(i));
-                    runtime.block_on(stop.cancelled());
-                    // Dropping the runtime cancels what is left (the drain is over by then).
-                })?;
-            threads.push(thread);
+            let stop = phase.token();
+            phase.thread(format!("svcd-proxy-{i}"), move || {
+                WORKER.set(Some(i));
+                runtime.block_on(stop.cancelled());
+                // The proxies' phases have ended by now; upkeep tasks end with the runtime.
+            })?;
         }
         Ok(ProxyWorkers {
             handles,
-            stop,
-            threads: Mutex::new(threads),
+            phase: phase.clone(),
         })
     }
 
@@ -80,13 +71,8 @@ impl ProxyWorkers {
 
     /// Binds `addr` once per worker (with `SO_REUSEPORT` when there are several, so a second
     /// daemon on the same port still fails to bind with one worker) and runs `serve` on each
-    /// listener on its worker, tracked by `tracker`. Accepted sockets inherit `TCP_NODELAY`.
-    pub fn listen<F, Fut>(
-        &self,
-        addr: SocketAddr,
-        tracker: &TaskTracker,
-        serve: F,
-    ) -> io::Result<()>
+    /// listener on its worker, in `phase` (the proxy's). Accepted sockets inherit `TCP_NODELAY`.
+    pub fn listen<F, Fut>(&self, addr: SocketAddr, phase: &Phase, serve: F) -> io::Result<()>
     where
         F: Fn(TcpListener) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
@@ -103,35 +89,21 @@ impl ProxyWorkers {
                 let _entered = handle.enter();
                 TcpListener::from_std(socket.into())?
             };
-            handle.spawn(tracker.track_future(serve(listener)));
+            phase.spawn_on(serve(listener), handle);
         }
         Ok(())
     }
 
-    /// Runs `task()` once on every worker, for upkeep of the worker's own state. Untracked: it
-    /// ends on its own or with the worker's runtime.
+    /// Runs `task(stop)` once on every worker, for upkeep of the worker's own state, in the
+    /// workers' phase: `stop` ends it when the workers stop.
     pub fn spawn_each<F, Fut>(&self, task: F)
     where
-        F: Fn() -> Fut,
+        F: Fn(CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         for handle in &self.handles {
-            handle.spawn(task());
+            self.phase.spawn_on(task(self.phase.token()), handle);
         }
-    }
-
-    /// Ends the worker runtimes and waits for their threads.
-    pub async fn shutdown(&self) {
-        self.stop.cancel();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
-        let joined = tokio::task::spawn_blocking(move || {
-            for t in threads {
-                if t.join().is_err() {
-                    warn!("a proxy worker thread panicked");
-                }
-            }
-        });
-        let _ = joined.await;
     }
 }
 
@@ -161,8 +133,9 @@ mod tests {
 
     #[tokio::test]
     async fn connections_spread_over_the_workers_listeners() {
-        let workers = ProxyWorkers::start(2).unwrap();
-        let tracker = TaskTracker::new();
+        let phase = Phase::new("test workers");
+        let workers = ProxyWorkers::start(2, &phase).unwrap();
+        let tracker = Phase::new("test listeners");
         let counts: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
         let next = AtomicUsize::new(0);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -171,6 +144,7 @@ mod tests {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let (counts, tx) = (counts.clone(), tx.clone());
                 let _ = tx.send(listener.local_addr().unwrap());
+                let stop = tracker.token();
                 async move {
                     let name = std::thread::current().name().unwrap_or("").to_string();
                     assert_eq!(
@@ -178,8 +152,14 @@ mod tests {
                         format!("svcd-proxy-{i}"),
                         "listener {i} on its worker"
                     );
-                    while let Ok((_s, _)) = listener.accept().await {
-                        counts[i].fetch_add(1, Ordering::Relaxed);
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            a = listener.accept() => match a {
+                                Ok(_) => counts[i].fetch_add(1, Ordering::Relaxed),
+                                Err(_) => return,
+                            },
+                        };
                     }
                 }
             })
@@ -201,7 +181,9 @@ mod tests {
         );
         assert_eq!(x + y, 64);
         assert!(x > 0 && y > 0, "the kernel spread connections: {x} and {y}");
-        workers.shutdown().await;
+        tracker.stop().await;
+        phase.stop().await;
+        assert_eq!(phase.live(), 0, "the worker threads ended");
     }
 
     #[test]

@@ -45,9 +45,8 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
 use svcd_config::{Backend, FieldError, RegistryConfig};
+use svcd_lifecycle::Phase;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 pub use endpoint::Endpoint;
 pub use keys::{InstanceKey, ENDPOINTS_PREFIX};
@@ -190,16 +189,16 @@ impl Registry {
         self.publisher.clone()
     }
 
-    /// Starts the sync loop and the lease keeper; both stop on `cancel` (the keeper revoking its
-    /// lease on the way out).
-    pub fn spawn(&self, tasks: &mut JoinSet<()>, options: SyncOptions, cancel: CancellationToken) {
-        tasks.spawn(run_sync(
+    /// Starts the sync loop and the lease keeper in `phase`; both stop with it (the keeper
+    /// revoking its lease on the way out).
+    pub fn spawn(&self, phase: &Phase, options: SyncOptions) {
+        phase.spawn(run_sync(
             self.store.clone(),
             self.publisher.clone(),
             options,
-            cancel.clone(),
+            phase.token(),
         ));
-        tasks.spawn(self.keeper.clone().run(cancel));
+        phase.spawn(self.keeper.clone().run(phase.token()));
     }
 
     /// Updates the gauges derived at scrape time (snapshot age).

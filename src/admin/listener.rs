@@ -10,8 +10,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use svcd_config::AdminListen;
+use svcd_lifecycle::Phase;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::AdminState;
@@ -91,19 +91,14 @@ async fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("admin.listen: cannot remove stale {}", path.display()))
 }
 
-/// Accepts connections until `cancel`, then lets in-flight requests finish (the caller bounds
-/// the wait with the drain timeout).
-pub async fn serve(
-    socket: AdminSocket,
-    state: Arc<AdminState>,
-    surface: Surface,
-    cancel: CancellationToken,
-) {
+/// Accepts connections until `phase` stops, then lets in-flight requests finish (each
+/// connection is a task of `phase`, so the phase's stop waits for them; the caller bounds it).
+pub async fn serve(socket: AdminSocket, state: Arc<AdminState>, surface: Surface, phase: Phase) {
     let graceful = GracefulShutdown::new();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
         let accepted = tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = phase.stopping() => break,
             a = accept(&socket) => a,
         };
         let io = match accepted {
@@ -118,7 +113,7 @@ pub async fn serve(
         let service = service_fn(move |req| state.clone().handle(req, surface));
         let conn = builder.serve_connection(io, service).into_owned();
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        phase.spawn(async move {
             if let Err(e) = conn.await {
                 debug!(error = %e, "admin connection ended with error");
             }

@@ -307,3 +307,68 @@ async fn json_logs_put_fields_at_the_top_and_the_access_log_has_one_line_per_req
         assert!(!line.contains("Some(\\\""), "{line}");
     }
 }
+
+/// Every listener kind (admin API, DNS, HTTP and L4 TCP and UDP proxies)
+/// serving load when SIGTERM comes: the daemon exits 0 and its last line says every task and
+/// thread of every phase had ended, none abandoned.
+#[tokio::test]
+async fn sigterm_under_load_ends_every_task_and_thread_of_every_phase() {
+    let (tcp, udp) = (free_port(), free_port());
+    let mut d = Daemon::start(&format!(
+        "[shutdown]\nreadiness_grace = \"200ms\"\ndrain_timeout = \"3s\"\n\
+         [[proxy.tcp]]\nlisten = \"127.0.0.1:{tcp}\"\nservice = \"web\"\nport = \"http\"\n\
+         [[proxy.udp]]\nlisten = \"127.0.0.1:{udp}\"\nservice = \"web\"\nport = \"http\"\n"
+    ))
+    .await;
+    let backend = crate::support::backend::Backend::start("b1").await;
+    crate::support::proxy::register(&d, "web", "w1", backend.addr, "http").await;
+    crate::support::proxy::wait_routable(&d, "web", 1).await;
+    let load = crate::support::load::HttpLoad::start(d.http, "web", 2, 2);
+    let dns = crate::support::load::DnsLoad::start(
+        d.dns,
+        "web.default.svc.cluster.local.",
+        Duration::from_millis(5),
+    );
+    // Something on every listener: a TCP connection through the L4 proxy, a UDP flow, a scrape.
+    let mut through = tokio::net::TcpStream::connect(("127.0.0.1", tcp))
+        .await
+        .unwrap();
+    through
+        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let flow = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    flow.send_to(b"ping", ("127.0.0.1", udp)).await.unwrap();
+    assert_eq!(d.get("/metrics").await.status, 200);
+    // The load is under way (answers in) when the signal comes.
+    eventually(Duration::from_secs(5), "load answered", || async {
+        (backend.count() >= 20).then_some(())
+    })
+    .await;
+    d.signal(Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = d.wait_exit(Duration::from_secs(10));
+        (status, d)
+    });
+    let (status, d) = status.await.unwrap();
+    let _ = (load.finish().await, dns.finish().await);
+    let log = d.log();
+    assert_eq!(status.code(), Some(0), "log:\n{log}");
+    let stopped = log
+        .lines()
+        .find(|l| l.contains("svcd stopped"))
+        .unwrap_or_else(|| panic!("no 'svcd stopped' line:\n{log}"));
+    assert!(stopped.contains("all_ended=true"), "{stopped}");
+    for phase in [
+        "http proxy",
+        "l4 proxy",
+        "proxy workers",
+        "dns and admin",
+        "registry",
+    ] {
+        assert!(
+            stopped.contains(&format!("{phase}: 0")),
+            "{phase}: {stopped}"
+        );
+    }
+}

@@ -244,7 +244,7 @@ async fn proxy(
                         .store(true, std::sync::atomic::Ordering::Release);
                     let on_upstream = hyper::upgrade::on(&mut response);
                     let hard_stop = ctx.hard_stop.clone();
-                    ctx.tracker.spawn(async move {
+                    ctx.phase.spawn(async move {
                         let (Ok(down), Ok(up)) = tokio::join!(on_client, on_upstream) else {
                             return;
                         };

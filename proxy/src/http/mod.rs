@@ -42,9 +42,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use svcd_config::{L7Config, ProxyConfig};
 use svcd_lb::{BalancerTable, LoadBalancer, PortRule};
+use svcd_lifecycle::Phase;
 use svcd_registry::SnapshotReader;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::fds::FdBudget;
@@ -124,9 +124,11 @@ pub struct HttpContext {
     pub table: Arc<BalancerTable<HttpSlots>>,
     /// The proxies' descriptor budget: every client connection takes one.
     pub fds: Arc<FdBudget>,
-    /// Connections and upgraded tunnels, so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// Cancelled when the drain time is over.
+    /// The HTTP proxy's phase: listeners, connections and upgraded tunnels run in it, so
+    /// shutdown drains them and then ends the rest.
+    pub phase: Phase,
+    /// The phase's stop (cancelled when the drain time is over), as a token for code that holds
+    /// one.
     pub hard_stop: CancellationToken,
     /// `pool_max_idle_per_host` and `pool_idle_timeout`, for the workers' pool keepers
     /// ([`h1::pool::upkeep`]): a reload applies them to idle connections at once.
@@ -149,6 +151,7 @@ impl HttpProxy {
         lb: &Arc<LoadBalancer>,
         fds: &Arc<FdBudget>,
         workers: &Arc<crate::workers::ProxyWorkers>,
+        phase: &Phase,
         prometheus: &prometheus::Registry,
     ) -> Result<HttpProxy, ProxyError> {
         let metrics = HttpMetrics::new(prometheus)?;
@@ -176,19 +179,15 @@ impl HttpProxy {
                 metrics,
                 table,
                 fds: fds.clone(),
-                tracker: TaskTracker::new(),
-                hard_stop: CancellationToken::new(),
+                hard_stop: phase.token(),
+                phase: phase.clone(),
                 pool_limits: tokio::sync::watch::Sender::new(pool_limits(&config.l7)),
             }),
             listeners: Mutex::new(HashMap::new()),
             workers: workers.clone(),
         };
-        workers.spawn_each(|| {
-            h1::pool::upkeep(
-                lb.departures(),
-                proxy.ctx.pool_limits.subscribe(),
-                proxy.ctx.hard_stop.clone(),
-            )
+        workers.spawn_each(|stop| {
+            h1::pool::upkeep(lb.departures(), proxy.ctx.pool_limits.subscribe(), stop)
         });
         match proxy.bind_missing(config).await.into_iter().next() {
             Some(e) => Err(e),
@@ -241,7 +240,7 @@ impl HttpProxy {
             // A child of hard_stop: a connection waiting on its listener's stop also sees the end
             // of the drain.
             let stop = self.ctx.hard_stop.child_token();
-            let bound = self.workers.listen(addr, &self.ctx.tracker, |listener| {
+            let bound = self.workers.listen(addr, &self.ctx.phase, |listener| {
                 serve::accept_loop(listener, self.ctx.clone(), stop.clone())
             });
             match bound {
@@ -278,12 +277,6 @@ impl HttpProxy {
     /// Waits for open connections up to `timeout`, then closes what is left.
     pub async fn drain(&self, timeout: Duration) {
         self.stop_accepting();
-        crate::drain_tasks(
-            &self.ctx.tracker,
-            &self.ctx.hard_stop,
-            timeout,
-            "HTTP proxy",
-        )
-        .await;
+        crate::drain(&self.ctx.phase, timeout).await;
     }
 }

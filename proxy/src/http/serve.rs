@@ -104,7 +104,7 @@ fn admit(
     };
     // Spawned as it is, with no wrapping block: every layer of async state around an idle
     // connection is memory it holds.
-    ctx.tracker.spawn(serve_connection(
+    ctx.phase.spawn(serve_connection(
         ctx.clone(),
         stream,
         peer,
