@@ -140,6 +140,10 @@ type Shard = HashMap<Arc<str>, Arc<ServiceEndpoints>, Hasher>;
 #[derive(Debug)]
 pub struct EndpointSnapshot {
     pub revision: i64,
+    /// The revision at which a service last lost its last instance (0: none has yet). The index
+    /// of every absent service ([`Self::service_index`]): one number, not a tombstone per name,
+    /// so names that come and go cost nothing (Consul's "last extinction index").
+    pub extinct_revision: i64,
     shards: Vec<Arc<Shard>>,
     endpoint_count: usize,
     service_count: usize,
@@ -150,6 +154,7 @@ impl Default for EndpointSnapshot {
         let empty = Arc::new(Shard::default());
         EndpointSnapshot {
             revision: 0,
+            extinct_revision: 0,
             shards: vec![empty; SHARDS],
             endpoint_count: 0,
             service_count: 0,
@@ -186,6 +191,19 @@ impl EndpointSnapshot {
         self.service_by_name(std::str::from_utf8(&buf[..len]).ok()?)
     }
 
+    /// The index of blocking queries on a service: its revision while it has instances; once it
+    /// has none (left, or never seen), the revision at which a service last lost its last
+    /// instance, at least 1. It never goes backwards and is never 0: a service that leaves gets
+    /// an index above its last one (its extinction came after its last change), and one that
+    /// appears gets one above that (its first put came after the extinction). Only a store that
+    /// went back in time (wiped, restored) moves it back.
+    pub fn service_index(&self, namespace: &str, service: &str) -> i64 {
+        match self.service(namespace, service) {
+            Some(s) => s.revision,
+            None => self.extinct_revision.max(1),
+        }
+    }
+
     /// This snapshot with the named services (`"<svc>.<ns>"`, present here) replaced; the other
     /// shards are shared.
     pub fn with_services<'a>(
@@ -201,6 +219,7 @@ impl EndpointSnapshot {
         }
         EndpointSnapshot {
             revision: self.revision,
+            extinct_revision: self.extinct_revision,
             shards,
             endpoint_count: self.endpoint_count,
             service_count: self.service_count,
