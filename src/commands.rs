@@ -171,6 +171,7 @@ fn state_and_why(i: &serde_json::Value) -> (String, String) {
         ),
         (None, Some(reason)) => reason.to_string(),
         (None, None) if state == "draining" => "drained".into(),
+        (None, None) if state == "pending" => "awaiting its first health check".into(),
         _ => String::new(),
     };
     (state, why)

@@ -4,8 +4,8 @@
 //! attempts it made to an instance; only the backend's own faults are reported as failures (the
 //! proxies decide that; see `docs/http.md`). `consecutive_failures` failures in a row from one
 //! detector eject the instance for `base_ejection_time × ejections` (at most ten times the
-//! base), unless that would put more than `max_ejection_percent` of the service's non-draining
-//! instances out at once. One record per endpoint remembers which detectors hold it, each until
+//! base), unless that would put more than `max_ejection_percent` of the service's instances that
+//! count for panic (not draining, not pending) out at once. One record per endpoint remembers which detectors hold it, each until
 //! its own deadline; the instance returns only when none does.
 
 use std::sync::atomic::Ordering;
@@ -53,7 +53,8 @@ impl LoadBalancer {
     }
 
     /// The backend failed an attempt (never call this for a client's fault). `total`: the
-    /// service's non-draining instances, the base of `max_ejection_percent`.
+    /// service's instances that count for panic (not draining, not pending), the base of
+    /// `max_ejection_percent`.
     pub fn failure(
         &self,
         service: &Arc<ServiceHealth>,

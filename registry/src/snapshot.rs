@@ -44,14 +44,18 @@ pub enum ServedState {
     Draining,
     /// Registered healthy, but ejected by this node's load balancer.
     Ejected,
+    /// Registered with an active check that has not passed yet (its first check runs at once).
+    Pending,
 }
 
 impl ServedState {
-    pub const ALL: [ServedState; 4] = [
+    /// Every state, each at its own discriminant (the index of [`ServiceEndpoints::count_by_state`]).
+    pub const ALL: [ServedState; 5] = [
         ServedState::Healthy,
         ServedState::Unhealthy,
         ServedState::Draining,
         ServedState::Ejected,
+        ServedState::Pending,
     ];
 
     /// The registered state, unless this node ejected a healthy instance.
@@ -62,7 +66,18 @@ impl ServedState {
             State::Healthy => ServedState::Healthy,
             State::Unhealthy => ServedState::Unhealthy,
             State::Draining => ServedState::Draining,
+            State::Pending => ServedState::Pending,
         }
+    }
+
+    /// Whether the instance counts in a service's total for the panic threshold (and
+    /// `max_ejection_percent`) and is picked in panic: every state but `draining` (leaving on
+    /// purpose) and `pending` (never checked: as Envoy's hosts awaiting their first check, left
+    /// out of the panic calculation, so new instances cannot tip a service into panic nor be
+    /// sprayed with traffic before their check passed).
+    #[inline]
+    pub fn counts_for_panic(self) -> bool {
+        !matches!(self, ServedState::Draining | ServedState::Pending)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +86,7 @@ impl ServedState {
             ServedState::Unhealthy => "unhealthy",
             ServedState::Draining => "draining",
             ServedState::Ejected => "ejected",
+            ServedState::Pending => "pending",
         }
     }
 }
@@ -116,8 +132,8 @@ impl ServiceEndpoints {
     }
 
     /// Instances per served state, in [`ServedState::ALL`] order.
-    pub fn count_by_state(&self) -> [usize; 4] {
-        let mut counts = [0; 4];
+    pub fn count_by_state(&self) -> [usize; ServedState::ALL.len()] {
+        let mut counts = [0; ServedState::ALL.len()];
         for e in &self.all {
             counts[self.served_state(e) as usize] += 1;
         }

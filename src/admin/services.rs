@@ -348,6 +348,9 @@ async fn try_put_instance(
         };
         ApiError::new(StatusCode::BAD_REQUEST, field, &e.message)
     })?;
+    if let Some(e) = instance.validate_registration().into_iter().next() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, &e.path, &e.message));
+    }
     if instance.node.is_empty() {
         instance.node = state.config.load().registry.node.clone();
     }
@@ -365,7 +368,9 @@ async fn try_put_instance(
         .map_err(store_failure)?;
     // Read your writes: answer once this daemon's snapshot (DNS, proxies, API) holds it.
     let visible = written_visible(state, &key).await;
-    let mut v = serde_json::to_value(&instance).expect("instance serializes");
+    // What was written: with a check, `pending` until it first passes.
+    let written = keeper.effective(&key).await.unwrap_or(instance);
+    let mut v = serde_json::to_value(&written).expect("instance serializes");
     v["id"] = json!(key.id);
     v["namespace"] = json!(key.namespace);
     v["service"] = json!(key.service);
