@@ -171,6 +171,7 @@ fn state_and_why(i: &serde_json::Value) -> (String, String) {
         ),
         (None, Some(reason)) => reason.to_string(),
         (None, None) if state == "draining" => "drained".into(),
+        (None, None) if state == "pending" => "awaiting its first health check".into(),
         _ => String::new(),
     };
     (state, why)
@@ -219,6 +220,7 @@ pub async fn list(
                 .await?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table if !has_instances(&v) => eprintln!("{service}: no instances"),
                 Output::Table => print_instances(&v),
             }
         }
@@ -296,6 +298,8 @@ pub async fn watch(service: &str, admin: &AdminArgs) -> anyhow::Result<ExitCode>
     let client = AdminClient::new(admin)?;
     let path = format!("/v1/services/{}", service_path(service)?);
     let mut index: Option<i64> = None;
+    // Whether the last answer printed was "no instances".
+    let mut was_empty = false;
     loop {
         let query = match index {
             Some(i) => format!("{path}?index={i}&wait=60s"),
@@ -306,6 +310,7 @@ pub async fn watch(service: &str, admin: &AdminArgs) -> anyhow::Result<ExitCode>
             .await;
         let (now, v) = match answer {
             Ok(v) => (v["index"].as_i64().unwrap_or(0), Some(v)),
+            // An older daemon answers 404 for a service without instances.
             Err(e)
                 if e.downcast_ref::<crate::client::ApiError>()
                     .is_some_and(|a| a.status == 404) =>
@@ -317,7 +322,15 @@ pub async fn watch(service: &str, admin: &AdminArgs) -> anyhow::Result<ExitCode>
         if index == Some(now) {
             continue; // the wait ended without a change
         }
+        let v = v.filter(has_instances);
+        // An absent service's index moves when any other service loses its last instance:
+        // still none here, nothing to print.
+        let still_none = v.is_none() && index.is_some() && was_empty;
         index = Some(now);
+        was_empty = v.is_none();
+        if still_none {
+            continue;
+        }
         let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
         match v {
             Some(v) => {
@@ -327,6 +340,12 @@ pub async fn watch(service: &str, admin: &AdminArgs) -> anyhow::Result<ExitCode>
             None => println!("--- {stamp} {service}: no instances"),
         }
     }
+}
+
+/// Whether a `GET /v1/services/{ns}/{svc}` answer lists any instance (a service whose last
+/// instance left, or that has none yet, is an empty list).
+fn has_instances(v: &serde_json::Value) -> bool {
+    v["instances"].as_array().is_some_and(|a| !a.is_empty())
 }
 
 /// Prints one address per healthy instance: exactly the set DNS answers and the proxies pick from.
@@ -345,11 +364,8 @@ pub async fn resolve(
         )
         .await
     {
-        Ok(v) => v,
-        Err(e)
-            if e.downcast_ref::<crate::client::ApiError>()
-                .is_some_and(|a| a.status == 404) =>
-        {
+        Ok(v) if has_instances(&v) => v,
+        Ok(_) => {
             eprintln!("{service}: no instances");
             return Ok(ExitCode::from(1));
         }

@@ -112,6 +112,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         registry.keeper.clone(),
         Arc::new(NetworkProbe::default()),
         CheckMetrics::new(&metrics.registry)?,
+        registry.reader().changes(),
         registry_phase.token(),
     ));
 

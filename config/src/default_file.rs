@@ -144,8 +144,9 @@ consecutive_failures = 5
 # An ejection lasts this x the instance's number of ejections.
 base_ejection_time = "30s"
 max_ejection_percent = 50
-# Below this percentage of usable instances, a service is in panic:
-# balance_all spreads over every non-draining instance; fail keeps to the usable ones.
+# Below this percentage of usable instances (of those neither draining nor pending their first
+# check), a service is in panic: balance_all spreads over all of those; fail keeps to the usable
+# ones.
 panic_threshold = 50
 panic_mode = "balance_all"
 

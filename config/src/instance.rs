@@ -30,6 +30,10 @@ pub enum State {
     Healthy,
     Unhealthy,
     Draining,
+    /// Registered healthy with a `check` that has not passed yet: not served until it does (as
+    /// Envoy's hosts awaiting their first active check). Written by the daemon holding the
+    /// registration, never accepted from a registering client.
+    Pending,
 }
 
 impl State {
@@ -38,6 +42,7 @@ impl State {
             State::Healthy => "healthy",
             State::Unhealthy => "unhealthy",
             State::Draining => "draining",
+            State::Pending => "pending",
         }
     }
 }
@@ -249,6 +254,20 @@ impl Instance {
                     "must be 1..=255 bytes",
                 ));
             }
+        }
+        errors
+    }
+
+    /// [`Self::validate`] for a new registration (the API, static config entries): also refuses
+    /// `state = "pending"`, which only the daemon running the instance's check writes.
+    pub fn validate_registration(&self) -> Vec<FieldError> {
+        let mut errors = self.validate();
+        if self.state == State::Pending {
+            errors.push(FieldError::new(
+                "state",
+                "\"pending\" is set by the daemon holding the registration until its check \
+                 first passes; register \"healthy\" (the default) with a check",
+            ));
         }
         errors
     }

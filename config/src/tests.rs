@@ -307,6 +307,11 @@ fn static_instances_parse_and_report_paths() {
         service = "db"
         id = "ok"
         ip = "not-an-ip"
+        [[registry.static]]
+        service = "db"
+        id = "db-3"
+        ip = "10.0.0.9"
+        state = "pending"
         "#,
     );
     assert!(
@@ -333,7 +338,14 @@ fn static_instances_parse_and_report_paths() {
             .any(|e| e.starts_with("registry.static[2].ip")),
         "{errors:?}"
     );
-    assert_eq!(errors.len(), 4, "{errors:?}");
+    // `pending` is the daemon's to write, not a registration's.
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("registry.static[3].state")),
+        "{errors:?}"
+    );
+    assert_eq!(errors.len(), 5, "{errors:?}");
 }
 
 #[test]

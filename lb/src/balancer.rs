@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use svcd_config::{Balance, State};
+use svcd_config::Balance;
 use svcd_registry::{Endpoint, EndpointSnapshot, ServiceEndpoints, WeightedSchedule};
 
 use crate::health::{Detector, EndpointHealth, LoadBalancer, Prune, ServiceHealth};
@@ -80,7 +80,8 @@ pub struct View<X> {
     source: Option<Arc<ServiceEndpoints>>,
     /// Healthy (served state) instances with the port.
     pub usable: Vec<Slot<X>>,
-    /// Every instance with the port that is not draining: the panic set, and the base of
+    /// Every instance with the port that counts for panic (not draining, not pending: see
+    /// [`svcd_registry::ServedState::counts_for_panic`]): the panic set, and the base of
     /// `max_ejection_percent`.
     pub fallback: Vec<Slot<X>>,
     usable_order: WeightedSchedule,
@@ -191,7 +192,7 @@ impl<F: SlotFactory> ServiceBalancer<F> {
         let fallback: Vec<_> = service
             .all
             .iter()
-            .filter(|e| e.state != State::Draining)
+            .filter(|e| service.served_state(e).counts_for_panic())
             .filter_map(&mut slot)
             .collect();
         // Forget the plane data of instances that left (their series go with it).

@@ -2,10 +2,14 @@
 //!
 //! A registration with a `check` gets one task that probes it every `interval` (TCP connect,
 //! HTTP `GET path` answered 2xx/3xx, or the gRPC health protocol `grpc.health.v1.Health/Check`
-//! answered `SERVING`, each bounded by `timeout`). After `unhealthy_threshold` failures in a row
-//! the verdict `unhealthy` is recorded; after `healthy_threshold` passes, `healthy` again. The
-//! store is written only when the effective state changes — never once per check — and DNS and
-//! the proxies, which serve only healthy instances, follow.
+//! answered `SERVING`, each bounded by `timeout`). Until a verdict is recorded the instance is
+//! `pending` (not served: the lease keeper writes it so); its first check runs as soon as this
+//! daemon's snapshot shows the registration, and its first pass records `healthy` at once (as
+//! Envoy, which needs one success for a host awaiting its first check). After that, after
+//! `unhealthy_threshold` failures in a row the verdict `unhealthy` is recorded; after
+//! `healthy_threshold` passes, `healthy` again. The store is written only when the effective
+//! state changes — never once per check — and DNS and the proxies, which serve only healthy
+//! instances, follow.
 //!
 //! The outside world sits behind two small traits so the thresholds are unit-tested with paused
 //! time: [`Probe`] (what a check does on the network) and [`Verdicts`] (where verdicts go: the
@@ -20,6 +24,7 @@ use async_trait::async_trait;
 use prometheus::{IntCounterVec, Opts};
 use svcd_config::{CheckKind, CheckSpec, State};
 use svcd_registry::{InstanceKey, LeaseKeeper, OwnRegistration, StoreError};
+use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -94,20 +99,26 @@ impl CheckMetrics {
     }
 }
 
-/// Keeps one check task per checked registration until `cancel`.
+/// Keeps one check task per checked registration until `cancel`. The registrations are read
+/// every 500 ms and whenever `changes` fires (every snapshot this daemon publishes: a new
+/// registration is checked as soon as it is visible here, not up to a tick later).
 pub async fn run(
     verdicts: Arc<dyn Verdicts>,
     probe: Arc<dyn Probe>,
     metrics: CheckMetrics,
+    mut changes: watch::Receiver<i64>,
     cancel: CancellationToken,
 ) {
     let mut tasks = JoinSet::new();
     let mut running: HashMap<String, (ServiceName, Target, AbortHandle)> = HashMap::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    // Cleared when the publisher is gone; the tick goes on.
+    let mut changes_open = true;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {}
+            changed = changes.changed(), if changes_open => changes_open = changed.is_ok(),
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         }
         let mut wanted: HashMap<String, (InstanceKey, Target)> = HashMap::new();
@@ -247,6 +258,9 @@ async fn check_loop(
     [passed, failed]: [prometheus::IntCounter; 2],
 ) {
     let (mut passes, mut fails) = (0u32, 0u32);
+    // The verdict this task last recorded; `None`: none yet, the instance is pending.
+    let mut recorded: Option<State> = None;
+    // The first tick is immediate: the first check runs at once.
     let mut interval = tokio::time::interval(spec.interval());
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -256,7 +270,9 @@ async fn check_loop(
                 passed.inc();
                 passes += 1;
                 fails = 0;
-                (passes == spec.healthy_threshold).then_some((State::Healthy, String::new()))
+                // A pending instance needs one pass; a judged one, the threshold.
+                (recorded.is_none() || passes == spec.healthy_threshold)
+                    .then_some((State::Healthy, String::new()))
             }
             Err(reason) => {
                 failed.inc();
@@ -265,15 +281,19 @@ async fn check_loop(
                 (fails == spec.unhealthy_threshold).then_some((State::Unhealthy, reason))
             }
         };
-        let Some((state, reason)) = verdict else {
+        let Some((state, reason)) = verdict.filter(|(state, _)| recorded != Some(*state)) else {
             continue;
         };
         match keeper.set_health(&key, state, reason.clone()).await {
-            Ok(true) if state == State::Unhealthy => {
-                warn!(instance = %key, %reason, "health check failing: instance marked unhealthy")
+            Ok(changed) => {
+                recorded = Some(state);
+                match (changed, state) {
+                    (true, State::Unhealthy) => warn!(instance = %key, %reason,
+                        "health check failing: instance marked unhealthy"),
+                    (true, _) => info!(instance = %key, "health check passing: instance healthy"),
+                    (false, _) => {}
+                }
             }
-            Ok(true) => info!(instance = %key, "health check passing: instance healthy again"),
-            Ok(false) => {}
             Err(e) => {
                 warn!(instance = %key, error = %e, "could not record health verdict; retrying on the next check");
                 // Step back so the next check reaches the threshold again and retries.

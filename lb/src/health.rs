@@ -171,6 +171,17 @@ impl ServiceHealth {
         self.in_panic.load(Ordering::Relaxed)
     }
 
+    /// Takes one place in the ejection budget if fewer than `limit` instances are out: the check
+    /// and the count are one atomic step, so workers ejecting different instances at the same
+    /// moment cannot both pass the check and exceed `max_ejection_percent` together.
+    pub(crate) fn reserve_ejection(&self, limit: usize) -> bool {
+        self.ejected_now
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
     pub fn ejected_now(&self) -> usize {
         self.ejected_now.load(Ordering::Relaxed)
     }

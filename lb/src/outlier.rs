@@ -4,8 +4,8 @@
 //! attempts it made to an instance; only the backend's own faults are reported as failures (the
 //! proxies decide that; see `docs/http.md`). `consecutive_failures` failures in a row from one
 //! detector eject the instance for `base_ejection_time × ejections` (at most ten times the
-//! base), unless that would put more than `max_ejection_percent` of the service's non-draining
-//! instances out at once. One record per endpoint remembers which detectors hold it, each until
+//! base), unless that would put more than `max_ejection_percent` of the service's instances that
+//! count for panic (not draining, not pending) out at once. One record per endpoint remembers which detectors hold it, each until
 //! its own deadline; the instance returns only when none does.
 
 use std::sync::atomic::Ordering;
@@ -53,7 +53,8 @@ impl LoadBalancer {
     }
 
     /// The backend failed an attempt (never call this for a client's fault). `total`: the
-    /// service's non-draining instances, the base of `max_ejection_percent`.
+    /// service's instances that count for panic (not draining, not pending), the base of
+    /// `max_ejection_percent`.
     pub fn failure(
         &self,
         service: &Arc<ServiceHealth>,
@@ -92,10 +93,9 @@ impl LoadBalancer {
         let first_hold = !record.is_held();
         if first_hold {
             let limit = total * config.max_ejection_percent as usize / 100;
-            if service.ejected_now.load(Ordering::Relaxed) >= limit {
+            if !service.reserve_ejection(limit) {
                 return;
             }
-            service.ejected_now.fetch_add(1, Ordering::Relaxed);
             endpoint.ejections.fetch_add(1, Ordering::Relaxed);
             record.since = Some(SystemTime::now());
         }
@@ -186,4 +186,84 @@ impl LoadBalancer {
 /// Ejection time for the `count`-th ejection.
 pub fn ejection_time(config: &OutlierConfig, count: u32) -> Duration {
     config.base_ejection_time * count.clamp(1, 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Barrier;
+
+    use svcd_config::PanicMode;
+    use svcd_registry::SnapshotPublisher;
+
+    use super::*;
+    use crate::metrics::LbMetrics;
+    use crate::ServiceName;
+
+    /// Workers fail different instances of one service at the same moment: each may be the one
+    /// to reach the cap, and no more than `max_ejection_percent` of the service may be ejected.
+    /// One thread per instance, all released by one barrier per round so their ejections race;
+    /// between rounds every ejection is released. Without the atomic reservation a few rounds in
+    /// tens of thousands went over the cap on a 2-core machine.
+    #[test]
+    fn racing_ejections_never_exceed_max_ejection_percent() {
+        const INSTANCES: usize = 8;
+        const ROUNDS: usize = 20_000;
+        let config = OutlierConfig {
+            consecutive_failures: 1,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 25,
+            panic_threshold: 50,
+            panic_mode: PanicMode::BalanceAll,
+        };
+        let limit = INSTANCES * 25 / 100;
+        let publisher = Arc::new(SnapshotPublisher::detached());
+        let lb = LoadBalancer::new(publisher, config, LbMetrics::detached());
+        let service = lb.service(&ServiceName::new("web", "default"));
+        let endpoints: Vec<Arc<EndpointHealth>> = (0..INSTANCES)
+            .map(|i| {
+                let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, i as u8 + 1));
+                lb.endpoint_health(&service, &format!("i{i}"), ip)
+            })
+            .collect();
+        // The workers and this thread: `start` releases a round, `done` ends it.
+        let (start, done) = (Barrier::new(INSTANCES + 1), Barrier::new(INSTANCES + 1));
+        // Checked after the scope: a panic here would leave the workers waiting on a barrier.
+        let (mut reached, mut over, mut disagree) = (0, Vec::new(), 0);
+        std::thread::scope(|s| {
+            for endpoint in &endpoints {
+                let (lb, service, start, done) = (&lb, &service, &start, &done);
+                s.spawn(move || {
+                    for _ in 0..ROUNDS {
+                        start.wait();
+                        lb.failure(service, endpoint, INSTANCES, Detector::Http, "refused");
+                        done.wait();
+                    }
+                });
+            }
+            for round in 0..ROUNDS {
+                start.wait();
+                done.wait();
+                let ejected = endpoints.iter().filter(|e| e.is_ejected()).count();
+                disagree += usize::from(ejected != service.ejected_now());
+                if ejected > limit {
+                    over.push((round, ejected));
+                }
+                reached += usize::from(ejected == limit);
+                for endpoint in &endpoints {
+                    lb.release_all(&service, endpoint);
+                }
+            }
+        });
+        assert!(
+            over.is_empty(),
+            "rounds (round, ejected) over the cap of {limit} of {INSTANCES}: {over:?}"
+        );
+        assert_eq!(disagree, 0, "the count and the records disagree");
+        assert_eq!(
+            reached,
+            ROUNDS - over.len(),
+            "every other round reached the cap"
+        );
+    }
 }

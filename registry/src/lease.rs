@@ -33,7 +33,8 @@ pub struct OwnRegistration {
     /// Whether the current value is known to be in the store under the current lease.
     pub written: bool,
     /// The active health check's verdict, if the registration has a check: an `Unhealthy`
-    /// verdict overrides a registered `healthy` state (a registered `draining` always wins).
+    /// verdict overrides a registered `healthy` state (a registered `draining` always wins), and
+    /// with no verdict yet a checked `healthy` registration is `pending` (not served).
     /// Kept apart from `instance` so a client renewing its registration cannot undo it. With
     /// the verdict, why (the last failing check's error), written as the instance's `reason`.
     pub health: Option<(svcd_config::State, String)>,
@@ -42,11 +43,16 @@ pub struct OwnRegistration {
 impl OwnRegistration {
     /// The value written to the store: the registration with the health verdict applied.
     pub fn effective(&self) -> Instance {
+        use svcd_config::State;
         let mut instance = self.instance.clone();
-        if let Some((svcd_config::State::Unhealthy, reason)) = &self.health {
-            if instance.state == svcd_config::State::Healthy {
-                instance.state = svcd_config::State::Unhealthy;
-                instance.reason = Some(reason.clone());
+        if instance.state == State::Healthy {
+            match &self.health {
+                Some((State::Unhealthy, reason)) => {
+                    instance.state = State::Unhealthy;
+                    instance.reason = Some(reason.clone());
+                }
+                None if instance.check.is_some() => instance.state = State::Pending,
+                _ => {}
             }
         }
         instance

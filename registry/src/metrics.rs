@@ -106,7 +106,7 @@ pub fn write_state_metrics(snapshot: &EndpointSnapshot, out: &mut String, per_en
     services.sort_unstable_by(|a, b| (&a.namespace, &a.service).cmp(&(&b.namespace, &b.service)));
     out.push_str(
         "# HELP svcd_service_endpoints Instances of each service by the state this node serves \
-         them with (healthy, unhealthy, draining, ejected).\n\
+         them with (healthy, unhealthy, draining, ejected, pending).\n\
          # TYPE svcd_service_endpoints gauge\n",
     );
     for s in &services {

@@ -44,14 +44,18 @@ pub enum ServedState {
     Draining,
     /// Registered healthy, but ejected by this node's load balancer.
     Ejected,
+    /// Registered with an active check that has not passed yet (its first check runs at once).
+    Pending,
 }
 
 impl ServedState {
-    pub const ALL: [ServedState; 4] = [
+    /// Every state, each at its own discriminant (the index of [`ServiceEndpoints::count_by_state`]).
+    pub const ALL: [ServedState; 5] = [
         ServedState::Healthy,
         ServedState::Unhealthy,
         ServedState::Draining,
         ServedState::Ejected,
+        ServedState::Pending,
     ];
 
     /// The registered state, unless this node ejected a healthy instance.
@@ -62,7 +66,18 @@ impl ServedState {
             State::Healthy => ServedState::Healthy,
             State::Unhealthy => ServedState::Unhealthy,
             State::Draining => ServedState::Draining,
+            State::Pending => ServedState::Pending,
         }
+    }
+
+    /// Whether the instance counts in a service's total for the panic threshold (and
+    /// `max_ejection_percent`) and is picked in panic: every state but `draining` (leaving on
+    /// purpose) and `pending` (never checked: as Envoy's hosts awaiting their first check, left
+    /// out of the panic calculation, so new instances cannot tip a service into panic nor be
+    /// sprayed with traffic before their check passed).
+    #[inline]
+    pub fn counts_for_panic(self) -> bool {
+        !matches!(self, ServedState::Draining | ServedState::Pending)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +86,7 @@ impl ServedState {
             ServedState::Unhealthy => "unhealthy",
             ServedState::Draining => "draining",
             ServedState::Ejected => "ejected",
+            ServedState::Pending => "pending",
         }
     }
 }
@@ -116,8 +132,8 @@ impl ServiceEndpoints {
     }
 
     /// Instances per served state, in [`ServedState::ALL`] order.
-    pub fn count_by_state(&self) -> [usize; 4] {
-        let mut counts = [0; 4];
+    pub fn count_by_state(&self) -> [usize; ServedState::ALL.len()] {
+        let mut counts = [0; ServedState::ALL.len()];
         for e in &self.all {
             counts[self.served_state(e) as usize] += 1;
         }
@@ -140,6 +156,10 @@ type Shard = HashMap<Arc<str>, Arc<ServiceEndpoints>, Hasher>;
 #[derive(Debug)]
 pub struct EndpointSnapshot {
     pub revision: i64,
+    /// The revision at which a service last lost its last instance (0: none has yet). The index
+    /// of every absent service ([`Self::service_index`]): one number, not a tombstone per name,
+    /// so names that come and go cost nothing (Consul's "last extinction index").
+    pub extinct_revision: i64,
     shards: Vec<Arc<Shard>>,
     endpoint_count: usize,
     service_count: usize,
@@ -150,6 +170,7 @@ impl Default for EndpointSnapshot {
         let empty = Arc::new(Shard::default());
         EndpointSnapshot {
             revision: 0,
+            extinct_revision: 0,
             shards: vec![empty; SHARDS],
             endpoint_count: 0,
             service_count: 0,
@@ -186,6 +207,19 @@ impl EndpointSnapshot {
         self.service_by_name(std::str::from_utf8(&buf[..len]).ok()?)
     }
 
+    /// The index of blocking queries on a service: its revision while it has instances; once it
+    /// has none (left, or never seen), the revision at which a service last lost its last
+    /// instance, at least 1. It never goes backwards and is never 0: a service that leaves gets
+    /// an index above its last one (its extinction came after its last change), and one that
+    /// appears gets one above that (its first put came after the extinction). Only a store that
+    /// went back in time (wiped, restored) moves it back.
+    pub fn service_index(&self, namespace: &str, service: &str) -> i64 {
+        match self.service(namespace, service) {
+            Some(s) => s.revision,
+            None => self.extinct_revision.max(1),
+        }
+    }
+
     /// This snapshot with the named services (`"<svc>.<ns>"`, present here) replaced; the other
     /// shards are shared.
     pub fn with_services<'a>(
@@ -201,6 +235,7 @@ impl EndpointSnapshot {
         }
         EndpointSnapshot {
             revision: self.revision,
+            extinct_revision: self.extinct_revision,
             shards,
             endpoint_count: self.endpoint_count,
             service_count: self.service_count,

@@ -282,3 +282,35 @@ async fn compaction_does_not_disturb_a_live_watch() {
     );
     h.cancel.cancel();
 }
+
+#[test]
+fn a_checked_healthy_registration_is_pending_until_a_verdict() {
+    use svcd_config::{CheckSpec, State};
+    let reg = |state: State, check: bool, health: Option<State>| OwnRegistration {
+        key: InstanceKey::new("default", "web", "a").unwrap(),
+        instance: Instance {
+            state,
+            check: check.then(|| CheckSpec::tcp(None)),
+            ..instance("10.0.0.1")
+        },
+        expires: None,
+        written: true,
+        health: health.map(|s| (s, "refused".to_string())),
+    };
+    let effective = |r: OwnRegistration| r.effective().state;
+    assert_eq!(effective(reg(State::Healthy, true, None)), State::Pending);
+    assert_eq!(effective(reg(State::Healthy, false, None)), State::Healthy);
+    let passed = reg(State::Healthy, true, Some(State::Healthy));
+    assert_eq!(effective(passed), State::Healthy);
+    let failed = reg(State::Healthy, true, Some(State::Unhealthy)).effective();
+    assert_eq!(
+        (failed.state, failed.reason.as_deref()),
+        (State::Unhealthy, Some("refused"))
+    );
+    // A registered state other than healthy wins, checked or not.
+    assert_eq!(effective(reg(State::Draining, true, None)), State::Draining);
+    assert_eq!(
+        effective(reg(State::Unhealthy, true, None)),
+        State::Unhealthy
+    );
+}

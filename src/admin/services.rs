@@ -33,10 +33,18 @@ pub async fn route(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<
     match (req.method().clone(), parts.as_slice()) {
         (Method::GET, []) => list_services(state),
         (_, []) => super::method_not_allowed("GET"),
-        (Method::GET, [ns, svc]) => match parse_blocking(req.uri().query()) {
-            Ok(blocking) => show_service(state, ns, svc, blocking).await,
-            Err(e) => e.into_response(),
-        },
+        (Method::GET, [ns, svc]) => {
+            // A name no registration could have is an error, not an empty service.
+            for (field, label) in [("namespace", ns), ("service", svc)] {
+                if let Err(e) = svcd_config::names::check_label(label) {
+                    return json_error(StatusCode::BAD_REQUEST, field, format!("{label:?}: {e}"));
+                }
+            }
+            match parse_blocking(req.uri().query()) {
+                Ok(blocking) => show_service(state, ns, svc, blocking).await,
+                Err(e) => e.into_response(),
+            }
+        }
         (_, [_, _]) => super::method_not_allowed("GET"),
         (method, [ns, svc, "instances", id]) => {
             let key = match InstanceKey::new(ns, svc, id) {
@@ -179,9 +187,10 @@ fn parse_blocking(query: Option<&str>) -> Result<Blocking, ApiError> {
     Ok(b)
 }
 
-/// The service's index: the revision of its last change; for an absent service, 0.
+/// The service's index: see [`svcd_registry::EndpointSnapshot::service_index`] (never 0, never
+/// backwards).
 fn service_index(snapshot: &svcd_registry::EndpointSnapshot, ns: &str, svc: &str) -> i64 {
-    snapshot.service(ns, svc).map_or(0, |s| s.revision)
+    snapshot.service_index(ns, svc)
 }
 
 async fn show_service(
@@ -204,28 +213,29 @@ async fn show_service(
     }
     let snapshot = reader.load_full();
     let index = service_index(&snapshot, ns, svc);
-    let mut response = match snapshot.service(ns, svc) {
-        Some(s) => json_response(
-            StatusCode::OK,
-            &json!({
-                "namespace": s.namespace,
-                "service": s.service,
-                "revision": snapshot.revision,
-                "index": index,
-                "instances": s.all.iter().map(|e| endpoint_json_here(s, e)).collect::<Vec<_>>(),
-            }),
-        ),
-        None if !state.registry.status.is_synced() => json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "",
-            "the daemon has not synced with its registry store yet".to_string(),
-        ),
-        None => json_error(
-            StatusCode::NOT_FOUND,
-            "",
-            format!("service {svc}.{ns} has no instances"),
-        ),
+    let instances: Vec<Value> = match snapshot.service(ns, svc) {
+        Some(s) => s.all.iter().map(|e| endpoint_json_here(s, e)).collect(),
+        None if !state.registry.status.is_synced() => {
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "",
+                "the daemon has not synced with its registry store yet".to_string(),
+            )
+        }
+        // As Consul: a service without instances (its last one left, or none yet) is an empty
+        // list, not an error, so a blocking query's client sees it go and come back.
+        None => Vec::new(),
     };
+    let mut response = json_response(
+        StatusCode::OK,
+        &json!({
+            "namespace": ns,
+            "service": svc,
+            "revision": snapshot.revision,
+            "index": index,
+            "instances": instances,
+        }),
+    );
     response.headers_mut().insert(
         "x-svcd-index",
         http::HeaderValue::from_str(&index.to_string()).expect("digits"),
@@ -338,6 +348,9 @@ async fn try_put_instance(
         };
         ApiError::new(StatusCode::BAD_REQUEST, field, &e.message)
     })?;
+    if let Some(e) = instance.validate_registration().into_iter().next() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, &e.path, &e.message));
+    }
     if instance.node.is_empty() {
         instance.node = state.config.load().registry.node.clone();
     }
@@ -355,7 +368,9 @@ async fn try_put_instance(
         .map_err(store_failure)?;
     // Read your writes: answer once this daemon's snapshot (DNS, proxies, API) holds it.
     let visible = written_visible(state, &key).await;
-    let mut v = serde_json::to_value(&instance).expect("instance serializes");
+    // What was written: with a check, `pending` until it first passes.
+    let written = keeper.effective(&key).await.unwrap_or(instance);
+    let mut v = serde_json::to_value(&written).expect("instance serializes");
     v["id"] = json!(key.id);
     v["namespace"] = json!(key.namespace);
     v["service"] = json!(key.service);

@@ -94,6 +94,83 @@ async fn blocking_queries_answer_on_change_or_when_the_wait_is_over() {
     assert!(bad.body.contains("index"), "{}", bad.body);
 }
 
+/// Consul-style clients reset a blocking query whose index goes backwards: a service's index
+/// never does, and a service without instances (its last one left, or none yet) is an empty
+/// list with an index, not a 404 with index 0.
+#[tokio::test]
+async fn a_service_whose_last_instance_leaves_answers_empty_with_a_later_index() {
+    let etcd = Etcd::start().await;
+    let d = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    let path = "/v1/services/default/web";
+    let answer = |r: crate::support::daemon::Reply| {
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        let index = v["index"].as_i64().expect("an index");
+        let ids: Vec<String> = v["instances"]
+            .as_array()
+            .expect("an instance list")
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_string())
+            .collect();
+        (index, ids)
+    };
+    // Never seen: empty, and an index above 0.
+    let (never, ids) = answer(d.get(path).await);
+    assert!(never > 0, "{never}");
+    assert!(ids.is_empty());
+    d.put_instance("web", "a", r#"{"ip":"10.0.0.1"}"#).await;
+    let (present, ids) = answer(d.get(path).await);
+    assert!(present > never, "{present} > {never}");
+    assert_eq!(ids, ["a"]);
+    // Blocked on the present index, the last instance leaves: the query wakes with a later
+    // index and an empty list.
+    let admin = d.admin;
+    let blocked = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = crate::support::daemon::http(
+            admin,
+            "GET",
+            &format!("/v1/services/default/web?index={present}&wait=30s"),
+            None,
+        )
+        .await
+        .unwrap();
+        (started.elapsed(), r)
+    });
+    let r = d
+        .request("DELETE", "/v1/services/default/web/instances/a", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (took, r) = blocked.await.unwrap();
+    assert!(
+        took < Duration::from_secs(10),
+        "woken by the change: {took:?}"
+    );
+    let (gone, ids) = answer(r);
+    assert!(gone > present, "{gone} > {present}");
+    assert!(ids.is_empty(), "{ids:?}");
+    // Nothing changes: a query on that index holds, then answers the same index again.
+    let (same, ids) = answer(d.get(&format!("{path}?index={gone}&wait=500ms")).await);
+    assert_eq!((same, ids.len()), (gone, 0));
+    // Another service coming and going never moves it back.
+    d.put_instance("db", "x", r#"{"ip":"10.0.0.9"}"#).await;
+    let r = d
+        .request("DELETE", "/v1/services/default/db/instances/x", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (after_db, _) = answer(d.get(path).await);
+    assert!(after_db >= gone, "{after_db} >= {gone}");
+    // It returns: later still.
+    d.put_instance("web", "b", r#"{"ip":"10.0.0.2"}"#).await;
+    let (back, ids) = answer(d.get(&format!("{path}?index={after_db}&wait=30s")).await);
+    assert!(back > after_db, "{back} > {after_db}");
+    assert_eq!(ids, ["b"]);
+    // A name no service can have is an error, not an empty service.
+    let bad = d.get("/v1/services/default/Web_1").await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert_eq!(bad.json()["field"], "service");
+}
+
 #[tokio::test]
 async fn svcd_watch_prints_each_change() {
     let d = Daemon::start("").await;

@@ -247,13 +247,15 @@ async fn grpc_check_marks_not_serving_instance_unhealthy_and_says_why() {
         .request("PUT", "/v1/services/default/api/instances/g1", Some(&body))
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    eventually(Duration::from_secs(5), "checked", || async {
-        let m = d.get("/metrics").await.body;
-        m.contains(r#"svcd_health_checks_total{result="pass",service="api.default"}"#)
-            .then_some(())
+    // Pending until its first check passes, which records `healthy`.
+    eventually(Duration::from_secs(5), "checked and healthy", || async {
+        (instance_json(&d).await["state"] == "healthy").then_some(())
     })
     .await;
-    assert_eq!(instance_json(&d).await["state"], "healthy");
+    assert!(d
+        .metric(r#"svcd_health_checks_total{result="pass",service="api.default"}"#)
+        .await
+        .is_some_and(|n| n >= 1.0));
     b.set_serving(false);
     let v = eventually(Duration::from_secs(5), "unhealthy", || async {
         let v = instance_json(&d).await;
@@ -313,4 +315,125 @@ async fn drained_instance_finishes_its_open_request_and_gets_no_new_ones() {
         "the open request completed"
     );
     assert!(svcd_list(&d, "web").contains("drained"));
+}
+
+/// The A records DNS answers for `svc` (sorted).
+async fn dns_addrs(d: &Daemon, svc: &str) -> Vec<String> {
+    let name = format!("{svc}.default.svc.cluster.local.");
+    dns::addrs(&dns::udp(d.dns, &name, RecordType::A, None).await)
+}
+
+/// Polls the instance's state until it is `until`, asserting DNS never answers it meanwhile;
+/// returns every state the API showed, in order, without repeats.
+async fn states_until_never_in_dns(d: &Daemon, svc: &str, id: &str, until: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        assert_eq!(
+            dns_addrs(d, svc).await,
+            Vec::<String>::new(),
+            "{svc} served: {seen:?}"
+        );
+        let r = d
+            .get(&format!("/v1/services/default/{svc}/instances/{id}"))
+            .await;
+        if r.status == 200 {
+            let v = r.json();
+            assert_eq!(v["state"], v["served_state"], "{v}");
+            let state = v["served_state"].as_str().unwrap().to_string();
+            if seen.last() != Some(&state) {
+                seen.push(state.clone());
+            }
+            if state == until {
+                return seen;
+            }
+        }
+        assert!(Instant::now() < deadline, "never {until}: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A registration with an active check is not served until its check passed once: with the
+/// check on a dead port it is `pending` (API, CLI, metrics), never in DNS, then `unhealthy`; on a
+/// live port it is healthy at its first check, long before `interval × healthy_threshold`. The
+/// same for a static entry at daemon start (as after a restart).
+#[tokio::test]
+async fn a_checked_instance_is_pending_until_its_first_check_passes() {
+    let dead = crate::support::free_port();
+    let boot_dead = crate::support::free_port();
+    let d = Daemon::start(&format!(
+        "[[registry.static]]\nservice = \"boot\"\nid = \"b1\"\nip = \"127.0.0.1\"\n\
+         ports = {{ http = {boot_dead} }}\n\
+         check = {{ type = \"tcp\", interval = \"300ms\", timeout = \"200ms\" }}\n"
+    ))
+    .await;
+    // Restored at start with its check on a dead port: pending, then unhealthy, never served.
+    let boot = states_until_never_in_dns(&d, "boot", "b1", "unhealthy").await;
+    assert!(
+        boot.iter().all(|s| s == "pending" || s == "unhealthy"),
+        "{boot:?}"
+    );
+
+    let check =
+        r#""check":{"type":"tcp","interval":"500ms","timeout":"200ms","unhealthy_threshold":3}"#;
+    let body = format!(r#"{{"ip":"127.0.0.1","ports":{{"http":{dead}}},{check}}}"#);
+    let r = d
+        .request("PUT", "/v1/services/default/dead/instances/d1", Some(&body))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["state"], "pending", "{}", r.body);
+    // Visible when the PUT answers: pending everywhere that shows a state.
+    let v = d.get("/v1/services/default/dead/instances/d1").await.json();
+    assert_eq!(v["served_state"], "pending", "{v}");
+    let listing = svcd_list(&d, "dead");
+    assert!(
+        listing.contains("pending") && listing.contains("awaiting its first health check"),
+        "{listing}"
+    );
+    assert_eq!(
+        d.metric(r#"svcd_service_endpoints{service="dead.default",state="pending"}"#)
+            .await,
+        Some(1.0)
+    );
+    // Pending (seen above) until the third failure; never anything else.
+    let states = states_until_never_in_dns(&d, "dead", "d1", "unhealthy").await;
+    assert!(
+        states.iter().all(|s| s == "pending" || s == "unhealthy"),
+        "{states:?}"
+    );
+    assert_eq!(
+        d.metric(r#"svcd_service_endpoints{service="dead.default",state="pending"}"#)
+            .await,
+        Some(0.0)
+    );
+
+    // A live port: healthy at the first check, not after 5 s × 3 passes.
+    let b = Backend::start("live").await;
+    let slow = r#""check":{"type":"tcp","interval":"5s","timeout":"1s","healthy_threshold":3}"#;
+    let body = format!(
+        r#"{{"ip":"127.0.0.1","ports":{{"http":{}}},{slow}}}"#,
+        b.addr.port()
+    );
+    let registered = Instant::now();
+    let r = d
+        .request("PUT", "/v1/services/default/live/instances/l1", Some(&body))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(Duration::from_secs(4), "live instance in DNS", || async {
+        (dns_addrs(&d, "live").await == ["127.0.0.1"]).then_some(())
+    })
+    .await;
+    assert!(registered.elapsed() < Duration::from_secs(4));
+    let v = d.get("/v1/services/default/live/instances/l1").await.json();
+    assert_eq!(v["served_state"], "healthy", "{v}");
+
+    // `pending` is the daemon's to write: a registration asking for it is refused.
+    let r = d
+        .request(
+            "PUT",
+            "/v1/services/default/live/instances/l2",
+            Some(r#"{"ip":"127.0.0.1","state":"pending"}"#),
+        )
+        .await;
+    assert_eq!((r.status, r.json()["field"].as_str()), (400, Some("state")));
 }

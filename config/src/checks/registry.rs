@@ -214,7 +214,7 @@ fn static_instance(c: &mut Checker, i: usize, mut table: toml::Table) -> Option<
     let instance = match serde_path_to_error::deserialize::<_, Instance>(toml::Value::Table(table))
     {
         Ok(instance) => {
-            for e in instance.validate() {
+            for e in instance.validate_registration() {
                 c.err(format!("{base}.{}", e.path), e.message);
                 ok = false;
             }

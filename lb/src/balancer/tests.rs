@@ -173,6 +173,37 @@ fn panic_spreads_over_all_but_draining_or_fails() {
 }
 
 #[test]
+fn pending_instances_are_never_picked_nor_counted_for_panic() {
+    let mut f = Fixture::new(outlier(50, PanicMode::BalanceAll));
+    // Every instance awaiting its first check (a daemon just started): nothing to pick, and not
+    // a panic that would spray traffic onto them.
+    for (id, ip) in [("p0", 1), ("p1", 2), ("p2", 3)] {
+        f.put(id, ip, r#","state":"pending""#);
+    }
+    assert_eq!(f.state("p0"), ServedState::Pending);
+    assert_eq!(f.pick_id(), None);
+    assert!(!f.balancer().health.in_panic());
+    // One passes its check: 1 usable of 1 counted, no panic although 3 of 4 are pending.
+    f.put("p0", 1, "");
+    assert!((0..20).all(|_| f.pick_id().as_deref() == Some("p0")));
+    assert!(!f.balancer().health.in_panic());
+    // The panic set holds the unhealthy, not the pending: 1 of 2 counted is below 60 %.
+    f.put("u", 4, r#","state":"unhealthy""#);
+    f.lb.reconfigure(outlier(60, PanicMode::BalanceAll));
+    let mut seen: Vec<String> = (0..30).filter_map(|_| f.pick_id()).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, ["p0", "u"], "pending ones never, even in panic");
+    assert!(f.balancer().health.in_panic());
+    let view = f.balancer().view(&f.service());
+    assert_eq!(
+        view.fallback.len(),
+        2,
+        "the base of max_ejection_percent too"
+    );
+}
+
+#[test]
 fn state_survives_new_views_and_reloads() {
     let mut f = Fixture::new(outlier(50, PanicMode::BalanceAll));
     f.put("a", 1, "");

@@ -237,6 +237,7 @@ impl SnapshotBuilder {
     pub fn build(&mut self, previous: &EndpointSnapshot) -> EndpointSnapshot {
         let mut shards = previous.shards.clone();
         let mut service_count = previous.service_count;
+        let mut extinct_revision = previous.extinct_revision;
         for (ns, svc) in self.dirty.drain() {
             let name: Arc<str> = Arc::from(format!("{svc}.{ns}"));
             // Copy-on-write: the first change to a shard clones it, later ones reuse the copy.
@@ -258,12 +259,14 @@ impl SnapshotBuilder {
                 None => {
                     if shard.remove(&name).is_some() {
                         service_count -= 1;
+                        extinct_revision = self.revision;
                     }
                 }
             }
         }
         EndpointSnapshot {
             revision: self.revision,
+            extinct_revision,
             shards,
             endpoint_count: self.endpoint_count,
             service_count,
@@ -363,6 +366,39 @@ mod tests {
         changed.sort();
         assert_eq!(changed, ["cache.default", "db.default", "web.default"]);
         assert_eq!(s2.changed_since(&s2).count(), 0);
+    }
+
+    #[test]
+    fn a_service_index_never_goes_back_or_to_zero_as_the_service_leaves_and_returns() {
+        let mut b = SnapshotBuilder::new();
+        let s0 = b.build(&EndpointSnapshot::default());
+        let never_seen = s0.service_index("default", "web");
+        assert!(never_seen > 0);
+        b.apply(&put("default/web/a", "10.0.0.1", 2));
+        b.apply(&put("default/db/a", "10.0.0.2", 3));
+        let s1 = b.build(&s0);
+        let present = s1.service_index("default", "web");
+        assert!(present > never_seen);
+        // The last instance leaves: the index moves on, not back to 0.
+        b.apply(&del("default/web/a", 4));
+        let s2 = b.build(&s1);
+        assert!(s2.service("default", "web").is_none());
+        let gone = s2.service_index("default", "web");
+        assert!(gone > present, "{gone} > {present}");
+        // Other services changing leaves an absent service's index alone.
+        b.apply(&put("default/db/b", "10.0.0.3", 5));
+        let s3 = b.build(&s2);
+        assert_eq!(s3.service_index("default", "web"), gone);
+        // Another service going extinct moves it forward; the service returning, further.
+        b.apply(&del("default/db/a", 6));
+        b.apply(&del("default/db/b", 7));
+        let s4 = b.build(&s3);
+        let later = s4.service_index("default", "web");
+        assert!(later > gone);
+        assert_eq!(s4.service_index("default", "never"), later);
+        b.apply(&put("default/web/a", "10.0.0.1", 8));
+        let s5 = b.build(&s4);
+        assert!(s5.service_index("default", "web") > later);
     }
 
     #[test]
