@@ -147,6 +147,9 @@ impl Store for HangingFirstWatch {
     async fn put(&self, k: &str, v: Vec<u8>, l: Option<LeaseId>) -> StoreResult<i64> {
         self.inner.put(k, v, l).await
     }
+    async fn put_if_absent(&self, k: &str, v: Vec<u8>) -> StoreResult<KeyValue> {
+        self.inner.put_if_absent(k, v).await
+    }
     async fn delete(&self, k: &str) -> StoreResult<bool> {
         self.inner.delete(k).await
     }

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
-    WatchOptions, WatchStream as EtcdWatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    WatchStream as EtcdWatchStream,
 };
 use svcd_config::EtcdConfig;
 
@@ -274,6 +275,7 @@ impl Store for EtcdStore {
                 key: String::from_utf8_lossy(kv.key()).into_owned(),
                 value: kv.value().to_vec(),
                 mod_revision: kv.mod_revision(),
+                create_revision: kv.create_revision(),
             })
             .collect();
         Ok(ListPage {
@@ -297,6 +299,42 @@ impl Store for EtcdStore {
                 other => other,
             })?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    async fn put_if_absent(&self, key: &str, value: Vec<u8>) -> StoreResult<KeyValue> {
+        // Sent again after a lost answer, the compare fails and the get returns what the first
+        // attempt wrote: idempotent.
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value.clone(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self
+            .retrying(Some(WRITE_ATTEMPT), |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        if resp.succeeded() {
+            return Ok(KeyValue {
+                key: key.to_string(),
+                value,
+                mod_revision: revision,
+                create_revision: revision,
+            });
+        }
+        let existing = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| KeyValue {
+                key: key.to_string(),
+                value: kv.value().to_vec(),
+                mod_revision: kv.mod_revision(),
+                create_revision: kv.create_revision(),
+            }),
+            _ => None,
+        });
+        // The compare failed because the key exists; gone by the get only if deleted in
+        // between, which the next call sees.
+        existing.ok_or_else(|| StoreError::Other(format!("{key}: deleted while being read")))
     }
 
     async fn delete(&self, key: &str) -> StoreResult<bool> {
