@@ -52,7 +52,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use endpoint::Endpoint;
-pub use keys::{InstanceKey, ENDPOINTS_PREFIX};
+pub use keys::{InstanceKey, ENDPOINTS_PREFIX, STORE_MARKER_KEY};
 pub use lease::{LeaseKeeper, OwnRegistration};
 pub use metrics::RegistryMetrics;
 pub use name::ServiceName;

@@ -285,3 +285,145 @@ async fn compaction_does_not_disturb_a_live_watch() {
     );
     h.cancel.cancel();
 }
+
+/// A store that can be swapped for another behind the same "endpoints": every backend reports
+/// one cluster id (a store rebuilt with the same members and token), and a swap ends the watch
+/// streams open on the old one (the connection drops).
+struct Swappable {
+    current: std::sync::Mutex<EmbeddedStore>,
+    swaps: watch::Sender<u64>,
+}
+
+impl Swappable {
+    fn new(first: EmbeddedStore) -> Self {
+        Swappable {
+            current: std::sync::Mutex::new(first),
+            swaps: watch::Sender::new(0),
+        }
+    }
+
+    fn get(&self) -> EmbeddedStore {
+        self.current.lock().unwrap().clone()
+    }
+
+    fn swap(&self, next: EmbeddedStore) {
+        *self.current.lock().unwrap() = next;
+        self.swaps.send_modify(|n| *n += 1);
+    }
+}
+
+struct EndsOnSwap {
+    inner: Box<dyn WatchStream>,
+    swaps: watch::Receiver<u64>,
+}
+
+#[async_trait]
+impl WatchStream for EndsOnSwap {
+    async fn next(&mut self) -> StoreResult<Option<WatchMessage>> {
+        tokio::select! {
+            _ = self.swaps.changed() => Err(StoreError::Unavailable("connection lost".into())),
+            m = self.inner.next() => m,
+        }
+    }
+    async fn request_progress(&mut self) -> StoreResult<()> {
+        self.inner.request_progress().await
+    }
+}
+
+#[async_trait]
+impl Store for Swappable {
+    async fn list(&self, p: &str, s: &str, r: i64, l: usize) -> StoreResult<ListPage> {
+        let mut page = self.get().list(p, s, r, l).await?;
+        page.history = 0x5eed;
+        Ok(page)
+    }
+    async fn put(&self, k: &str, v: Vec<u8>, l: Option<LeaseId>) -> StoreResult<i64> {
+        self.get().put(k, v, l).await
+    }
+    async fn put_if_absent(&self, k: &str, v: Vec<u8>) -> StoreResult<KeyValue> {
+        self.get().put_if_absent(k, v).await
+    }
+    async fn delete(&self, k: &str) -> StoreResult<bool> {
+        self.get().delete(k).await
+    }
+    async fn grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
+        self.get().grant(ttl).await
+    }
+    async fn keep_alive(&self, l: LeaseId) -> StoreResult<Option<Duration>> {
+        self.get().keep_alive(l).await
+    }
+    async fn revoke(&self, l: LeaseId) -> StoreResult<()> {
+        self.get().revoke(l).await
+    }
+    async fn watch(&self, p: &str, from: i64) -> StoreResult<Box<dyn WatchStream>> {
+        let mut swaps = self.swaps.subscribe();
+        swaps.mark_unchanged();
+        let inner = self.get().watch(p, from).await?;
+        Ok(Box::new(EndsOnSwap { inner, swaps }))
+    }
+    async fn compact(&self, r: i64) -> StoreResult<()> {
+        self.get().compact(r).await
+    }
+    fn describe(&self) -> String {
+        "swappable".into()
+    }
+}
+
+async fn put_bare(store: &EmbeddedStore, id: &str) -> i64 {
+    store
+        .put(
+            &format!("/svcd/v1/endpoints/default/web/{id}"),
+            br#"{"ip":"10.0.0.1"}"#.to_vec(),
+            None,
+        )
+        .await
+        .unwrap()
+}
+
+fn ids(snapshot: &EndpointSnapshot) -> Vec<String> {
+    snapshot
+        .service("default", "web")
+        .map(|s| s.all.iter().map(|e| e.id.to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// The replacement has the same cluster id and a higher revision: only the marker tells.
+#[tokio::test(start_paused = true)]
+async fn a_replacement_with_the_same_cluster_id_and_a_higher_revision_is_relisted() {
+    let old = EmbeddedStore::new();
+    put_bare(&old, "stale").await;
+    let store = Arc::new(Swappable::new(old.clone()));
+    let mut h = start_sync(store.clone(), SyncOptions::default());
+    h.changes.changed().await.unwrap();
+    assert_eq!(ids(&h.snapshot.load()), ["stale"]);
+    let ours = h.snapshot.load().revision;
+
+    let new = EmbeddedStore::new();
+    let mut revision = 0;
+    while revision <= ours + 10 {
+        revision = put_bare(&new, "fresh").await;
+    }
+    store.swap(new);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        ids(&h.snapshot.load()),
+        ["fresh"],
+        "relisted from the new store"
+    );
+    assert_eq!(
+        h.metrics.store_replaced[2].get(),
+        1,
+        "counted as a marker change"
+    );
+    assert_eq!(h.metrics.store_replaced[0].get(), 0);
+    assert_eq!(h.metrics.store_replaced[1].get(), 0);
+
+    // Reconnecting to the same store again is no replacement.
+    let again = store.get();
+    store.swap(again.clone());
+    put_bare(&again, "later").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(ids(&h.snapshot.load()), ["fresh", "later"]);
+    assert_eq!(h.metrics.store_replaced[2].get(), 1);
+    h.cancel.cancel();
+}

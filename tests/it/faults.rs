@@ -80,6 +80,51 @@ async fn a_wiped_etcd_is_noticed_and_relisted_at_once() {
     eprintln!("wipe → stale entry gone on the other node after {took:?}");
 }
 
+/// etcd rebuilt with the same member name, peer URL and token (the same cluster id) and
+/// restored to a revision past ours: neither the cluster id nor the revision tells, the store
+/// marker does. Both daemons drop what the old store had and take what the new one has.
+#[tokio::test]
+async fn an_etcd_replaced_with_the_same_cluster_id_and_a_higher_revision_is_relisted() {
+    let mut etcd = Etcd::start().await;
+    let a = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    let b = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    etcd.put_endpoint("web", "stale", &body("10.0.0.9")).await;
+    a.put_instance("web", "a1", &body("10.0.0.1")).await;
+    for d in [&a, &b] {
+        d.wait_instances("default", "web", &["a1", "stale"], WAIT)
+            .await;
+    }
+    let ours = b.metric("svcd_registry_revision").await.unwrap() as i64;
+
+    let fresh = body("10.0.0.2");
+    let theirs = etcd
+        .replace_ahead_of(
+            ours + 20,
+            &[("/svcd/v1/endpoints/default/web/fresh", &fresh)],
+        )
+        .await;
+    let healed = Instant::now();
+    assert!(theirs > ours, "{theirs} vs {ours}");
+    for d in [&a, &b] {
+        d.wait_instances("default", "web", &["a1", "fresh"], Duration::from_secs(4))
+            .await;
+    }
+    let took = healed.elapsed();
+    for d in [&a, &b] {
+        assert_eq!(
+            d.metric("svcd_registry_store_replaced_total{reason=\"marker\"}")
+                .await,
+            Some(1.0),
+            "{}",
+            d.log()
+        );
+        assert_eq!(d.metric("svcd_registry_connected").await, Some(1.0));
+        assert!(d.log().contains("marker changed"), "{}", d.log());
+        assert!(d.metric("svcd_registry_revision").await.unwrap() as i64 > theirs);
+    }
+    eprintln!("replacement (same cluster id, revision {ours} -> {theirs}) relisted after {took:?}");
+}
+
 #[tokio::test]
 async fn etcd_killed_for_30s_under_dns_load_keeps_answering_and_converges_after_heal() {
     let mut etcd = Etcd::start().await;
