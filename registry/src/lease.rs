@@ -3,7 +3,8 @@
 //! Every key svcd writes is attached to the lease, so when this process or its machine dies,
 //! nobody keeps the lease alive and the entries vanish after the TTL. While alive, the keeper
 //! refreshes the lease every TTL/3; if the store says the lease is gone (expired during a
-//! partition, or revoked), it grants a new one and re-puts every registration it owns.
+//! partition, or revoked), it grants a new one and re-puts every registration it owns. When the
+//! sync loop finds the store wiped or replaced it does so at once, not at the next keep-alive.
 //!
 //! Registrations may carry their own expiry (`svcd exec` uses it): the holder must renew within
 //! that time or the keeper deletes the entry — so a registering client that dies without
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use svcd_config::Instance;
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -305,15 +306,37 @@ impl LeaseKeeper {
         self.expire_stale(&mut state).await
     }
 
+    /// The store was found wiped or replaced: whatever it holds of ours (likely nothing, maybe
+    /// an old copy) is not to be trusted, so every registration is written again in the next
+    /// round, under a new lease if the old one is gone.
+    async fn store_replaced(&self) {
+        let mut state = self.state.lock().await;
+        for reg in state.own.values_mut() {
+            reg.written = false;
+        }
+        if !state.own.is_empty() {
+            info!(
+                registrations = state.own.len(),
+                "registry store replaced; writing this daemon's registrations again"
+            );
+        }
+    }
+
     /// Keeps the lease alive until `cancel`, then revokes it (deleting this daemon's entries at
-    /// once instead of after the TTL).
-    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+    /// once instead of after the TTL). Each change of `replacements` (the sync loop found the
+    /// store wiped or replaced) starts a round at once that writes every registration again.
+    pub async fn run(
+        self: Arc<Self>,
+        mut replacements: watch::Receiver<u64>,
+        cancel: CancellationToken,
+    ) {
         let period = self.ttl / 3;
         let mut next = Instant::now();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep_until(next) => {}
+                Ok(()) = replacements.changed() => self.store_replaced().await,
             }
             next = match self.tick().await {
                 Ok(()) => Instant::now() + period,

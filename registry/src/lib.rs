@@ -201,7 +201,7 @@ impl Registry {
             options,
             cancel.clone(),
         ));
-        tasks.spawn(self.keeper.clone().run(cancel));
+        tasks.spawn(self.keeper.clone().run(self.status.replacements(), cancel));
     }
 
     /// Updates the gauges derived at scrape time (snapshot age).

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -73,6 +74,10 @@ pub struct SyncStatus {
     confirmed_nanos: AtomicU64,
     /// Why the store is not connected (the last error), for `/readyz`; cleared on connect.
     last_error: ArcSwapOption<String>,
+    /// Bumped each time the store is found wiped or replaced: the lease keeper writes this
+    /// daemon's registrations again at once (the store lost them) instead of at its next
+    /// keep-alive.
+    replacements: watch::Sender<u64>,
 }
 
 impl Default for SyncStatus {
@@ -83,6 +88,7 @@ impl Default for SyncStatus {
             base: Instant::now(),
             confirmed_nanos: AtomicU64::new(0),
             last_error: ArcSwapOption::empty(),
+            replacements: watch::Sender::new(0),
         }
     }
 }
@@ -118,6 +124,15 @@ impl SyncStatus {
 
     pub(crate) fn clear_error(&self) {
         self.last_error.store(None);
+    }
+
+    /// Changes each time the store is found wiped or replaced.
+    pub fn replacements(&self) -> watch::Receiver<u64> {
+        self.replacements.subscribe()
+    }
+
+    fn replaced(&self) {
+        self.replacements.send_modify(|n| *n += 1);
     }
 }
 
@@ -357,9 +372,11 @@ fn warn_backwards(now: i64, ours: i64) {
     );
 }
 
-/// Counts a replacement.
+/// Counts a replacement and tells the lease keeper, which writes this daemon's own
+/// registrations again at once.
 fn on_replaced(publisher: &SnapshotPublisher, how: StoreReplaced) {
     publisher.metrics.store_replaced[how as usize].inc();
+    publisher.status.replaced();
 }
 
 /// Why a watch session ended.

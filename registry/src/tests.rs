@@ -12,6 +12,11 @@ use tokio_util::sync::CancellationToken;
 use crate::store::*;
 use crate::*;
 
+/// For a keeper run without a sync loop: never changes.
+fn no_replacements() -> watch::Receiver<u64> {
+    watch::channel(0).1
+}
+
 fn instance(ip: &str) -> Instance {
     Instance::new(ip.parse().unwrap())
 }
@@ -68,7 +73,7 @@ async fn keeper_regrants_and_reputs_after_losing_its_lease() {
     assert!(keys(store.as_ref()).await.is_empty());
     // The keeper notices on its next round and puts everything back under a new lease.
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(keeper.clone().run(cancel.clone()));
+    let task = tokio::spawn(keeper.clone().run(no_replacements(), cancel.clone()));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(keys(store.as_ref()).await, [key.to_key()]);
     assert_eq!(metrics.lease_grants.get(), 2);
@@ -90,7 +95,7 @@ async fn keeper_drops_registrations_not_renewed_in_time() {
         RegistryMetrics::unregistered(),
     ));
     let cancel = CancellationToken::new();
-    tokio::spawn(keeper.clone().run(cancel.clone()));
+    tokio::spawn(keeper.clone().run(no_replacements(), cancel.clone()));
     let key = InstanceKey::new("default", "job", "j1").unwrap();
     keeper
         .register(
@@ -426,4 +431,32 @@ async fn a_replacement_with_the_same_cluster_id_and_a_higher_revision_is_reliste
     assert_eq!(ids(&h.snapshot.load()), ["fresh", "later"]);
     assert_eq!(h.metrics.store_replaced[2].get(), 1);
     h.cancel.cancel();
+}
+
+/// Told the store was replaced, the keeper writes its registrations again at once, not at its
+/// next keep-alive (a TTL of a minute: 20 s away).
+#[tokio::test(start_paused = true)]
+async fn keeper_writes_everything_again_when_told_the_store_was_replaced() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new());
+    let metrics = RegistryMetrics::unregistered();
+    let keeper = Arc::new(LeaseKeeper::new(
+        store.clone(),
+        Duration::from_secs(60),
+        metrics.clone(),
+    ));
+    let (replaced, replacements) = watch::channel(0);
+    let cancel = CancellationToken::new();
+    tokio::spawn(keeper.clone().run(replacements, cancel.clone()));
+    let key = InstanceKey::new("default", "web", "w1").unwrap();
+    keeper
+        .register(key.clone(), instance("10.0.0.1"), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The store lost the key (its lease is still there: a restored copy, say).
+    store.delete(&key.to_key()).await.unwrap();
+    replaced.send_modify(|n| *n += 1);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(keys(store.as_ref()).await, [key.to_key()]);
+    cancel.cancel();
 }
