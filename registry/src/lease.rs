@@ -212,8 +212,8 @@ impl LeaseKeeper {
     }
 
     /// Marks every registration this daemon holds `draining` in the store (shutdown: other nodes
-    /// stop sending new work before this one stops serving). Returns how many were written.
-    pub async fn drain_all(&self) -> StoreResult<usize> {
+    /// stop sending new work before this one stops serving). Returns the ones written.
+    pub async fn drain_all(&self) -> StoreResult<Vec<InstanceKey>> {
         let keys: Vec<InstanceKey> = self
             .state
             .lock()
@@ -226,7 +226,7 @@ impl LeaseKeeper {
         for key in &keys {
             self.set_state(key, svcd_config::State::Draining).await?;
         }
-        Ok(keys.len())
+        Ok(keys)
     }
 
     /// The value this daemon wrote (or will write) for `key`: the registration with its health

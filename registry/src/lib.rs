@@ -162,18 +162,30 @@ impl Registry {
         want: Option<&Instance>,
         timeout: std::time::Duration,
     ) -> bool {
+        self.wait_all_visible(&[(key, want)], timeout).await
+    }
+
+    /// [`Self::wait_visible`] for several keys at once (a drain of every own registration):
+    /// `true` once the snapshot shows all of them as wanted, within one `timeout`.
+    pub async fn wait_all_visible(
+        &self,
+        wants: &[(&InstanceKey, Option<&Instance>)],
+        timeout: std::time::Duration,
+    ) -> bool {
         let reader = self.reader();
         let mut changes = reader.changes();
         let visible = || {
             let snapshot = reader.load();
-            let found = snapshot
-                .service(&key.namespace, &key.service)
-                .and_then(|s| s.all.iter().find(|e| *e.id == *key.id));
-            match (found, want) {
-                (Some(e), Some(want)) => e.same_as(want),
-                (None, None) => true,
-                _ => false,
-            }
+            wants.iter().all(|(key, want)| {
+                let found = snapshot
+                    .service(&key.namespace, &key.service)
+                    .and_then(|s| s.all.iter().find(|e| *e.id == *key.id));
+                match (found, want) {
+                    (Some(e), Some(want)) => e.same_as(want),
+                    (None, None) => true,
+                    _ => false,
+                }
+            })
         };
         tokio::time::timeout(timeout, async {
             while !visible() {
