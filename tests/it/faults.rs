@@ -294,6 +294,65 @@ async fn a_frozen_etcd_is_noticed_by_the_watchdog_while_dns_keeps_answering() {
     .await;
 }
 
+/// What docs/registry.md promises a writer while etcd does not answer: the API answers 503
+/// within 4 s. Written back to back, so the keeper's keep-alive rounds (every second with a 3 s
+/// lease) hang on the frozen etcd meanwhile too, then three at once.
+#[tokio::test]
+async fn a_write_while_etcd_hangs_fails_within_the_documented_bound() {
+    let etcd = Etcd::start().await;
+    let d = Daemon::start(&format!(
+        "[registry]\nlease_ttl = \"3s\"\n[registry.etcd]\nendpoints = [\"{}\"]\n",
+        etcd.endpoint()
+    ))
+    .await;
+    d.put_instance("web", "w0", &body("10.0.0.1")).await;
+    etcd.freeze();
+    let mut took = Vec::new();
+    let mut last = String::new();
+    for i in 1..=4 {
+        let started = Instant::now();
+        let r = d
+            .request(
+                "PUT",
+                &format!("/v1/services/default/web/instances/w{i}"),
+                Some(&body("10.0.0.2")),
+            )
+            .await;
+        took.push(started.elapsed());
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(
+            r.body.contains(&etcd.endpoint()),
+            "names the store: {}",
+            r.body
+        );
+        last = r.body;
+    }
+    // At once: each waits for the others' turn at the store, and still answers in time.
+    let timed = |i: usize| {
+        let admin = d.admin;
+        async move {
+            let started = Instant::now();
+            let r = crate::support::daemon::http(
+                admin,
+                "PUT",
+                &format!("/v1/services/default/web/instances/c{i}"),
+                Some(&body("10.0.0.3")),
+            )
+            .await
+            .expect("admin API answers");
+            assert_eq!(r.status, 503, "{}", r.body);
+            started.elapsed()
+        }
+    };
+    let (t1, t2, t3) = tokio::join!(timed(1), timed(2), timed(3));
+    took.extend([t1, t2, t3]);
+    etcd.thaw();
+    eprintln!("writes to a frozen etcd failed after {took:?}: {last}");
+    // 4 s, and room for the answer to travel on a loaded machine.
+    let bound = Duration::from_millis(4300);
+    assert!(took.iter().all(|t| *t <= bound), "{took:?}");
+}
+
 #[tokio::test]
 async fn a_store_replaced_by_another_cluster_is_relisted() {
     let old = Etcd::start().await;
