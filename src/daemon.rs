@@ -236,7 +236,9 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
             registry.keeper.drain_all(),
         );
         match marking.await {
-            Ok(Ok(n)) if n > 0 => info!(registrations = n, "marked draining in the store"),
+            Ok(Ok(keys)) if !keys.is_empty() => {
+                info!(registrations = keys.len(), "marked draining in the store")
+            }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => warn!(error = %e, "could not mark registrations draining"),
             Err(_) => warn!("marking registrations draining timed out"),

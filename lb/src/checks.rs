@@ -215,7 +215,7 @@ impl Probe for NetworkProbe {
                         Ok(())
                     }
                     Ok(Ok(resp)) => Err(format!("GET {uri}: {}", resp.status())),
-                    Ok(Err(e)) => Err(format!("GET {uri}: {e}")),
+                    Ok(Err(e)) => Err(format!("GET {uri}: {}", client_failure(&e))),
                     Err(_) => Err(format!("GET {uri}: timed out after {limit:?}")),
                 }
             }
@@ -233,7 +233,7 @@ async fn grpc_check(addr: SocketAddr) -> Result<(), String> {
         .map_err(|e| format!("grpc health {addr}: {e}"))?
         .connect()
         .await
-        .map_err(|e| format!("grpc health {addr}: {e}"))?;
+        .map_err(|e| format!("grpc health {addr}: {}", with_causes(&e)))?;
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: String::new(),
@@ -247,6 +247,32 @@ async fn grpc_check(addr: SocketAddr) -> Result<(), String> {
             other.as_str_name()
         )),
     }
+}
+
+/// Why an HTTP check's request failed, as the TCP check says it: hyper-util's error reads only
+/// `client error (Connect)`; the cause (`Connection refused`, a reset) is in its sources.
+fn client_failure(e: &hyper_util::client::legacy::Error) -> String {
+    let stage = if e.is_connect() { "connect" } else { "request" };
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{stage}: {}", with_causes(cause)),
+        None => format!("{stage}: {e}"),
+    }
+}
+
+/// An error and every cause under it, `outer: inner: root`, skipping a cause its parent's text
+/// already says.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 async fn check_loop(

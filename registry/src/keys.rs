@@ -8,6 +8,11 @@ use svcd_config::{names, FieldError};
 /// Prefix of every endpoint key; the watch covers exactly this range.
 pub const ENDPOINTS_PREFIX: &str = "/svcd/v1/endpoints/";
 
+/// The store's identity: a random value the first daemon to find the key absent writes (once,
+/// without a lease). A store wiped, rebuilt or restored into a new cluster has none or another
+/// one, whatever its cluster id and revision say (see `docs/registry.md`).
+pub const STORE_MARKER_KEY: &str = "/svcd/v1/store-id";
+
 /// Identifies one instance: namespace, service and instance id, each an RFC 1123 label.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InstanceKey {

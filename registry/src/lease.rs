@@ -3,7 +3,8 @@
 //! Every key svcd writes is attached to the lease, so when this process or its machine dies,
 //! nobody keeps the lease alive and the entries vanish after the TTL. While alive, the keeper
 //! refreshes the lease every TTL/3; if the store says the lease is gone (expired during a
-//! partition, or revoked), it grants a new one and re-puts every registration it owns.
+//! partition, or revoked), it grants a new one and re-puts every registration it owns. When the
+//! sync loop finds the store wiped or replaced it does so at once, not at the next keep-alive.
 //!
 //! Registrations may carry their own expiry (`svcd exec` uses it): the holder must renew within
 //! that time or the keeper deletes the entry — so a registering client that dies without
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use svcd_config::Instance;
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -58,6 +59,10 @@ impl OwnRegistration {
         instance
     }
 }
+
+/// How long a write on behalf of the API (register, state change, deregister, drain of
+/// everything) may take in all before it fails as unavailable: what `docs/registry.md` promises.
+pub const WRITE_BOUND: Duration = Duration::from_secs(4);
 
 struct KeeperState {
     lease: Option<LeaseId>,
@@ -106,8 +111,19 @@ impl LeaseKeeper {
     }
 
     /// Registers (or renews) an instance and writes it to the store. Re-registering an identical
-    /// value only renews its expiry: no store write, no watch event across the cluster.
+    /// value only renews its expiry: no store write, no watch event across the cluster. Within
+    /// [`WRITE_BOUND`].
     pub async fn register(
+        &self,
+        key: InstanceKey,
+        instance: Instance,
+        expires_after: Option<Duration>,
+    ) -> StoreResult<()> {
+        self.bounded(self.write_registration(key, instance, expires_after))
+            .await
+    }
+
+    async fn write_registration(
         &self,
         key: InstanceKey,
         instance: Instance,
@@ -170,17 +186,31 @@ impl LeaseKeeper {
         if before == after {
             return Ok(false);
         }
+        // Until the put succeeds the keeper's rounds write it (a failed put is not lost: the
+        // next verdict is the same and would write nothing).
+        reg.written = false;
         let lease = self.ensure_lease(&mut state).await?;
         self.store
             .put(&store_key, after.to_json(), Some(lease))
             .await?;
+        if let Some(reg) = state.own.get_mut(&store_key) {
+            reg.written = true;
+        }
         Ok(true)
     }
 
     /// Changes the serving state of one of this daemon's registrations (drain: `Draining`) and
     /// writes it. `None` when this daemon does not hold the registration: only the holder of an
-    /// entry's lease may rewrite it.
+    /// entry's lease may rewrite it. Within [`WRITE_BOUND`].
     pub async fn set_state(
+        &self,
+        key: &InstanceKey,
+        new_state: svcd_config::State,
+    ) -> StoreResult<Option<Instance>> {
+        self.bounded(self.write_state(key, new_state)).await
+    }
+
+    async fn write_state(
         &self,
         key: &InstanceKey,
         new_state: svcd_config::State,
@@ -207,31 +237,55 @@ impl LeaseKeeper {
     }
 
     /// Removes a registration from the store. Returns whether it existed (here or in the store).
+    /// Within [`WRITE_BOUND`].
     pub async fn deregister(&self, key: &InstanceKey) -> StoreResult<bool> {
-        let mut state = self.state.lock().await;
-        let store_key = key.to_key();
-        let owned = state.own.remove(&store_key).is_some();
-        self.metrics.own_registrations.set(state.own.len() as i64);
-        let deleted = self.store.delete(&store_key).await?;
-        Ok(owned || deleted)
+        self.bounded(async {
+            let mut state = self.state.lock().await;
+            let store_key = key.to_key();
+            let owned = state.own.remove(&store_key).is_some();
+            self.metrics.own_registrations.set(state.own.len() as i64);
+            let deleted = self.store.delete(&store_key).await?;
+            Ok(owned || deleted)
+        })
+        .await
     }
 
     /// Marks every registration this daemon holds `draining` in the store (shutdown: other nodes
-    /// stop sending new work before this one stops serving). Returns how many were written.
-    pub async fn drain_all(&self) -> StoreResult<usize> {
-        let keys: Vec<InstanceKey> = self
-            .state
-            .lock()
-            .await
-            .own
-            .values()
-            .filter(|r| r.instance.state != svcd_config::State::Draining)
-            .map(|r| r.key.clone())
-            .collect();
-        for key in &keys {
-            self.set_state(key, svcd_config::State::Draining).await?;
+    /// stop sending new work before this one stops serving). Returns the ones written. All of
+    /// it within [`WRITE_BOUND`].
+    pub async fn drain_all(&self) -> StoreResult<Vec<InstanceKey>> {
+        self.bounded(async {
+            let keys: Vec<InstanceKey> = self
+                .state
+                .lock()
+                .await
+                .own
+                .values()
+                .filter(|r| r.instance.state != svcd_config::State::Draining)
+                .map(|r| r.key.clone())
+                .collect();
+            for key in &keys {
+                self.write_state(key, svcd_config::State::Draining).await?;
+            }
+            Ok(keys)
+        })
+        .await
+    }
+
+    /// `op` (a write on behalf of the API), failing as unavailable past [`WRITE_BOUND`], the
+    /// wait for other writes included. A write cut short may still have reached the store, as
+    /// any write whose answer is lost: the caller learns it failed and may repeat it.
+    async fn bounded<T>(
+        &self,
+        op: impl std::future::Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        match tokio::time::timeout(WRITE_BOUND, op).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "{}: write not done within {WRITE_BOUND:?}",
+                self.store.describe()
+            ))),
         }
-        Ok(keys.len())
     }
 
     /// The value this daemon wrote (or will write) for `key`: the registration with its health
@@ -293,11 +347,16 @@ impl LeaseKeeper {
         Ok(())
     }
 
-    /// One keep-alive round: refresh, re-grant if gone, write what is pending, expire the stale.
-    async fn tick(&self) -> StoreResult<()> {
-        let mut state = self.state.lock().await;
-        if let Some(id) = state.lease {
-            if self.store.keep_alive(id).await?.is_none() {
+    /// Refreshes the lease, forgetting it when the store says it is gone. The state is not held
+    /// meanwhile: a store that hangs holds up this round, not registrations.
+    async fn refresh_lease(&self) -> StoreResult<()> {
+        let Some(id) = self.state.lock().await.lease else {
+            return Ok(());
+        };
+        if self.store.keep_alive(id).await?.is_none() {
+            let mut state = self.state.lock().await;
+            // Unless a registration re-granted meanwhile.
+            if state.lease == Some(id) {
                 warn!(
                     lease = id,
                     "registration lease gone; re-granting and re-registering"
@@ -305,21 +364,50 @@ impl LeaseKeeper {
                 state.lease = None;
             }
         }
+        Ok(())
+    }
+
+    /// One keep-alive round: refresh, re-grant if gone, write what is pending, expire the stale.
+    async fn tick(&self) -> StoreResult<()> {
+        self.refresh_lease().await?;
+        let mut state = self.state.lock().await;
         if !state.own.is_empty() || state.lease.is_some() {
             self.write_pending(&mut state).await?;
         }
         self.expire_stale(&mut state).await
     }
 
+    /// The store was found wiped or replaced: whatever it holds of ours (likely nothing, maybe
+    /// an old copy) is not to be trusted, so every registration is written again in the next
+    /// round, under a new lease if the old one is gone.
+    async fn store_replaced(&self) {
+        let mut state = self.state.lock().await;
+        for reg in state.own.values_mut() {
+            reg.written = false;
+        }
+        if !state.own.is_empty() {
+            info!(
+                registrations = state.own.len(),
+                "registry store replaced; writing this daemon's registrations again"
+            );
+        }
+    }
+
     /// Keeps the lease alive until `cancel`, then revokes it (deleting this daemon's entries at
-    /// once instead of after the TTL).
-    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+    /// once instead of after the TTL). Each change of `replacements` (the sync loop found the
+    /// store wiped or replaced) starts a round at once that writes every registration again.
+    pub async fn run(
+        self: Arc<Self>,
+        mut replacements: watch::Receiver<u64>,
+        cancel: CancellationToken,
+    ) {
         let period = self.ttl / 3;
         let mut next = Instant::now();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep_until(next) => {}
+                Ok(()) = replacements.changed() => self.store_replaced().await,
             }
             next = match self.tick().await {
                 Ok(()) => Instant::now() + period,

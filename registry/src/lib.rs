@@ -49,7 +49,7 @@ use svcd_lifecycle::Phase;
 use tokio::sync::watch;
 
 pub use endpoint::Endpoint;
-pub use keys::{InstanceKey, ENDPOINTS_PREFIX};
+pub use keys::{InstanceKey, ENDPOINTS_PREFIX, STORE_MARKER_KEY};
 pub use lease::{LeaseKeeper, OwnRegistration};
 pub use metrics::RegistryMetrics;
 pub use name::ServiceName;
@@ -159,18 +159,30 @@ impl Registry {
         want: Option<&Instance>,
         timeout: std::time::Duration,
     ) -> bool {
+        self.wait_all_visible(&[(key, want)], timeout).await
+    }
+
+    /// [`Self::wait_visible`] for several keys at once (a drain of every own registration):
+    /// `true` once the snapshot shows all of them as wanted, within one `timeout`.
+    pub async fn wait_all_visible(
+        &self,
+        wants: &[(&InstanceKey, Option<&Instance>)],
+        timeout: std::time::Duration,
+    ) -> bool {
         let reader = self.reader();
         let mut changes = reader.changes();
         let visible = || {
             let snapshot = reader.load();
-            let found = snapshot
-                .service(&key.namespace, &key.service)
-                .and_then(|s| s.all.iter().find(|e| *e.id == *key.id));
-            match (found, want) {
-                (Some(e), Some(want)) => e.same_as(want),
-                (None, None) => true,
-                _ => false,
-            }
+            wants.iter().all(|(key, want)| {
+                let found = snapshot
+                    .service(&key.namespace, &key.service)
+                    .and_then(|s| s.all.iter().find(|e| *e.id == *key.id));
+                match (found, want) {
+                    (Some(e), Some(want)) => e.same_as(want),
+                    (None, None) => true,
+                    _ => false,
+                }
+            })
         };
         tokio::time::timeout(timeout, async {
             while !visible() {
@@ -198,7 +210,11 @@ impl Registry {
             options,
             phase.token(),
         ));
-        phase.spawn(self.keeper.clone().run(phase.token()));
+        phase.spawn(
+            self.keeper
+                .clone()
+                .run(self.status.replacements(), phase.token()),
+        );
     }
 
     /// Updates the gauges derived at scrape time (snapshot age).

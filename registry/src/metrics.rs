@@ -5,6 +5,7 @@ use std::fmt::Write;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::snapshot::{EndpointSnapshot, ServedState};
+use crate::sync::StoreReplaced;
 
 /// Handles resolved at start-up; updating one is an atomic op, never a registry lookup.
 #[derive(Clone)]
@@ -21,6 +22,8 @@ pub struct RegistryMetrics {
     pub services: IntGauge,
     pub lease_grants: IntCounter,
     pub own_registrations: IntGauge,
+    /// `svcd_registry_store_replaced_total{reason}`, in the order of [`StoreReplaced::ALL`].
+    pub store_replaced: [IntCounter; 3],
 }
 
 impl RegistryMetrics {
@@ -31,6 +34,14 @@ impl RegistryMetrics {
                 "Watch events applied to the snapshot, by type.",
             ),
             &["type"],
+        )?;
+        let replaced = IntCounterVec::new(
+            Opts::new(
+                "svcd_registry_store_replaced_total",
+                "Times the store was found wiped or replaced (a history other than the \
+                 snapshot's), by how it was told.",
+            ),
+            &["reason"],
         )?;
         let m = RegistryMetrics {
             connected: IntGauge::new(
@@ -75,8 +86,10 @@ impl RegistryMetrics {
                 "svcd_registry_own_registrations",
                 "Registrations this daemon holds under its lease.",
             )?,
+            store_replaced: StoreReplaced::ALL.map(|r| replaced.with_label_values(&[r.as_str()])),
         };
         registry.register(Box::new(events))?;
+        registry.register(Box::new(replaced))?;
         for c in [&m.relists, &m.invalid_values, &m.publishes, &m.lease_grants] {
             registry.register(Box::new(c.clone()))?;
         }

@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::keys::ENDPOINTS_PREFIX;
+use crate::keys::{ENDPOINTS_PREFIX, STORE_MARKER_KEY};
 use crate::metrics::RegistryMetrics;
 use crate::publisher::SnapshotPublisher;
 use crate::snapshot::{Applied, SnapshotBuilder};
@@ -73,6 +74,10 @@ pub struct SyncStatus {
     confirmed_nanos: AtomicU64,
     /// Why the store is not connected (the last error), for `/readyz`; cleared on connect.
     last_error: ArcSwapOption<String>,
+    /// Bumped each time the store is found wiped or replaced: the lease keeper writes this
+    /// daemon's registrations again at once (the store lost them) instead of at its next
+    /// keep-alive.
+    replacements: watch::Sender<u64>,
 }
 
 impl Default for SyncStatus {
@@ -83,6 +88,7 @@ impl Default for SyncStatus {
             base: Instant::now(),
             confirmed_nanos: AtomicU64::new(0),
             last_error: ArcSwapOption::empty(),
+            replacements: watch::Sender::new(0),
         }
     }
 }
@@ -118,6 +124,15 @@ impl SyncStatus {
 
     pub(crate) fn clear_error(&self) {
         self.last_error.store(None);
+    }
+
+    /// Changes each time the store is found wiped or replaced.
+    pub fn replacements(&self) -> watch::Receiver<u64> {
+        self.replacements.subscribe()
+    }
+
+    fn replaced(&self) {
+        self.replacements.send_modify(|n| *n += 1);
     }
 }
 
@@ -165,20 +180,69 @@ impl Backoff {
     }
 }
 
-/// Where a listing stands: its revision, in which history (see `ListPage::history`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a listing stands: its revision, in which history (see `ListPage::history`), and the
+/// store's marker when it was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Position {
     revision: i64,
     history: u64,
+    marker: Option<Marker>,
+}
+
+/// The store's identity ([`STORE_MARKER_KEY`]): its random value and the revision that created
+/// it. A copy made by mirroring keeps the value but not the create revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Marker {
+    value: Vec<u8>,
+    create_revision: i64,
+}
+
+/// What one read of the store says about its history.
+struct Identity {
+    revision: i64,
+    history: u64,
+    marker: Option<Marker>,
+}
+
+/// Reads the store's marker, creating it when absent. `None` when it is absent and this node
+/// may not write it (a read-only user): the cluster id and revision still tell what they can.
+async fn read_identity(store: &dyn Store) -> StoreResult<Identity> {
+    let page = store.list(STORE_MARKER_KEY, "", 0, 1).await?;
+    let found = page.kvs.into_iter().find(|kv| kv.key == STORE_MARKER_KEY);
+    let kv = match found {
+        Some(kv) => Some(kv),
+        None => {
+            let value = format!("{:032x}", rand::random::<u128>()).into_bytes();
+            match store.put_if_absent(STORE_MARKER_KEY, value).await {
+                Ok(kv) => Some(kv),
+                Err(e @ StoreError::Unavailable(_)) => return Err(e),
+                Err(e) => {
+                    debug!(error = %e, key = STORE_MARKER_KEY, "cannot write the store marker");
+                    None
+                }
+            }
+        }
+    };
+    Ok(Identity {
+        revision: page.revision,
+        history: page.history,
+        marker: kv.map(|kv| Marker {
+            value: kv.value,
+            create_revision: kv.create_revision,
+        }),
+    })
 }
 
 /// Lists the whole prefix at one revision, page by page, applying each page as it arrives.
+/// The marker is read first: a store replaced between the two reads is then seen at the next
+/// reconnect (a listing of the new store under the old marker), never missed.
 async fn relist(
     store: &dyn Store,
     builder: &mut SnapshotBuilder,
     metrics: &RegistryMetrics,
     page_size: usize,
 ) -> StoreResult<Position> {
+    let marker = read_identity(store).await?.marker;
     let mut relist = builder.begin_relist();
     let mut revision = 0;
     let mut history;
@@ -196,7 +260,11 @@ async fn relist(
         }
     }
     report_invalid(metrics, &builder.finish_relist(relist, revision));
-    Ok(Position { revision, history })
+    Ok(Position {
+        revision,
+        history,
+        marker,
+    })
 }
 
 /// Invalid entries logged one by one per batch or listing page; past that, one summary line.
@@ -224,26 +292,76 @@ fn report_invalid(metrics: &RegistryMetrics, results: &[Applied]) {
     }
 }
 
-/// Whether the store's history is no longer ours, by reading one key: its revision went behind
-/// ours (wiped, or restored from a backup) or it is another cluster (replaced behind the same
-/// endpoints). Either way, watching on from our revision would miss or invent events.
-async fn history_changed(store: &dyn Store, ours: Position) -> bool {
-    let Ok(page) = store.list(ENDPOINTS_PREFIX, ENDPOINTS_PREFIX, 0, 1).await else {
-        return false;
-    };
-    if page.history != ours.history {
+/// How the store was found to hold another history than the snapshot's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreReplaced {
+    /// Its revision is behind ours: wiped, or restored from a backup.
+    RevisionBehind,
+    /// Another cluster id: another cluster behind the same endpoints.
+    ClusterId,
+    /// Its marker differs or is gone: wiped or rebuilt with the same cluster id (same member
+    /// names, peer URLs and token) and a revision that alone would not tell.
+    Marker,
+}
+
+impl StoreReplaced {
+    pub const ALL: [StoreReplaced; 3] = [
+        StoreReplaced::RevisionBehind,
+        StoreReplaced::ClusterId,
+        StoreReplaced::Marker,
+    ];
+
+    /// The `reason` label of `svcd_registry_store_replaced_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreReplaced::RevisionBehind => "revision_behind",
+            StoreReplaced::ClusterId => "cluster_id",
+            StoreReplaced::Marker => "marker",
+        }
+    }
+}
+
+/// Whether the store's history is still ours, by one read (and, when the marker is missing, one
+/// write): a store behind our revision, of another cluster or with another marker is not, and
+/// watching on from our revision would miss or invent events. A marker that appeared since we
+/// listed without one (a read-only node, a writer created it since) is adopted.
+async fn check_history(
+    store: &dyn Store,
+    ours: &mut Position,
+) -> StoreResult<Option<StoreReplaced>> {
+    let now = read_identity(store).await?;
+    if now.history != ours.history {
         warn!(
-            store_cluster = format_args!("{:x}", page.history),
+            store_cluster = format_args!("{:x}", now.history),
             snapshot_cluster = format_args!("{:x}", ours.history),
             "registry store is another cluster than the one listed (replaced); re-listing"
         );
-        return true;
+        return Ok(Some(StoreReplaced::ClusterId));
     }
-    if page.revision < ours.revision {
-        warn_backwards(page.revision, ours.revision);
-        return true;
+    if now.revision < ours.revision {
+        warn_backwards(now.revision, ours.revision);
+        return Ok(Some(StoreReplaced::RevisionBehind));
     }
-    false
+    match (&ours.marker, now.marker) {
+        (Some(listed), found) if found.as_ref() != Some(listed) => {
+            warn!(
+                key = STORE_MARKER_KEY,
+                listed = %String::from_utf8_lossy(&listed.value),
+                listed_created = listed.create_revision,
+                found = %found.as_ref().map_or("none".into(), |m| String::from_utf8_lossy(&m.value).into_owned()),
+                found_created = found.as_ref().map_or(0, |m| m.create_revision),
+                store_revision = now.revision,
+                snapshot_revision = ours.revision,
+                "registry store marker changed: the store was wiped or replaced (same cluster id); re-listing"
+            );
+            Ok(Some(StoreReplaced::Marker))
+        }
+        (None, found @ Some(_)) => {
+            ours.marker = found;
+            Ok(None)
+        }
+        _ => Ok(None),
+    }
 }
 
 fn warn_backwards(now: i64, ours: i64) {
@@ -252,6 +370,13 @@ fn warn_backwards(now: i64, ours: i64) {
         snapshot_revision = ours,
         "registry store revision went backwards (wiped or restored from a backup); re-listing"
     );
+}
+
+/// Counts a replacement and tells the lease keeper, which writes this daemon's own
+/// registrations again at once.
+fn on_replaced(publisher: &SnapshotPublisher, how: StoreReplaced) {
+    publisher.metrics.store_replaced[how as usize].inc();
+    publisher.status.replaced();
 }
 
 /// Why a watch session ended.
@@ -278,15 +403,15 @@ pub async fn run_sync(
             _ = cancel.cancelled() => return,
             r = relist(store.as_ref(), &mut builder, &publisher.metrics, options.page_size) => r,
         };
-        let history = match listed {
-            Ok(Position { revision, history }) => {
+        let mut position = match listed {
+            Ok(position) => {
                 publisher.metrics.relists.inc();
                 publisher.publish_base(|previous| builder.build(previous));
                 publisher.status.synced.store(true, Ordering::Relaxed);
                 publisher.set_connected(true);
                 publisher.status.confirm();
-                debug!(revision, "registry listed");
-                history
+                debug!(revision = position.revision, "registry listed");
+                position
             }
             Err(e) => {
                 publisher.status.set_error(&e);
@@ -303,21 +428,31 @@ pub async fn run_sync(
         // 2. Watch from the revision after everything applied, re-opening as needed.
         let mut first_watch = true;
         loop {
-            // A store that comes back behind us (wiped, restored) or as another cluster has
-            // a history that is not ours any more: re-list at once.
-            if !std::mem::take(&mut first_watch) {
-                let ours = Position {
-                    revision: builder.revision(),
-                    history,
-                };
-                if history_changed(store.as_ref(), ours).await {
+            // A store that comes back behind us (wiped, restored), as another cluster or
+            // with another marker has a history that is not ours any more: re-list at once.
+            // Not knowing (the store unreachable) is not a reason to watch on.
+            let checked = if std::mem::take(&mut first_watch) {
+                Ok(None)
+            } else {
+                position.revision = builder.revision();
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = check_history(store.as_ref(), &mut position) => r,
+                }
+            };
+            let stream = match checked {
+                Ok(Some(how)) => {
+                    on_replaced(&publisher, how);
                     continue 'relist;
                 }
-            }
-            let from = builder.revision() + 1;
-            let stream = tokio::select! {
-                _ = cancel.cancelled() => return,
-                s = store.watch(ENDPOINTS_PREFIX, from) => s,
+                Ok(None) => {
+                    let from = builder.revision() + 1;
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        s = store.watch(ENDPOINTS_PREFIX, from) => s,
+                    }
+                }
+                Err(e) => Err(e),
             };
             let end = match stream {
                 Ok(stream) => {
@@ -397,6 +532,7 @@ async fn watch_session(
                     }
                     Ok(Some(WatchMessage::Progress { revision })) if revision < builder.revision() => {
                         warn_backwards(revision, builder.revision());
+                        on_replaced(publisher, StoreReplaced::RevisionBehind);
                         return WatchEnd::Relist;
                     }
                     Ok(Some(WatchMessage::Progress { revision })) => {

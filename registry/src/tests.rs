@@ -12,6 +12,11 @@ use tokio_util::sync::CancellationToken;
 use crate::store::*;
 use crate::*;
 
+/// For a keeper run without a sync loop: never changes.
+fn no_replacements() -> watch::Receiver<u64> {
+    watch::channel(0).1
+}
+
 fn instance(ip: &str) -> Instance {
     Instance::new(ip.parse().unwrap())
 }
@@ -68,7 +73,7 @@ async fn keeper_regrants_and_reputs_after_losing_its_lease() {
     assert!(keys(store.as_ref()).await.is_empty());
     // The keeper notices on its next round and puts everything back under a new lease.
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(keeper.clone().run(cancel.clone()));
+    let task = tokio::spawn(keeper.clone().run(no_replacements(), cancel.clone()));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(keys(store.as_ref()).await, [key.to_key()]);
     assert_eq!(metrics.lease_grants.get(), 2);
@@ -90,7 +95,7 @@ async fn keeper_drops_registrations_not_renewed_in_time() {
         RegistryMetrics::unregistered(),
     ));
     let cancel = CancellationToken::new();
-    tokio::spawn(keeper.clone().run(cancel.clone()));
+    tokio::spawn(keeper.clone().run(no_replacements(), cancel.clone()));
     let key = InstanceKey::new("default", "job", "j1").unwrap();
     keeper
         .register(
@@ -146,6 +151,9 @@ impl Store for HangingFirstWatch {
     }
     async fn put(&self, k: &str, v: Vec<u8>, l: Option<LeaseId>) -> StoreResult<i64> {
         self.inner.put(k, v, l).await
+    }
+    async fn put_if_absent(&self, k: &str, v: Vec<u8>) -> StoreResult<KeyValue> {
+        self.inner.put_if_absent(k, v).await
     }
     async fn delete(&self, k: &str) -> StoreResult<bool> {
         self.inner.delete(k).await
@@ -313,4 +321,172 @@ fn a_checked_healthy_registration_is_pending_until_a_verdict() {
         effective(reg(State::Unhealthy, true, None)),
         State::Unhealthy
     );
+/// A store that can be swapped for another behind the same "endpoints": every backend reports
+/// one cluster id (a store rebuilt with the same members and token), and a swap ends the watch
+/// streams open on the old one (the connection drops).
+struct Swappable {
+    current: std::sync::Mutex<EmbeddedStore>,
+    swaps: watch::Sender<u64>,
+}
+
+impl Swappable {
+    fn new(first: EmbeddedStore) -> Self {
+        Swappable {
+            current: std::sync::Mutex::new(first),
+            swaps: watch::Sender::new(0),
+        }
+    }
+
+    fn get(&self) -> EmbeddedStore {
+        self.current.lock().unwrap().clone()
+    }
+
+    fn swap(&self, next: EmbeddedStore) {
+        *self.current.lock().unwrap() = next;
+        self.swaps.send_modify(|n| *n += 1);
+    }
+}
+
+struct EndsOnSwap {
+    inner: Box<dyn WatchStream>,
+    swaps: watch::Receiver<u64>,
+}
+
+#[async_trait]
+impl WatchStream for EndsOnSwap {
+    async fn next(&mut self) -> StoreResult<Option<WatchMessage>> {
+        tokio::select! {
+            _ = self.swaps.changed() => Err(StoreError::Unavailable("connection lost".into())),
+            m = self.inner.next() => m,
+        }
+    }
+    async fn request_progress(&mut self) -> StoreResult<()> {
+        self.inner.request_progress().await
+    }
+}
+
+#[async_trait]
+impl Store for Swappable {
+    async fn list(&self, p: &str, s: &str, r: i64, l: usize) -> StoreResult<ListPage> {
+        let mut page = self.get().list(p, s, r, l).await?;
+        page.history = 0x5eed;
+        Ok(page)
+    }
+    async fn put(&self, k: &str, v: Vec<u8>, l: Option<LeaseId>) -> StoreResult<i64> {
+        self.get().put(k, v, l).await
+    }
+    async fn put_if_absent(&self, k: &str, v: Vec<u8>) -> StoreResult<KeyValue> {
+        self.get().put_if_absent(k, v).await
+    }
+    async fn delete(&self, k: &str) -> StoreResult<bool> {
+        self.get().delete(k).await
+    }
+    async fn grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
+        self.get().grant(ttl).await
+    }
+    async fn keep_alive(&self, l: LeaseId) -> StoreResult<Option<Duration>> {
+        self.get().keep_alive(l).await
+    }
+    async fn revoke(&self, l: LeaseId) -> StoreResult<()> {
+        self.get().revoke(l).await
+    }
+    async fn watch(&self, p: &str, from: i64) -> StoreResult<Box<dyn WatchStream>> {
+        let mut swaps = self.swaps.subscribe();
+        swaps.mark_unchanged();
+        let inner = self.get().watch(p, from).await?;
+        Ok(Box::new(EndsOnSwap { inner, swaps }))
+    }
+    async fn compact(&self, r: i64) -> StoreResult<()> {
+        self.get().compact(r).await
+    }
+    fn describe(&self) -> String {
+        "swappable".into()
+    }
+}
+
+async fn put_bare(store: &EmbeddedStore, id: &str) -> i64 {
+    store
+        .put(
+            &format!("/svcd/v1/endpoints/default/web/{id}"),
+            br#"{"ip":"10.0.0.1"}"#.to_vec(),
+            None,
+        )
+        .await
+        .unwrap()
+}
+
+fn ids(snapshot: &EndpointSnapshot) -> Vec<String> {
+    snapshot
+        .service("default", "web")
+        .map(|s| s.all.iter().map(|e| e.id.to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// The replacement has the same cluster id and a higher revision: only the marker tells.
+#[tokio::test(start_paused = true)]
+async fn a_replacement_with_the_same_cluster_id_and_a_higher_revision_is_relisted() {
+    let old = EmbeddedStore::new();
+    put_bare(&old, "stale").await;
+    let store = Arc::new(Swappable::new(old.clone()));
+    let mut h = start_sync(store.clone(), SyncOptions::default());
+    h.changes.changed().await.unwrap();
+    assert_eq!(ids(&h.snapshot.load()), ["stale"]);
+    let ours = h.snapshot.load().revision;
+
+    let new = EmbeddedStore::new();
+    let mut revision = 0;
+    while revision <= ours + 10 {
+        revision = put_bare(&new, "fresh").await;
+    }
+    store.swap(new);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        ids(&h.snapshot.load()),
+        ["fresh"],
+        "relisted from the new store"
+    );
+    assert_eq!(
+        h.metrics.store_replaced[2].get(),
+        1,
+        "counted as a marker change"
+    );
+    assert_eq!(h.metrics.store_replaced[0].get(), 0);
+    assert_eq!(h.metrics.store_replaced[1].get(), 0);
+
+    // Reconnecting to the same store again is no replacement.
+    let again = store.get();
+    store.swap(again.clone());
+    put_bare(&again, "later").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(ids(&h.snapshot.load()), ["fresh", "later"]);
+    assert_eq!(h.metrics.store_replaced[2].get(), 1);
+    h.cancel.cancel();
+}
+
+/// Told the store was replaced, the keeper writes its registrations again at once, not at its
+/// next keep-alive (a TTL of a minute: 20 s away).
+#[tokio::test(start_paused = true)]
+async fn keeper_writes_everything_again_when_told_the_store_was_replaced() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new());
+    let metrics = RegistryMetrics::unregistered();
+    let keeper = Arc::new(LeaseKeeper::new(
+        store.clone(),
+        Duration::from_secs(60),
+        metrics.clone(),
+    ));
+    let (replaced, replacements) = watch::channel(0);
+    let cancel = CancellationToken::new();
+    tokio::spawn(keeper.clone().run(replacements, cancel.clone()));
+    let key = InstanceKey::new("default", "web", "w1").unwrap();
+    keeper
+        .register(key.clone(), instance("10.0.0.1"), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The store lost the key (its lease is still there: a restored copy, say).
+    store.delete(&key.to_key()).await.unwrap();
+    replaced.send_modify(|n| *n += 1);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(keys(store.as_ref()).await, [key.to_key()]);
+    cancel.cancel();
 }

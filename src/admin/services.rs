@@ -276,6 +276,22 @@ async fn written_visible(state: &AdminState, key: &InstanceKey) -> bool {
     }
 }
 
+/// [`written_visible`] for several keys, within one [`VISIBLE_TIMEOUT`].
+async fn written_all_visible(state: &AdminState, keys: &[InstanceKey]) -> bool {
+    let mut written = Vec::with_capacity(keys.len());
+    for key in keys {
+        match state.registry.keeper.effective(key).await {
+            Some(instance) => written.push((key, instance)),
+            None => return false,
+        }
+    }
+    let wants: Vec<_> = written.iter().map(|(k, i)| (*k, Some(i))).collect();
+    state
+        .registry
+        .wait_all_visible(&wants, VISIBLE_TIMEOUT)
+        .await
+}
+
 fn store_failure(e: StoreError) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -456,7 +472,14 @@ pub async fn drain_own(state: &AdminState, req: &Request<Incoming>) -> Response<
         return read_only_refusal();
     }
     match state.registry.keeper.drain_all().await {
-        Ok(n) => json_response(StatusCode::OK, &json!({ "drained": n })),
+        Ok(keys) => {
+            // Read your writes, as a single drain: out of this daemon's picks when this answers.
+            let visible = written_all_visible(state, &keys).await;
+            json_response(
+                StatusCode::OK,
+                &json!({ "drained": keys.len(), "visible": visible }),
+            )
+        }
         Err(e) => store_failure(e).into_response(),
     }
 }

@@ -388,3 +388,39 @@ async fn drain_all_marks_every_own_registration_and_health_is_an_exit_code() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// `svcd drain --all` answers once this daemon's snapshot shows every registration draining,
+/// as a single drain does: a listing right after it never shows one still healthy.
+#[tokio::test]
+async fn drain_all_is_visible_here_when_it_answers() {
+    let etcd = Etcd::start().await;
+    let d = Daemon::start(&etcd_config(&etcd.endpoint())).await;
+    let ids = ["w1", "w2", "w3"];
+    for round in 0..10 {
+        for id in ids {
+            d.put_instance("web", id, r#"{"ip":"10.0.0.1","state":"healthy"}"#)
+                .await;
+        }
+        let r = d.request("POST", "/v1/drain", None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["drained"], 3, "{}", r.body);
+        assert_eq!(r.json()["visible"], true, "{}", r.body);
+        let listing = d.get("/v1/services/default/web").await.json();
+        let states: Vec<&str> = listing["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .map(|i| i["served_state"].as_str().expect("served_state"))
+            .collect();
+        assert_eq!(states, ["draining"; 3], "round {round}: {listing}");
+    }
+    // And through the CLI, as a preStop hook runs it.
+    for id in ids {
+        d.put_instance("web", id, r#"{"ip":"10.0.0.1","state":"healthy"}"#)
+            .await;
+    }
+    let out = stdout(&d.cli(&["drain", "--all"]));
+    assert!(out.contains("draining 3 registration(s)"), "{out}");
+    let listing = stdout(&d.cli(&["list", "web"]));
+    assert_eq!(listing.matches("draining").count(), 3, "{listing}");
+}

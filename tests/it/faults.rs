@@ -80,6 +80,112 @@ async fn a_wiped_etcd_is_noticed_and_relisted_at_once() {
     eprintln!("wipe → stale entry gone on the other node after {took:?}");
 }
 
+/// A lease TTL of a minute: keep-alives every 20 s, so only re-registering when the store is
+/// found replaced (not the next keep-alive) brings a daemon's own instances back promptly.
+fn long_lease_config(endpoint: &str) -> String {
+    format!("[registry]\nlease_ttl = \"60s\"\n[registry.etcd]\nendpoints = [\"{endpoint}\"]\n")
+}
+
+/// Own registrations must be back well before the next keep-alive (20 s away).
+const BACK_PROMPTLY: Duration = Duration::from_secs(4);
+
+/// etcd rebuilt with the same member name, peer URL and token (the same cluster id) and
+/// restored to a revision past ours: neither the cluster id nor the revision tells, the store
+/// marker does. Both daemons drop what the old store had and take what the new one has, and A's
+/// own registration is written again at once.
+#[tokio::test]
+async fn an_etcd_replaced_with_the_same_cluster_id_and_a_higher_revision_is_relisted() {
+    let mut etcd = Etcd::start().await;
+    let a = Daemon::start(&long_lease_config(&etcd.endpoint())).await;
+    let b = Daemon::start(&long_lease_config(&etcd.endpoint())).await;
+    etcd.put_endpoint("web", "stale", &body("10.0.0.9")).await;
+    a.put_instance("web", "a1", &body("10.0.0.1")).await;
+    for d in [&a, &b] {
+        d.wait_instances("default", "web", &["a1", "stale"], WAIT)
+            .await;
+    }
+    let ours = b.metric("svcd_registry_revision").await.unwrap() as i64;
+
+    let fresh = body("10.0.0.2");
+    let theirs = etcd
+        .replace_ahead_of(
+            ours + 20,
+            &[("/svcd/v1/endpoints/default/web/fresh", &fresh)],
+        )
+        .await;
+    let healed = Instant::now();
+    assert!(theirs > ours, "{theirs} vs {ours}");
+    for d in [&a, &b] {
+        d.wait_instances("default", "web", &["a1", "fresh"], BACK_PROMPTLY)
+            .await;
+    }
+    let took = healed.elapsed();
+    for d in [&a, &b] {
+        assert_eq!(
+            d.metric("svcd_registry_store_replaced_total{reason=\"marker\"}")
+                .await,
+            Some(1.0),
+            "{}",
+            d.log()
+        );
+        assert_eq!(d.metric("svcd_registry_connected").await, Some(1.0));
+        assert!(d.log().contains("marker changed"), "{}", d.log());
+        assert!(d.metric("svcd_registry_revision").await.unwrap() as i64 > theirs);
+    }
+    assert!(a
+        .log()
+        .contains("writing this daemon's registrations again"));
+    eprintln!("replacement (same cluster id, revision {ours} -> {theirs}) relisted, own registration back, after {took:?}");
+}
+
+/// A wiped etcd: every daemon writes its own registrations again as soon as it notices, not
+/// at its next keep-alive.
+#[tokio::test]
+async fn after_a_wipe_own_registrations_are_written_again_at_once() {
+    let mut etcd = Etcd::start().await;
+    let a = Daemon::start(&long_lease_config(&etcd.endpoint())).await;
+    let b = Daemon::start(&long_lease_config(&etcd.endpoint())).await;
+    a.put_instance("web", "a1", &body("10.0.0.1")).await;
+    b.put_instance("web", "b1", &body("10.0.0.2")).await;
+    for d in [&a, &b] {
+        d.wait_instances("default", "web", &["a1", "b1"], WAIT)
+            .await;
+    }
+    etcd.wipe().await;
+    let healed = Instant::now();
+    // In the store itself first (the daemons' snapshots still hold both until they notice).
+    let client = etcd.client().await;
+    eventually(BACK_PROMPTLY, "a1 and b1 written again", || {
+        let mut client = client.clone();
+        async move {
+            let prefix = Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            );
+            let got = client
+                .get("/svcd/v1/endpoints/default/web/", prefix)
+                .await
+                .ok()?;
+            (got.kvs().len() == 2).then_some(())
+        }
+    })
+    .await;
+    let stored = healed.elapsed();
+    for d in [&a, &b] {
+        eventually(BACK_PROMPTLY, "the wipe noticed", || async {
+            (d.metric("svcd_registry_store_replaced_total").await == Some(1.0)).then_some(())
+        })
+        .await;
+        d.wait_instances("default", "web", &["a1", "b1"], BACK_PROMPTLY)
+            .await;
+    }
+    eprintln!(
+        "wipe: own registrations back in etcd after {stored:?}, on both daemons after {:?}",
+        healed.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn etcd_killed_for_30s_under_dns_load_keeps_answering_and_converges_after_heal() {
     let mut etcd = Etcd::start().await;
@@ -186,6 +292,65 @@ async fn a_frozen_etcd_is_noticed_by_the_watchdog_while_dns_keeps_answering() {
         (d.metric("svcd_registry_connected").await == Some(1.0)).then_some(())
     })
     .await;
+}
+
+/// What docs/registry.md promises a writer while etcd does not answer: the API answers 503
+/// within 4 s. Written back to back, so the keeper's keep-alive rounds (every second with a 3 s
+/// lease) hang on the frozen etcd meanwhile too, then three at once.
+#[tokio::test]
+async fn a_write_while_etcd_hangs_fails_within_the_documented_bound() {
+    let etcd = Etcd::start().await;
+    let d = Daemon::start(&format!(
+        "[registry]\nlease_ttl = \"3s\"\n[registry.etcd]\nendpoints = [\"{}\"]\n",
+        etcd.endpoint()
+    ))
+    .await;
+    d.put_instance("web", "w0", &body("10.0.0.1")).await;
+    etcd.freeze();
+    let mut took = Vec::new();
+    let mut last = String::new();
+    for i in 1..=4 {
+        let started = Instant::now();
+        let r = d
+            .request(
+                "PUT",
+                &format!("/v1/services/default/web/instances/w{i}"),
+                Some(&body("10.0.0.2")),
+            )
+            .await;
+        took.push(started.elapsed());
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(
+            r.body.contains(&etcd.endpoint()),
+            "names the store: {}",
+            r.body
+        );
+        last = r.body;
+    }
+    // At once: each waits for the others' turn at the store, and still answers in time.
+    let timed = |i: usize| {
+        let admin = d.admin;
+        async move {
+            let started = Instant::now();
+            let r = crate::support::daemon::http(
+                admin,
+                "PUT",
+                &format!("/v1/services/default/web/instances/c{i}"),
+                Some(&body("10.0.0.3")),
+            )
+            .await
+            .expect("admin API answers");
+            assert_eq!(r.status, 503, "{}", r.body);
+            started.elapsed()
+        }
+    };
+    let (t1, t2, t3) = tokio::join!(timed(1), timed(2), timed(3));
+    took.extend([t1, t2, t3]);
+    etcd.thaw();
+    eprintln!("writes to a frozen etcd failed after {took:?}: {last}");
+    // 4 s, and room for the answer to travel on a loaded machine.
+    let bound = Duration::from_millis(4300);
+    assert!(took.iter().all(|t| *t <= bound), "{took:?}");
 }
 
 #[tokio::test]

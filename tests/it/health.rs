@@ -436,4 +436,41 @@ async fn a_checked_instance_is_pending_until_its_first_check_passes() {
         )
         .await;
     assert_eq!((r.status, r.json()["field"].as_str()), (400, Some("state")));
+/// An HTTP check on a closed port says why, as the TCP check does (`Connection refused`), not
+/// hyper-util's `client error (Connect)`.
+#[tokio::test]
+async fn http_and_tcp_checks_on_a_closed_port_say_connection_refused() {
+    let d = Daemon::start("").await;
+    let closed = crate::support::free_port();
+    for (id, kind) in [("h1", "http"), ("t1", "tcp")] {
+        let body = format!(
+            r#"{{"ip":"127.0.0.1","ports":{{"{kind}":{closed}}},"check":{{"type":"{kind}","path":"/healthz","interval":"200ms","unhealthy_threshold":2}}}}"#
+        );
+        let r = d
+            .request(
+                "PUT",
+                &format!("/v1/services/default/db/instances/{id}"),
+                Some(&body),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    for id in ["h1", "t1"] {
+        let path = format!("/v1/services/default/db/instances/{id}");
+        let v = eventually(Duration::from_secs(5), "unhealthy", || async {
+            let v = d.get(&path).await.json();
+            (v["state"] == "unhealthy").then_some(v)
+        })
+        .await;
+        let reason = v["reason"].as_str().expect("a reason").to_string();
+        eprintln!("{id}: {reason}");
+        assert!(reason.contains("Connection refused"), "{id}: {reason}");
+        assert!(reason.contains(&closed.to_string()), "{id}: {reason}");
+    }
+    let listing = svcd_list(&d, "db");
+    assert_eq!(
+        listing.matches("Connection refused").count(),
+        2,
+        "{listing}"
+    );
 }

@@ -148,6 +148,25 @@ async fn suite(store: Arc<dyn Store>) {
         matches!(m, Ok(Some(WatchMessage::Compacted { .. }))),
         "expected Compacted, got {m:?}"
     );
+
+    // put_if_absent: the first call creates, later ones read what it wrote; a put keeps the
+    // create revision
+    let marker = "/conformance-other/marker";
+    let first = s.put_if_absent(marker, b"one".to_vec()).await.unwrap();
+    assert_eq!(first.value, b"one");
+    assert!(first.create_revision > now);
+    assert_eq!(first.mod_revision, first.create_revision);
+    let second = s.put_if_absent(marker, b"two".to_vec()).await.unwrap();
+    assert_eq!(second, first, "an existing key is returned as it is");
+    let rewritten = s.put(marker, b"three".to_vec(), None).await.unwrap();
+    let page = s.list(marker, "", 0, 0).await.unwrap();
+    assert_eq!(page.kvs.len(), 1);
+    assert_eq!(page.kvs[0].create_revision, first.create_revision);
+    assert_eq!(page.kvs[0].mod_revision, rewritten);
+    s.delete(marker).await.unwrap();
+    let third = s.put_if_absent(marker, b"four".to_vec()).await.unwrap();
+    assert_eq!(third.value, b"four", "a deleted key is created again");
+    assert!(third.create_revision > rewritten);
 }
 
 #[tokio::test]

@@ -343,6 +343,7 @@ mod tests {
             key: "/svcd/v1/endpoints/default/web/b".into(),
             value: br#"{"ip":"10.0.0.2"}"#.to_vec(),
             mod_revision: 3,
+            create_revision: 3,
         }];
         b.reset_to(&kvs, 10);
         let s2 = b.build(&s1);

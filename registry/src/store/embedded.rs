@@ -36,6 +36,8 @@ struct Shared {
 struct Entry {
     value: Vec<u8>,
     mod_revision: i64,
+    /// Kept across puts to an existing key, as etcd does.
+    create_revision: i64,
     lease: Option<LeaseId>,
 }
 
@@ -195,6 +197,7 @@ impl Store for EmbeddedStore {
                 key: key.clone(),
                 value: entry.value.clone(),
                 mod_revision: entry.mod_revision,
+                create_revision: entry.create_revision,
             });
         }
         Ok(ListPage {
@@ -214,11 +217,13 @@ impl Store for EmbeddedStore {
                 .ok_or(StoreError::LeaseNotFound(id))?;
             l.keys.insert(key.to_string());
         }
+        let create_revision = state.kv.get(key).map_or(0, |e| e.create_revision);
         let previous = state.kv.insert(
             key.to_string(),
             Entry {
                 value: value.clone(),
                 mod_revision: 0,
+                create_revision,
                 lease,
             },
         );
@@ -239,8 +244,48 @@ impl Store for EmbeddedStore {
                 mod_revision: 0,
             }],
         );
-        state.kv.get_mut(key).expect("just inserted").mod_revision = revision;
+        let entry = state.kv.get_mut(key).expect("just inserted");
+        entry.mod_revision = revision;
+        if entry.create_revision == 0 {
+            entry.create_revision = revision;
+        }
         Ok(revision)
+    }
+
+    async fn put_if_absent(&self, key: &str, value: Vec<u8>) -> StoreResult<KeyValue> {
+        let mut state = self.lock();
+        if let Some(entry) = state.kv.get(key) {
+            return Ok(KeyValue {
+                key: key.to_string(),
+                value: entry.value.clone(),
+                mod_revision: entry.mod_revision,
+                create_revision: entry.create_revision,
+            });
+        }
+        let revision = self.shared.commit(
+            &mut state,
+            vec![Event {
+                kind: EventKind::Put,
+                key: key.to_string(),
+                value: value.clone(),
+                mod_revision: 0,
+            }],
+        );
+        state.kv.insert(
+            key.to_string(),
+            Entry {
+                value: value.clone(),
+                mod_revision: revision,
+                create_revision: revision,
+                lease: None,
+            },
+        );
+        Ok(KeyValue {
+            key: key.to_string(),
+            value,
+            mod_revision: revision,
+            create_revision: revision,
+        })
     }
 
     async fn delete(&self, key: &str) -> StoreResult<bool> {

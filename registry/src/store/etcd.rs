@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
-    WatchOptions, WatchStream as EtcdWatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    WatchStream as EtcdWatchStream,
 };
 use svcd_config::EtcdConfig;
 
@@ -33,9 +34,10 @@ struct Connection {
 }
 
 /// How long an operation retries an unavailable store before giving up: past a leader election.
+/// A write ends within it (docs/registry.md promises API writes answer within 4 s).
 const RETRY_FOR: Duration = Duration::from_secs(4);
 
-/// One attempt of a write (put, delete, lease grant) before it is sent again.
+/// One attempt of a write (put, delete, lease grant, keep-alive) before it is sent again.
 const WRITE_ATTEMPT: Duration = Duration::from_secs(1);
 
 fn map_err(e: etcd_client::Error) -> StoreError {
@@ -194,36 +196,51 @@ impl EtcdStore {
     /// members, a request that reached a dead one is sent again and lands on a live one (the
     /// client balances over the endpoints), so with quorum no write fails. The operations
     /// retried are idempotent (a put of the same value, a delete, a lease grant whose extra
-    /// lease expires unused). A final failure names the endpoints.
+    /// lease expires unused, a keep-alive). A final failure names the endpoints.
     ///
-    /// Each attempt of a write is bounded by [`WRITE_ATTEMPT`]: a request sitting at a member
-    /// whose leader was just killed is only answered after etcd's own request timeout (seconds);
-    /// asked again, it lands where the new leader is.
+    /// Each attempt of a write is bounded by [`WRITE_ATTEMPT`] (connecting included): a request
+    /// sitting at a member whose leader was just killed is only answered after etcd's own
+    /// request timeout (seconds); asked again, it lands where the new leader is. With `attempt`
+    /// the whole call ends within [`RETRY_FOR`]: the last attempt gets what is left.
     async fn retrying<T, F, Fut>(&self, attempt: Option<Duration>, mut op: F) -> StoreResult<T>
     where
         F: FnMut(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
         let started = tokio::time::Instant::now();
+        let deadline = started + RETRY_FOR;
         let mut pause = Duration::from_millis(25);
+        let mut tries = 0u32;
         loop {
-            let result = match self.client().await {
-                Ok(client) => match attempt {
-                    Some(limit) => match tokio::time::timeout(limit, op(client)).await {
-                        Ok(r) => r.map_err(map_err),
+            tries += 1;
+            let once = async {
+                let client = self.client().await?;
+                op(client).await.map_err(map_err)
+            };
+            let result = match attempt {
+                Some(limit) => {
+                    let limit = limit.min(deadline - tokio::time::Instant::now());
+                    match tokio::time::timeout(limit, once).await {
+                        Ok(r) => r,
                         Err(_) => Err(StoreError::Unavailable(format!(
                             "no answer within {limit:?}"
                         ))),
-                    },
-                    None => op(client).await.map_err(map_err),
-                },
-                Err(e) => Err(e),
+                    }
+                }
+                None => once.await,
             };
             match result {
-                Err(StoreError::Unavailable(msg)) if started.elapsed() + pause < RETRY_FOR => {
+                Err(StoreError::Unavailable(msg))
+                    if tokio::time::Instant::now() + pause < deadline =>
+                {
                     tracing::debug!(endpoints = %self.endpoints, error = %msg, "etcd unavailable; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(400));
+                }
+                Err(StoreError::Unavailable(msg)) if tries > 1 => {
+                    let spent = started.elapsed();
+                    let msg = format!("{msg} (tried {tries} times in {spent:.1?})");
+                    return Err(named(&self.endpoints, StoreError::Unavailable(msg)));
                 }
                 // Unavailable past the retries, or refused (permission, authentication).
                 other => return other.map_err(|e| named(&self.endpoints, e)),
@@ -274,6 +291,7 @@ impl Store for EtcdStore {
                 key: String::from_utf8_lossy(kv.key()).into_owned(),
                 value: kv.value().to_vec(),
                 mod_revision: kv.mod_revision(),
+                create_revision: kv.create_revision(),
             })
             .collect();
         Ok(ListPage {
@@ -299,6 +317,42 @@ impl Store for EtcdStore {
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
+    async fn put_if_absent(&self, key: &str, value: Vec<u8>) -> StoreResult<KeyValue> {
+        // Sent again after a lost answer, the compare fails and the get returns what the first
+        // attempt wrote: idempotent.
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value.clone(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self
+            .retrying(Some(WRITE_ATTEMPT), |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        if resp.succeeded() {
+            return Ok(KeyValue {
+                key: key.to_string(),
+                value,
+                mod_revision: revision,
+                create_revision: revision,
+            });
+        }
+        let existing = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| KeyValue {
+                key: key.to_string(),
+                value: kv.value().to_vec(),
+                mod_revision: kv.mod_revision(),
+                create_revision: kv.create_revision(),
+            }),
+            _ => None,
+        });
+        // The compare failed because the key exists; gone by the get only if deleted in
+        // between, which the next call sees.
+        existing.ok_or_else(|| StoreError::Other(format!("{key}: deleted while being read")))
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<bool> {
         let resp = self
             .retrying(Some(WRITE_ATTEMPT), |mut c| async move {
@@ -319,16 +373,22 @@ impl Store for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> StoreResult<Option<Duration>> {
-        let client = self.client().await?;
-        let once = async {
-            let (mut keeper, mut stream) = client.clone().lease_keep_alive(lease).await?;
-            keeper.keep_alive().await?;
-            stream.message().await
-        };
-        match once.await.map_err(|e| named(&self.endpoints, map_err(e))) {
+        // Bounded as a write: a hung etcd must not hold the keeper's round for etcd's request
+        // timeout (10 s by default, as long as a lease).
+        let answer = self
+            .retrying(Some(WRITE_ATTEMPT), |mut c| async move {
+                let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                stream.message().await
+            })
+            .await;
+        match answer {
             Ok(Some(resp)) if resp.ttl() > 0 => Ok(Some(Duration::from_secs(resp.ttl() as u64))),
             Ok(Some(_)) | Err(StoreError::LeaseNotFound(_)) => Ok(None),
-            Ok(None) => Err(StoreError::Unavailable("keep-alive stream closed".into())),
+            Ok(None) => Err(named(
+                &self.endpoints,
+                StoreError::Unavailable("keep-alive stream closed".into()),
+            )),
             Err(e) => Err(e),
         }
     }

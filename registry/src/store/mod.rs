@@ -38,6 +38,8 @@ pub struct KeyValue {
     pub key: String,
     pub value: Vec<u8>,
     pub mod_revision: i64,
+    /// The revision that created the key (a key deleted and put again gets a new one).
+    pub create_revision: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +102,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<ListPage>;
     /// Returns the revision of the write.
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> StoreResult<i64>;
+    /// Creates `key` with `value` unless it exists, in one atomic step (of several writers
+    /// racing, one creates it). Returns what the key holds afterwards: `value` when this call
+    /// created it, the existing value otherwise. No lease: the key outlives every daemon.
+    async fn put_if_absent(&self, key: &str, value: Vec<u8>) -> StoreResult<KeyValue>;
     /// Returns whether a key was deleted.
     async fn delete(&self, key: &str) -> StoreResult<bool>;
     async fn grant(&self, ttl: Duration) -> StoreResult<LeaseId>;

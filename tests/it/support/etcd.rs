@@ -126,23 +126,36 @@ impl Etcd {
     /// (Re)starts the process on the same ports and data dir.
     pub async fn resume(&mut self) {
         assert!(self.child.is_none(), "etcd already running");
-        let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log file");
+        let child = self.spawn_serving(&self.client_url.clone());
+        self.child = Some(child);
+        self.wait_answering(&self.client_url.clone()).await;
+    }
+
+    /// This member on its data dir and peer URL (so always the same member and cluster id),
+    /// serving clients at `client_url`.
+    fn spawn_serving(&self, client_url: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .expect("etcd log file");
         let data = self.dir.path().join("data");
         let initial = format!("svcd-test={}", self.peer_url);
         let member = Member {
             name: "svcd-test",
             data: &data,
-            client_url: &self.client_url,
+            client_url,
             peer_url: &self.peer_url,
             initial_cluster: &initial,
             tls: self.tls.as_ref().map(|t| &t.0),
         };
-        let child = member.spawn(log);
-        self.child = Some(child);
-        let url = self.client_url.clone();
+        member.spawn(log)
+    }
+
+    async fn wait_answering(&self, url: &str) {
         let options = self.connect_options();
         eventually(Duration::from_secs(20), "etcd to answer", || {
-            let (url, options) = (url.clone(), options.clone());
+            let (url, options) = (url.to_string(), options.clone());
             async move {
                 let mut client = etcd_client::Client::connect([url], options).await.ok()?;
                 client.get("health-probe", None).await.ok().map(|_| ())
@@ -181,6 +194,53 @@ impl Etcd {
         self.stop();
         std::fs::remove_dir_all(self.dir.path().join("data")).expect("remove etcd data");
         self.resume().await;
+    }
+
+    /// Replaces this etcd with another one that its clients cannot tell apart by cluster id or
+    /// revision: the process is killed and its data deleted, then an etcd with the same member
+    /// name, peer URL and token (so the same cluster id: a cluster rebuilt and restored) starts
+    /// from empty data on a client port nobody else knows, is written past `revision` and gets
+    /// `kvs` (no lease), and only then serves on the usual ports. Returns its revision.
+    pub async fn replace_ahead_of(&mut self, revision: i64, kvs: &[(&str, &str)]) -> i64 {
+        let cluster_id = self.cluster_id().await;
+        self.stop();
+        std::fs::remove_dir_all(self.dir.path().join("data")).expect("remove etcd data");
+        let scheme = self.client_url.split("://").next().expect("scheme");
+        let hidden = format!("{scheme}://127.0.0.1:{}", free_port());
+        let mut child = self.spawn_serving(&hidden);
+        self.wait_answering(&hidden).await;
+        let mut client = etcd_client::Client::connect([hidden], self.connect_options())
+            .await
+            .expect("connect to the replacement");
+        let mut now = 0;
+        let mut i = 0;
+        while now <= revision {
+            let put = client.put(format!("/filler/{i}"), "x", None).await;
+            now = put
+                .expect("fill the replacement")
+                .header()
+                .expect("header")
+                .revision();
+            i += 1;
+        }
+        for (key, value) in kvs {
+            let put = client
+                .put(*key, *value, None)
+                .await
+                .expect("put into the replacement");
+            now = put.header().expect("header").revision();
+        }
+        drop(client);
+        let _ = child.kill();
+        let _ = child.wait();
+        self.resume().await;
+        assert_eq!(self.cluster_id().await, cluster_id, "same cluster id");
+        now
+    }
+
+    async fn cluster_id(&self) -> u64 {
+        let status = self.client().await.status().await.expect("etcd status");
+        status.header().expect("header").cluster_id()
     }
 
     /// Writes an endpoint straight into etcd (no lease), as another node or tool would.
