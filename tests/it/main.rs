@@ -27,4 +27,5 @@ mod proxy_l4;
 mod registry_e2e;
 mod resolver;
 mod security;
+mod soak;
 mod store_conformance;

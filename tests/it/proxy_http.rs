@@ -310,12 +310,7 @@ async fn large_upload_streams_with_flat_memory() {
     let r = response.await.unwrap().unwrap();
     let body = r.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(String::from_utf8_lossy(&body), TOTAL.to_string());
-    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
-    let hwm_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let hwm_kb = d.status_kb("VmHWM");
     assert!(
         hwm_kb < 150 * 1024,
         "svcd peak RSS {hwm_kb} kB after a 1 GiB upload: the body was buffered"

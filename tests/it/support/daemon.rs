@@ -226,6 +226,53 @@ impl Daemon {
         Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
     }
 
+    /// A `/proc/<pid>/status` field in kB (`VmRSS`, `VmHWM`…).
+    pub fn status_kb(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("svcd's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid()))
+    }
+
+    /// The file descriptors svcd has open now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("svcd's /proc fd dir")
+            .count()
+    }
+
+    /// What each open descriptor is (`socket:[inode]` of a TCP socket becomes
+    /// `tcp <local> -> <remote> <state>`), to tell which one a test did not expect.
+    pub fn describe_fds(&self) -> Vec<String> {
+        let mut tcp = std::collections::HashMap::new();
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() > 9 {
+                    let port = |a: &str| {
+                        let p = a.rsplit(':').next().unwrap_or("0");
+                        u16::from_str_radix(p, 16).unwrap_or(0)
+                    };
+                    let what = format!("tcp :{} -> :{} state {}", port(f[1]), port(f[2]), f[3]);
+                    tcp.insert(format!("socket:[{}]", f[9]), what);
+                }
+            }
+        }
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|target| {
+                let target = target.display().to_string();
+                tcp.get(&target).cloned().unwrap_or(target)
+            })
+            .collect()
+    }
+
     pub fn signal(&self, sig: Signal) {
         kill(self.pid(), sig).expect("signal svcd");
     }
@@ -364,48 +411,70 @@ pub async fn http(
     Ok(Reply { status, body })
 }
 
-/// `svcd exec --service job --id ID --ip 10.1.0.1 --port http=80 -- sh` registered with `daemon`,
-/// whose child writes its pid so a test can kill the child alone.
+/// `svcd exec` registered with a daemon, whose child writes its pid first (then execs its
+/// command in place) so a test can kill the child alone. Dropping it kills `svcd exec`, whose
+/// child then gets its parent-death signal.
 pub struct ExecJob {
     pub exec: Child,
     pidfile: PathBuf,
 }
 
 impl ExecJob {
+    /// `svcd exec --service job --id ID --ip 10.1.0.1 --port http=80 -- sleep 60`.
     pub fn start(daemon: &Daemon, id: &str) -> ExecJob {
         Self::start_with(daemon, id, &[])
     }
 
     /// [`Self::start`] with more `svcd exec` options (e.g. `--ttl 1s`).
     pub fn start_with(daemon: &Daemon, id: &str, options: &[&str]) -> ExecJob {
+        // No health check: nothing listens at 10.1.0.1, and tests send nothing off loopback.
+        let mut all = vec!["--ip", "10.1.0.1", "--port", "http=80", "--check", "none"];
+        all.extend_from_slice(options);
+        Self::spawn(
+            daemon,
+            "job",
+            id,
+            &all,
+            &["sleep", "60"],
+            Command::new(svcd_bin()),
+        )
+    }
+
+    /// `svcd exec --service SERVICE --id ID OPTIONS -- COMMAND`, run from `base` (a `Command` of
+    /// the svcd binary, where a test sets the environment and output its child inherits).
+    pub fn spawn(
+        daemon: &Daemon,
+        service: &str,
+        id: &str,
+        options: &[&str],
+        command: &[&str],
+        mut base: Command,
+    ) -> ExecJob {
         let pidfile = daemon.dir.path().join(format!("{id}.pid"));
-        let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
-        let exec = Command::new(svcd_bin())
-            .args([
-                "exec",
-                "--service",
-                "job",
-                "--id",
-                id,
-                "--ip",
-                "10.1.0.1",
-                "--port",
-                "http=80",
-                // No health check: nothing listens at 10.1.0.1, and tests send nothing off
-                // loopback.
-                "--check",
-                "none",
-            ])
+        let _ = std::fs::remove_file(&pidfile);
+        let script = format!("echo $$ > {}; exec \"$@\"", pidfile.display());
+        let exec = base
+            .args(["exec", "--service", service, "--id", id])
             .args(options)
             .arg("--")
-            .args(["sh", "-c", &script])
+            .args(["sh", "-c", &script, "sh"])
+            .args(command)
             .env("SVCD_ADMIN_LISTEN", daemon.admin.to_string())
             .spawn()
             .expect("spawn svcd exec");
         ExecJob { exec, pidfile }
     }
 
-    /// SIGKILLs the child (not `svcd exec`), once it has written its pid.
+    /// Waits until `svcd exec` has exited; panics after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let exec = &mut self.exec;
+        eventually(timeout, "svcd exec exited", || {
+            let status = exec.try_wait().expect("try_wait");
+            async move { status }
+        })
+        .await
+    }
+
     /// The child's pid, once it has written it.
     pub async fn child_pid(&self) -> Pid {
         let pid: i32 = eventually(Duration::from_secs(5), "child pid file", || async {
@@ -419,8 +488,16 @@ impl ExecJob {
         Pid::from_raw(pid)
     }
 
+    /// SIGKILLs the child (not `svcd exec`), once it has written its pid.
     pub async fn kill_child(&self) {
         kill(self.child_pid().await, Signal::SIGKILL).expect("kill child");
+    }
+}
+
+impl Drop for ExecJob {
+    fn drop(&mut self) {
+        let _ = self.exec.kill();
+        let _ = self.exec.wait();
     }
 }
 

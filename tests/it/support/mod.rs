@@ -3,8 +3,11 @@
 pub mod backend;
 pub mod daemon;
 pub mod dns;
+pub mod echo;
 pub mod etcd;
+pub mod exec_backend;
 pub mod gate;
+pub mod id_load;
 pub mod load;
 pub mod proxy;
 pub mod tls;

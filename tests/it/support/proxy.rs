@@ -97,12 +97,20 @@ pub struct H1 {
 
 impl H1 {
     pub async fn connect(addr: SocketAddr) -> H1 {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
+        H1::try_connect(addr).await.expect("connect to the proxy")
+    }
+
+    /// [`Self::connect`], the failure returned.
+    pub async fn try_connect(addr: SocketAddr) -> Result<H1, Box<dyn std::error::Error>> {
+        let stream = TcpStream::connect(addr).await?;
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn.with_upgrades());
-        H1 { send }
+        Ok(H1 { send })
+    }
+
+    /// Whether the proxy closed the connection (a request sent now would not go out).
+    pub fn is_closed(&self) -> bool {
+        self.send.is_closed()
     }
 
     pub async fn request(
@@ -118,6 +126,16 @@ impl H1 {
             parts.headers,
             String::from_utf8_lossy(&body).into(),
         )
+    }
+
+    /// Sends `req` and returns the response head, once it has come; the body is read apart so
+    /// a caller can tell a failure before the head from one in the body.
+    pub async fn try_send(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+        self.send.ready().await?;
+        self.send.send_request(req).await
     }
 
     pub async fn get(&mut self, host: &str, path: &str) -> (StatusCode, String) {
