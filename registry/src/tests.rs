@@ -321,6 +321,8 @@ fn a_checked_healthy_registration_is_pending_until_a_verdict() {
         effective(reg(State::Unhealthy, true, None)),
         State::Unhealthy
     );
+}
+
 /// A store that can be swapped for another behind the same "endpoints": every backend reports
 /// one cluster id (a store rebuilt with the same members and token), and a swap ends the watch
 /// streams open on the old one (the connection drops).

@@ -436,6 +436,8 @@ async fn a_checked_instance_is_pending_until_its_first_check_passes() {
         )
         .await;
     assert_eq!((r.status, r.json()["field"].as_str()), (400, Some("state")));
+}
+
 /// An HTTP check on a closed port says why, as the TCP check does (`Connection refused`), not
 /// hyper-util's `client error (Connect)`.
 #[tokio::test]
