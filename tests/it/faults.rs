@@ -457,6 +457,51 @@ async fn the_leader_killed_during_a_stream_of_registrations_fails_and_loses_none
     assert_eq!(stored.count() as usize, WRITES + 1);
 }
 
+/// Three etcd endpoints, two members killed (no quorum): a write fails within the same 4 s and
+/// says which member is down and which is up, where the client's error names none.
+#[tokio::test]
+async fn with_three_members_a_failing_write_names_the_members_that_failed() {
+    let mut cluster = EtcdCluster::start(3).await;
+    let endpoints: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    let d = Daemon::start(&format!(
+        "[registry]\nlease_ttl = \"5s\"\n[registry.etcd]\nendpoints = [{}]\n",
+        endpoints.join(", ")
+    ))
+    .await;
+    d.put_instance("web", "before", &body("10.0.0.1")).await;
+    cluster.kill(0);
+    cluster.kill(1);
+    let started = Instant::now();
+    let r = d
+        .request(
+            "PUT",
+            "/v1/services/default/web/instances/w1",
+            Some(&body("10.0.0.2")),
+        )
+        .await;
+    let took = started.elapsed();
+    eprintln!("write without quorum failed after {took:?}: {}", r.body);
+    assert_eq!(r.status, 503, "{}", r.body);
+    for dead in &cluster.client_urls[..2] {
+        assert!(
+            r.body.contains(&format!("{dead} down (")),
+            "{dead}: {}",
+            r.body
+        );
+    }
+    let alive = &cluster.client_urls[2];
+    assert!(
+        r.body.contains(&format!("{alive} up")),
+        "{alive}: {}",
+        r.body
+    );
+    assert!(took <= Duration::from_millis(4300), "{took:?}");
+}
+
 /// A daemon proxying `web` (registered by another node) under steady HTTP and DNS load gets
 /// SIGTERM: it goes unready first, keeps DNS and the proxy serving through the grace, then
 /// stops; no client sees anything a retrying client would not retry.

@@ -2,6 +2,7 @@
 //! call is bounded by the configured request timeout and maps transport failures to
 //! `StoreError::Unavailable` so the layers above retry instead of failing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,6 +14,10 @@ use etcd_client::{
 use svcd_config::EtcdConfig;
 
 use super::*;
+
+mod members;
+
+use members::{Members, PROBE_BOUND};
 
 pub struct EtcdStore {
     /// The client, connected on first use and kept until credentials are re-read. Cheap to
@@ -26,6 +31,8 @@ pub struct EtcdStore {
     config: EtcdConfig,
     urls: Vec<String>,
     endpoints: String,
+    /// Says which member failed when a call fails as unavailable (shared with the watches).
+    members: Arc<Members>,
 }
 
 struct Connection {
@@ -34,8 +41,10 @@ struct Connection {
 }
 
 /// How long an operation retries an unavailable store before giving up: past a leader election.
-/// A write ends within it (docs/registry.md promises API writes answer within 4 s).
-const RETRY_FOR: Duration = Duration::from_secs(4);
+/// A write ends within it. docs/registry.md promises API writes answer within 4 s (the lease
+/// keeper's `WRITE_BOUND`); ending 100 ms before lets this call's error (what etcd said, which
+/// member failed) be the answer rather than the keeper's bare timeout.
+const RETRY_FOR: Duration = Duration::from_millis(3900);
 
 /// One attempt of a write (put, delete, lease grant, keep-alive) before it is sent again.
 const WRITE_ATTEMPT: Duration = Duration::from_secs(1);
@@ -89,6 +98,39 @@ fn named(endpoints: &str, e: StoreError) -> StoreError {
         StoreError::Unavailable(msg) => StoreError::Unavailable(name(msg)),
         StoreError::Other(msg) => StoreError::Other(name(msg)),
         other => other,
+    }
+}
+
+/// The member report of one [`EtcdStore::retrying`] call: not needed yet, under way (driven
+/// along with the retries), or done.
+enum Report<'a> {
+    NotStarted,
+    Running(std::pin::Pin<Box<dyn std::future::Future<Output = Arc<str>> + Send + 'a>>),
+    Done(Arc<str>),
+}
+
+impl Report<'_> {
+    /// Runs `fut`, driving a report under way meanwhile.
+    async fn alongside<T>(&mut self, fut: impl std::future::Future<Output = T>) -> T {
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            let Report::Running(probe) = self else {
+                return fut.await;
+            };
+            tokio::select! {
+                out = &mut fut => return out,
+                text = probe => *self = Report::Done(text),
+            }
+        }
+    }
+
+    /// The report, once it is done (`None` if it was never needed).
+    async fn finish(&mut self) -> Option<Arc<str>> {
+        match std::mem::replace(self, Report::NotStarted) {
+            Report::NotStarted => None,
+            Report::Running(probe) => Some(probe.await),
+            Report::Done(text) => Some(text),
+        }
     }
 }
 
@@ -182,6 +224,7 @@ impl EtcdStore {
             })
             .collect();
         Ok(EtcdStore {
+            members: Arc::new(Members::new(endpoints.clone(), options.clone())),
             connection: tokio::sync::Mutex::new(Connection {
                 options,
                 client: None,
@@ -202,6 +245,10 @@ impl EtcdStore {
     /// sitting at a member whose leader was just killed is only answered after etcd's own
     /// request timeout (seconds); asked again, it lands where the new leader is. With `attempt`
     /// the whole call ends within [`RETRY_FOR`]: the last attempt gets what is left.
+    ///
+    /// With several members, the first failure starts a probe of each (see [`members`]) that
+    /// runs alongside the retries, so a final failure says which member failed without taking
+    /// longer.
     async fn retrying<T, F, Fut>(&self, attempt: Option<Duration>, mut op: F) -> StoreResult<T>
     where
         F: FnMut(Client) -> Fut,
@@ -211,6 +258,7 @@ impl EtcdStore {
         let deadline = started + RETRY_FOR;
         let mut pause = Duration::from_millis(25);
         let mut tries = 0u32;
+        let mut report = Report::NotStarted;
         loop {
             tries += 1;
             let once = async {
@@ -220,31 +268,43 @@ impl EtcdStore {
             let result = match attempt {
                 Some(limit) => {
                     let limit = limit.min(deadline - tokio::time::Instant::now());
-                    match tokio::time::timeout(limit, once).await {
+                    let bounded = tokio::time::timeout(limit, once);
+                    match report.alongside(bounded).await {
                         Ok(r) => r,
                         Err(_) => Err(StoreError::Unavailable(format!(
                             "no answer within {limit:?}"
                         ))),
                     }
                 }
-                None => once.await,
+                None => report.alongside(once).await,
             };
-            match result {
-                Err(StoreError::Unavailable(msg))
-                    if tokio::time::Instant::now() + pause < deadline =>
-                {
-                    tracing::debug!(endpoints = %self.endpoints, error = %msg, "etcd unavailable; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(400));
-                }
-                Err(StoreError::Unavailable(msg)) if tries > 1 => {
-                    let spent = started.elapsed();
-                    let msg = format!("{msg} (tried {tries} times in {spent:.1?})");
-                    return Err(named(&self.endpoints, StoreError::Unavailable(msg)));
-                }
-                // Unavailable past the retries, or refused (permission, authentication).
+            let msg = match result {
+                Err(StoreError::Unavailable(msg)) => msg,
+                // Done, or refused (permission, authentication).
                 other => return other.map_err(|e| named(&self.endpoints, e)),
+            };
+            if matches!(report, Report::NotStarted) && self.members.several() {
+                let bound = PROBE_BOUND.min(deadline - tokio::time::Instant::now());
+                let since = tokio::time::Instant::now();
+                report = Report::Running(Box::pin(self.members.report(since, bound)));
             }
+            if tokio::time::Instant::now() + pause < deadline {
+                tracing::debug!(endpoints = %self.endpoints, error = %msg, "etcd unavailable; retrying");
+                report.alongside(tokio::time::sleep(pause)).await;
+                pause = (pause * 2).min(Duration::from_millis(400));
+                continue;
+            }
+            let mut msg = msg;
+            if tries > 1 {
+                let spent = started.elapsed();
+                msg = format!("{msg} (tried {tries} times in {spent:.1?})");
+            }
+            // The probe ends within its bound; what is left of the deadline is waited at most.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if let Ok(Some(members)) = tokio::time::timeout(left, report.finish()).await {
+                msg = format!("{msg}; {members}");
+            }
+            return Err(named(&self.endpoints, StoreError::Unavailable(msg)));
         }
     }
 
@@ -411,15 +471,24 @@ impl Store for EtcdStore {
         if from_revision > 0 {
             options = options.with_start_revision(from_revision);
         }
-        let stream = self
-            .client()
-            .await?
-            .watch(prefix, Some(options))
-            .await
-            .map_err(|e| named(&self.endpoints, map_err(e)))?;
+        let opened = async {
+            self.client()
+                .await?
+                .watch(prefix, Some(options))
+                .await
+                .map_err(map_err)
+        };
+        let stream = match opened.await {
+            Ok(stream) => stream,
+            Err(e) => {
+                let e = named(&self.endpoints, e);
+                return Err(self.members.explain(e, PROBE_BOUND).await);
+            }
+        };
         Ok(Box::new(EtcdWatch {
             stream,
             endpoints: self.endpoints.clone(),
+            members: self.members.clone(),
         }))
     }
 
@@ -434,6 +503,7 @@ impl Store for EtcdStore {
 
     async fn reload_credentials(&self) -> StoreResult<()> {
         let options = connect_options(&self.config)?;
+        self.members.set_options(options.clone());
         let mut connection = self.connection.lock().await;
         connection.options = options;
         // The next call connects with them; a watch open now keeps its connection until it
@@ -451,14 +521,21 @@ struct EtcdWatch {
     stream: EtcdWatchStream,
     /// For the errors it reports.
     endpoints: String,
+    members: Arc<Members>,
 }
 
 #[async_trait]
 impl WatchStream for EtcdWatch {
     async fn next(&mut self) -> StoreResult<Option<WatchMessage>> {
         loop {
-            let message = self.stream.message().await;
-            let Some(resp) = message.map_err(|e| named(&self.endpoints, map_err(e)))? else {
+            let message = match self.stream.message().await {
+                Ok(message) => message,
+                Err(e) => {
+                    let e = named(&self.endpoints, map_err(e));
+                    return Err(self.members.explain(e, PROBE_BOUND).await);
+                }
+            };
+            let Some(resp) = message else {
                 return Ok(None);
             };
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
