@@ -322,7 +322,13 @@ async fn wait_for_signals(
             _ = hup.recv() => {
                 notify::reloading();
                 match reload(sources, config, live, log).await {
-                    Ok(()) => metrics.reloads_ok.inc(),
+                    Ok(Reloaded::Whole) => metrics.reloads_ok.inc(),
+                    Ok(Reloaded::ExceptListeners(lines)) => {
+                        metrics.reloads_partial.inc();
+                        for line in &lines {
+                            error!(error = %line, "config reloaded except this listener, which is not running");
+                        }
+                    }
                     Err(lines) => {
                         metrics.reloads_failed.inc();
                         for line in &lines {
@@ -361,20 +367,43 @@ fn advertise_ip(registry: &svcd_config::RegistryConfig) -> std::net::IpAddr {
     }
 }
 
+/// How much of a reload took effect.
+enum Reloaded {
+    Whole,
+    /// Everything but these listeners, which could not bind (their errors, with key paths).
+    ExceptListeners(Vec<String>),
+}
+
+/// Validates everything first (the config, the token file, the log filter, the store's
+/// credential files); any error rejects the reload with nothing applied. Then applies it: the
+/// only step that can fail then is binding a new listener, and the answer names each one that
+/// is not running; everything else has taken effect.
 async fn reload(
     sources: &Sources,
     config: &Arc<ArcSwap<Config>>,
     live: &LiveParts<'_>,
     log: &LogControl,
-) -> Result<(), Vec<String>> {
+) -> Result<Reloaded, Vec<String>> {
     let new = sources.load().map_err(|e| e.lines())?;
-    let token = read_token(&new).map_err(|e| vec![e.to_string()])?;
+    let mut invalid = Vec::new();
+    let token = read_token(&new)
+        .map_err(|e| invalid.push(e.to_string()))
+        .ok();
+    if let Err(e) = LogControl::check_level(&new.log.level) {
+        invalid.push(e);
+    }
+    if !invalid.is_empty() {
+        return Err(invalid);
+    }
+    let token = token.flatten();
     // The running config's files (their paths change on restart only): rotated certificates
-    // and credentials are used by the next connection.
+    // and credentials are used by the next connection. Read and checked whole before they
+    // replace the old ones, so a failure here leaves everything as it was.
     live.store
         .reload_credentials()
         .await
         .map_err(|e| vec![e.to_string()])?;
+    // Applying.
     log.set_level(&new.log.level).map_err(|e| vec![e])?;
     let old = config.load_full();
     let (new, pending) = restart_keys::split(&old, new);
@@ -398,7 +427,9 @@ async fn reload(
     config.store(Arc::new(new));
     if !bind_errors.is_empty() {
         // The rest of the new configuration is live; the listeners that could not bind are not.
-        return Err(bind_errors.iter().map(|e| e.to_string()).collect());
+        return Ok(Reloaded::ExceptListeners(
+            bind_errors.iter().map(|e| e.to_string()).collect(),
+        ));
     }
     match sources.file_path() {
         Some(file) => info!(file = %file.display(), "configuration reloaded"),
@@ -407,5 +438,5 @@ async fn reload(
              credential and certificate files were"
         ),
     }
-    Ok(())
+    Ok(Reloaded::Whole)
 }

@@ -17,9 +17,18 @@ impl LogControl {
         if self.env_override {
             return Ok(());
         }
-        let filter = EnvFilter::try_new(with_quiet_dependencies(level))
-            .map_err(|e| format!("log.level {level:?}: {e}"))?;
+        let filter = Self::filter(level)?;
         self.handle.reload(filter).map_err(|e| e.to_string())
+    }
+
+    /// Whether `level` is a valid filter, without applying it (a reload checks everything first).
+    pub fn check_level(level: &str) -> Result<(), String> {
+        Self::filter(level).map(|_| ())
+    }
+
+    fn filter(level: &str) -> Result<EnvFilter, String> {
+        EnvFilter::try_new(with_quiet_dependencies(level))
+            .map_err(|e| format!("log.level {level:?}: {e}"))
     }
 }
 

@@ -6,6 +6,8 @@ pub struct DaemonMetrics {
     pub registry: Registry,
     pub reloads_ok: IntCounter,
     pub reloads_failed: IntCounter,
+    /// Reloads applied except for listeners that could not bind.
+    pub reloads_partial: IntCounter,
 }
 
 impl DaemonMetrics {
@@ -42,6 +44,7 @@ impl DaemonMetrics {
             registry,
             reloads_ok: reloads.with_label_values(&["ok"]),
             reloads_failed: reloads.with_label_values(&["failed"]),
+            reloads_partial: reloads.with_label_values(&["partial"]),
         })
     }
 }

@@ -119,6 +119,49 @@ async fn sighup_applies_a_valid_file_and_rejects_a_broken_one() {
     assert!(d.log().contains("config reload rejected"), "{}", d.log());
 }
 
+/// A reload whose one new listener cannot bind (its port is taken) applies everything else and
+/// says exactly what did not take effect: the listener, by key path and address, counted as a
+/// partial reload, not as a rejected one (which would claim the old config kept serving).
+#[tokio::test]
+async fn a_reload_that_cannot_bind_a_listener_says_what_took_effect() {
+    let d = Daemon::start("").await;
+    let base = std::fs::read_to_string(&d.config_path).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let changed =
+        format!("{base}[[proxy.tcp]]\nlisten = \"127.0.0.1:{port}\"\nservice = \"web\"\n")
+            .replace("[dns]\n", "[dns]\nttl = \"7s\"\n");
+    std::fs::write(&d.config_path, changed).unwrap();
+    d.signal(Signal::SIGHUP);
+    eventually(Duration::from_secs(5), "partial reload counted", || async {
+        (d.metric("svcd_config_reloads_total{result=\"partial\"}")
+            .await
+            == Some(1.0))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(
+        d.metric("svcd_config_reloads_total{result=\"failed\"}")
+            .await,
+        Some(0.0)
+    );
+    assert_eq!(
+        d.get("/v1/config").await.json()["dns"]["ttl"],
+        "7s",
+        "the rest applied"
+    );
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("config reloaded except this listener"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains("proxy.tcp[0].listen") && line.contains(&port.to_string()),
+        "{line}"
+    );
+    assert!(!log.contains("config reload rejected"), "{log}");
+}
+
 #[tokio::test]
 async fn readyz_says_why_until_the_registry_syncs() {
     // etcd backend pointing at a port nobody listens on: alive, not ready, with the reason.
