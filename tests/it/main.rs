@@ -14,6 +14,7 @@ mod conformance;
 mod deploy;
 mod dns;
 mod dns_abuse;
+mod dns_forward;
 mod fast_path;
 mod faults;
 mod health;

@@ -226,6 +226,11 @@ impl Daemon {
         Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
     }
 
+    /// The daemon's resident memory (`VmRSS` of /proc/<pid>/status), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib_of(self.pid()).expect("VmRSS in /proc/<pid>/status")
+    }
+
     pub fn signal(&self, sig: Signal) {
         kill(self.pid(), sig).expect("signal svcd");
     }
@@ -422,6 +427,15 @@ impl ExecJob {
     pub async fn kill_child(&self) {
         kill(self.child_pid().await, Signal::SIGKILL).expect("kill child");
     }
+}
+
+/// The resident memory (`VmRSS` of /proc/<pid>/status) of process `pid`, in KiB.
+pub fn rss_kib_of(pid: Pid) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// `name{l1="v1",…}` → (name, ["l1=\"v1\"", …]).
