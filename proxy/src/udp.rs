@@ -7,6 +7,12 @@
 //! sending into a dead address.
 //!
 //! The table is owned by the listener task alone: no lock.
+//!
+//! Memory: no flow holds a buffer. The listener reads into its one buffer and sends on to the
+//! flow's upstream socket; a flow's reply task reads into its runtime thread's buffer and sends
+//! on before it yields (a datagram is copied at its length only when the listener socket is
+//! full). A flow costs its socket, its reply task and its table entry (about 1.5 KiB measured),
+//! and the table gives back its room after a flood's flows idle out.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -83,6 +89,19 @@ impl FlowTable {
         let flows = &self.flows;
         self.order
             .retain(|(seq, client)| flows.get(client).is_some_and(|f| f.seq == *seq));
+        self.shrink_after_expiry();
+    }
+
+    /// Gives back the room a flood of flows left once most of them have gone (a table keeps
+    /// its largest capacity otherwise): down to twice what is left when under a quarter is used.
+    fn shrink_after_expiry(&mut self) {
+        const KEEP: usize = 64;
+        if self.flows.capacity() > KEEP && self.flows.len() < self.flows.capacity() / 4 {
+            self.flows.shrink_to((self.flows.len() * 2).max(KEEP));
+        }
+        if self.order.capacity() > KEEP && self.order.len() < self.order.capacity() / 4 {
+            self.order.shrink_to((self.order.len() * 2).max(KEEP));
+        }
     }
 }
 
@@ -90,7 +109,8 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyC
     let socket = Arc::new(socket);
     let base = Instant::now();
     let mut table = FlowTable::default();
-    let mut buf = vec![0u8; 65535];
+    // One receive buffer for the listener: a datagram is sent on from it before the next read.
+    let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut changes = ctx.snapshot.changes();
     // Cleared if the registry's publisher is gone (no more changes can come): stop polling it.
@@ -258,6 +278,57 @@ async fn open_flow(
     })
 }
 
+/// Largest UDP payload: what the listener's and the reply buffers hold.
+const MAX_DATAGRAM: usize = 65_535;
+
+thread_local! {
+    /// The reply buffer of this runtime thread, shared by every flow's reply task that runs on
+    /// it: a datagram is read into it and sent on from it before the task yields, so a flow
+    /// holds no buffer of its own (a 64 KiB one each made a flood of sources cost 64 KiB a
+    /// flow, kept after the flows ended).
+    static REPLY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What one read of the upstream socket came to.
+enum Relayed {
+    /// Sent on to the client.
+    Sent,
+    /// Read, but the send to the client failed (as UDP may).
+    Lost,
+    /// The listener socket's send buffer was full: the datagram, copied at its length, to send
+    /// when it has room.
+    Pending(Vec<u8>),
+    /// Nothing to read after all (a spurious readiness).
+    Nothing,
+    /// The read failed: an ICMP error (port unreachable) shows up here.
+    Failed,
+}
+
+/// Reads one datagram from `upstream` into this thread's buffer and sends it to `client`
+/// through the listener, without yielding in between.
+fn relay_one(upstream: &UdpSocket, listener: &UdpSocket, client: SocketAddr) -> Relayed {
+    REPLY_BUF.with_borrow_mut(|buf| {
+        if buf.len() < MAX_DATAGRAM {
+            buf.resize(MAX_DATAGRAM, 0);
+        }
+        let n = match upstream.try_recv(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Relayed::Nothing,
+            Err(_) => return Relayed::Failed,
+        };
+        match listener.try_send_to(&buf[..n], client) {
+            Ok(_) => Relayed::Sent,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Relayed::Pending(buf[..n].to_vec())
+            }
+            Err(e) => {
+                debug!(%client, error = %e, "UDP proxy send to client failed");
+                Relayed::Lost
+            }
+        }
+    })
+}
+
 async fn relay_replies(
     upstream: Arc<UdpSocket>,
     listener: Arc<UdpSocket>,
@@ -266,18 +337,24 @@ async fn relay_replies(
     metrics: Arc<EndpointMetrics>,
     base: Instant,
 ) {
-    let mut buf = vec![0u8; 65535];
     loop {
-        let n = match upstream.recv(&mut buf).await {
-            Ok(n) => n,
-            // ICMP port unreachable shows up here; keep the flow until it idles or is dropped.
-            Err(_) => {
+        if upstream.readable().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let sent = match relay_one(&upstream, &listener, client) {
+            Relayed::Sent => true,
+            Relayed::Lost => false,
+            Relayed::Pending(datagram) => listener.send_to(&datagram, client).await.is_ok(),
+            Relayed::Nothing => continue,
+            // Keep the flow until it idles or is dropped.
+            Relayed::Failed => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
         last.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
-        if listener.send_to(&buf[..n], client).await.is_ok() {
+        if sent {
             metrics.datagrams_out.inc();
         }
     }
