@@ -134,12 +134,16 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyC
                         continue;
                     };
                     table.insert(client, flow);
-                    state.listener_metrics.load().flows.set(table.flows.len() as i64);
+                    state.listener_metrics.load().set_flows(table.flows.len());
                 }
                 let flow = table.flows.get_mut(&client).expect("present or just opened");
                 flow.last.store(now_ms, Ordering::Relaxed);
                 match flow.upstream.send(&buf[..n]).await {
-                    Ok(_) => flow.metrics.datagrams_in.inc(),
+                    Ok(_) => {
+                        if let Some(udp) = flow.metrics.udp() {
+                            udp.datagrams_in.inc();
+                        }
+                    }
                     Err(e) => {
                         debug!(%client, error = %e, "UDP proxy send upstream failed; dropping flow");
                         table.flows.remove(&client);
@@ -150,7 +154,7 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyC
                 let idle = state.config.load().idle_timeout.as_millis() as u64;
                 let now_ms = base.elapsed().as_millis() as u64;
                 table.retain(|_, f| now_ms.saturating_sub(f.last.load(Ordering::Relaxed)) < idle);
-                state.listener_metrics.load().flows.set(table.flows.len() as i64);
+                state.listener_metrics.load().set_flows(table.flows.len());
             }
             changed = changes.changed(), if changes_open => {
                 if changed.is_err() {
@@ -166,7 +170,7 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyC
                     let served = service.is_some_and(|s| s.healthy.iter().any(|e| e.id == f.health.id && e.ip == f.health.ip));
                     !f.health.has_left() && (served || (f.in_panic && f.service.in_panic()))
                 });
-                state.listener_metrics.load().flows.set(table.flows.len() as i64);
+                state.listener_metrics.load().set_flows(table.flows.len());
             }
         }
     }
@@ -186,7 +190,7 @@ async fn new_flow(
     let metrics = state.listener_metrics.load_full();
     let max = state.config.load().max_flows.unwrap_or(DEFAULT_MAX_FLOWS);
     while table.flows.len() >= max && table.evict_oldest() {
-        metrics.evictions.inc();
+        metrics.evicted();
     }
     let permit = loop {
         if let Some(permit) = ctx.metrics.fds.try_acquire(&state.fds, 1) {
@@ -196,7 +200,7 @@ async fn new_flow(
             metrics.fd_refusals.inc();
             return None;
         }
-        metrics.evictions.inc();
+        metrics.evicted();
     };
     open_flow(listener, client, state, ctx, base, permit).await
 }
@@ -248,7 +252,6 @@ async fn open_flow(
     };
     if let Err(e) = upstream.connect((endpoint.ip, port)).await {
         debug!(error = %e, "UDP proxy upstream connect failed");
-        metrics.connect_failures.inc();
         state.listener_metrics.load().no_healthy.inc();
         return None;
     }
@@ -355,7 +358,9 @@ async fn relay_replies(
         };
         last.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
         if sent {
-            metrics.datagrams_out.inc();
+            if let Some(udp) = metrics.udp() {
+                udp.datagrams_out.inc();
+            }
         }
     }
 }

@@ -23,6 +23,7 @@ mod lifecycle;
 mod limits;
 mod proxy_http;
 mod proxy_l4;
+mod proxy_l4_series;
 mod proxy_udp;
 mod registry_e2e;
 mod resolver;
