@@ -364,6 +364,7 @@ fn dns(c: &mut Checker, raw: RawDns) -> DnsConfig {
             ),
         );
     }
+    let forwarding = dns_forwarding(c, raw.forwarding.unwrap_or_default());
     DnsConfig {
         listen,
         domain,
@@ -374,6 +375,45 @@ fn dns(c: &mut Checker, raw: RawDns) -> DnsConfig {
         workers,
         rrl,
         tcp,
+        forwarding,
+    }
+}
+
+fn dns_forwarding(c: &mut Checker, raw: RawDnsForwarding) -> DnsForwardingConfig {
+    let max_in_flight = c.range(
+        "dns.forwarding.max_in_flight",
+        raw.max_in_flight,
+        256,
+        1,
+        100_000,
+    );
+    // Unset, the per-worker bound follows a smaller total down.
+    let per_worker_set = raw.max_in_flight_per_worker.is_some();
+    let max_in_flight_per_worker = c.range(
+        "dns.forwarding.max_in_flight_per_worker",
+        raw.max_in_flight_per_worker,
+        128.min(max_in_flight),
+        1,
+        100_000,
+    );
+    if per_worker_set && max_in_flight_per_worker > max_in_flight {
+        c.err(
+            "dns.forwarding.max_in_flight_per_worker",
+            format!(
+                "{max_in_flight_per_worker} is more than dns.forwarding.max_in_flight \
+                 ({max_in_flight})"
+            ),
+        );
+    }
+    DnsForwardingConfig {
+        max_in_flight,
+        max_in_flight_per_worker,
+        timeout: c.duration_at_most(
+            "dns.forwarding.timeout",
+            raw.timeout,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        ),
     }
 }
 

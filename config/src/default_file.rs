@@ -56,6 +56,18 @@ max_connections = 1024
 max_per_client = 16
 idle_timeout = "10s"
 
+[dns.forwarding]
+# Names outside the zone (dns.forward): questions waiting on an upstream at once, in all and per
+# UDP worker thread (DNS over TCP counts as one more worker). Identical questions (name, type,
+# class, DO bit) waiting together are asked once and count once. Past either bound a new question
+# is answered SERVFAIL at once and counted (svcd_dns_forward_overflow_total), so a flood of
+# outside names to a slow or silent upstream costs bounded memory and never delays the zone.
+max_in_flight = 256
+max_in_flight_per_worker = 128
+# How long one forwarded question may take in all (over UDP the resolver sends it up to three
+# times within it); past it the clients waiting on it get SERVFAIL. See docs/dns.md.
+timeout = "1s"
+
 [proxy]
 # Worker threads for the proxies, each running its own event loop with its own socket on every
 # TCP listener (SO_REUSEPORT when more than one: the kernel spreads new connections over them);

@@ -98,6 +98,7 @@ pub struct DnsConfig {
     pub workers: Option<usize>,
     pub rrl: RrlConfig,
     pub tcp: DnsTcpConfig,
+    pub forwarding: DnsForwardingConfig,
 }
 
 /// Where names outside the zone go: a resolver's address, or the nameservers of a
@@ -154,6 +155,23 @@ pub struct DnsTcpConfig {
     /// A connection with no complete query for this long is closed.
     #[serde(serialize_with = "ser_duration")]
     pub idle_timeout: Duration,
+}
+
+/// Forwarding names outside the zone (`dns.forward`): how much of it may be under way at once,
+/// so a flood of outside names to a slow or silent upstream costs bounded memory, and how long
+/// one question may take.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DnsForwardingConfig {
+    /// Questions waiting on an upstream at once, across the server; past it a new question is
+    /// answered SERVFAIL at once. Identical questions waiting together count once.
+    pub max_in_flight: usize,
+    /// The same per UDP worker thread (DNS over TCP counts as one more worker), so one busy
+    /// socket cannot take every slot.
+    pub max_in_flight_per_worker: usize,
+    /// How long one forwarded question may take in all (the resolver's retransmissions over UDP
+    /// included) before the clients waiting on it get SERVFAIL.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

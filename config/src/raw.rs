@@ -33,6 +33,7 @@ pub struct RawDns {
     pub workers: Option<i64>,
     pub rrl: Option<RawRrl>,
     pub tcp: Option<RawDnsTcp>,
+    pub forwarding: Option<RawDnsForwarding>,
 }
 
 /// A key that takes one value or a list of them.
@@ -56,6 +57,13 @@ pub struct RawDnsTcp {
     pub max_connections: Option<i64>,
     pub max_per_client: Option<i64>,
     pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawDnsForwarding {
+    pub max_in_flight: Option<i64>,
+    pub max_in_flight_per_worker: Option<i64>,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

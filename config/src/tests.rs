@@ -265,6 +265,43 @@ fn dns_abuse_limits_have_defaults_and_ranges() {
 }
 
 #[test]
+fn dns_forwarding_bounds_are_checked_with_their_keys() {
+    let c = Config::default();
+    assert_eq!(
+        (
+            c.dns.forwarding.max_in_flight,
+            c.dns.forwarding.max_in_flight_per_worker,
+            c.dns.forwarding.timeout
+        ),
+        (256, 128, Duration::from_secs(1))
+    );
+    // Unset, the per-worker bound follows a smaller total.
+    let c = parse("[dns.forwarding]\nmax_in_flight = 20\n").unwrap();
+    assert_eq!(c.dns.forwarding.max_in_flight_per_worker, 20);
+    let errors = errors_of(
+        "[dns.forwarding]\nmax_in_flight = 0\nmax_in_flight_per_worker = 300\ntimeout = \"1m\"\nbogus = 1\n",
+    );
+    assert_eq!(errors[0], "dns.forwarding.bogus: unknown key", "{errors:?}");
+    let errors = errors_of(
+        "[dns.forwarding]\nmax_in_flight = 0\nmax_in_flight_per_worker = 300\ntimeout = \"1m\"\n",
+    );
+    assert_eq!(
+        error_keys(&errors),
+        vec![
+            "dns.forwarding.max_in_flight",
+            "dns.forwarding.max_in_flight_per_worker",
+            "dns.forwarding.timeout"
+        ],
+        "{errors:?}"
+    );
+    let errors = errors_of("[dns.forwarding]\nmax_in_flight = 10\nmax_in_flight_per_worker = 11\n");
+    assert_eq!(
+        errors,
+        vec!["dns.forwarding.max_in_flight_per_worker: 11 is more than dns.forwarding.max_in_flight (10)"]
+    );
+}
+
+#[test]
 fn port_clash_names_both_keys() {
     let errors = errors_of("[dns]\nlisten = \"127.0.0.1:9901\"\n");
     assert_eq!(

@@ -78,6 +78,16 @@ pub struct Answer {
     pub additionals: Vec<Record>,
 }
 
+impl Answer {
+    /// No records, only `rcode`.
+    pub fn rcode(rcode: ResponseCode) -> Self {
+        Answer {
+            rcode,
+            ..Answer::default()
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum Resolution {
     /// We are authoritative: this is the answer.

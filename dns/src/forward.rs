@@ -7,6 +7,10 @@
 //! plugin finds it: svcd asks itself a random name under `svcd-loop-check.`; if that query
 //! comes back to it through the upstreams, forwarding stops (SERVFAIL at once rather than
 //! queries circling until they time out), and the log and `svcd_dns_forward_loop` say so.
+//!
+//! One lookup takes at most `dns.forwarding.timeout` in all, the resolver's retransmissions over
+//! UDP included; how many run at once, and which client questions share one, is
+//! [`crate::inflight`]'s business.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -33,6 +37,8 @@ pub struct Forwarder {
     /// Probes this server sent itself (a probe lost on the way is sent again).
     probes_sent: AtomicU32,
     pub looped: AtomicBool,
+    /// The whole budget of one lookup (`dns.forwarding.timeout`).
+    pub timeout: Duration,
 }
 
 /// The upstream addresses `targets` name: servers as given, resolv.conf files read now
@@ -81,7 +87,7 @@ fn resolv_conf_servers(path: &Path) -> Vec<SocketAddr> {
 }
 
 impl Forwarder {
-    pub fn new(upstreams: &[SocketAddr]) -> Result<Self, String> {
+    pub fn new(upstreams: &[SocketAddr], timeout: Duration) -> Result<Self, String> {
         let label = format!("{:016x}", rand::random::<u64>());
         let probe =
             Name::from_ascii(format!("{label}.svcd-loop-check.")).map_err(|e| e.to_string())?;
@@ -96,8 +102,10 @@ impl Forwarder {
             })
             .collect();
         let mut opts = ResolverOpts::default();
-        opts.timeout = Duration::from_secs(2);
-        opts.attempts = 2;
+        // hickory-resolver 0.26 spends at most this on a lookup across its name servers; over UDP
+        // it sends the query again (from a new port) every max(333 ms, 1.2 x the server's
+        // smoothed RTT), three sends at most, within it. `attempts` is not read by 0.26.
+        opts.timeout = timeout;
         opts.ndots = 0;
         let resolver = TokioResolver::builder_with_config(
             ResolverConfig::from_name_servers(servers),
@@ -113,6 +121,7 @@ impl Forwarder {
             probe_seen: AtomicU32::new(0),
             probes_sent: AtomicU32::new(0),
             looped: AtomicBool::new(false),
+            timeout,
         })
     }
 
@@ -141,21 +150,25 @@ impl Forwarder {
         true
     }
 
-    /// Upstream's answer records and rcode.
-    pub async fn forward(&self, name: &Name, qtype: RecordType) -> (ResponseCode, Vec<Record>) {
-        if self.is_probe(name) && self.looped.load(Ordering::Relaxed) {
-            return (ResponseCode::ServFail, Vec::new());
-        }
-        if self.looped.load(Ordering::Relaxed) {
-            return (ResponseCode::ServFail, Vec::new());
-        }
+    /// Whether a question for `name` must not go upstream: forwarding stopped on a loop. Called
+    /// once per client question (the probe's arrivals are counted here, before identical
+    /// questions are merged, or a probe coming back would join itself and never be seen).
+    pub fn stopped_for(&self, name: &Name) -> bool {
+        self.is_probe(name);
+        self.looped.load(Ordering::Relaxed)
+    }
+
+    /// The upstream's answer records and rcode: SERVFAIL when no upstream answered within
+    /// [`Self::timeout`].
+    pub async fn lookup(&self, name: &Name, qtype: RecordType) -> (ResponseCode, Vec<Record>) {
         let mut fqdn = name.clone();
         fqdn.set_fqdn(true);
-        match self.resolver.lookup(fqdn, qtype).await {
-            Ok(lookup) => (ResponseCode::NoError, lookup.answers().to_vec()),
-            Err(e) if e.is_nx_domain() => (ResponseCode::NXDomain, Vec::new()),
-            Err(e) if e.is_no_records_found() => (ResponseCode::NoError, Vec::new()),
-            Err(_) => (ResponseCode::ServFail, Vec::new()),
+        // The resolver keeps to its timeout between rounds; this makes it the whole budget.
+        match tokio::time::timeout(self.timeout, self.resolver.lookup(fqdn, qtype)).await {
+            Ok(Ok(lookup)) => (ResponseCode::NoError, lookup.answers().to_vec()),
+            Ok(Err(e)) if e.is_nx_domain() => (ResponseCode::NXDomain, Vec::new()),
+            Ok(Err(e)) if e.is_no_records_found() => (ResponseCode::NoError, Vec::new()),
+            Ok(Err(_)) | Err(_) => (ResponseCode::ServFail, Vec::new()),
         }
     }
 }

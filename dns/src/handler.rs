@@ -1,22 +1,28 @@
 //! The general DNS request path, on hickory: every query the fast path does not take (and every
-//! TCP query) is answered here, from the same [`crate::answer`] rules.
+//! TCP query) is answered here, from the same [`crate::answer`] rules. Nothing here waits: a
+//! question for the upstream comes back as [`Step::Forward`] for [`crate::forwarding`] to ask.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use hickory_proto::op::{Edns, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Record};
+use hickory_proto::serialize::binary::BinEncoder;
 use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
+use hickory_server::server::Request;
 use hickory_server::zone_handler::MessageResponseBuilder;
 use svcd_config::DnsConfig;
 use svcd_registry::SnapshotReader;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::answer::{resolve, Answer, Question, Resolution, ZoneSettings};
 use crate::forward::Forwarder;
+use crate::forwarding::Waiter;
+use crate::inflight::{InFlight, Lane, QuestionKey};
 use crate::metrics::{qtype_index, rcode_index, DnsMetrics, Proto};
 
 /// Our advertised EDNS UDP payload size (DNS flag day 2020), and the most we send over UDP.
@@ -30,29 +36,44 @@ pub struct DnsResponder {
     /// Round-robin position shared by all queries: `Relaxed` is enough, only spread matters.
     pub rotation: AtomicUsize,
     forwarder: ArcSwapOption<Forwarder>,
-    /// Upstreams the current forwarder was built for, to rebuild only when they change.
-    forward_config: ArcSwap<Vec<std::net::SocketAddr>>,
+    /// What the current forwarder was built for (upstreams, timeout), to rebuild only when that
+    /// changes.
+    forward_config: ArcSwap<(Vec<SocketAddr>, Duration)>,
     /// The addresses this server listens on, never used as upstreams (set once bound).
-    own: ArcSwap<Vec<std::net::SocketAddr>>,
+    own: ArcSwap<Vec<SocketAddr>>,
     pub metrics: DnsMetrics,
     /// UDP response rate limiting (`dns.rrl`), consulted by the UDP workers per packet.
     pub rrl: crate::rrl::RateLimiter,
     /// DNS-over-TCP limits (`dns.tcp`), read at each accept.
     pub tcp_limits: ArcSwap<svcd_config::DnsTcpConfig>,
+    /// Forwarded questions under way, within `dns.forwarding`'s bounds.
+    pub inflight: Arc<InFlight<Waiter>>,
+    /// The lane of DNS over TCP (all connections together) and of callers without a worker.
+    pub(crate) general_lane: Arc<Lane>,
+    /// Cancelled at shutdown: questions still waiting on an upstream are answered SERVFAIL.
+    pub(crate) forward_stop: CancellationToken,
 }
 
 impl DnsResponder {
     pub fn new(config: &DnsConfig, snapshot: SnapshotReader, metrics: DnsMetrics) -> Arc<Self> {
+        let inflight = InFlight::new(
+            config.forwarding.max_in_flight,
+            config.forwarding.max_in_flight_per_worker,
+            metrics.forward_in_flight.clone(),
+        );
         let responder = Arc::new(DnsResponder {
             zone: ArcSwap::from_pointee(ZoneSettings::new(config)),
             snapshot,
             rotation: AtomicUsize::new(0),
             forwarder: ArcSwapOption::empty(),
-            forward_config: ArcSwap::from_pointee(Vec::new()),
+            forward_config: ArcSwap::from_pointee((Vec::new(), Duration::ZERO)),
             own: ArcSwap::from_pointee(Vec::new()),
             metrics,
             rrl: crate::rrl::RateLimiter::new(&config.rrl),
             tcp_limits: ArcSwap::from_pointee(config.tcp.clone()),
+            inflight,
+            general_lane: Lane::new(),
+            forward_stop: CancellationToken::new(),
         });
         responder.reconfigure(config);
         responder
@@ -63,10 +84,14 @@ impl DnsResponder {
         self.zone.store(Arc::new(ZoneSettings::new(config)));
         self.rrl.reconfigure(&config.rrl);
         self.tcp_limits.store(Arc::new(config.tcp.clone()));
+        let limits = &config.forwarding;
+        self.inflight
+            .set_limits(limits.max_in_flight, limits.max_in_flight_per_worker);
         // resolv.conf files are read again on every reload.
         let upstreams = crate::forward::upstreams(&config.forward, &self.own.load());
-        if **self.forward_config.load() != upstreams {
-            let forwarder = if upstreams.is_empty() {
+        let wanted = (upstreams, limits.timeout);
+        if **self.forward_config.load() != wanted {
+            let forwarder = if wanted.0.is_empty() {
                 if !config.forward.is_empty() {
                     warn!(
                         "dns.forward names no usable upstream; out-of-zone queries will be refused"
@@ -74,7 +99,7 @@ impl DnsResponder {
                 }
                 None
             } else {
-                match Forwarder::new(&upstreams) {
+                match Forwarder::new(&wanted.0, wanted.1) {
                     Ok(f) => Some(Arc::new(f)),
                     Err(e) => {
                         warn!(error = %e, "cannot build DNS forwarder; out-of-zone queries will be refused");
@@ -84,7 +109,7 @@ impl DnsResponder {
             };
             self.forwarder.store(forwarder);
             self.metrics.forward_loop.set(0);
-            self.forward_config.store(Arc::new(upstreams));
+            self.forward_config.store(Arc::new(wanted));
         }
     }
 
@@ -116,23 +141,37 @@ impl DnsResponder {
         self.rotation.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Answers one parsed request through `handle`.
-    pub async fn respond<R: ResponseHandler>(
-        &self,
-        request: &Request,
-        mut handle: R,
-    ) -> ResponseInfo {
+    /// One query's answer, or the question to ask upstream (see [`crate::forwarding`]), over
+    /// `protocol` (UDP: sized to what the client can receive; TCP: up to 64 KiB). Never waits:
+    /// everything in the zone, every refusal and every error is answered here, on the caller's
+    /// thread. `Done(None)` means drop.
+    pub fn answer_now(&self, packet: Vec<u8>, src: SocketAddr, protocol: Protocol) -> Step {
         let started = Instant::now();
-        let proto = if request.protocol() == Protocol::Udp {
-            Proto::Udp
-        } else {
-            Proto::Tcp
+        if packet.len() < 12 || packet[2] & 0x80 != 0 {
+            self.metrics.dropped.inc();
+            return Step::Done(None); // no header, or a response: never answer (reflection loops)
+        }
+        let proto = match protocol {
+            Protocol::Udp => Proto::Udp,
+            _ => Proto::Tcp,
+        };
+        let request = match Request::from_bytes(packet.clone(), src, protocol) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(%src, error = %e, "malformed DNS packet");
+                self.metrics
+                    .record(proto, 9, rcode_index(ResponseCode::FormErr), Duration::ZERO);
+                return Step::Done(Some(formerr(&packet)));
+            }
+        };
+        let max_size = match (&request.edns, protocol) {
+            (_, Protocol::Tcp) => u16::MAX,
+            (Some(edns), _) => edns.max_payload().clamp(512, EDNS_PAYLOAD),
+            (None, _) => 512,
         };
         let zone = self.zone.load_full();
         let query = request.queries.queries().first();
         let qtype = query.map(|q| qtype_index(q.query_type())).unwrap_or(9);
-        let mut meta = Metadata::response_from_request(&request.metadata);
-        meta.recursion_available = zone.forward;
         let edns_version = request.edns.as_ref().map(Edns::version).unwrap_or(0);
 
         // Protocol-level refusals first, then the question.
@@ -150,11 +189,10 @@ impl DnsResponder {
             None
         };
 
-        let answer = match (early, query) {
-            (Some(_), _) | (None, None) => Answer {
-                rcode: early.unwrap_or(ResponseCode::FormErr),
-                ..Answer::default()
-            },
+        let (answer, authoritative) = match (early, query) {
+            (Some(_), _) | (None, None) => {
+                (Answer::rcode(early.unwrap_or(ResponseCode::FormErr)), false)
+            }
             (None, Some(q)) => {
                 let limit = (proto == Proto::Udp).then_some(zone.max_answers);
                 let question = Question {
@@ -165,20 +203,65 @@ impl DnsResponder {
                 };
                 let snapshot = self.snapshot.load();
                 match resolve(&zone, &snapshot, &question) {
-                    Resolution::Authoritative(answer) => {
-                        meta.authoritative = true;
-                        answer
-                    }
-                    Resolution::Refused => Answer {
-                        rcode: ResponseCode::Refused,
-                        ..Answer::default()
+                    Resolution::Authoritative(answer) => (answer, true),
+                    Resolution::Refused => (Answer::rcode(ResponseCode::Refused), false),
+                    Resolution::Forward => match self.forwardable(&request) {
+                        Ok(key) => {
+                            return Step::Forward(Box::new(PendingQuery {
+                                request,
+                                key,
+                                max_size,
+                                proto,
+                                qtype,
+                                recursion_available: zone.forward,
+                                started,
+                            }))
+                        }
+                        Err(answer) => (answer, false),
                     },
-                    Resolution::Forward => self.forward(&question).await,
                 }
             }
         };
-        meta.response_code = answer.rcode;
+        let out = self.reply(&request, zone.forward, authoritative, &answer, max_size);
+        self.metrics
+            .record(proto, qtype, rcode_index(answer.rcode), started.elapsed());
+        Step::Done(out)
+    }
 
+    /// The answer to a query that waited on the upstream: `answer` is what came back for its
+    /// question (shared by every query that asked it), the ID, question spelling and EDNS are
+    /// the query's own.
+    pub fn finish(&self, query: &PendingQuery, answer: &Answer) -> Option<Vec<u8>> {
+        let out = self.reply(
+            &query.request,
+            query.recursion_available,
+            false,
+            answer,
+            query.max_size,
+        );
+        self.metrics.record(
+            query.proto,
+            query.qtype,
+            rcode_index(answer.rcode),
+            query.started.elapsed(),
+        );
+        out
+    }
+
+    /// Encodes the response to `request` carrying `answer`, within `max_size` (cut at a record
+    /// boundary with TC set when it does not fit). `None` when it cannot be encoded at all.
+    fn reply(
+        &self,
+        request: &Request,
+        recursion_available: bool,
+        authoritative: bool,
+        answer: &Answer,
+        max_size: u16,
+    ) -> Option<Vec<u8>> {
+        let mut meta = Metadata::response_from_request(&request.metadata);
+        meta.recursion_available = recursion_available;
+        meta.authoritative = authoritative;
+        meta.response_code = answer.rcode;
         let response_edns = request.edns.as_ref().map(|req| {
             let mut e = Edns::new();
             e.set_max_payload(EDNS_PAYLOAD)
@@ -197,34 +280,46 @@ impl DnsResponder {
             std::iter::empty::<&Record>(),
             answer.additionals.iter(),
         );
-        let info = match handle.send_response(response).await {
-            Ok(info) => info,
-            Err(e) => {
-                debug!(error = %e, "DNS response not sent");
-                let mut header = Metadata::response_from_request(&request.metadata);
-                header.response_code = ResponseCode::ServFail;
-                ResponseInfo::from(hickory_proto::op::Header {
-                    metadata: header,
-                    counts: Default::default(),
-                })
-            }
-        };
-        self.metrics
-            .record(proto, qtype, rcode_index(answer.rcode), started.elapsed());
-        info
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(max_size);
+        if let Err(e) = response.destructive_emit(&mut encoder) {
+            debug!(error = %e, "DNS response not encoded");
+            return None;
+        }
+        cut_at_record_boundary(&mut bytes);
+        Some(bytes)
     }
 
-    async fn forward(&self, question: &Question<'_>) -> Answer {
+    /// The question of `request`, for a name outside the zone, as it is asked upstream; or the
+    /// answer when it is not: REFUSED without forwarding (never an open resolver), SERVFAIL while
+    /// forwarding is stopped by a loop.
+    fn forwardable(&self, request: &Request) -> Result<QuestionKey, Answer> {
         let Some(forwarder) = self.forwarder.load_full() else {
-            return Answer {
-                rcode: ResponseCode::Refused,
-                ..Answer::default()
-            };
+            return Err(Answer::rcode(ResponseCode::Refused));
         };
-        let (rcode, answers) = forwarder.forward(question.name, question.qtype).await;
-        if forwarder.looped.load(Ordering::Relaxed) {
+        let q = request.queries.queries().first().expect("one question");
+        if forwarder.stopped_for(q.original().name()) {
             self.metrics.forward_loop.set(1);
+            self.metrics.forwarded_failed.inc();
+            return Err(Answer::rcode(ResponseCode::ServFail));
         }
+        let dnssec_ok = request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
+        Ok(QuestionKey::new(
+            q.original().name(),
+            q.query_type(),
+            q.query_class(),
+            dnssec_ok,
+        ))
+    }
+
+    /// Asks the upstream `key`'s question (SERVFAIL when forwarding was switched off meanwhile
+    /// or nothing answered in time) and counts the result.
+    pub(crate) async fn ask_upstream(&self, key: &QuestionKey) -> Answer {
+        let Some(forwarder) = self.forwarder.load_full() else {
+            return Answer::rcode(ResponseCode::Refused);
+        };
+        let (rcode, answers) = forwarder.lookup(&key.name, key.qtype).await;
         if rcode == ResponseCode::ServFail {
             self.metrics.forwarded_failed.inc();
         } else {
@@ -236,4 +331,82 @@ impl DnsResponder {
             ..Answer::default()
         }
     }
+}
+
+/// What [`DnsResponder::answer_now`] made of a packet.
+pub enum Step {
+    /// The response to send; `None`: send nothing.
+    Done(Option<Vec<u8>>),
+    /// A question for the upstream; answer it with [`DnsResponder::finish`].
+    Forward(Box<PendingQuery>),
+}
+
+/// A query waiting on the upstream: what its answer needs (its own ID, question, EDNS and size)
+/// and what its metrics need.
+pub struct PendingQuery {
+    request: Request,
+    /// Its question as asked upstream: identical keys share one upstream query.
+    pub key: QuestionKey,
+    max_size: u16,
+    proto: Proto,
+    qtype: usize,
+    /// RA as the zone said when the query came (forwarding on).
+    recursion_available: bool,
+    started: Instant,
+}
+
+/// A response that did not fit the client's UDP size may end in a cut-off record (hickory
+/// stops mid-record without EDNS, counting only the whole ones). Keep only whole, counted
+/// records: truncate after the last one that decodes, fix the section counts and set TC, so
+/// strict clients (kdig) read a valid message and retry over TCP.
+fn cut_at_record_boundary(bytes: &mut Vec<u8>) {
+    use hickory_proto::op::Query;
+    use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+    if bytes.len() < 12 {
+        return;
+    }
+    let count = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+    let sections = [count(bytes, 6), count(bytes, 8), count(bytes, 10)];
+    // Decode over the whole message: compression pointers count from its first byte.
+    let cut = {
+        let mut decoder = BinDecoder::new(bytes);
+        if decoder.read_slice(12).is_err() {
+            return;
+        }
+        for _ in 0..count(bytes, 4) {
+            if Query::read(&mut decoder).is_err() {
+                return; // the question is ours and whole; nothing sensible to cut
+            }
+        }
+        let mut kept = [0u16; 3];
+        let mut cut = None;
+        'sections: for (section, &n) in sections.iter().enumerate() {
+            for _ in 0..n {
+                let start = decoder.index();
+                if Record::read(&mut decoder).is_err() {
+                    cut = Some((start, kept));
+                    break 'sections;
+                }
+                kept[section] += 1;
+            }
+        }
+        // Every counted record is whole, but bytes of one left out may follow them.
+        cut.or((decoder.index() < bytes.len()).then_some((decoder.index(), kept)))
+    };
+    if let Some((end, kept)) = cut {
+        bytes.truncate(end);
+        bytes[2] |= 0x02; // TC
+        for (i, k) in kept.iter().enumerate() {
+            bytes[6 + 2 * i..8 + 2 * i].copy_from_slice(&k.to_be_bytes());
+        }
+    }
+}
+
+/// FORMERR for a packet whose header parsed but whose body did not.
+fn formerr(packet: &[u8]) -> Vec<u8> {
+    let mut out = packet[..12].to_vec();
+    out[2] = 0x80 | (packet[2] & 0x78) | (packet[2] & 0x01); // QR, request opcode, RD
+    out[3] = 0x01; // FORMERR
+    out[4..12].fill(0);
+    out
 }

@@ -5,15 +5,19 @@
 //!  UDP packet ──► worker thread (SO_REUSEPORT socket each)
 //!                   │ fastpath: A/AAAA <svc>.<ns>.svc.<domain>, pre-encoded per service version
 //!                   │   hit ──► patch ID/question/rotation ──► send
-//!                   └ miss ──► tokio: hickory parse ──► handler ──► answer::resolve ──► send
+//!                   └ miss ──► hickory parse ──► handler ──► answer::resolve ──► send (same batch)
 //!  UDP: rate limit per client network (rrl) before either path
 //!  TCP ──► tcp (limits per client, total, idle) ──► hickory parse ──► handler ──► answer::resolve
-//!                                 └ out of zone ──► forward (hickory-resolver) │ REFUSED
+//!  out of zone ──► forwarding: inflight (bounded, identical questions once) ──► tokio task,
+//!                  tracked ──► forward (hickory-resolver) ──► every waiter │ REFUSED without
 //! ```
 //!
 //! * [`zone`]: which part of the zone a name points at.
 //! * [`answer`]: the rules — records, NXDOMAIN/NODATA with SOA, rotation, limits. Pure.
-//! * [`handler`]: answers a hickory `Request` (opcode, EDNS, FORMERR/NOTIMP/BADVERS, forwarding).
+//! * [`handler`]: answers a hickory `Request` (opcode, EDNS, FORMERR/NOTIMP/BADVERS), or hands
+//!   its question on for the upstream.
+//! * [`forwarding`], [`inflight`], [`forward`]: questions for the upstream — led once however many
+//!   ask, within bounds per worker and in all — and the resolver that asks them.
 //! * [`fastpath`]: the hot query on raw bytes, identical in result to the handler.
 //! * [`udp`]: worker threads; [`rrl`]: their rate limit per client network.
 //! * [`tcp`]: length-prefixed queries over TCP with connection limits.
@@ -21,7 +25,9 @@
 pub mod answer;
 pub mod fastpath;
 pub mod forward;
+pub mod forwarding;
 pub mod handler;
+pub mod inflight;
 pub mod metrics;
 pub mod rrl;
 pub mod tcp;
@@ -68,6 +74,8 @@ pub struct DnsServer {
     tcp_stop: CancellationToken,
     /// The TCP accept loop and connections, so shutdown can wait for them.
     tcp_tasks: TaskTracker,
+    /// The UDP workers' forwarded questions (their leads), so shutdown can wait for them.
+    forward_tasks: TaskTracker,
 }
 
 impl DnsServer {
@@ -96,6 +104,10 @@ impl DnsServer {
         let bind_err = |addr, cause| DnsError::Bind { addr, cause };
         let tcp_stop = cancel.child_token();
         let tcp_tasks = TaskTracker::new();
+        let forward_tasks = udp::ForwardTasks {
+            runtime: tokio::runtime::Handle::current(),
+            tracker: TaskTracker::new(),
+        };
         let mut addrs = Vec::new();
         let mut udp_threads = Vec::new();
         for &listen in &config.listen {
@@ -103,7 +115,7 @@ impl DnsServer {
                 listen,
                 workers,
                 responder.clone(),
-                tokio::runtime::Handle::current(),
+                forward_tasks.clone(),
                 stop.clone(),
             )
             .map_err(|e| bind_err(listen, e))?;
@@ -128,6 +140,7 @@ impl DnsServer {
             udp_threads,
             tcp_stop,
             tcp_tasks,
+            forward_tasks: forward_tasks.tracker,
         };
         server.probe_forwarding_loop();
         Ok(server)
@@ -182,10 +195,12 @@ impl DnsServer {
         }
     }
 
-    /// Stops accepting, lets TCP connections finish, joins the UDP workers.
+    /// Stops accepting, answers questions still waiting on an upstream (SERVFAIL), lets TCP
+    /// connections finish, joins the UDP workers.
     pub async fn shutdown(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.tcp_stop.cancel();
+        self.responder.stop_forwarding();
         self.tcp_tasks.close();
         self.tcp_tasks.wait().await;
         let threads = std::mem::take(&mut self.udp_threads);
@@ -195,6 +210,9 @@ impl DnsServer {
             }
         })
         .await;
+        // The workers are gone: no lead can be spawned any more.
+        self.forward_tasks.close();
+        self.forward_tasks.wait().await;
     }
 }
 

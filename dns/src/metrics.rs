@@ -69,6 +69,12 @@ pub struct DnsMetrics {
     pub tcp_idle_closed: IntCounter,
     /// 1 while forwarding is stopped because a forwarded query came back (a loop).
     pub forward_loop: prometheus::IntGauge,
+    /// Questions waiting on an upstream now (identical ones once).
+    pub forward_in_flight: prometheus::IntGauge,
+    /// Questions answered SERVFAIL at once, by the bound they met (see [`crate::inflight::Limit`]).
+    forward_overflow: [IntCounter; 3],
+    /// Queries that joined an identical question already waiting on the upstream.
+    pub forward_coalesced: IntCounter,
 }
 
 impl DnsMetrics {
@@ -134,6 +140,27 @@ impl DnsMetrics {
             "svcd_dns_forward_loop",
             "1 while forwarding is stopped because a query svcd forwarded came back to it.",
         )?;
+        let forward_in_flight = prometheus::IntGauge::new(
+            "svcd_dns_forward_in_flight",
+            "Questions for names outside the zone waiting on an upstream now (identical questions \
+             asked together count once).",
+        )?;
+        let forward_overflow = IntCounterVec::new(
+            Opts::new(
+                "svcd_dns_forward_overflow_total",
+                "Queries for names outside the zone answered SERVFAIL at once, not forwarded, by the \
+                 bound they met (dns.forwarding).",
+            ),
+            &["limit"],
+        )?;
+        let forward_coalesced = IntCounter::new(
+            "svcd_dns_forward_coalesced_total",
+            "Queries for names outside the zone answered from an identical question already \
+             waiting on the upstream, instead of a query of their own.",
+        )?;
+        registry.register(Box::new(forward_in_flight.clone()))?;
+        registry.register(Box::new(forward_overflow.clone()))?;
+        registry.register(Box::new(forward_coalesced.clone()))?;
         registry.register(Box::new(forward_loop.clone()))?;
         registry.register(Box::new(requests_vec))?;
         registry.register(Box::new(duration.clone()))?;
@@ -156,7 +183,24 @@ impl DnsMetrics {
             tcp_refused_client: tcp_refused.with_label_values(&["per_client"]),
             tcp_idle_closed,
             forward_loop,
+            forward_in_flight,
+            forward_overflow: [
+                forward_overflow.with_label_values(&["worker"]),
+                forward_overflow.with_label_values(&["total"]),
+                forward_overflow.with_label_values(&["waiters"]),
+            ],
+            forward_coalesced,
         })
+    }
+
+    /// Counts a query refused by the forwarding bound `limit`.
+    pub fn forward_overflow(&self, limit: crate::inflight::Limit) -> &IntCounter {
+        use crate::inflight::Limit;
+        &self.forward_overflow[match limit {
+            Limit::Worker => 0,
+            Limit::Total => 1,
+            Limit::Waiters => 2,
+        }]
     }
 
     #[inline]

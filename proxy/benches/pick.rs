@@ -14,7 +14,7 @@ use svcd_lb::{BalancerTable, LbMetrics, LoadBalancer, PortRule, SlotFactory};
 use svcd_proxy::fds::FdBudget;
 use svcd_proxy::http::metrics::{HttpMetrics, HttpSlots};
 use svcd_proxy::http::route::{Router, MAX_HOST};
-use svcd_proxy::{L4Slots, ProxyMetrics};
+use svcd_proxy::{L4Slots, ProxyMetrics, Transport};
 use svcd_registry::store::{Event, EventKind};
 use svcd_registry::{EndpointSnapshot, SnapshotBuilder, SnapshotPublisher};
 
@@ -97,6 +97,7 @@ fn bench_l4(c: &mut Criterion) {
         let slots = L4Slots {
             metrics: ProxyMetrics::new(&prometheus::Registry::new(), FdBudget::unlimited())
                 .expect("metrics"),
+            transport: Transport::Tcp,
             listener: "tcp/127.0.0.1:5432".into(),
         };
         let table = BalancerTable::new(&lb, slots, PortRule::Only);

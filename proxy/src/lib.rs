@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use metrics::ListenerMetrics;
-pub use metrics::{L4Slots, ProxyMetrics};
+pub use metrics::{L4Slots, ProxyMetrics, Transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -140,7 +140,7 @@ impl ListenerBalancers {
 }
 
 impl ListenerState {
-    pub fn new(config: L4ListenerConfig, ctx: &ProxyContext, transport: &str) -> Self {
+    pub fn new(config: L4ListenerConfig, ctx: &ProxyContext, transport: Transport) -> Self {
         let (table, metrics) = Self::for_target(&config, ctx, transport);
         ListenerState {
             balancers: ArcSwap::new(table),
@@ -154,14 +154,15 @@ impl ListenerState {
     fn for_target(
         config: &L4ListenerConfig,
         ctx: &ProxyContext,
-        transport: &str,
+        transport: Transport,
     ) -> (Arc<ListenerBalancers>, ListenerMetrics) {
         let t = &config.target;
-        let listener = format!("{transport}/{}", config.listen);
+        let listener = format!("{}/{}", transport.label(), config.listen);
         let service = ServiceName::new(&t.service, &t.namespace);
-        let metrics = ctx.metrics.listener(&listener, service.as_str());
+        let metrics = ctx.metrics.listener(transport, &listener, service.as_str());
         let slots = L4Slots {
             metrics: ctx.metrics.clone(),
+            transport,
             listener,
         };
         let balancers = ListenerBalancers {
@@ -172,35 +173,13 @@ impl ListenerState {
         (Arc::new(balancers), metrics)
     }
 
-    pub fn reconfigure(&self, config: L4ListenerConfig, ctx: &ProxyContext, transport: &str) {
+    pub fn reconfigure(&self, config: L4ListenerConfig, ctx: &ProxyContext, transport: Transport) {
         if self.config.load().target != config.target {
             let (table, metrics) = Self::for_target(&config, ctx, transport);
             self.balancers.store(table);
             self.listener_metrics.store(Arc::new(metrics));
         }
         self.config.store(Arc::new(config));
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Transport {
-    Tcp,
-    Udp,
-}
-
-impl Transport {
-    fn key(self) -> &'static str {
-        match self {
-            Transport::Tcp => "proxy.tcp",
-            Transport::Udp => "proxy.udp",
-        }
-    }
-
-    fn label(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::Udp => "udp",
-        }
     }
 }
 
@@ -276,7 +255,7 @@ impl L4Proxy {
             let mut running = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
             running.retain(|key, state| match wanted.get(key) {
                 Some((_, l)) => {
-                    state.reconfigure((*l).clone(), &self.ctx, key.0.label());
+                    state.reconfigure((*l).clone(), &self.ctx, key.0);
                     true
                 }
                 None => {
@@ -294,7 +273,7 @@ impl L4Proxy {
         let mut errors = Vec::new();
         for (transport, i, listener) in to_bind {
             let addr = listener.listen;
-            let state = Arc::new(ListenerState::new(listener, &self.ctx, transport.label()));
+            let state = Arc::new(ListenerState::new(listener, &self.ctx, transport));
             let phase = &self.ctx.phase;
             let started = match transport {
                 Transport::Tcp => self.workers.listen(addr, phase, |l| {

@@ -49,7 +49,7 @@ fn admit(client: TcpStream, peer: SocketAddr, state: &Arc<ListenerState>, ctx: &
     let max = ctx.settings.load().max_connections;
     if ctx.active.fetch_add(1, Ordering::Relaxed) >= max {
         ctx.active.fetch_sub(1, Ordering::Relaxed);
-        state.listener_metrics.load().rejected.inc();
+        state.listener_metrics.load().rejected();
         drop(client); // closed at once
         return;
     }
@@ -74,7 +74,9 @@ struct ActiveGuard(Arc<EndpointMetrics>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.dec();
+        if let Some(tcp) = self.0.tcp() {
+            tcp.active.dec();
+        }
     }
 }
 
@@ -127,7 +129,9 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
                 "connect timed out"
             }
         };
-        m.connect_failures.inc();
+        if let Some(tcp) = m.tcp() {
+            tcp.connect_failures.inc();
+        }
         balancer.failure(&view, slot, Detector::Tcp, failure);
     }
     let Some((upstream, slot, m)) = connected else {
@@ -138,8 +142,12 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
     let endpoint = slot.endpoint.clone();
     // The client socket inherited TCP_NODELAY from the listener.
     let _ = upstream.set_nodelay(true);
-    m.connections.inc();
-    m.active.inc();
+    // A TCP listener's endpoints always have them.
+    let counts = m.tcp();
+    if let Some(tcp) = counts {
+        tcp.connections.inc();
+        tcp.active.inc();
+    }
     let _active = ActiveGuard(m.clone());
 
     let base = Instant::now();
@@ -151,11 +159,15 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
     let both = async {
         tokio::try_join!(
             one_way(splice, &client, &upstream, &half_closed, |n| {
-                m.bytes_in.inc_by(n as u64);
+                if let Some(tcp) = counts {
+                    tcp.bytes_in.inc_by(n as u64);
+                }
                 touch();
             }),
             one_way(splice, &upstream, &client, &half_closed, |n| {
-                m.bytes_out.inc_by(n as u64);
+                if let Some(tcp) = counts {
+                    tcp.bytes_out.inc_by(n as u64);
+                }
                 touch();
             }),
         )

@@ -7,6 +7,12 @@
 //! sending into a dead address.
 //!
 //! The table is owned by the listener task alone: no lock.
+//!
+//! Memory: no flow holds a buffer. The listener reads into its one buffer and sends on to the
+//! flow's upstream socket; a flow's reply task reads into its runtime thread's buffer and sends
+//! on before it yields (a datagram is copied at its length only when the listener socket is
+//! full). A flow costs its socket, its reply task and its table entry (about 1.5 KiB measured),
+//! and the table gives back its room after a flood's flows idle out.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -83,6 +89,19 @@ impl FlowTable {
         let flows = &self.flows;
         self.order
             .retain(|(seq, client)| flows.get(client).is_some_and(|f| f.seq == *seq));
+        self.shrink_after_expiry();
+    }
+
+    /// Gives back the room a flood of flows left once most of them have gone (a table keeps
+    /// its largest capacity otherwise): down to twice what is left when under a quarter is used.
+    fn shrink_after_expiry(&mut self) {
+        const KEEP: usize = 64;
+        if self.flows.capacity() > KEEP && self.flows.len() < self.flows.capacity() / 4 {
+            self.flows.shrink_to((self.flows.len() * 2).max(KEEP));
+        }
+        if self.order.capacity() > KEEP && self.order.len() < self.order.capacity() / 4 {
+            self.order.shrink_to((self.order.len() * 2).max(KEEP));
+        }
     }
 }
 
@@ -90,7 +109,8 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyC
     let socket = Arc::new(socket);
     let base = Instant::now();
     let mut table = FlowTable::default();
-    let mut buf = vec![0u8; 65535];
+    // One receive buffer for the listener: a datagram is sent on from it before the next read.
+    let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     let mut changes = ctx.snapshot.changes();
     // Cleared if the registry's publisher is gone (no more changes can come): stop polling it.
@@ -114,12 +134,16 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyC
                         continue;
                     };
                     table.insert(client, flow);
-                    state.listener_metrics.load().flows.set(table.flows.len() as i64);
+                    state.listener_metrics.load().set_flows(table.flows.len());
                 }
                 let flow = table.flows.get_mut(&client).expect("present or just opened");
                 flow.last.store(now_ms, Ordering::Relaxed);
                 match flow.upstream.send(&buf[..n]).await {
-                    Ok(_) => flow.metrics.datagrams_in.inc(),
+                    Ok(_) => {
+                        if let Some(udp) = flow.metrics.udp() {
+                            udp.datagrams_in.inc();
+                        }
+                    }
                     Err(e) => {
                         debug!(%client, error = %e, "UDP proxy send upstream failed; dropping flow");
                         table.flows.remove(&client);
@@ -130,7 +154,7 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyC
                 let idle = state.config.load().idle_timeout.as_millis() as u64;
                 let now_ms = base.elapsed().as_millis() as u64;
                 table.retain(|_, f| now_ms.saturating_sub(f.last.load(Ordering::Relaxed)) < idle);
-                state.listener_metrics.load().flows.set(table.flows.len() as i64);
+                state.listener_metrics.load().set_flows(table.flows.len());
             }
             changed = changes.changed(), if changes_open => {
                 if changed.is_err() {
@@ -146,7 +170,7 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyC
                     let served = service.is_some_and(|s| s.healthy.iter().any(|e| e.id == f.health.id && e.ip == f.health.ip));
                     !f.health.has_left() && (served || (f.in_panic && f.service.in_panic()))
                 });
-                state.listener_metrics.load().flows.set(table.flows.len() as i64);
+                state.listener_metrics.load().set_flows(table.flows.len());
             }
         }
     }
@@ -166,7 +190,7 @@ async fn new_flow(
     let metrics = state.listener_metrics.load_full();
     let max = state.config.load().max_flows.unwrap_or(DEFAULT_MAX_FLOWS);
     while table.flows.len() >= max && table.evict_oldest() {
-        metrics.evictions.inc();
+        metrics.evicted();
     }
     let permit = loop {
         if let Some(permit) = ctx.metrics.fds.try_acquire(&state.fds, 1) {
@@ -176,7 +200,7 @@ async fn new_flow(
             metrics.fd_refusals.inc();
             return None;
         }
-        metrics.evictions.inc();
+        metrics.evicted();
     };
     open_flow(listener, client, state, ctx, base, permit).await
 }
@@ -228,7 +252,6 @@ async fn open_flow(
     };
     if let Err(e) = upstream.connect((endpoint.ip, port)).await {
         debug!(error = %e, "UDP proxy upstream connect failed");
-        metrics.connect_failures.inc();
         state.listener_metrics.load().no_healthy.inc();
         return None;
     }
@@ -258,6 +281,57 @@ async fn open_flow(
     })
 }
 
+/// Largest UDP payload: what the listener's and the reply buffers hold.
+const MAX_DATAGRAM: usize = 65_535;
+
+thread_local! {
+    /// The reply buffer of this runtime thread, shared by every flow's reply task that runs on
+    /// it: a datagram is read into it and sent on from it before the task yields, so a flow
+    /// holds no buffer of its own (a 64 KiB one each made a flood of sources cost 64 KiB a
+    /// flow, kept after the flows ended).
+    static REPLY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What one read of the upstream socket came to.
+enum Relayed {
+    /// Sent on to the client.
+    Sent,
+    /// Read, but the send to the client failed (as UDP may).
+    Lost,
+    /// The listener socket's send buffer was full: the datagram, copied at its length, to send
+    /// when it has room.
+    Pending(Vec<u8>),
+    /// Nothing to read after all (a spurious readiness).
+    Nothing,
+    /// The read failed: an ICMP error (port unreachable) shows up here.
+    Failed,
+}
+
+/// Reads one datagram from `upstream` into this thread's buffer and sends it to `client`
+/// through the listener, without yielding in between.
+fn relay_one(upstream: &UdpSocket, listener: &UdpSocket, client: SocketAddr) -> Relayed {
+    REPLY_BUF.with_borrow_mut(|buf| {
+        if buf.len() < MAX_DATAGRAM {
+            buf.resize(MAX_DATAGRAM, 0);
+        }
+        let n = match upstream.try_recv(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Relayed::Nothing,
+            Err(_) => return Relayed::Failed,
+        };
+        match listener.try_send_to(&buf[..n], client) {
+            Ok(_) => Relayed::Sent,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Relayed::Pending(buf[..n].to_vec())
+            }
+            Err(e) => {
+                debug!(%client, error = %e, "UDP proxy send to client failed");
+                Relayed::Lost
+            }
+        }
+    })
+}
+
 async fn relay_replies(
     upstream: Arc<UdpSocket>,
     listener: Arc<UdpSocket>,
@@ -266,19 +340,27 @@ async fn relay_replies(
     metrics: Arc<EndpointMetrics>,
     base: Instant,
 ) {
-    let mut buf = vec![0u8; 65535];
     loop {
-        let n = match upstream.recv(&mut buf).await {
-            Ok(n) => n,
-            // ICMP port unreachable shows up here; keep the flow until it idles or is dropped.
-            Err(_) => {
+        if upstream.readable().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let sent = match relay_one(&upstream, &listener, client) {
+            Relayed::Sent => true,
+            Relayed::Lost => false,
+            Relayed::Pending(datagram) => listener.send_to(&datagram, client).await.is_ok(),
+            Relayed::Nothing => continue,
+            // Keep the flow until it idles or is dropped.
+            Relayed::Failed => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
         last.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
-        if listener.send_to(&buf[..n], client).await.is_ok() {
-            metrics.datagrams_out.inc();
+        if sent {
+            if let Some(udp) = metrics.udp() {
+                udp.datagrams_out.inc();
+            }
         }
     }
 }

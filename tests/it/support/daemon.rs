@@ -228,13 +228,13 @@ impl Daemon {
 
     /// A `/proc/<pid>/status` field in kB (`VmRSS`, `VmHWM`…).
     pub fn status_kb(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("svcd's /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        status_kb_of(self.pid(), field)
             .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid()))
+    }
+
+    /// The daemon's resident memory (`VmRSS` of /proc/<pid>/status), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.status_kb("VmRSS")
     }
 
     /// The file descriptors svcd has open now.
@@ -499,6 +499,20 @@ impl Drop for ExecJob {
         let _ = self.exec.kill();
         let _ = self.exec.wait();
     }
+}
+
+/// A `/proc/<pid>/status` field (`VmRSS`, `VmHWM`…) of process `pid`, in kB.
+pub fn status_kb_of(pid: Pid, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The resident memory (`VmRSS` of /proc/<pid>/status) of process `pid`, in KiB.
+pub fn rss_kib_of(pid: Pid) -> Option<u64> {
+    status_kb_of(pid, "VmRSS")
 }
 
 /// `name{l1="v1",…}` → (name, ["l1=\"v1\"", …]).
