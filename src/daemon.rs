@@ -161,7 +161,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         workers,
         registry.reader(),
         &metrics.registry,
-        &answer.token(),
+        &answer,
     )
     .await?;
     // The one owner of endpoint health, for the daemon's lifetime (reloads reconfigure it).

@@ -43,7 +43,7 @@ use svcd_config::DnsConfig;
 use svcd_registry::SnapshotReader;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use svcd_lifecycle::Phase;
 
 pub use handler::DnsResponder;
 pub use metrics::DnsMetrics;
@@ -67,15 +67,16 @@ pub struct DnsServer {
     /// Every listen address, as bound.
     pub addrs: Vec<SocketAddr>,
     pub responder: Arc<DnsResponder>,
-    /// Stops the UDP workers; set by `shutdown` or by the daemon's shutdown token.
+    /// Stops the UDP workers; set by `shutdown` or when the phase stops. A plain flag rather
+    /// than the phase's token: the workers look at it once per batch, and a token's
+    /// `is_cancelled` takes a lock.
     stop: Arc<AtomicBool>,
     udp_threads: Vec<std::thread::JoinHandle<()>>,
     /// Stops the TCP accept loop and, after their current query, its connections.
     tcp_stop: CancellationToken,
-    /// The TCP accept loop and connections, so shutdown can wait for them.
-    tcp_tasks: TaskTracker,
-    /// The UDP workers' forwarded questions (their leads), so shutdown can wait for them.
-    forward_tasks: TaskTracker,
+    /// The phase DNS runs in: the UDP worker threads, the TCP accept loop and connections, the
+    /// forwarded questions and the loop probe are all its tasks, so its stop waits for them.
+    phase: Phase,
 }
 
 impl DnsServer {
@@ -85,7 +86,7 @@ impl DnsServer {
         workers: usize,
         snapshot: SnapshotReader,
         prometheus: &prometheus::Registry,
-        cancel: &CancellationToken,
+        phase: &Phase,
     ) -> Result<DnsServer, DnsError> {
         let responder = DnsResponder::new(config, snapshot, DnsMetrics::new(prometheus)?);
         if config.listen.iter().any(|a| !a.ip().is_loopback()) && config.rrl.rate == 0 {
@@ -94,19 +95,19 @@ impl DnsServer {
                 "DNS listens beyond loopback without response rate limiting; set dns.rrl.rate"
             );
         }
-        // The UDP threads look at a flag; the daemon's token sets it (or `shutdown` does).
+        // The UDP threads look at a flag; this task of the phase sets it when the phase stops
+        // (or `shutdown` does).
         let stop = Arc::new(AtomicBool::new(false));
-        let (token, flag) = (cancel.clone(), stop.clone());
-        tokio::spawn(async move {
+        let (token, flag) = (phase.token(), stop.clone());
+        phase.spawn(async move {
             token.cancelled().await;
             flag.store(true, Ordering::Relaxed);
         });
         let bind_err = |addr, cause| DnsError::Bind { addr, cause };
-        let tcp_stop = cancel.child_token();
-        let tcp_tasks = TaskTracker::new();
+        let tcp_stop = phase.token();
         let forward_tasks = udp::ForwardTasks {
             runtime: tokio::runtime::Handle::current(),
-            tracker: TaskTracker::new(),
+            phase: phase.clone(),
         };
         let mut addrs = Vec::new();
         let mut udp_threads = Vec::new();
@@ -122,11 +123,11 @@ impl DnsServer {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| bind_err(addr, e))?;
-            tcp_tasks.spawn(tcp::serve(
+            phase.spawn(tcp::serve(
                 listener,
                 responder.clone(),
                 tcp_stop.clone(),
-                tcp_tasks.clone(),
+                phase.clone(),
             ));
             addrs.push(addr);
             udp_threads.extend(threads);
@@ -139,8 +140,7 @@ impl DnsServer {
             stop,
             udp_threads,
             tcp_stop,
-            tcp_tasks,
-            forward_tasks: forward_tasks.tracker,
+            phase: phase.clone(),
         };
         server.probe_forwarding_loop();
         Ok(server)
@@ -156,7 +156,8 @@ impl DnsServer {
         };
         let target = self.addr;
         let responder = self.responder.clone();
-        tokio::spawn(async move {
+        let stop = self.phase.token();
+        self.phase.spawn(async move {
             let mut query = hickory_proto::op::Message::query();
             query.metadata.recursion_desired = true;
             query.add_query(hickory_proto::op::Query::query(
@@ -179,8 +180,14 @@ impl DnsServer {
                 }
                 let _ = socket.send_to(&bytes, target).await;
                 let mut buf = [0u8; 512];
-                let _ = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await;
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                let wait = async {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                };
+                tokio::select! {
+                    _ = wait => {}
+                    _ = stop.cancelled() => return,
+                }
             }
         });
     }
@@ -195,14 +202,13 @@ impl DnsServer {
         }
     }
 
-    /// Stops accepting, answers questions still waiting on an upstream (SERVFAIL), lets TCP
-    /// connections finish, joins the UDP workers.
+    /// Stops accepting, answers questions still waiting on an upstream (SERVFAIL) and joins
+    /// the UDP workers; TCP connections finish their current query. The phase's stop waits for
+    /// the rest (connections, forwarded questions).
     pub async fn shutdown(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.tcp_stop.cancel();
         self.responder.stop_forwarding();
-        self.tcp_tasks.close();
-        self.tcp_tasks.wait().await;
         let threads = std::mem::take(&mut self.udp_threads);
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -210,9 +216,6 @@ impl DnsServer {
             }
         })
         .await;
-        // The workers are gone: no lead can be spawned any more.
-        self.forward_tasks.close();
-        self.forward_tasks.wait().await;
     }
 }
 

@@ -12,7 +12,7 @@ use hickory_server::net::xfer::Protocol;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use svcd_lifecycle::Phase;
 use tracing::{debug, warn};
 
 use crate::handler::DnsResponder;
@@ -79,13 +79,13 @@ impl OpenConnections {
     }
 }
 
-/// Serves DNS over TCP on `listener` until `stop`; connections are tracked by `tracker` and end
+/// Serves DNS over TCP on `listener` until `stop`; connections are tasks of `phase` and end
 /// after their current query once `stop` fires.
 pub async fn serve(
     listener: TcpListener,
     responder: Arc<DnsResponder>,
     stop: CancellationToken,
-    tracker: TaskTracker,
+    phase: Phase,
 ) {
     let open = Arc::new(OpenConnections::default());
     loop {
@@ -112,7 +112,7 @@ pub async fn serve(
             }
         };
         let (responder, stop) = (responder.clone(), stop.clone());
-        tracker.spawn(async move {
+        phase.spawn(async move {
             let _admission = admission;
             serve_connection(stream, peer, &responder, &stop).await;
         });

@@ -20,7 +20,7 @@ use nix::sys::socket::{
 };
 use socket2::{Domain, Socket, Type};
 use tokio::runtime::Handle;
-use tokio_util::task::TaskTracker;
+use svcd_lifecycle::Phase;
 use tracing::{debug, warn};
 
 use crate::fastpath::{FastPath, LearnedAnswer};
@@ -42,12 +42,12 @@ pub fn bind_reuseport(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(socket)
 }
 
-/// Where a worker's forwarded questions run: the runtime, and the tracker the server waits on
-/// at shutdown.
+/// Where a worker's forwarded questions run: the runtime, and the phase (DNS's) that tracks them
+/// and the worker threads.
 #[derive(Clone)]
 pub struct ForwardTasks {
     pub runtime: Handle,
-    pub tracker: TaskTracker,
+    pub phase: Phase,
 }
 
 /// Starts `workers` threads serving UDP on `addr` (port 0: the first socket picks one and the
@@ -72,11 +72,10 @@ pub fn spawn(
         let tasks = tasks.clone();
         let stop = stop.clone();
         let socket = Arc::new(socket);
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("svcd-dns-udp-{i}"))
-                .spawn(move || serve(socket, responder, tasks, stop))?,
-        );
+        let phase = tasks.phase.clone();
+        threads.push(phase.thread(format!("svcd-dns-udp-{i}"), move || {
+            serve(socket, responder, tasks, stop)
+        })?);
     }
     Ok((bound, threads))
 }
@@ -197,7 +196,7 @@ fn serve(
                         match responder.offer(waiter, &lane) {
                             Offered::Lead(lease) => {
                                 let responder = responder.clone();
-                                tasks.tracker.spawn_on(
+                                tasks.phase.spawn_on(
                                     async move { responder.lead(lease).await },
                                     &tasks.runtime,
                                 );
