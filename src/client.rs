@@ -126,6 +126,7 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    // The CLI's one request: the connection task ends with the exchange (or the process).
     tokio::spawn(conn);
     Ok(send.send_request(req).await?)
 }

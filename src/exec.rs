@@ -93,6 +93,8 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
     for (kind, sig) in forwarded {
         let mut stream = signal(kind)?;
         let tx = sig_tx.clone();
+        // `svcd exec`, not the daemon: these forwarders live as long as the wrapped process
+        // (the runtime ends with it).
         tokio::spawn(async move {
             while stream.recv().await.is_some() {
                 if tx.send(sig).is_err() {

@@ -20,6 +20,7 @@ use hickory_proto::rr::RecordType;
 use crate::answer::{answer_start, distinct_addresses, ZoneSettings};
 use crate::handler::{DnsResponder, EDNS_PAYLOAD};
 use crate::metrics::{rcode_index, Proto};
+use crate::pending::LearnedAnswer;
 
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
@@ -95,7 +96,7 @@ pub struct FastPath {
 }
 
 /// A forwarded answer (a name outside the zone) as the general path encoded it, replayed by the
-/// worker for up to [`FORWARD_CACHE_FOR`] (never past the records' smallest TTL): a hot outside
+/// worker for up to [`crate::pending::FORWARD_CACHE_FOR`] (never past the records' smallest TTL): a hot outside
 /// name is then answered like an inside one, in the worker's batch, instead of by a task per
 /// query through hickory's parser, the resolver's cache and a send of its own. The TTLs it
 /// carries can be up to that second older than hickory-resolver's own cache would say.
@@ -103,48 +104,6 @@ struct ForwardedAnswer {
     response: Vec<u8>,
     until: Instant,
     rcode: usize,
-}
-
-/// Longest a worker replays one forwarded answer.
-pub const FORWARD_CACHE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// A forwarded answer for a worker to keep: sent back by the general path's task.
-pub struct LearnedAnswer {
-    key: Vec<u8>,
-    response: Vec<u8>,
-    until: Instant,
-    rcode: usize,
-}
-
-impl LearnedAnswer {
-    /// What the general path answered to the query `key` stands for, if it may be replayed: a
-    /// whole (not truncated) NOERROR or NXDOMAIN answer whose records all have a TTL.
-    pub fn of(key: Vec<u8>, response: &[u8]) -> Option<LearnedAnswer> {
-        let message = hickory_proto::op::Message::from_vec(response).ok()?;
-        let rcode = message.metadata.response_code;
-        if message.metadata.truncation
-            || !matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain)
-        {
-            return None;
-        }
-        let min_ttl = message
-            .answers
-            .iter()
-            .chain(message.authorities.iter())
-            .map(|r| r.ttl)
-            .min()
-            .unwrap_or(u32::MAX);
-        if min_ttl == 0 {
-            return None;
-        }
-        let keep = FORWARD_CACHE_FOR.min(std::time::Duration::from_secs(u64::from(min_ttl)));
-        Some(LearnedAnswer {
-            key,
-            response: response.to_vec(),
-            until: Instant::now() + keep,
-            rcode: rcode_index(rcode),
-        })
-    }
 }
 
 impl Default for FastPath {

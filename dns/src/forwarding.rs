@@ -12,8 +12,7 @@
 //! its socket: it never waits for an upstream, so names in the zone are answered whatever the
 //! upstream does. DNS over TCP leads in the connection's own task.
 
-use std::net::{SocketAddr, UdpSocket};
-use std::sync::mpsc;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hickory_proto::op::ResponseCode;
@@ -22,27 +21,9 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use crate::answer::Answer;
-use crate::fastpath::LearnedAnswer;
-use crate::handler::{DnsResponder, PendingQuery, Step};
+use crate::handler::DnsResponder;
 use crate::inflight::{Admission, Lane, Lease};
-
-/// A client waiting on a question: its query, and where its answer goes.
-pub struct Waiter {
-    pub query: Box<PendingQuery>,
-    pub reply: Reply,
-}
-
-pub enum Reply {
-    /// A UDP client, answered from a clone of its worker's socket. `learn`: the key under which
-    /// that worker's fast path keeps the answer for a second, and the way back to the worker.
-    Udp {
-        socket: Arc<UdpSocket>,
-        client: SocketAddr,
-        learn: Option<(Vec<u8>, mpsc::Sender<LearnedAnswer>)>,
-    },
-    /// A task awaiting the answer (a DNS-over-TCP connection); `None`: nothing to send.
-    Task(oneshot::Sender<Option<Vec<u8>>>),
-}
+use crate::pending::{LearnedAnswer, Reply, Step, Waiter};
 
 /// What [`DnsResponder::offer`] did with a waiter.
 pub enum Offered {

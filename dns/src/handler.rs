@@ -21,9 +21,9 @@ use tracing::{debug, warn};
 
 use crate::answer::{resolve, Answer, Question, Resolution, ZoneSettings};
 use crate::forward::Forwarder;
-use crate::forwarding::Waiter;
 use crate::inflight::{InFlight, Lane, QuestionKey};
 use crate::metrics::{qtype_index, rcode_index, DnsMetrics, Proto};
+use crate::pending::{PendingQuery, Step, Waiter};
 
 /// Our advertised EDNS UDP payload size (DNS flag day 2020), and the most we send over UDP.
 pub const EDNS_PAYLOAD: u16 = 1232;
@@ -331,28 +331,6 @@ impl DnsResponder {
             ..Answer::default()
         }
     }
-}
-
-/// What [`DnsResponder::answer_now`] made of a packet.
-pub enum Step {
-    /// The response to send; `None`: send nothing.
-    Done(Option<Vec<u8>>),
-    /// A question for the upstream; answer it with [`DnsResponder::finish`].
-    Forward(Box<PendingQuery>),
-}
-
-/// A query waiting on the upstream: what its answer needs (its own ID, question, EDNS and size)
-/// and what its metrics need.
-pub struct PendingQuery {
-    request: Request,
-    /// Its question as asked upstream: identical keys share one upstream query.
-    pub key: QuestionKey,
-    max_size: u16,
-    proto: Proto,
-    qtype: usize,
-    /// RA as the zone said when the query came (forwarding on).
-    recursion_available: bool,
-    started: Instant,
 }
 
 /// A response that did not fit the client's UDP size may end in a cut-off record (hickory

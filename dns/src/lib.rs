@@ -29,6 +29,7 @@ pub mod forwarding;
 pub mod handler;
 pub mod inflight;
 pub mod metrics;
+pub mod pending;
 pub mod rrl;
 pub mod tcp;
 pub mod udp;
@@ -40,10 +41,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use svcd_config::DnsConfig;
+use svcd_lifecycle::Phase;
 use svcd_registry::SnapshotReader;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use svcd_lifecycle::Phase;
 
 pub use handler::DnsResponder;
 pub use metrics::DnsMetrics;
@@ -181,7 +182,8 @@ impl DnsServer {
                 let _ = socket.send_to(&bytes, target).await;
                 let mut buf = [0u8; 512];
                 let wait = async {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await;
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 };
                 tokio::select! {

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_server::net::xfer::Protocol;
+use svcd_lifecycle::Phase;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use svcd_lifecycle::Phase;
 use tracing::{debug, warn};
 
 use crate::handler::DnsResponder;

@@ -550,7 +550,7 @@ fn a_truncated_answer_without_edns_ends_at_a_record_boundary() {
 /// next queries (their ID, RD bit and 0x20 case), for at most a second and never past a TTL.
 #[test]
 fn workers_replay_forwarded_answers_briefly() {
-    use crate::fastpath::LearnedAnswer;
+    use crate::pending::LearnedAnswer;
     use hickory_proto::rr::rdata::A;
     use hickory_proto::rr::{RData, Record};
 

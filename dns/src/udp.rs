@@ -19,14 +19,17 @@ use nix::sys::socket::{
     recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
 };
 use socket2::{Domain, Socket, Type};
-use tokio::runtime::Handle;
 use svcd_lifecycle::Phase;
+use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
-use crate::fastpath::{FastPath, LearnedAnswer};
-use crate::forwarding::{Offered, Reply, Waiter};
-use crate::handler::{DnsResponder, Step, EDNS_PAYLOAD};
+use crate::fastpath::FastPath;
+use crate::forwarding::Offered;
+use crate::handler::{DnsResponder, EDNS_PAYLOAD};
 use crate::inflight::Lane;
+use crate::pending::LearnedAnswer;
+use crate::pending::Step;
+use crate::pending::{Reply, Waiter};
 use crate::rrl::{truncated_answer, Verdict};
 
 /// How often a blocked worker wakes to check for shutdown.

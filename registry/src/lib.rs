@@ -30,6 +30,7 @@
 //! * [`weights`]: [`WeightedSchedule`], smooth weighted round robin as a precomputed sequence
 //!   (DNS answer selection and the load balancer share it).
 
+mod backoff;
 pub mod endpoint;
 pub mod keys;
 pub mod lease;
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod name;
 pub mod publisher;
 pub mod snapshot;
+pub mod status;
 pub mod store;
 pub mod sync;
 pub mod weights;
@@ -53,11 +55,12 @@ pub use keys::{InstanceKey, ENDPOINTS_PREFIX, STORE_MARKER_KEY};
 pub use lease::{LeaseKeeper, OwnRegistration};
 pub use metrics::RegistryMetrics;
 pub use name::ServiceName;
-pub use publisher::{Ejection, SnapshotPublisher};
-pub use snapshot::{EndpointSnapshot, ServedState, ServiceEndpoints, SnapshotBuilder};
+pub use publisher::SnapshotPublisher;
+pub use snapshot::{Ejection, EndpointSnapshot, ServedState, ServiceEndpoints, SnapshotBuilder};
+pub use status::{StoreReplaced, SyncStatus};
 pub use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 pub use svcd_config::{Instance, Protocol, State};
-pub use sync::{run_sync, SyncOptions, SyncStatus};
+pub use sync::{run_sync, SyncOptions};
 pub use weights::WeightedSchedule;
 
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::snapshot::{EndpointSnapshot, ServedState};
-use crate::sync::StoreReplaced;
+use crate::status::StoreReplaced;
 
 /// Handles resolved at start-up; updating one is an atomic op, never a registry lookup.
 #[derive(Clone)]

@@ -14,7 +14,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -22,22 +21,9 @@ use tracing::{info, warn};
 
 use crate::metrics::RegistryMetrics;
 use crate::name::ServiceName;
-use crate::snapshot::{EndpointSnapshot, ServiceEndpoints};
-use crate::sync::SyncStatus;
+use crate::snapshot::{Ejection, EndpointSnapshot, ServiceEndpoints};
+use crate::status::SyncStatus;
 use crate::SnapshotReader;
-
-/// Why and until when an instance is ejected on this node, for `svcd list`, the API and metrics.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Ejection {
-    /// The detectors holding the ejection (`"http"`, `"tcp"`): it ends when none does.
-    pub holders: Vec<&'static str>,
-    pub reason: String,
-    pub since: SystemTime,
-    /// When the last holder's ejection ends.
-    pub until: SystemTime,
-    /// How many times this instance has been ejected (the ejection time grows with it).
-    pub count: u32,
-}
 
 #[derive(Default)]
 struct PublisherState {
@@ -205,6 +191,7 @@ mod tests {
     use super::*;
     use crate::snapshot::{ServedState, SnapshotBuilder};
     use crate::store::{Event, EventKind};
+    use std::time::SystemTime;
 
     fn put(b: &mut SnapshotBuilder, id: &str, rev: i64) {
         b.apply(&Event {

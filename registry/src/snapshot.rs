@@ -10,11 +10,11 @@ mod builder;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use svcd_config::State;
 
 use crate::endpoint::Endpoint;
-use crate::publisher::Ejection;
 
 pub use builder::{Applied, Relist, SnapshotBuilder};
 
@@ -274,4 +274,17 @@ impl EndpointSnapshot {
     pub fn service_count(&self) -> usize {
         self.service_count
     }
+}
+
+/// Why and until when an instance is ejected on this node, for `svcd list`, the API and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ejection {
+    /// The detectors holding the ejection (`"http"`, `"tcp"`): it ends when none does.
+    pub holders: Vec<&'static str>,
+    pub reason: String,
+    pub since: SystemTime,
+    /// When the last holder's ejection ends.
+    pub until: SystemTime,
+    /// How many times this instance has been ejected (the ejection time grows with it).
+    pub count: u32,
 }

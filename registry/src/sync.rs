@@ -10,20 +10,20 @@
 //!  └────────┴─ compacted / resync timer
 //! ```
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
-use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::backoff::Backoff;
 use crate::keys::{ENDPOINTS_PREFIX, STORE_MARKER_KEY};
 use crate::metrics::RegistryMetrics;
 use crate::publisher::SnapshotPublisher;
 use crate::snapshot::{Applied, SnapshotBuilder};
+use crate::status::StoreReplaced;
 use crate::store::{Store, StoreError, StoreResult, WatchMessage, WatchStream};
 
 /// Timings of the sync loop; tests shrink them.
@@ -59,83 +59,6 @@ impl Default for SyncOptions {
     }
 }
 
-/// Shared, lock-free view of the sync state for readiness, metrics and the admin API.
-#[derive(Debug)]
-pub struct SyncStatus {
-    /// Set once the first full listing was published; never cleared (a stale snapshot still
-    /// serves).
-    pub synced: AtomicBool,
-    /// Whether the watch is currently healthy.
-    pub connected: AtomicBool,
-    /// Origin for `confirmed_nanos`.
-    base: Instant,
-    /// When the snapshot was last known current (event, progress or listing), as nanoseconds
-    /// after `base`; an atomic so the scrape path reads it without a lock.
-    confirmed_nanos: AtomicU64,
-    /// Why the store is not connected (the last error), for `/readyz`; cleared on connect.
-    last_error: ArcSwapOption<String>,
-    /// Bumped each time the store is found wiped or replaced: the lease keeper writes this
-    /// daemon's registrations again at once (the store lost them) instead of at its next
-    /// keep-alive.
-    replacements: watch::Sender<u64>,
-}
-
-impl Default for SyncStatus {
-    fn default() -> Self {
-        SyncStatus {
-            synced: AtomicBool::new(false),
-            connected: AtomicBool::new(false),
-            base: Instant::now(),
-            confirmed_nanos: AtomicU64::new(0),
-            last_error: ArcSwapOption::empty(),
-            replacements: watch::Sender::new(0),
-        }
-    }
-}
-
-impl SyncStatus {
-    fn confirm(&self) {
-        let nanos = self.base.elapsed().as_nanos() as u64;
-        self.confirmed_nanos.store(nanos, Ordering::Relaxed);
-    }
-
-    /// How stale the snapshot may be: time since it was last confirmed current.
-    pub fn snapshot_age(&self) -> Duration {
-        let confirmed = Duration::from_nanos(self.confirmed_nanos.load(Ordering::Relaxed));
-        self.base.elapsed().saturating_sub(confirmed)
-    }
-
-    pub fn is_synced(&self) -> bool {
-        self.synced.load(Ordering::Relaxed)
-    }
-
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
-    }
-
-    /// The last store error while not connected.
-    pub fn last_error(&self) -> Option<Arc<String>> {
-        self.last_error.load_full()
-    }
-
-    pub(crate) fn set_error(&self, error: &StoreError) {
-        self.last_error.store(Some(Arc::new(error.to_string())));
-    }
-
-    pub(crate) fn clear_error(&self) {
-        self.last_error.store(None);
-    }
-
-    /// Changes each time the store is found wiped or replaced.
-    pub fn replacements(&self) -> watch::Receiver<u64> {
-        self.replacements.subscribe()
-    }
-
-    fn replaced(&self) {
-        self.replacements.send_modify(|n| *n += 1);
-    }
-}
-
 fn record(metrics: &RegistryMetrics, results: &[Applied], kinds: impl Iterator<Item = bool>) {
     report_invalid(metrics, results);
     for (result, is_put) in results.iter().zip(kinds) {
@@ -149,34 +72,6 @@ fn record(metrics: &RegistryMetrics, results: &[Applied], kinds: impl Iterator<I
                 }
             }
         }
-    }
-}
-
-struct Backoff {
-    next: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            next: min,
-            min,
-            max,
-        }
-    }
-
-    /// Full jitter over the current step, then the step doubles.
-    fn step(&mut self) -> Duration {
-        let current = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let jitter = rand::random_range(0.5..=1.0);
-        current.mul_f64(jitter)
-    }
-
-    fn reset(&mut self) {
-        self.next = self.min;
     }
 }
 
@@ -289,35 +184,6 @@ fn report_invalid(metrics: &RegistryMetrics, results: &[Applied]) {
             total = invalid,
             "skipping more invalid registry entries (all counted in svcd_registry_invalid_values_total)"
         );
-    }
-}
-
-/// How the store was found to hold another history than the snapshot's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreReplaced {
-    /// Its revision is behind ours: wiped, or restored from a backup.
-    RevisionBehind,
-    /// Another cluster id: another cluster behind the same endpoints.
-    ClusterId,
-    /// Its marker differs or is gone: wiped or rebuilt with the same cluster id (same member
-    /// names, peer URLs and token) and a revision that alone would not tell.
-    Marker,
-}
-
-impl StoreReplaced {
-    pub const ALL: [StoreReplaced; 3] = [
-        StoreReplaced::RevisionBehind,
-        StoreReplaced::ClusterId,
-        StoreReplaced::Marker,
-    ];
-
-    /// The `reason` label of `svcd_registry_store_replaced_total`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StoreReplaced::RevisionBehind => "revision_behind",
-            StoreReplaced::ClusterId => "cluster_id",
-            StoreReplaced::Marker => "marker",
-        }
     }
 }
 

@@ -85,6 +85,8 @@ impl EmbeddedStore {
             changes,
             history: rand::random(),
         });
+        // Untracked on purpose: the store is made before the daemon's phases and outlives them
+        // all; the task holds only a `Weak` and ends at its next tick once the store is gone.
         tokio::spawn(expire_leases(Arc::downgrade(&shared)));
         EmbeddedStore { shared }
     }

@@ -2,6 +2,7 @@
 //! call is bounded by the configured request timeout and maps transport failures to
 //! `StoreError::Unavailable` so the layers above retry instead of failing.
 
+use crate::backoff::Backoff;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -256,7 +257,7 @@ impl EtcdStore {
     {
         let started = tokio::time::Instant::now();
         let deadline = started + RETRY_FOR;
-        let mut pause = Duration::from_millis(25);
+        let mut pause = Backoff::new(Duration::from_millis(25), Duration::from_millis(400));
         let mut tries = 0u32;
         let mut report = Report::NotStarted;
         loop {
@@ -288,10 +289,10 @@ impl EtcdStore {
                 let since = tokio::time::Instant::now();
                 report = Report::Running(Box::pin(self.members.report(since, bound)));
             }
-            if tokio::time::Instant::now() + pause < deadline {
+            let wait = pause.step();
+            if tokio::time::Instant::now() + wait < deadline {
                 tracing::debug!(endpoints = %self.endpoints, error = %msg, "etcd unavailable; retrying");
-                report.alongside(tokio::time::sleep(pause)).await;
-                pause = (pause * 2).min(Duration::from_millis(400));
+                report.alongside(tokio::time::sleep(wait)).await;
                 continue;
             }
             let mut msg = msg;
