@@ -22,9 +22,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use svcd_checks::{CheckMetrics, NetworkProbe};
 use svcd_config::{AdminListen, Config, Sources};
 use svcd_dns::DnsServer;
-use svcd_lb::checks::{CheckMetrics, NetworkProbe};
 use svcd_lb::{LbMetrics, LoadBalancer};
 use svcd_lifecycle::Phase;
 use svcd_proxy::fds::FdBudget;
@@ -108,7 +108,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         ..SyncOptions::default()
     };
     registry.spawn(&registry_phase, sync_options);
-    registry_phase.spawn(svcd_lb::checks::run(
+    registry_phase.spawn(svcd_checks::run(
         registry.keeper.clone(),
         Arc::new(NetworkProbe::default()),
         CheckMetrics::new(&metrics.registry)?,

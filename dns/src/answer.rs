@@ -10,7 +10,8 @@ use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, HINFO, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use svcd_config::DnsConfig;
-use svcd_registry::{Endpoint, EndpointSnapshot, ServiceEndpoints, WeightedSchedule};
+use svcd_lb::WeightedSchedule;
+use svcd_registry::{Endpoint, EndpointSnapshot, ServiceEndpoints};
 
 use crate::zone::{classify, Target};
 

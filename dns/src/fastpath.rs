@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hickory_proto::op::ResponseCode;
-use svcd_registry::{ServiceEndpoints, WeightedSchedule};
+use svcd_lb::WeightedSchedule;
+use svcd_registry::ServiceEndpoints;
 
 use hickory_proto::rr::RecordType;
 

@@ -18,9 +18,12 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use svcd_config::Balance;
-use svcd_registry::{Endpoint, EndpointSnapshot, ServiceEndpoints, WeightedSchedule};
+use svcd_registry::{Endpoint, EndpointSnapshot, ServiceEndpoints};
 
-use crate::health::{Detector, EndpointHealth, LoadBalancer, Prune, ServiceHealth};
+use crate::detector::Detector;
+use crate::health::{EndpointHealth, ServiceHealth};
+use crate::load_balancer::{LoadBalancer, Prune};
+use crate::select::{least_request, WeightedSchedule};
 use crate::ServiceName;
 
 /// How a plane turns an instance into its per-endpoint data (address parts, metric handles).
@@ -231,7 +234,12 @@ impl<F: SlotFactory> ServiceBalancer<F> {
         let first = match self.policy() {
             Balance::RoundRobin => order.at(self.next.fetch_add(1, Ordering::Relaxed))?,
             Balance::LeastRequest if n == 1 => 0,
-            Balance::LeastRequest => least_request(slots, order),
+            Balance::LeastRequest => least_request(
+                slots.len(),
+                order,
+                |i| slots[i].health.in_flight.load(Ordering::Relaxed) as u64,
+                |i| u64::from(slots[i].endpoint.weight.max(1)),
+            ),
         };
         Some(Pick {
             slots,
@@ -261,38 +269,6 @@ impl<F: SlotFactory> ServiceBalancer<F> {
             detector,
             reason,
         );
-    }
-}
-
-/// Power of two choices, weight-aware: two candidates drawn in proportion to their weights, the
-/// one with fewer requests in flight per unit of weight wins; on a tie the first draw does, so
-/// with equal load per weight (an idle service, or a steady one) the split follows the weights.
-fn least_request<X>(slots: &[Slot<X>], order: &WeightedSchedule) -> usize {
-    let n = slots.len();
-    let (a, b) = if order.is_weighted() {
-        let a = order.at(rand::random_range(0..usize::MAX)).unwrap_or(0);
-        let b = order.at(rand::random_range(0..usize::MAX)).unwrap_or(0);
-        (
-            a,
-            if b == a {
-                (a + 1 + rand::random_range(0..n - 1)) % n
-            } else {
-                b
-            },
-        )
-    } else {
-        // Two distinct uniform draws with two random numbers.
-        let a = rand::random_range(0..n);
-        let b = rand::random_range(0..n - 1);
-        (a, if b >= a { b + 1 } else { b })
-    };
-    let load = |i: usize| slots[i].health.in_flight.load(Ordering::Relaxed) as u64;
-    let weight = |i: usize| u64::from(slots[i].endpoint.weight.max(1));
-    // load_b / w_b < load_a / w_a, without division.
-    if load(b) * weight(a) < load(a) * weight(b) {
-        b
-    } else {
-        a
     }
 }
 

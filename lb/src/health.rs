@@ -1,55 +1,21 @@
-//! [`LoadBalancer`]: endpoint state that outlives snapshots and reloads — per service and
-//! instance — the ejection timers, and pruning what left the registry. Passive health (outcomes,
-//! ejections) is in [`crate::outlier`].
-//!
-//! There is **one ejection record per endpoint**. It remembers which detectors hold it, each
-//! until its own deadline; the instance returns only when no detector holds it. Every change is
-//! published through the registry's [`SnapshotPublisher`], which records the ejection in the
-//! snapshot: DNS, the proxies, the API, the CLI and the metrics read one served state.
+//! Per-endpoint and per-service state that outlives snapshots and reloads: in-flight counts,
+//! failure runs, and the **one ejection record per endpoint**, which remembers which detectors
+//! hold it, each until its own deadline (the instance returns only when none does). Owned by the
+//! [`crate::LoadBalancer`]; passive health ([`crate::outlier`]) changes it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
-use futures_util::StreamExt as _;
-use svcd_config::{OutlierConfig, PanicMode};
-use svcd_registry::{EndpointSnapshot, SnapshotPublisher, SnapshotReader};
-use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::time::DelayQueue;
 use tracing::{info, warn};
 
-use crate::metrics::{LbMetrics, ServiceLbMetrics};
-use crate::outlier::EjectionRecord;
+use crate::detector::{Detector, DETECTORS};
+use crate::metrics::ServiceLbMetrics;
 use crate::ServiceName;
-
-/// Who judged an instance: each proxy plane is its own detector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Detector {
-    /// L4 TCP connects (refused, timed out).
-    Tcp = 0,
-    /// HTTP requests (connect failures, resets, timeouts after the request was sent, 5xx,
-    /// malformed responses).
-    Http = 1,
-}
-
-pub(crate) const DETECTORS: usize = 2;
-
-impl Detector {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Detector::Tcp => "tcp",
-            Detector::Http => "http",
-        }
-    }
-
-    pub(crate) fn all() -> [Detector; DETECTORS] {
-        [Detector::Tcp, Detector::Http]
-    }
-}
 
 /// State of one instance of one service that outlives snapshot changes and reloads.
 pub struct EndpointHealth {
@@ -71,7 +37,7 @@ pub struct EndpointHealth {
 }
 
 impl EndpointHealth {
-    fn new(id: &str, ip: IpAddr) -> Self {
+    pub(crate) fn new(id: &str, ip: IpAddr) -> Self {
         EndpointHealth {
             id: id.into(),
             ip,
@@ -117,23 +83,29 @@ pub struct ServiceHealth {
     pub name: ServiceName,
     /// By instance id. Locked when a view is rebuilt (a snapshot change) or pruned, never by a
     /// pick.
-    endpoints: Mutex<HashMap<Box<str>, Arc<EndpointHealth>>>,
+    pub(crate) endpoints: Mutex<HashMap<Box<str>, Arc<EndpointHealth>>>,
     /// Instances currently ejected, against `max_ejection_percent`.
     pub(crate) ejected_now: AtomicUsize,
     /// Whether the last pick found the service in panic; only transitions touch the metrics.
-    in_panic: AtomicBool,
+    pub(crate) in_panic: AtomicBool,
     pub(crate) metrics: ServiceLbMetrics,
 }
 
 impl ServiceHealth {
-    fn endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<EndpointHealth>>> {
+    pub(crate) fn endpoints(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<EndpointHealth>>> {
         self.endpoints.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The health of `id` at `ip`, created on first sight. A new address replaces the old entry,
     /// which is returned second: the caller ends it (its connections are told it left, its
     /// ejection holds end).
-    fn endpoint(&self, id: &str, ip: IpAddr) -> (Arc<EndpointHealth>, Option<Arc<EndpointHealth>>) {
+    pub(crate) fn endpoint(
+        &self,
+        id: &str,
+        ip: IpAddr,
+    ) -> (Arc<EndpointHealth>, Option<Arc<EndpointHealth>>) {
         let mut map = self.endpoints();
         if let Some(h) = map.get(id) {
             if h.ip == ip {
@@ -154,7 +126,7 @@ impl ServiceHealth {
     }
 
     #[cold]
-    fn panic_changed(&self, panic: bool) {
+    pub(crate) fn panic_changed(&self, panic: bool) {
         if self.in_panic.swap(panic, Ordering::Relaxed) == panic {
             return;
         }
@@ -187,228 +159,24 @@ impl ServiceHealth {
     }
 }
 
-/// Something that holds per-service views and must drop what left the registry (the plane
-/// tables); told after every publish.
-pub(crate) trait Prune: Send + Sync {
-    fn prune(&self, snapshot: &EndpointSnapshot, changed: &[&str]);
-}
-
-/// An ejection hold whose time is up.
-pub(crate) struct Expiry {
-    pub(crate) service: Arc<ServiceHealth>,
-    pub(crate) endpoint: Arc<EndpointHealth>,
-    pub(crate) detector: Detector,
+/// One detector's hold on an ejection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hold {
+    /// When the timer ends it (monotonic; `tokio::time` so tests can pause it).
     pub(crate) deadline: Instant,
+    /// The same moment on the wall clock, for the API.
+    pub(crate) until: SystemTime,
 }
 
-/// The owner of endpoint health for the whole daemon. One per process, shared by every plane.
-pub struct LoadBalancer {
-    reader: SnapshotReader,
-    pub(crate) publisher: Arc<SnapshotPublisher>,
-    /// Passive health and panic settings; swapped on reload (state is kept).
-    pub(crate) outlier: ArcSwap<OutlierConfig>,
-    /// The two settings every pick reads, as plain atomics (`Relaxed`: a pick may see a reload
-    /// a moment late), so a pick loads no `ArcSwap`.
-    panic_threshold: AtomicU32,
-    panic_fail: AtomicBool,
-    /// Services being balanced, by name. Locked to add or prune a service (cold).
-    services: Mutex<HashMap<ServiceName, Arc<ServiceHealth>>>,
-    /// Ejection timers go to the one timer task ([`LoadBalancer::run`]).
-    pub(crate) expiries: mpsc::UnboundedSender<Expiry>,
-    expiries_rx: Mutex<Option<mpsc::UnboundedReceiver<Expiry>>>,
-    /// The plane tables, told to prune after every publish.
-    tables: Mutex<Vec<Weak<dyn Prune>>>,
-    /// Bumped once instances have left (their `left` tokens cancelled), so what keeps state per
-    /// instance elsewhere (the HTTP fast path's idle connections) drops it then: after the
-    /// tokens, which a plain publish subscription would race.
-    departures: watch::Sender<u64>,
-    metrics: LbMetrics,
+#[derive(Debug, Default)]
+pub(crate) struct EjectionRecord {
+    pub(crate) held: [Option<Hold>; DETECTORS],
+    pub(crate) reason: String,
+    pub(crate) since: Option<SystemTime>,
 }
 
-impl LoadBalancer {
-    pub fn new(
-        publisher: Arc<SnapshotPublisher>,
-        outlier: OutlierConfig,
-        metrics: LbMetrics,
-    ) -> Arc<Self> {
-        let (expiries, rx) = mpsc::unbounded_channel();
-        Arc::new(LoadBalancer {
-            reader: publisher.reader(),
-            publisher,
-            panic_threshold: AtomicU32::new(outlier.panic_threshold),
-            panic_fail: AtomicBool::new(outlier.panic_mode == PanicMode::Fail),
-            outlier: ArcSwap::from_pointee(outlier),
-            services: Mutex::new(HashMap::new()),
-            expiries,
-            expiries_rx: Mutex::new(Some(rx)),
-            tables: Mutex::new(Vec::new()),
-            departures: watch::Sender::new(0),
-            metrics,
-        })
-    }
-
-    /// The snapshot every plane reads.
-    pub fn reader(&self) -> &SnapshotReader {
-        &self.reader
-    }
-
-    /// Fires after instances left the registry; their [`EndpointHealth::has_left`] is true by
-    /// then.
-    pub fn departures(&self) -> watch::Receiver<u64> {
-        self.departures.subscribe()
-    }
-
-    fn announce_departures(&self) {
-        self.departures.send_modify(|n| *n += 1);
-    }
-
-    /// New thresholds for the next failure and pick; ejections in force keep their deadlines.
-    pub fn reconfigure(&self, outlier: OutlierConfig) {
-        self.panic_threshold
-            .store(outlier.panic_threshold, Ordering::Relaxed);
-        self.panic_fail
-            .store(outlier.panic_mode == PanicMode::Fail, Ordering::Relaxed);
-        self.outlier.store(Arc::new(outlier));
-    }
-
-    /// `panic_threshold` (percent) and whether panic mode is `fail`, for a pick.
-    #[inline]
-    pub(crate) fn panic_settings(&self) -> (u32, bool) {
-        (
-            self.panic_threshold.load(Ordering::Relaxed),
-            self.panic_fail.load(Ordering::Relaxed),
-        )
-    }
-
-    pub fn outlier(&self) -> arc_swap::Guard<Arc<OutlierConfig>> {
-        self.outlier.load()
-    }
-
-    /// The health of instance `id` at `ip` of `service`, created on first sight. An instance
-    /// that moved to another address is another endpoint: the old state ends here.
-    pub(crate) fn endpoint_health(
-        &self,
-        service: &Arc<ServiceHealth>,
-        id: &str,
-        ip: IpAddr,
-    ) -> Arc<EndpointHealth> {
-        let (health, replaced) = service.endpoint(id, ip);
-        if let Some(old) = replaced {
-            old.left.cancel();
-            self.release_all(service, &old);
-            self.announce_departures();
-        }
-        health
-    }
-
-    pub(crate) fn register_table(&self, table: Weak<dyn Prune>) {
-        self.tables
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(table);
-    }
-
-    /// The state of `name`, created on first use.
-    pub fn service(&self, name: &ServiceName) -> Arc<ServiceHealth> {
-        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        services
-            .entry(name.clone())
-            .or_insert_with(|| {
-                Arc::new(ServiceHealth {
-                    name: name.clone(),
-                    endpoints: Mutex::new(HashMap::new()),
-                    ejected_now: AtomicUsize::new(0),
-                    in_panic: AtomicBool::new(false),
-                    metrics: self.metrics.service(name),
-                })
-            })
-            .clone()
-    }
-
-    /// Runs the ejection timers and prunes what left the registry after every publish, until
-    /// `cancel`. Call once.
-    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let Some(mut expiries) = self
-            .expiries_rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
-            return warn!("LoadBalancer::run called twice");
-        };
-        let mut timers: DelayQueue<Expiry> = DelayQueue::new();
-        let mut changes = self.reader.changes();
-        let mut last = self.reader.load_full();
-        // Cleared when the publisher is gone: nothing more will change; the timers go on.
-        let mut changes_open = true;
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                Some(expiry) = expiries.recv() => {
-                    let deadline = expiry.deadline;
-                    timers.insert_at(expiry, deadline);
-                }
-                Some(expired) = timers.next(), if !timers.is_empty() => {
-                    let e = expired.into_inner();
-                    self.release(&e.service, &e.endpoint, e.detector, Some(e.deadline));
-                }
-                changed = changes.changed(), if changes_open => {
-                    if changed.is_err() {
-                        changes_open = false;
-                        continue;
-                    }
-                    let now = self.reader.load_full();
-                    self.prune(&now, &last);
-                    last = now;
-                }
-            }
-        }
-    }
-
-    /// Forgets instances and services that left between `old` and `now`, in this table and the
-    /// plane tables (their metric series go with them).
-    fn prune(&self, now: &EndpointSnapshot, old: &EndpointSnapshot) {
-        let changed: Vec<&str> = now.changed_since(old).map(|n| &**n).collect();
-        if changed.is_empty() {
-            return;
-        }
-        let mut departed = false;
-        {
-            let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-            for name in &changed {
-                let Some(health) = services.get(*name).cloned() else {
-                    continue;
-                };
-                let current = now.service_by_name(name);
-                let mut gone = Vec::new();
-                health.endpoints().retain(|id, h| {
-                    let keep =
-                        current.is_some_and(|s| s.all.iter().any(|e| e.id == *id && e.ip == h.ip));
-                    if !keep {
-                        h.left.cancel();
-                        gone.push(h.clone());
-                    }
-                    keep
-                });
-                for h in gone {
-                    departed = true;
-                    self.release_all(&health, &h);
-                }
-                if current.is_none() {
-                    services.remove(*name);
-                }
-            }
-        }
-        if departed {
-            self.announce_departures();
-        }
-        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
-        tables.retain(|t| match t.upgrade() {
-            Some(t) => {
-                t.prune(now, &changed);
-                true
-            }
-            None => false,
-        });
+impl EjectionRecord {
+    pub(crate) fn is_held(&self) -> bool {
+        self.held.iter().any(Option::is_some)
     }
 }

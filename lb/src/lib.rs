@@ -24,20 +24,23 @@
 //!   Reconfigured in place on reload: policy and thresholds change, per-endpoint state does not.
 //!   A plane attaches its own per-endpoint data (its metric handles) through [`SlotFactory`], so
 //!   L4 slots carry no HTTP handles.
-//! * [`checks`]: active health checks of this daemon's own registrations, behind a [`Probe`].
 //! * [`metrics`]: ejection and panic series, removed with the service they describe.
 
 pub mod balancer;
-pub mod checks;
+pub mod detector;
 pub mod health;
+pub mod load_balancer;
 pub mod metrics;
 pub mod outlier;
+pub mod select;
 
 pub use balancer::{BalancerTable, Pick, PortRule, ServiceBalancer, Slot, SlotFactory, View};
-pub use checks::Probe;
-pub use health::{Detector, EndpointHealth, LoadBalancer, ServiceHealth};
+pub use detector::Detector;
+pub use health::{EndpointHealth, ServiceHealth};
+pub use load_balancer::LoadBalancer;
 pub use metrics::LbMetrics;
-pub use svcd_registry::{ServedState, ServiceName, SnapshotPublisher, WeightedSchedule};
+pub use select::WeightedSchedule;
+pub use svcd_registry::{ServedState, ServiceName, SnapshotPublisher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LbError {

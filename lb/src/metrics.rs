@@ -3,7 +3,7 @@
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use crate::health::Detector;
+use crate::detector::Detector;
 use crate::ServiceName;
 
 #[derive(Clone)]

@@ -17,29 +17,9 @@ use svcd_registry::Ejection;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::health::{Detector, EndpointHealth, Expiry, LoadBalancer, ServiceHealth, DETECTORS};
-
-/// One detector's hold on an ejection.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Hold {
-    /// When the timer ends it (monotonic; `tokio::time` so tests can pause it).
-    deadline: Instant,
-    /// The same moment on the wall clock, for the API.
-    until: SystemTime,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct EjectionRecord {
-    held: [Option<Hold>; DETECTORS],
-    reason: String,
-    since: Option<SystemTime>,
-}
-
-impl EjectionRecord {
-    pub(crate) fn is_held(&self) -> bool {
-        self.held.iter().any(Option::is_some)
-    }
-}
+use crate::detector::Detector;
+use crate::health::{EjectionRecord, EndpointHealth, Hold, ServiceHealth};
+use crate::load_balancer::{Expiry, LoadBalancer};
 
 impl LoadBalancer {
     /// The attempt to `endpoint` worked: the detector's failure run ends.

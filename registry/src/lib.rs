@@ -27,8 +27,6 @@
 //!   with this node's ejections recorded in them, so every reader sees one [`ServedState`]
 //!   (DNS, proxies, API, CLI and metrics agree; other nodes are unaffected).
 //! * [`name`]: [`ServiceName`], the one spelling of `"<svc>.<ns>"`.
-//! * [`weights`]: [`WeightedSchedule`], smooth weighted round robin as a precomputed sequence
-//!   (DNS answer selection and the load balancer share it).
 
 mod backoff;
 pub mod endpoint;
@@ -41,7 +39,6 @@ pub mod snapshot;
 pub mod status;
 pub mod store;
 pub mod sync;
-pub mod weights;
 
 use std::sync::Arc;
 
@@ -61,7 +58,6 @@ pub use status::{StoreReplaced, SyncStatus};
 pub use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 pub use svcd_config::{Instance, Protocol, State};
 pub use sync::{run_sync, SyncOptions};
-pub use weights::WeightedSchedule;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {

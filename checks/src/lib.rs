@@ -30,7 +30,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::ServiceName;
+use svcd_registry::ServiceName;
 
 /// One probe of a check target: `Ok` passes, `Err` says why it failed.
 #[async_trait]
