@@ -87,8 +87,14 @@ pub enum Command {
     },
     /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: clap_complete::Shell },
-    /// Print the manual page (roff) to stdout.
-    Man,
+    /// Print the manual page svcd(1) (roff) to stdout, or write every page (svcd(1) and one per
+    /// subcommand, e.g. svcd-run(1)) into a directory.
+    Man {
+        /// Write svcd.1, svcd-run.1, svcd-config-check.1, … into this directory (created if
+        /// missing) instead of printing svcd.1.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
     /// Print the instances of SERVICE[.NS] and then every change to them, as it happens (a
     /// blocking query on the local daemon), until interrupted.
     Watch {
