@@ -1,6 +1,11 @@
 //! What a node's service manager sees: the systemd unit verifies, and the daemon speaks the
 //! notify protocol (READY=1 only once `/readyz` is ready, RELOADING=1 … READY=1 on SIGHUP,
-//! STOPPING=1 at the drain, WATCHDOG=1 pings) over a real `NOTIFY_SOCKET`.
+//! STOPPING=1 at the drain, WATCHDOG=1 pings) over a real `NOTIFY_SOCKET`. The Prometheus rules
+//! pass promtool and their unit tests; the container image (`image`) starts as a container
+//! runtime would run it.
+
+mod image;
+mod sandbox;
 
 use std::collections::BTreeSet;
 use std::process::Command;
