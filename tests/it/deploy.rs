@@ -1,10 +1,12 @@
 //! What a node's service manager sees: the systemd unit verifies, and the daemon speaks the
 //! notify protocol (READY=1 only once `/readyz` is ready, RELOADING=1 … READY=1 on SIGHUP,
 //! STOPPING=1 at the drain, WATCHDOG=1 pings) over a real `NOTIFY_SOCKET`. The Prometheus rules
-//! pass promtool and their unit tests; the container image (`image`) starts as a container
-//! runtime would run it.
+//! pass promtool and their unit tests; the Kubernetes manifests (`pod`) and the container image
+//! (`image`) start as a node and a container runtime would run them.
 
 mod image;
+mod kubelet;
+mod pod;
 mod sandbox;
 
 use std::collections::BTreeSet;
