@@ -17,14 +17,62 @@ pub struct AdminClient {
     /// A TCP address or a unix socket; a connection per call (the CLI makes a few).
     target: AdminListen,
     token: Option<String>,
+    /// Where the token came from, for the message when the daemon refuses it.
+    token_file: Option<std::path::PathBuf>,
 }
 
-/// A non-2xx answer, with the daemon's JSON reason when it gave one.
+/// A non-2xx answer: the daemon's reason (its JSON `error`, with the `field` when it named one),
+/// in words. The status is kept for callers that branch on it, never printed: a CLI user wants
+/// "service x has no instances", not "404 Not Found".
 #[derive(Debug, thiserror::Error)]
-#[error("{status}: {message}")]
+#[error("{message}")]
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+}
+
+/// What a user outside the socket's group is told, instead of the connection error (or, before,
+/// a fallback to the TCP address, which on a packaged node is the metrics-only listener).
+pub fn no_permission(path: &std::path::Path) -> anyhow::Error {
+    if path == std::path::Path::new(AdminListen::DEFAULT_UNIX) {
+        anyhow::anyhow!(
+            "no permission on {}; add yourself to group svcd (then log in again)",
+            path.display()
+        )
+    } else {
+        anyhow::anyhow!(
+            "no permission on {}; join the group that owns it (then log in again)",
+            path.display()
+        )
+    }
+}
+
+/// The daemon's reason for a refusal, with what to do about it where the CLI knows.
+fn explain(
+    status: StatusCode,
+    message: String,
+    target: &AdminListen,
+    token_file: Option<&std::path::Path>,
+) -> String {
+    match status {
+        StatusCode::UNAUTHORIZED => match token_file {
+            None => format!(
+                "the daemon requires its admin token ({message}): pass --token-file FILE or set \
+                 SVCD_ADMIN_TOKEN_FILE (the file admin.token_file names)"
+            ),
+            Some(file) => format!(
+                "the daemon refused the token in {} ({message}): --token-file must hold the token \
+                 of the daemon's admin.token_file",
+                file.display()
+            ),
+        },
+        // The scrape-only listener (admin.metrics_listen) names itself in its refusal.
+        StatusCode::NOT_FOUND if message.contains("admin.metrics_listen") => format!(
+            "{target} is svcd's metrics listener (admin.metrics_listen), which serves /metrics, \
+             /healthz and /readyz only: pass --admin with the admin API's address (admin.listen)"
+        ),
+        _ => message,
+    }
 }
 
 impl AdminClient {
@@ -41,6 +89,7 @@ impl AdminClient {
         Ok(AdminClient {
             target: args.target()?,
             token,
+            token_file: args.token_file.clone(),
         })
     }
 
@@ -56,9 +105,13 @@ impl AdminClient {
                 .map_err(|_| anyhow::anyhow!("connect timed out"))??;
                 exchange(stream, req).await
             }
-            AdminListen::Unix(path) => {
-                exchange(tokio::net::UnixStream::connect(path).await?, req).await
-            }
+            AdminListen::Unix(path) => match tokio::net::UnixStream::connect(path).await {
+                Ok(stream) => exchange(stream, req).await,
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    Err(NoPermission(no_permission(path)).into())
+                }
+                Err(e) => Err(e.into()),
+            },
         }
     }
 
@@ -93,15 +146,20 @@ impl AdminClient {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = tokio::time::timeout(deadline, self.send(req))
+        let resp = match tokio::time::timeout(deadline, self.send(req))
             .await
             .with_context(|| format!("admin API did not answer within {deadline:?}"))?
-            .with_context(|| {
-                format!(
+        {
+            Ok(resp) => resp,
+            // The daemon is up; the user may not talk to it: say why, not "cannot reach".
+            Err(e) if e.is::<NoPermission>() => return Err(e),
+            Err(e) => {
+                return Err(e.context(format!(
                     "cannot reach the svcd admin API at {} (is `svcd run` up?)",
                     self.target
-                )
-            })?;
+                )))
+            }
+        };
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
@@ -111,14 +169,20 @@ impl AdminClient {
                 .map(str::to_string)
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
             let message = match value["field"].as_str() {
-                Some(field) => format!("{field}: {message}"),
-                None => message,
+                Some(field) if !field.is_empty() => format!("{field}: {message}"),
+                _ => message,
             };
+            let message = explain(status, message, &self.target, self.token_file.as_deref());
             return Err(ApiError { status, message }.into());
         }
         Ok(value)
     }
 }
+
+/// Connecting to the unix socket was refused for lack of permission.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NoPermission(anyhow::Error);
 
 /// One HTTP/1.1 request on `io`.
 async fn exchange<I>(io: I, req: Request<Full<Bytes>>) -> anyhow::Result<http::Response<Incoming>>

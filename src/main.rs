@@ -12,6 +12,7 @@ mod commands;
 mod daemon;
 mod exec;
 mod logging;
+mod manual;
 mod metrics;
 mod notify;
 mod readiness;
@@ -121,9 +122,15 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
             clap_complete::generate(shell, &mut command, "svcd", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man => {
-            let command = <cli::Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+        Command::Man { out_dir } => {
+            match out_dir {
+                None => manual::render_main(&mut std::io::stdout())?,
+                Some(dir) => {
+                    for page in manual::write_all(&dir)? {
+                        println!("{}", page.display());
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Watch { service, admin } => commands::watch(&service, &admin).await,

@@ -298,7 +298,7 @@ impl Instance {
             if let Some(pos) = message.find(" at line ") {
                 message.truncate(pos);
             }
-            FieldError::new(path, message)
+            FieldError::new(path, crate::suggest::unknown_field(message))
         })?;
         de.end()
             .map_err(|e| FieldError::new("", format!("trailing data: {e}")))?;
@@ -368,6 +368,7 @@ mod tests {
         assert_eq!(e.path, "ip");
         let e = Instance::from_json(br#"{"ip":"10.0.0.1","prots":{}}"#).unwrap_err();
         assert!(e.message.contains("unknown field `prots`"), "{e}");
+        assert!(e.message.ends_with("; did you mean `ports`?"), "{e}");
         let e = Instance::from_json(br#"{"ip":"10.0.0.1","ports":{"http":70000}}"#).unwrap_err();
         assert_eq!(e.path, "ports.http");
         let e = Instance::from_json(br#"{"ip":"10.0.0.1","ports":{"HTTP":80}}"#).unwrap_err();

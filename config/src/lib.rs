@@ -24,6 +24,7 @@ mod model;
 pub mod names;
 mod raw;
 mod sources;
+mod suggest;
 
 pub use default_file::DEFAULT_CONFIG_TOML;
 pub use error::{ConfigError, FieldError};

@@ -8,6 +8,7 @@ use crate::checks::validate;
 use crate::error::{ConfigError, FieldError};
 use crate::model::Config;
 use crate::raw::RawConfig;
+use crate::suggest::{self, Step};
 
 /// Where environment variables come from; a trait so tests can supply a map instead of mutating
 /// the process environment (which races between parallel tests).
@@ -65,6 +66,25 @@ fn shape_of(key: &str) -> Shape {
         "registry.etcd.endpoints" | "dns.listen" => Shape::List,
         "proxy.http" => Shape::Listeners,
         _ => Shape::Text,
+    }
+}
+
+/// A key's path as steps, for [`crate::suggest`].
+fn steps(path: &serde_ignored::Path<'_>, out: &mut Vec<Step>) {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => {}
+        Path::Seq { parent, index } => {
+            steps(parent, out);
+            out.push(Step::Index(*index));
+        }
+        Path::Map { parent, key } => {
+            steps(parent, out);
+            out.push(Step::Key(key.clone()));
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => steps(parent, out),
     }
 }
 
@@ -235,7 +255,11 @@ impl Sources {
         }
         // Unknown keys are collected, all of them, rather than failing on the first.
         let mut unknown = Vec::new();
-        let mut note = |path: serde_ignored::Path<'_>| unknown.push(key_path(&path));
+        let mut note = |path: serde_ignored::Path<'_>| {
+            let mut at = Vec::new();
+            steps(&path, &mut at);
+            unknown.push(FieldError::new(key_path(&path), suggest::unknown_key(&at)));
+        };
         let ignoring = serde_ignored::Deserializer::new(toml::Value::Table(table), &mut note);
         let raw: Result<RawConfig, _> = serde_path_to_error::deserialize(ignoring);
         let raw = raw.map_err(|e| {
@@ -245,10 +269,6 @@ impl Sources {
                 message: e.into_inner().to_string(),
             }
         })?;
-        let unknown: Vec<FieldError> = unknown
-            .into_iter()
-            .map(|path| FieldError::new(path, "unknown key"))
-            .collect();
         match validate(raw) {
             Ok(config) if unknown.is_empty() => Ok(config),
             Ok(_) => Err(ConfigError::Invalid(unknown)),

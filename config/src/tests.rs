@@ -103,9 +103,9 @@ fn unknown_key_is_an_error_naming_the_key() {
     assert_eq!(
         errors,
         vec![
-            "dns.lisen: unknown key",
-            "proxy.http[0].route: unknown key",
-            "registry.etcd.tls.crt: unknown key",
+            "dns.lisen: unknown key; did you mean \"listen\"?",
+            "proxy.http[0].route: unknown key; expected one of: listen",
+            "registry.etcd.tls.crt: unknown key; did you mean \"cert\"?",
             "dns.max_answers: 0 is out of range 1..=1000",
         ],
         "{errors:?}"
@@ -252,7 +252,10 @@ fn dns_abuse_limits_have_defaults_and_ranges() {
         "[dns.rrl]\nipv4_prefix = 33\n[dns.tcp]\nmax_connections = 4\nmax_per_client = 8\nbogus = 1\n",
     );
     assert_eq!(errors.len(), 3, "{errors:?}"); // the unknown key and both checks
-    assert_eq!(errors[0], "dns.tcp.bogus: unknown key");
+    assert_eq!(
+        errors[0],
+        "dns.tcp.bogus: unknown key; expected one of: max_connections, max_per_client, idle_timeout"
+    );
     let errors = errors_of(
         "[dns.rrl]\nipv4_prefix = 33\n[dns.tcp]\nmax_connections = 4\nmax_per_client = 8\n",
     );

@@ -1,7 +1,15 @@
 //! What a node's service manager sees: the systemd unit verifies, and the daemon speaks the
 //! notify protocol (READY=1 only once `/readyz` is ready, RELOADING=1 … READY=1 on SIGHUP,
-//! STOPPING=1 at the drain, WATCHDOG=1 pings) over a real `NOTIFY_SOCKET`.
+//! STOPPING=1 at the drain, WATCHDOG=1 pings) over a real `NOTIFY_SOCKET`. The Prometheus rules
+//! pass promtool and their unit tests; the Kubernetes manifests (`pod`) and the container image
+//! (`image`) start as a node and a container runtime would run them.
 
+mod image;
+mod kubelet;
+mod pod;
+mod sandbox;
+
+use std::collections::BTreeSet;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -142,8 +150,8 @@ async fn ready_is_sent_only_once_readyz_is_ready_then_reloading_stopping_and_wat
 
 /// The metric names a rules or dashboard file queries (recording rules' own names, which have
 /// colons, left out; histogram suffixes stripped).
-fn queried_metrics(text: &str) -> std::collections::BTreeSet<String> {
-    let mut names = std::collections::BTreeSet::new();
+fn queried_metrics(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
     let bytes = text.as_bytes();
     let mut i = 0;
     while let Some(at) = text[i..].find("svcd_") {
@@ -209,28 +217,112 @@ async fn every_metric_the_rules_and_dashboard_query_is_in_a_live_scrape() {
     assert!(missing.is_empty(), "queried but not exposed: {missing:?}");
 }
 
+/// A tool scripts/setup --with-etcd puts in target/tools (or the one on PATH). Missing, the test
+/// fails with the hint: it never skips.
+fn tool(name: &str) -> String {
+    let local = format!("{}/target/tools/{name}", env!("CARGO_MANIFEST_DIR"));
+    if std::path::Path::new(&local).exists() {
+        return local;
+    }
+    let on_path = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join(name))
+        .find(|p| p.is_file());
+    match on_path {
+        Some(path) => path.display().to_string(),
+        None => panic!("{name} not found: run scripts/setup --with-etcd, which fetches it"),
+    }
+}
+
+/// Every document of a YAML file, as JSON. Read with PyYAML from the venv scripts/setup
+/// --with-etcd makes for kubernetes-validate (which depends on it), so the build needs no YAML
+/// crate.
+pub(crate) fn yaml_documents(path: &str) -> Vec<serde_json::Value> {
+    let python = format!(
+        "{}/target/tools/venv/bin/python3",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout)",
+            path,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e}: run scripts/setup --with-etcd, which makes it"));
+    crate::support::assert_success(&out);
+    serde_json::from_slice(&out.stdout).expect("PyYAML's JSON")
+}
+
 #[test]
 fn the_prometheus_rules_pass_promtool() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let local = format!("{root}/target/tools/promtool");
-    let promtool = if std::path::Path::new(&local).exists() {
-        local
-    } else {
-        "promtool".to_string()
-    };
-    let out = Command::new(&promtool)
+    let out = Command::new(tool("promtool"))
         .args(["check", "rules"])
         .arg(format!("{root}/deploy/prometheus/svcd-rules.yml"))
         .output()
-        .unwrap_or_else(|e| {
-            panic!("promtool not found ({e}): run scripts/setup --with-etcd, which fetches it")
-        });
+        .expect("run promtool");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(text.contains("SUCCESS"), "{text}");
+}
+
+/// The names of the alerts in a rules file.
+fn alert_names(rules: &serde_json::Value) -> BTreeSet<String> {
+    rules["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_array().expect("rules").iter())
+        .filter_map(|r| r["alert"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn every_alert_has_a_promtool_unit_test_where_it_fires_and_one_where_it_stays_silent() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let rules_path = format!("{root}/deploy/prometheus/svcd-rules.yml");
+    let tests_path = format!("{root}/deploy/prometheus/svcd-rules.test.yml");
+    let alerts = alert_names(&yaml_documents(&rules_path)[0]);
+    assert!(alerts.len() >= 10, "{alerts:?}");
+    let tests = &yaml_documents(&tests_path)[0];
+    assert_eq!(tests["rule_files"], serde_json::json!(["svcd-rules.yml"]));
+    let (mut fires, mut silent) = (BTreeSet::new(), BTreeSet::new());
+    for case in tests["tests"].as_array().expect("tests") {
+        for check in case["alert_rule_test"].as_array().into_iter().flatten() {
+            let name = check["alertname"].as_str().expect("alertname").to_string();
+            match check["exp_alerts"].as_array().map(Vec::len) {
+                Some(0) | None => silent.insert(name),
+                Some(_) => fires.insert(name),
+            };
+        }
+    }
+    let never_fires: Vec<_> = alerts.difference(&fires).collect();
+    let never_silent: Vec<_> = alerts.difference(&silent).collect();
+    assert!(
+        never_fires.is_empty(),
+        "no case where these fire: {never_fires:?}"
+    );
+    assert!(
+        never_silent.is_empty(),
+        "no case where these stay silent: {never_silent:?}"
+    );
+
+    let out = Command::new(tool("promtool"))
+        .args(["test", "rules", &tests_path])
+        .output()
+        .expect("run promtool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
     assert!(text.contains("SUCCESS"), "{text}");
 }
 

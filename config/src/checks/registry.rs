@@ -227,7 +227,10 @@ fn static_instance(c: &mut Checker, i: usize, mut table: toml::Table) -> Option<
             } else {
                 format!("{base}.{path}")
             };
-            c.err(path, e.into_inner().to_string());
+            c.err(
+                path,
+                crate::suggest::unknown_field(e.into_inner().to_string()),
+            );
             None
         }
     };
