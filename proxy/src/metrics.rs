@@ -25,6 +25,9 @@ pub struct ProxyMetrics {
     rejected: IntCounterVec,
     flows: IntGaugeVec,
     evictions: IntCounterVec,
+    /// Directions of proxied TCP connections moved by splice(2) (`[0]`) or by the user-space
+    /// copy (`[1]`: splice off, or no pipe could be had), so a silent fallback shows.
+    pub relay_paths: [IntCounter; 2],
     /// The descriptor budget, whose refusal series are per listener too.
     pub fds: Arc<FdBudget>,
 }
@@ -251,6 +254,21 @@ impl ProxyMetrics {
                 ),
                 &["listener"],
             )?,
+            relay_paths: {
+                let paths = IntCounterVec::new(
+                    Opts::new(
+                        "svcd_tcp_relay_directions_total",
+                        "Directions of proxied TCP connections, by how their bytes moved: \
+                         splice (zero-copy) or copy (user space).",
+                    ),
+                    &["path"],
+                )?;
+                registry.register(Box::new(paths.clone()))?;
+                [
+                    paths.with_label_values(&["splice"]),
+                    paths.with_label_values(&["copy"]),
+                ]
+            },
             fds,
         };
         registry.register(Box::new(m.flows.clone()))?;

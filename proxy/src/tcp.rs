@@ -158,18 +158,32 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
     let half_closed = AtomicBool::new(false);
     let both = async {
         tokio::try_join!(
-            one_way(splice, &client, &upstream, &half_closed, |n| {
-                if let Some(tcp) = counts {
-                    tcp.bytes_in.inc_by(n as u64);
+            one_way(
+                splice,
+                &ctx.metrics.relay_paths,
+                &client,
+                &upstream,
+                &half_closed,
+                |n| {
+                    if let Some(tcp) = counts {
+                        tcp.bytes_in.inc_by(n as u64);
+                    }
+                    touch();
                 }
-                touch();
-            }),
-            one_way(splice, &upstream, &client, &half_closed, |n| {
-                if let Some(tcp) = counts {
-                    tcp.bytes_out.inc_by(n as u64);
+            ),
+            one_way(
+                splice,
+                &ctx.metrics.relay_paths,
+                &upstream,
+                &client,
+                &half_closed,
+                |n| {
+                    if let Some(tcp) = counts {
+                        tcp.bytes_out.inc_by(n as u64);
+                    }
+                    touch();
                 }
-                touch();
-            }),
+            ),
         )
     };
     let idle = async {
@@ -196,6 +210,7 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
 /// pipe can be had (descriptor limits).
 async fn one_way(
     splice: bool,
+    paths: &[prometheus::IntCounter; 2],
     from: &TcpStream,
     to: &TcpStream,
     half_closed: &AtomicBool,
@@ -203,8 +218,10 @@ async fn one_way(
 ) -> io::Result<u64> {
     let pipe = if splice { Pipe::get().ok() } else { None };
     let Some(mut pipe) = pipe else {
+        paths[1].inc();
         return crate::splice::copy(from, to, half_closed, on_progress).await;
     };
+    paths[0].inc();
     let moved = crate::splice::forward(from, to, &mut pipe, half_closed, on_progress).await;
     pipe.put();
     moved

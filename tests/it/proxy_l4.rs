@@ -200,6 +200,15 @@ async fn gigabyte_through(splice: bool) {
         .metric("svcd_tcp_bytes_total{direction=\"in\",endpoint=\"e1\",service=\"echo.default\"}")
         .await;
     assert_eq!(bytes_in, Some((1u64 << 30) as f64));
+    // Both directions moved the way the test's name says: no silent fallback.
+    let (used, other) = if splice {
+        ("splice", "copy")
+    } else {
+        ("copy", "splice")
+    };
+    let selector = |path: &str| format!("svcd_tcp_relay_directions_total{{path=\"{path}\"}}");
+    assert_eq!(d.metric(&selector(used)).await, Some(2.0), "{used}");
+    assert_eq!(d.metric(&selector(other)).await, Some(0.0), "{other}");
 }
 
 #[tokio::test]
