@@ -307,12 +307,9 @@ async fn client_errors_say_what_went_wrong_and_what_to_do_without_status_codes()
 
     // The daemon's reason, in words.
     let with_token = ["--admin", &admin, "--token-file", token.to_str().unwrap()];
-    let (code, stderr) = client(&[&["list", "nosuch"][..], &with_token[..]].concat());
+    let (code, stderr) = client(&[&["deregister", "nosuch/x"][..], &with_token[..]].concat());
     assert_eq!(code, Some(1));
-    assert_eq!(
-        stderr.trim(),
-        "svcd: service nosuch.default has no instances"
-    );
+    assert_eq!(stderr.trim(), "svcd: instance nosuch.default/x not found");
 
     // The metrics listener is not the API: say so, and which flag points elsewhere.
     let (code, stderr) = client(&[
