@@ -284,7 +284,10 @@ fn dns_forwarding_bounds_are_checked_with_their_keys() {
     let errors = errors_of(
         "[dns.forwarding]\nmax_in_flight = 0\nmax_in_flight_per_worker = 300\ntimeout = \"1m\"\nbogus = 1\n",
     );
-    assert_eq!(errors[0], "dns.forwarding.bogus: unknown key", "{errors:?}");
+    assert!(
+        errors[0].starts_with("dns.forwarding.bogus: unknown key"),
+        "{errors:?}"
+    );
     let errors = errors_of(
         "[dns.forwarding]\nmax_in_flight = 0\nmax_in_flight_per_worker = 300\ntimeout = \"1m\"\n",
     );
