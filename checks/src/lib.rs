@@ -30,6 +30,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use svcd_registry::error_text::with_causes;
 use svcd_registry::ServiceName;
 
 /// One probe of a check target: `Ok` passes, `Err` says why it failed.
@@ -257,22 +258,6 @@ fn client_failure(e: &hyper_util::client::legacy::Error) -> String {
         Some(cause) => format!("{stage}: {}", with_causes(cause)),
         None => format!("{stage}: {e}"),
     }
-}
-
-/// An error and every cause under it, `outer: inner: root`, skipping a cause its parent's text
-/// already says.
-fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 async fn check_loop(

@@ -30,6 +30,7 @@
 
 mod backoff;
 pub mod endpoint;
+pub mod error_text;
 pub mod keys;
 pub mod lease;
 pub mod metrics;

@@ -3,6 +3,7 @@
 //! `StoreError::Unavailable` so the layers above retry instead of failing.
 
 use crate::backoff::Backoff;
+use crate::error_text::{with_causes, with_sources};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -133,27 +134,6 @@ impl Report<'_> {
             Report::Done(text) => Some(text),
         }
     }
-}
-
-/// An error and every cause under it, `outer: inner: root`.
-fn with_causes(e: &dyn std::error::Error) -> String {
-    with_sources(e.to_string(), e.source())
-}
-
-/// `text`, then each cause from `source` down (those it does not already say).
-fn with_sources(
-    mut text: String,
-    mut source: Option<&(dyn std::error::Error + 'static)>,
-) -> String {
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// A file the config names, read for the client (credentials, certificates).
