@@ -131,6 +131,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     let admin_state = Arc::new(AdminState {
         advertise_ip,
         pending_restart: ArcSwap::from_pointee(Vec::new()),
+        blocking_queries: metrics.blocking_queries.clone(),
         config: config.clone(),
         token: ArcSwap::from_pointee(token),
         readiness: readiness.clone(),

@@ -40,6 +40,8 @@ pub struct AdminState {
     pub advertise_ip: std::net::IpAddr,
     /// Keys the last reload could not apply: shown in `/v1/config` beside the running config.
     pub pending_restart: ArcSwap<Vec<crate::restart_keys::PendingKey>>,
+    /// `svcd_admin_blocking_queries`: raised while a blocking query is parked.
+    pub blocking_queries: prometheus::IntGauge,
 }
 
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {

@@ -193,6 +193,23 @@ fn service_index(snapshot: &svcd_registry::EndpointSnapshot, ns: &str, svc: &str
     snapshot.service_index(ns, svc)
 }
 
+/// Holds a gauge one higher while it lives (also when the client goes away mid-wait and the
+/// handler's future is dropped).
+struct GaugeGuard<'a>(&'a prometheus::IntGauge);
+
+impl<'a> GaugeGuard<'a> {
+    fn raise(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn show_service(
     state: &AdminState,
     ns: &str,
@@ -202,6 +219,7 @@ async fn show_service(
     let reader = state.registry.reader();
     if let Some(index) = blocking.index {
         let mut changes = reader.changes();
+        let _parked = GaugeGuard::raise(&state.blocking_queries);
         let _ = tokio::time::timeout(blocking.wait, async {
             while service_index(&reader.load(), ns, svc) == index {
                 if changes.changed().await.is_err() {
