@@ -213,6 +213,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         &proxy_workers,
         &l4_phase,
         &metrics.registry,
+        &tls_metrics,
     )
     .await?;
     let http = HttpProxy::start(

@@ -140,6 +140,56 @@ impl Checker {
         }
     }
 
+    /// `[[proxy.tcp.sni]]` entries of the listener at `base` (`key` says which kind it is).
+    fn sni_routes(
+        &mut self,
+        key: &str,
+        base: &str,
+        raw: Option<Vec<RawSniRoute>>,
+    ) -> Vec<SniRoute> {
+        let Some(raw) = raw else { return Vec::new() };
+        if key != "proxy.tcp" {
+            self.err(
+                format!("{base}.sni"),
+                "only TCP listeners route by SNI (TLS runs over TCP)",
+            );
+            return Vec::new();
+        }
+        let mut out: Vec<SniRoute> = Vec::new();
+        for (i, r) in raw.into_iter().enumerate() {
+            let at = format!("{base}.sni[{i}]");
+            let name = match r.name {
+                Some(n) => {
+                    let n = n.to_ascii_lowercase();
+                    let host = n.strip_prefix("*.").unwrap_or(&n);
+                    let valid = !host.is_empty()
+                        && host.split('.').all(|label| {
+                            !label.is_empty()
+                                && label
+                                    .bytes()
+                                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                        });
+                    if !valid {
+                        self.err(
+                            format!("{at}.name"),
+                            format!("invalid name {n:?} (a DNS name, or *.<name> for one label under it)"),
+                        );
+                    } else if out.iter().any(|o| o.name == n) {
+                        self.err(format!("{at}.name"), format!("{n:?} is listed twice"));
+                    }
+                    n
+                }
+                None => {
+                    self.err(format!("{at}.name"), "missing");
+                    String::new()
+                }
+            };
+            let target = self.target(&at, r.service, r.port);
+            out.push(SniRoute { name, target });
+        }
+        out
+    }
+
     /// `[[proxy.tcp]]` / `[[proxy.udp]]` entries under `key`.
     fn l4_listeners(
         &mut self,
@@ -169,9 +219,22 @@ impl Checker {
                     }
                     (_, None) => None,
                 };
+                let sni = self.sni_routes(key, &base, l.sni);
+                // With SNI routes the listener's own service is optional: without it, clients
+                // naming no route are closed.
+                let target = match (&l.service, sni.is_empty()) {
+                    (None, false) => {
+                        if l.port.is_some() {
+                            self.err(format!("{base}.port"), "needs service");
+                        }
+                        None
+                    }
+                    _ => Some(self.target(&base, l.service, l.port)),
+                };
                 L4ListenerConfig {
                     listen: self.required_addr(&format!("{base}.listen"), l.listen),
-                    target: self.target(&base, l.service, l.port),
+                    target,
+                    sni,
                     idle_timeout: self.duration(
                         &format!("{base}.idle_timeout"),
                         l.idle_timeout,

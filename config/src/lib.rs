@@ -35,7 +35,7 @@ pub use model::{
     LogConfig, LogFormat, OutlierConfig, PanicMode, ProxyConfig, ProxyTarget, RegistryConfig,
     RrlConfig, ShutdownConfig, StaticInstance, DEFAULT_MAX_FLOWS, MAX_REQUEST_TIMEOUT,
 };
-pub use model::{CertKeyFiles, TlsServerConfig};
+pub use model::{CertKeyFiles, SniRoute, TlsServerConfig};
 pub use sources::{Env, Override, ProcessEnv, Sources, ENV_OVERRIDES};
 
 /// Parse and validate one TOML document with no overrides (used by tests and `config check`).

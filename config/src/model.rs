@@ -242,8 +242,14 @@ pub struct ProxyTarget {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct L4ListenerConfig {
     pub listen: SocketAddr,
+    /// Where connections go; with `sni`, those whose ClientHello names no `sni` entry (`None`:
+    /// they are closed).
     #[serde(flatten)]
-    pub target: ProxyTarget,
+    pub target: Option<ProxyTarget>,
+    /// TCP only: TLS passthrough by SNI. The ClientHello is read (not decrypted) and its
+    /// server name picks the target; the bytes read are replayed to the instance.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sni: Vec<SniRoute>,
     /// TCP: both directions silent this long closes the connection (default `proxy.idle_timeout`).
     /// UDP: a flow with no datagram either way is forgotten (default 30 s).
     #[serde(serialize_with = "ser_duration")]
@@ -252,6 +258,29 @@ pub struct L4ListenerConfig {
     /// the oldest flow. Bounds what a flood of sources can take from the other listeners.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_flows: Option<usize>,
+}
+
+/// One `[[proxy.tcp.sni]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SniRoute {
+    /// Lowercase; `*.example.com` matches one label under `example.com` (exact names win).
+    pub name: String,
+    #[serde(flatten)]
+    pub target: ProxyTarget,
+}
+
+impl L4ListenerConfig {
+    /// The `sni` entry a ClientHello naming `sni` goes to: an exact name, then a `*.` name one
+    /// label up. `None`: the listener's own target (if it has one).
+    pub fn sni_route(&self, sni: Option<&str>) -> Option<usize> {
+        let name = sni?;
+        self.sni.iter().position(|r| r.name == name).or_else(|| {
+            let (_, parent) = name.split_once('.')?;
+            self.sni
+                .iter()
+                .position(|r| r.name.strip_prefix("*.") == Some(parent))
+        })
+    }
 }
 
 /// Default `max_flows` of a UDP listener.

@@ -149,6 +149,15 @@ pub struct RawL4Listener {
     pub port: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_flows: Option<i64>,
+    pub sni: Option<Vec<RawSniRoute>>,
+}
+
+/// A `[[proxy.tcp.sni]]` entry: TLS clients naming `name` go to `service` (SNI passthrough).
+#[derive(Debug, Default, Deserialize)]
+pub struct RawSniRoute {
+    pub name: Option<String>,
+    pub service: Option<String>,
+    pub port: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -473,10 +473,13 @@ fn proxy_listeners_parse_and_report_paths() {
     .unwrap();
     assert_eq!(c.proxy.max_connections, 5);
     assert!(!c.proxy.splice);
-    assert_eq!(c.proxy.tcp[0].target.namespace, "default");
-    assert_eq!(c.proxy.tcp[0].target.port.as_deref(), Some("postgres"));
+    assert_eq!(c.proxy.tcp[0].target.as_ref().unwrap().namespace, "default");
+    assert_eq!(
+        c.proxy.tcp[0].target.as_ref().unwrap().port.as_deref(),
+        Some("postgres")
+    );
     assert_eq!(c.proxy.tcp[0].idle_timeout, Duration::from_secs(3600));
-    assert_eq!(c.proxy.udp[0].target.namespace, "infra");
+    assert_eq!(c.proxy.udp[0].target.as_ref().unwrap().namespace, "infra");
     assert_eq!(c.proxy.udp[0].idle_timeout, Duration::from_secs(30));
 
     let errors = errors_of(
@@ -688,4 +691,61 @@ fn tls_tables_report_every_shape_error_with_its_key() {
         "#,
     );
     assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[test]
+fn sni_routes_are_checked_and_make_the_listeners_service_optional() {
+    let errors = errors_of(
+        r#"
+        [[proxy.tcp]]
+        listen = "127.0.0.1:8443"
+        port = "https"
+        [[proxy.tcp.sni]]
+        name = "a.example"
+        service = "a"
+        [[proxy.tcp.sni]]
+        name = "A.example"
+        service = "b"
+        [[proxy.tcp.sni]]
+        name = "bad name"
+        [[proxy.udp]]
+        listen = "127.0.0.1:5353"
+        service = "dns"
+        [[proxy.udp.sni]]
+        name = "x.example"
+        service = "x"
+        "#,
+    );
+    assert_eq!(
+        errors,
+        [
+            "proxy.tcp[0].sni[1].name: \"a.example\" is listed twice",
+            "proxy.tcp[0].sni[2].name: invalid name \"bad name\" (a DNS name, or *.<name> for one label under it)",
+            "proxy.tcp[0].sni[2].service: missing (\"<svc>\" or \"<svc>.<ns>\")",
+            "proxy.tcp[0].port: needs service",
+            "proxy.udp[0].sni: only TCP listeners route by SNI (TLS runs over TCP)",
+        ]
+    );
+    let c = crate::parse(
+        r#"
+        [[proxy.tcp]]
+        listen = "127.0.0.1:8443"
+        [[proxy.tcp.sni]]
+        name = "*.Example.com"
+        service = "web.prod"
+        port = "https"
+        [[proxy.tcp.sni]]
+        name = "api.example.com"
+        service = "api"
+        "#,
+    )
+    .unwrap();
+    let l = &c.proxy.tcp[0];
+    assert!(l.target.is_none());
+    assert_eq!(l.sni[0].name, "*.example.com");
+    assert_eq!(l.sni[0].target.namespace, "prod");
+    assert_eq!(l.sni_route(Some("api.example.com")), Some(1), "exact wins");
+    assert_eq!(l.sni_route(Some("www.example.com")), Some(0));
+    assert_eq!(l.sni_route(Some("a.b.example.com")), None);
+    assert_eq!(l.sni_route(None), None);
 }

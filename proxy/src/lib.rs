@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use svcd_config::{L4ListenerConfig, ProxyConfig};
+use svcd_config::{L4ListenerConfig, ProxyConfig, ProxyTarget};
 use svcd_lb::{BalancerTable, LoadBalancer, PortRule, ServiceName};
 use svcd_lifecycle::Phase;
 use svcd_registry::SnapshotReader;
@@ -106,6 +106,8 @@ pub struct ProxyContext {
     pub hard_stop: CancellationToken,
     /// The daemon's one load balancer: every listener's balancers share its endpoint health.
     pub lb: Arc<LoadBalancer>,
+    /// The TLS series SNI passthrough counts into.
+    pub tls_metrics: svcd_tls::TlsMetrics,
 }
 
 /// One L4 listener, TCP or UDP. The config is swapped on reload (new target, idle timeout)
@@ -117,29 +119,53 @@ pub struct ListenerState {
     /// changes, so the old target's series go.
     pub balancers: ArcSwap<ListenerBalancers>,
     pub listener_metrics: ArcSwap<ListenerMetrics>,
+    /// Reads ClientHellos for the listener's `sni` routes, and counts what fails (one per
+    /// listener, so its series outlive reloads and go with the listener).
+    pub passthrough: svcd_tls::Passthrough,
     /// What this listener holds of the proxies' descriptor budget (at most half of it).
     pub fds: Arc<fds::ListenerShare>,
     /// Cancelled when a reload removes the listener or the daemon stops: stops accepting.
     pub stop: CancellationToken,
 }
 
-/// A listener's balancer table and its fixed target, with the lookup keys made once per
-/// config so a connection joins no strings.
+/// A listener's balancer table and its targets, with the lookup keys made once per config so
+/// a connection joins no strings.
 pub struct ListenerBalancers {
     pub table: Arc<BalancerTable<L4Slots>>,
+    /// The listener's own target (`None`: an SNI listener without a service).
+    pub default: Option<TargetKeys>,
+    /// The `[[proxy.tcp.sni]]` entries' targets, in config order.
+    pub sni: Vec<TargetKeys>,
+}
+
+/// One target of a listener, with its lookup keys.
+pub struct TargetKeys {
+    pub target: ProxyTarget,
     /// The snapshot key of the target service.
     pub service: ServiceName,
     /// The table key of the target service and port.
     pub key: Box<str>,
+    /// `svcd_proxy_no_healthy_total{listener, service}` of this target.
+    pub no_healthy: prometheus::IntCounter,
 }
 
 impl ListenerBalancers {
-    /// The balancer of the listener's target.
+    /// The balancer of one of the listener's targets.
     #[inline]
-    pub fn balancer(&self, config: &L4ListenerConfig) -> Arc<svcd_lb::ServiceBalancer<L4Slots>> {
-        let t = &config.target;
+    pub fn balancer(&self, keys: &TargetKeys) -> Arc<svcd_lb::ServiceBalancer<L4Slots>> {
+        let t = &keys.target;
         self.table
-            .get_keyed(&self.key, &t.service, &t.namespace, t.port.as_deref())
+            .get_keyed(&keys.key, &t.service, &t.namespace, t.port.as_deref())
+    }
+
+    /// The target a connection goes to: the `sni` entry `route` (from
+    /// [`L4ListenerConfig::sni_route`]), else the listener's own.
+    #[inline]
+    pub fn target(&self, route: Option<usize>) -> Option<&TargetKeys> {
+        match route {
+            Some(i) => self.sni.get(i),
+            None => self.default.as_ref(),
+        }
     }
 }
 
@@ -149,6 +175,10 @@ impl ListenerState {
         ListenerState {
             balancers: ArcSwap::new(table),
             listener_metrics: ArcSwap::from_pointee(metrics),
+            passthrough: svcd_tls::Passthrough::new(
+                format!("{}/{}", transport.label(), config.listen),
+                &ctx.tls_metrics,
+            ),
             config: ArcSwap::from_pointee(config),
             fds: fds::ListenerShare::new(),
             stop: CancellationToken::new(),
@@ -160,10 +190,22 @@ impl ListenerState {
         ctx: &ProxyContext,
         transport: Transport,
     ) -> (Arc<ListenerBalancers>, ListenerMetrics) {
-        let t = &config.target;
         let listener = format!("{}/{}", transport.label(), config.listen);
-        let service = ServiceName::new(&t.service, &t.namespace);
-        let metrics = ctx.metrics.listener(transport, &listener, service.as_str());
+        let keys = |t: &ProxyTarget| {
+            let service = ServiceName::new(&t.service, &t.namespace);
+            TargetKeys {
+                no_healthy: ctx.metrics.no_healthy(&listener, service.as_str()),
+                key: BalancerTable::<L4Slots>::key(&t.service, &t.namespace, t.port.as_deref())
+                    .into(),
+                service,
+                target: t.clone(),
+            }
+        };
+        let default = config.target.as_ref().map(keys);
+        let sni = config.sni.iter().map(|r| keys(&r.target)).collect();
+        // The listener's own service labels its series; "-" when it has only SNI routes.
+        let own = default.as_ref().map_or("-", |d| d.service.as_str());
+        let metrics = ctx.metrics.listener(transport, &listener, own);
         let slots = L4Slots {
             metrics: ctx.metrics.clone(),
             transport,
@@ -171,15 +213,28 @@ impl ListenerState {
         };
         let balancers = ListenerBalancers {
             table: BalancerTable::new(&ctx.lb, slots, PortRule::Only),
-            key: BalancerTable::<L4Slots>::key(&t.service, &t.namespace, t.port.as_deref()).into(),
-            service,
+            default,
+            sni,
         };
         (Arc::new(balancers), metrics)
     }
 
     pub fn reconfigure(&self, config: L4ListenerConfig, ctx: &ProxyContext, transport: Transport) {
-        if self.config.load().target != config.target {
+        let old = self.config.load_full();
+        if old.target != config.target || old.sni != config.sni {
             let (table, metrics) = Self::for_target(&config, ctx, transport);
+            // SNI targets no longer routed to lose their refusal series (the listener's own
+            // target's go with its ListenerMetrics).
+            let listener = format!("{}/{}", transport.label(), config.listen);
+            let before = self.balancers.load_full();
+            for gone in before.sni.iter().filter(|o| {
+                !table.sni.iter().any(|n| n.service == o.service)
+                    && table.default.as_ref().map(|d| &d.service) != Some(&o.service)
+                    && before.default.as_ref().map(|d| &d.service) != Some(&o.service)
+            }) {
+                ctx.metrics
+                    .forget_no_healthy(&listener, gone.service.as_str());
+            }
             self.balancers.store(table);
             self.listener_metrics.store(Arc::new(metrics));
         }
@@ -198,7 +253,8 @@ pub struct L4Proxy {
 
 impl L4Proxy {
     /// Binds every configured listener (an address that cannot be bound is an error naming its
-    /// key) and starts serving.
+    /// key) and starts serving. (Each argument is a different owner's; see `HttpProxy::start`.)
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         config: &ProxyConfig,
         drain_timeout: Duration,
@@ -207,6 +263,7 @@ impl L4Proxy {
         workers: &Arc<workers::ProxyWorkers>,
         phase: &Phase,
         prometheus: &prometheus::Registry,
+        tls_metrics: &svcd_tls::TlsMetrics,
     ) -> Result<L4Proxy, ProxyError> {
         let proxy = L4Proxy {
             workers: workers.clone(),
@@ -218,6 +275,7 @@ impl L4Proxy {
                 hard_stop: phase.token(),
                 phase: phase.clone(),
                 lb: lb.clone(),
+                tls_metrics: tls_metrics.clone(),
             }),
             listeners: Mutex::new(HashMap::new()),
         };
@@ -265,6 +323,7 @@ impl L4Proxy {
                 None => {
                     info!(addr = %key.1, transport = key.0.key(), "proxy listener removed; open connections continue");
                     state.stop.cancel();
+                    state.passthrough.forget();
                     false
                 }
             });

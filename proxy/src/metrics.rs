@@ -309,6 +309,16 @@ impl ProxyMetrics {
         }
     }
 
+    /// `svcd_proxy_no_healthy_total{listener, service}` of one of a listener's targets.
+    pub fn no_healthy(&self, listener: &str, service: &str) -> IntCounter {
+        self.no_healthy.with_label_values(&[listener, service])
+    }
+
+    /// Removes that series (an SNI route's target a reload removed).
+    pub fn forget_no_healthy(&self, listener: &str, service: &str) {
+        let _ = self.no_healthy.remove_label_values(&[listener, service]);
+    }
+
     fn endpoint(
         self: &Arc<Self>,
         transport: Transport,

@@ -63,7 +63,7 @@ fn admit(client: TcpStream, peer: SocketAddr, state: &Arc<ListenerState>, ctx: &
     let (state, ctx2) = (state.clone(), ctx.clone());
     ctx.phase.spawn(async move {
         let _permit = permit;
-        handle(client, &state, &ctx2).await;
+        handle(client, peer, &state, &ctx2).await;
         ctx2.active.fetch_sub(1, Ordering::Relaxed);
         debug!(%peer, "TCP proxy connection closed");
     });
@@ -89,20 +89,38 @@ impl Drop for InFlight {
     }
 }
 
-async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    state: &ListenerState,
+    ctx: &ProxyContext,
+) {
     let config = state.config.load_full();
     let balancers = state.balancers.load_full();
-    let refused = || state.listener_metrics.load().no_healthy.inc();
+    // SNI passthrough: the ClientHello picks the target and is replayed to the instance.
+    let (route, hello) = if config.sni.is_empty() {
+        (None, None)
+    } else {
+        let Some(hello) = state.passthrough.read_client_hello(&mut client, peer).await else {
+            return;
+        };
+        (config.sni_route(hello.server_name.as_deref()), Some(hello))
+    };
+    let Some(target) = balancers.target(route) else {
+        let name = hello.as_ref().and_then(|h| h.server_name.as_deref());
+        return state.passthrough.no_match(peer, name);
+    };
+    let refused = || target.no_healthy.inc();
     let service = ctx
         .snapshot
         .load()
-        .service_by_name(balancers.service.as_str())
+        .service_by_name(target.service.as_str())
         .cloned();
     let Some(service) = service else {
         return refused();
     };
     let settings = ctx.settings.load_full();
-    let balancer = balancers.balancer(&config);
+    let balancer = balancers.balancer(target);
     let view = balancer.view(&service);
     let Some(pick) = balancer.pick(&view) else {
         return refused();
@@ -134,7 +152,7 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
         }
         balancer.failure(&view, slot, Detector::Tcp, failure);
     }
-    let Some((upstream, slot, m)) = connected else {
+    let Some((mut upstream, slot, m)) = connected else {
         return refused();
     };
     slot.health.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -149,6 +167,15 @@ async fn handle(client: TcpStream, state: &ListenerState, ctx: &ProxyContext) {
         tcp.active.inc();
     }
     let _active = ActiveGuard(m.clone());
+    if let Some(hello) = hello {
+        use tokio::io::AsyncWriteExt;
+        if upstream.write_all(&hello.bytes).await.is_err() {
+            return;
+        }
+        if let Some(tcp) = counts {
+            tcp.bytes_in.inc_by(hello.bytes.len() as u64);
+        }
+    }
 
     let base = Instant::now();
     let last_activity = AtomicU64::new(0);

@@ -163,9 +163,13 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, ctx: Arc<ProxyC
                 }
                 // Instances that left the registry (or stopped being healthy): drop their flows
                 // now; the client's next datagram opens a flow to a live instance.
-                let config = state.config.load();
+                let balancers = state.balancers.load();
                 let snapshot = ctx.snapshot.load();
-                let service = snapshot.service(&config.target.namespace, &config.target.service);
+                // UDP listeners always have a target of their own (no SNI over UDP).
+                let service = balancers
+                    .default
+                    .as_ref()
+                    .and_then(|t| snapshot.service_by_name(t.service.as_str()));
                 table.retain(|_, f| {
                     let served = service.is_some_and(|s| s.healthy.iter().any(|e| e.id == f.health.id && e.ip == f.health.ip));
                     !f.health.has_left() && (served || (f.in_panic && f.service.in_panic()))
@@ -213,15 +217,15 @@ async fn open_flow(
     base: Instant,
     permit: FdPermit,
 ) -> Option<Flow> {
-    let config = state.config.load_full();
     let balancers = state.balancers.load_full();
+    let target = balancers.default.as_ref()?;
     let service = ctx
         .snapshot
         .load()
-        .service_by_name(balancers.service.as_str())
+        .service_by_name(target.service.as_str())
         .cloned();
     let picked = service.as_ref().and_then(|service| {
-        let balancer = balancers.balancer(&config);
+        let balancer = balancers.balancer(target);
         let view = balancer.view(service);
         let pick = balancer.pick(&view)?;
         let slot = pick.attempt(0)?;
@@ -235,7 +239,7 @@ async fn open_flow(
         ))
     });
     let Some((endpoint, port, health, service_health, in_panic, metrics)) = picked else {
-        state.listener_metrics.load().no_healthy.inc();
+        target.no_healthy.inc();
         return None;
     };
     let local: SocketAddr = match endpoint.ip {

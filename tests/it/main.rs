@@ -33,3 +33,4 @@ mod security;
 mod soak;
 mod store_conformance;
 mod tls;
+mod tls_passthrough;

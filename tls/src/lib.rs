@@ -12,6 +12,9 @@
 //!                  └─ a failure: closed, counted by reason, logged at a bounded rate
 //! ```
 //!
+//! SNI passthrough (`[[proxy.tcp.sni]]`) only reads: [`Passthrough`] parses the ClientHello with
+//! rustls's `Acceptor` (bounded in bytes and time) and hands back the bytes to replay.
+//!
 //! Reading is lock-free: a handshake `load()`s the listener's current `ServerConfig`; only a
 //! reload builds a new one (whole: certificates, SNI table and client verifier), sharing the
 //! session cache and ticket keys of the old so resumption survives it.
@@ -21,13 +24,15 @@ mod identity;
 mod log_budget;
 mod material;
 mod metrics;
+mod passthrough;
 mod resolver;
 mod server;
 mod watch;
 
 pub use error::TlsError;
 pub use identity::PeerIdentity;
-pub use metrics::TlsMetrics;
+pub use metrics::{Failure, TlsMetrics};
+pub use passthrough::{ClientHello, Passthrough, CLIENT_HELLO_TIMEOUT, MAX_CLIENT_HELLO};
 pub use server::{Accepted, Alpn, ServerTls};
 pub use watch::{Reload, TlsReloader};
 

@@ -23,6 +23,15 @@ pub enum Failure {
 }
 
 impl Failure {
+    pub const ALL: [Failure; 6] = [
+        Failure::Timeout,
+        Failure::NoSniMatch,
+        Failure::BadCertificate,
+        Failure::Protocol,
+        Failure::PeerAlert,
+        Failure::Closed,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Failure::Timeout => "timeout",
