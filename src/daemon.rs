@@ -125,6 +125,10 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let consul_socket = match config.consul.listen {
+        Some(addr) => Some(AdminSocket::bind(&AdminListen::Tcp(addr), "consul.listen").await?),
+        None => None,
+    };
     let advertise_ip = advertise_ip(&config.registry);
     info!(%advertise_ip, "registrations without an IP publish this address");
     let config = Arc::new(ArcSwap::from_pointee(config));
@@ -136,6 +140,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         readiness: readiness.clone(),
         prometheus: metrics.registry.clone(),
         registry: registry.clone(),
+        consul_blocking: crate::consul::BlockingSlots::new(&metrics.registry)?,
     });
     answer.spawn(admin::serve(
         admin_socket,
@@ -153,6 +158,16 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         ));
     }
 
+    if let Some(socket) = consul_socket {
+        info!(addr = %socket.describe(), "Consul-compatible API");
+        answer.spawn(admin::serve(
+            socket,
+            admin_state.clone(),
+            Surface::Consul,
+            answer.clone(),
+        ));
+    }
+
     let current = config.load_full();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let workers = current.dns.workers.unwrap_or(cores);
@@ -164,6 +179,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         &answer,
     )
     .await?;
+    dns.responder.set_consul(&current.consul);
     // The one owner of endpoint health, for the daemon's lifetime (reloads reconfigure it).
     let lb = LoadBalancer::new(
         registry.publisher(),
@@ -417,6 +433,7 @@ async fn reload(
     }
     live.admin.pending_restart.store(Arc::new(pending));
     live.admin.token.store(Arc::new(token));
+    live.dns.responder.set_consul(&new.consul);
     live.dns.reconfigure(&new.dns);
     live.lb.reconfigure(new.proxy.outlier.clone());
     let mut bind_errors = live
