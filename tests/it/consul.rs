@@ -496,3 +496,35 @@ async fn without_consul_its_dns_names_are_not_served() {
     let out = dig(d.dns, &["web.service.consul", "A"]);
     assert!(out.contains("status: REFUSED"), "{out}");
 }
+
+#[tokio::test]
+async fn a_reload_moves_the_consul_dns_domain_and_keeps_the_listener_until_restart() {
+    let (d, addr) = with_consul("", "").await;
+    d.put_instance("web", "web-1", r#"{"ip":"10.0.0.1"}"#).await;
+    assert_eq!(
+        lines(&dig(d.dns, &["web.service.consul", "A", "+short"])),
+        ["10.0.0.1"]
+    );
+    d.reload_with(&format!(
+        "[consul]\nlisten = \"127.0.0.1:{}\"\ndns_domain = \"disco\"\n",
+        free_port()
+    ))
+    .await;
+    assert_eq!(
+        lines(&dig(d.dns, &["web.service.disco", "A", "+short"])),
+        ["10.0.0.1"]
+    );
+    let old = dig(d.dns, &["web.service.consul", "A"]);
+    assert!(old.contains("status: REFUSED"), "{old}");
+    // The listen address waits for a restart, and says so; the running one still answers.
+    let config = d.get("/v1/config").await.json();
+    let pending: Vec<&str> = config["pending_restart"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(pending, ["consul.listen"]);
+    let leader = consul(addr, "GET", "/v1/status/leader", "", None).await;
+    assert_eq!(leader.status, 200);
+}
