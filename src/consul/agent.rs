@@ -178,9 +178,11 @@ fn registration(
                 Value::Array(list) => checks.extend(list),
                 _ => return Err("Checks must be a list".into()),
             },
-            "enabletagoverride" | "kind" | "taggedaddresses" | "connect" | "proxy"
-            | "socketpath" | "locality" | "address6" | "namespace" | "address" | "tags"
-            | "meta" | "weights" | "check"
+            // Tag override guards catalog edits against an agent's anti-entropy; svcd has
+            // neither, so either value means the same here.
+            "enabletagoverride" => {}
+            "kind" | "taggedaddresses" | "connect" | "proxy" | "socketpath" | "locality"
+            | "address6" | "namespace" | "address" | "tags" | "meta" | "weights" | "check"
                 if is_empty(&v) => {}
             other => {
                 return Err(format!(

@@ -371,6 +371,29 @@ async fn parked_blocking_queries_are_bounded_counted_and_woken_by_their_service(
     }
     assert_eq!((woken, refused), (8, 32));
     assert_eq!(d.metric("svcd_consul_blocking_queries").await, Some(0.0));
+
+    // A client that gives up frees its slot at once, not at the end of its wait.
+    let index = consul(addr, "GET", "/v1/health/service/web", "", None)
+        .await
+        .index();
+    let mut gone = TcpStream::connect(addr).await.unwrap();
+    gone.write_all(
+        format!("GET /v1/health/service/web?index={index}&wait=10m HTTP/1.1\r\nHost: x\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "the query parks", || async {
+        (d.metric("svcd_consul_blocking_queries").await? == 1.0).then_some(())
+    })
+    .await;
+    drop(gone);
+    eventually(
+        Duration::from_secs(10),
+        "its slot is given back",
+        || async { (d.metric("svcd_consul_blocking_queries").await? == 0.0).then_some(()) },
+    )
+    .await;
 }
 
 /// `dig @svcd -p PORT <args>`, its stdout.

@@ -158,6 +158,7 @@ async fn a_real_prometheus_finds_every_instance_through_http_sd() {
     })
     .await;
     let took = gone.elapsed();
+    eprintln!("Prometheus dropped the deregistered instance after {took:?}");
     assert!(took < Duration::from_secs(7), "dropped after {took:?}");
     assert!(
         !prom_log().contains("level=error"),
@@ -294,6 +295,17 @@ try:
     out["ttl_check"] = "accepted"
 except Exception as e:
     out["ttl_check"] = str(e)
+# A registration with a Consul TCP check: svcd's active check, warning (pending) until it passes.
+admin_port = int(admin.rsplit(":", 1)[1])
+assert c.agent.service.register("chk", service_id="chk-1", address="127.0.0.1", port=admin_port,
+                                check=consul.Check.tcp("127.0.0.1", admin_port, "1s"))
+_, nodes = c.health.service("chk")
+out["check_first"] = nodes[0]["Checks"][0]["Status"]
+deadline = time.monotonic() + 15
+while not c.health.service("chk", passing=True)[1]:
+    assert time.monotonic() < deadline, "the check never passed"
+    time.sleep(0.05)
+out["check_passed"] = True
 print(json.dumps(out))
 "#;
 
@@ -333,6 +345,16 @@ async fn py_consul_registers_queries_and_blocks_on_its_own_service() {
     assert_eq!(v["after_deregister"], serde_json::json!(["web-1"]));
     let ttl = v["ttl_check"].as_str().unwrap();
     assert!(ttl.contains("400") && ttl.contains("ttl"), "{ttl}");
+    assert_eq!(
+        v["check_first"], "warning",
+        "pending until the check passes: {v}"
+    );
+    assert_eq!(v["check_passed"], true);
+    let chk = d
+        .get("/v1/services/default/chk/instances/chk-1")
+        .await
+        .json();
+    assert_eq!(chk["ports"]["http"], d.admin.port());
     // Held by this daemon's lease, as any registration through its admin API.
     let web1 = d.get("/v1/services/default/web/instances/web-1").await;
     assert_eq!(web1.status, 200, "{}", web1.body);
