@@ -16,6 +16,7 @@
 //! hickory like SRV and PTR queries do.
 
 use std::net::IpAddr;
+use std::str::FromStr;
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, SRV};
@@ -30,6 +31,8 @@ use crate::answer::{instance_name, Answer, Question, Resolution, ZoneSettings};
 pub struct ConsulZone {
     /// Lower-case labels of `consul.dns_domain`.
     pub labels: Vec<String>,
+    /// `consul.dns_domain` as a name: the owner of the SOA in this zone's negative answers.
+    pub domain: Name,
     /// `consul.datacenter`, the only one `.<dc>` / `.<dc>.dc` may name.
     pub datacenter: String,
     /// `consul.port_name`: the port SRV answers give (else the instance's first by name), as
@@ -41,6 +44,7 @@ impl ConsulZone {
     pub fn new(config: &svcd_config::ConsulConfig) -> Option<Self> {
         config.enabled().then(|| ConsulZone {
             labels: config.dns_domain.split('.').map(str::to_string).collect(),
+            domain: Name::from_str(&format!("{}.", config.dns_domain)).expect("validated domain"),
             datacenter: config.datacenter.clone(),
             port_name: config.port_name.clone(),
         })
@@ -168,17 +172,29 @@ pub fn resolve(
         return None;
     }
     let rel = &labels[..labels.len() - d];
+    // This zone's SOA: the cluster zone's, owned by the Consul domain.
+    let soa = |ttl| {
+        let mut record = zone.soa(snapshot.revision, ttl);
+        record.name = consul.domain.clone();
+        record
+    };
     let negative = |rcode| {
         Resolution::Authoritative(Answer {
             rcode,
-            authorities: vec![zone.soa(snapshot.revision, zone.negative_ttl)],
+            authorities: vec![soa(zone.negative_ttl)],
             ..Answer::default()
         })
     };
     let nxdomain = || negative(ResponseCode::NXDomain);
     let nodata = || negative(ResponseCode::NoError);
     if rel.is_empty() {
-        return Some(nodata());
+        return Some(match q.qtype {
+            RecordType::SOA => Resolution::Authoritative(Answer {
+                answers: vec![soa(zone.ttl)],
+                ..Answer::default()
+            }),
+            _ => nodata(),
+        });
     }
     Some(match classify(rel, consul) {
         Lookup::Unknown => nxdomain(),
@@ -280,6 +296,7 @@ mod tests {
     fn zone() -> ConsulZone {
         ConsulZone {
             labels: vec!["consul".into()],
+            domain: Name::from_str("consul.").unwrap(),
             datacenter: "dc1".into(),
             port_name: "http".into(),
         }
