@@ -14,7 +14,8 @@ install_missing() {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   fi
   scripts/setup
-  cargo build --release --bin svcd -q
+  # SVCD_BIN: a build made elsewhere (benches/before_after.sh's), used instead of this tree's.
+  [ -n "${SVCD_BIN:-}" ] || cargo build --release --bin svcd -q
 }
 
 work=$(mktemp -d)
@@ -62,7 +63,7 @@ CONF
   nginx -c "$work/ngx-backend/nginx.conf" -g 'daemon off;' & pids+=($!)
 }
 
-# start_svcd TOML [NAME] — svcd (release) with its admin and DNS on free ports, one DNS worker,
+# start_svcd TOML [NAME [BINARY]] — svcd (release, $SVCD_BIN, or BINARY: an earlier build) with its admin and DNS on free ports, one DNS worker,
 # warn logging, plus TOML (listeners, [proxy], registrations); its config and log are
 # $work/NAME.toml and $work/NAME.log (NAME defaults to svcd).
 start_svcd() {
@@ -77,7 +78,7 @@ workers = 1
 level = "warn"
 $1
 CONF
-  target/release/svcd run --config "$work/$name.toml" 2>"$work/$name.log" & pids+=($!)
+  "${3:-${SVCD_BIN:-target/release/svcd}}" run --config "$work/$name.toml" 2>"$work/$name.log" & pids+=($!)
 }
 
 # svcd_web_config PORT WORKERS L7_KEYS — an HTTP listener on PORT routing host 127.0.0.1 to the
@@ -153,9 +154,9 @@ dns_compare() {
   svcd=$(echo "${results[svcd]}" | median)
   echo
   echo "$title, dnsperf -c 16 -q 200 -T 1, ${SECONDS_PER_RUN}s x $ROUNDS rounds"
-  printf '%-10s %12s %14s\n' server "median QPS" "svcd / server"
+  printf '%-12s %12s %14s\n' server "median QPS" "svcd / server"
   for server in "${servers[@]}"; do
     qps=$(echo "${results[$server]}" | median)
-    printf '%-10s %12.0f %14.2f\n' "$server" "$qps" "$(echo "$svcd / $qps" | bc -l)"
+    printf '%-12s %12.0f %14.2f\n' "$server" "$qps" "$(echo "$svcd / $qps" | bc -l)"
   done
 }

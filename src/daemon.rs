@@ -82,6 +82,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     let log = logging::init(&config.log);
     let token = read_token(&config)?;
     let metrics = DaemonMetrics::new()?;
+    let tls_metrics = svcd_tls::TlsMetrics::register(&metrics.registry)?;
     let store = Registry::open_store(&config.registry).await?;
     let registry = Arc::new(Registry::new(
         store.clone(),
@@ -135,6 +136,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     let admin_state = Arc::new(AdminState {
         advertise_ip,
         pending_restart: ArcSwap::from_pointee(Vec::new()),
+        blocking_queries: metrics.blocking_queries.clone(),
         config: config.clone(),
         token: ArcSwap::from_pointee(token),
         readiness: readiness.clone(),
@@ -142,21 +144,45 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         registry: registry.clone(),
         consul_blocking: crate::consul::BlockingSlots::new(&metrics.registry)?,
     });
+    // The admin listeners' TLS (restart-only: they are bound once), each its own series.
+    let admin_tls = |listener: &str| {
+        config
+            .load()
+            .admin
+            .tls
+            .as_ref()
+            .map(|t| {
+                svcd_tls::ServerTls::new(
+                    listener,
+                    "admin.tls",
+                    t,
+                    svcd_tls::Alpn::Http1,
+                    &tls_metrics,
+                )
+            })
+            .transpose()
+    };
+    let api_tls = admin_tls("admin")?;
     answer.spawn(admin::serve(
         admin_socket,
         admin_state.clone(),
         Surface::Api,
         answer.clone(),
+        api_tls.clone(),
     ));
+    let mut scrape_tls = None;
     if let Some(socket) = scrape_socket {
-        info!(addr = %socket.describe(), "metrics listener (/metrics, /healthz, /readyz)");
+        info!(addr = %socket.describe(), "metrics listener (/metrics, /healthz, /readyz, /v1/prometheus/sd)");
+        scrape_tls = admin_tls("metrics")?;
         answer.spawn(admin::serve(
             socket,
             admin_state.clone(),
             Surface::Scrape,
             answer.clone(),
+            scrape_tls.clone(),
         ));
     }
+    let admin_tls: Vec<_> = api_tls.into_iter().chain(scrape_tls).collect();
 
     if let Some(socket) = consul_socket {
         info!(addr = %socket.describe(), "Consul-compatible API");
@@ -165,6 +191,8 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
             admin_state.clone(),
             Surface::Consul,
             answer.clone(),
+            // Plain HTTP: Consul clients on the node reach it on loopback (docs/consul.md).
+            None,
         ));
     }
 
@@ -213,8 +241,13 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         &proxy_workers,
         &http_phase,
         &metrics.registry,
+        &tls_metrics,
     )
     .await?;
+    // Every TLS listener's files, re-read on SIGHUP and when they change on disk.
+    let tls = svcd_tls::TlsReloader::new(std::time::Duration::from_millis(500));
+    tls.set(tls_items(&admin_tls, &http));
+    answer.spawn(tls.clone().watch(answer.token()));
     readiness.listeners_bound.store(true, Ordering::Relaxed);
     notify::spawn(readiness.clone(), &answer);
     info!(admin = %admin_addr, dns = %dns.addr, store = %store.describe(), "svcd started");
@@ -226,6 +259,8 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         proxy: &proxy,
         http: &http,
         store: registry.store.as_ref(),
+        tls: &tls,
+        admin_tls: &admin_tls,
     };
     wait_for_signals(&sources, &config, &live, &log, &metrics).await?;
 
@@ -318,6 +353,23 @@ struct LiveParts<'a> {
     http: &'a HttpProxy,
     /// Re-reads its credentials and certificates on reload.
     store: &'a dyn svcd_registry::store::Store,
+    /// Re-reads every TLS listener's certificates, keys and CAs.
+    tls: &'a svcd_tls::TlsReloader,
+    /// The admin listeners' TLS (fixed until restart).
+    admin_tls: &'a [Arc<svcd_tls::ServerTls>],
+}
+
+/// What the TLS reloader re-reads: the admin listeners' and the HTTP listeners' TLS.
+fn tls_items(
+    admin: &[Arc<svcd_tls::ServerTls>],
+    http: &HttpProxy,
+) -> Vec<Arc<dyn svcd_tls::Reload>> {
+    admin
+        .iter()
+        .cloned()
+        .chain(http.tls())
+        .map(|t| t as Arc<dyn svcd_tls::Reload>)
+        .collect()
 }
 
 /// Returns on the first SIGTERM/SIGINT; handles SIGHUP reloads meanwhile.
@@ -436,17 +488,27 @@ async fn reload(
     live.dns.responder.set_consul(&new.consul);
     live.dns.reconfigure(&new.dns);
     live.lb.reconfigure(new.proxy.outlier.clone());
-    let mut bind_errors = live
+    let mut bind_errors: Vec<String> = live
         .proxy
         .reconfigure(&new.proxy, new.shutdown.drain_timeout)
-        .await;
-    bind_errors.extend(live.http.reconfigure(&new.proxy, &new.dns.domain).await);
+        .await
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    bind_errors.extend(
+        live.http
+            .reconfigure(&new.proxy, &new.dns.domain)
+            .await
+            .into_iter()
+            .map(|e| e.to_string()),
+    );
+    // Rotated certificates: a file that does not load keeps its listener's old material.
+    live.tls.set(tls_items(live.admin_tls, live.http));
+    bind_errors.extend(live.tls.reload_all().iter().map(|e| e.to_string()));
     config.store(Arc::new(new));
     if !bind_errors.is_empty() {
         // The rest of the new configuration is live; the listeners that could not bind are not.
-        return Ok(Reloaded::ExceptListeners(
-            bind_errors.iter().map(|e| e.to_string()).collect(),
-        ));
+        return Ok(Reloaded::ExceptListeners(bind_errors));
     }
     match sources.file_path() {
         Some(file) => info!(file = %file.display(), "configuration reloaded"),

@@ -8,6 +8,9 @@ pub struct DaemonMetrics {
     pub reloads_failed: IntCounter,
     /// Reloads applied except for listeners that could not bind.
     pub reloads_partial: IntCounter,
+    /// Admin blocking queries (`?index=`) parked until their service changes: the admin API's
+    /// one piece of per-client waiting state, shown so an operator sees who holds it.
+    pub blocking_queries: IntGauge,
 }
 
 impl DaemonMetrics {
@@ -40,7 +43,13 @@ impl DaemonMetrics {
             &["result"],
         )?;
         registry.register(Box::new(reloads.clone()))?;
+        let blocking_queries = IntGauge::new(
+            "svcd_admin_blocking_queries",
+            "Admin API blocking queries (?index=) waiting for their service to change now.",
+        )?;
+        registry.register(Box::new(blocking_queries.clone()))?;
         Ok(DaemonMetrics {
+            blocking_queries,
             registry,
             reloads_ok: reloads.with_label_values(&["ok"]),
             reloads_failed: reloads.with_label_values(&["failed"]),

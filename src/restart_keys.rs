@@ -29,6 +29,12 @@ pub fn split(old: &Config, mut new: Config) -> (Config, Vec<PendingKey>) {
         &mut pending,
     );
     diff(
+        "admin.tls",
+        &json(&old.admin.tls),
+        &json(&new.admin.tls),
+        &mut pending,
+    );
+    diff(
         "dns.listen",
         &json(&old.dns.listen),
         &json(&new.dns.listen),
@@ -56,6 +62,7 @@ pub fn split(old: &Config, mut new: Config) -> (Config, Vec<PendingKey>) {
     new.proxy.workers = old.proxy.workers;
     new.admin.listen = old.admin.listen.clone();
     new.admin.metrics_listen = old.admin.metrics_listen;
+    new.admin.tls = old.admin.tls.clone();
     new.dns.listen = old.dns.listen.clone();
     new.registry = old.registry.clone();
     (new, pending)

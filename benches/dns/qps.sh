@@ -7,6 +7,9 @@
 #   benches/dns/qps.sh [seconds-per-run] [rounds]        (defaults: 10 s, 3 rounds)
 #
 # Needs: dnsperf, knot, dnsmasq (Debian packages; installed when missing).
+#
+# SVCD_BEFORE=PATH adds an earlier svcd build (benches/before_after.sh makes one) as the server
+# svcd-before, configured as svcd, so a change is measured before and after in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS_PER_RUN=${1:-10}
@@ -15,16 +18,24 @@ THREADS=${THREADS:-2}
 
 source benches/common.sh
 install_missing dnsperf:dnsperf knotd:knot dnsmasq:dnsmasq-base dig:bind9-dnsutils bc:bc
-P_SVCD=$(free_port); P_KNOT=$(free_port); P_MASQ=$(free_port); P_ADMIN=$(free_port); P_HTTP=$(free_port)
+P_SVCD=$(free_port); P_KNOT=$(free_port); P_MASQ=$(free_port); P_ADMIN=$(free_port)
 NAME=web.default.svc.cluster.local
 IPS=(10.0.0.1 10.0.0.2 10.0.0.3)
 
-# svcd
-{
-  printf '[admin]\nlisten = "127.0.0.1:%s"\n[dns]\nlisten = "127.0.0.1:%s"\nworkers = %s\n[[proxy.http]]\nlisten = "127.0.0.1:%s"\n[log]\nlevel = "warn"\n' "$P_ADMIN" "$P_SVCD" "$THREADS" "$P_HTTP"
+# svcd (svcd_dns_config ADMIN_PORT DNS_PORT)
+svcd_dns_config() {
+  printf '[admin]\nlisten = "127.0.0.1:%s"\n[dns]\nlisten = "127.0.0.1:%s"\nworkers = %s\n[[proxy.http]]\nlisten = "127.0.0.1:%s"\n[log]\nlevel = "warn"\n' "$1" "$2" "$THREADS" "$(free_port)"
   i=0; for ip in "${IPS[@]}"; do i=$((i+1)); printf '[[registry.static]]\nservice = "web"\nid = "w%s"\nip = "%s"\n' "$i" "$ip"; done
-} > "$work/svcd.toml"
-target/release/svcd run --config "$work/svcd.toml" 2>"$work/svcd.log" & pids+=($!)
+}
+svcd_dns_config "$P_ADMIN" "$P_SVCD" > "$work/svcd.toml"
+"${SVCD_BIN:-target/release/svcd}" run --config "$work/svcd.toml" 2>"$work/svcd.log" & pids+=($!)
+BEFORE=()
+if [ -n "${SVCD_BEFORE:-}" ]; then
+  P_BEFORE=$(free_port)
+  svcd_dns_config "$(free_port)" "$P_BEFORE" > "$work/svcd-before.toml"
+  "$SVCD_BEFORE" run --config "$work/svcd-before.toml" 2>"$work/svcd-before.log" & pids+=($!)
+  BEFORE=(svcd-before="$P_BEFORE")
+fi
 
 # Knot DNS
 mkdir -p "$work/knot"
@@ -58,4 +69,4 @@ dnsmasq --no-daemon --port="$P_MASQ" --listen-address=127.0.0.1 --bind-interface
   2>"$work/dnsmasq.log" & pids+=($!)
 
 dns_compare "DNS A queries for $NAME (3 records), $THREADS server threads" "$NAME" \
-  svcd="$P_SVCD" knot="$P_KNOT" dnsmasq="$P_MASQ"
+  svcd="$P_SVCD" knot="$P_KNOT" dnsmasq="$P_MASQ" "${BEFORE[@]}"

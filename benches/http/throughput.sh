@@ -8,6 +8,9 @@
 # which req/s alone hides when the load generator and the backend share the machine's cores).
 #
 #   benches/http/throughput.sh [seconds] [rounds]      (defaults: 10 s, 3 rounds)
+#
+# SVCD_BEFORE=PATH adds an earlier svcd build (benches/before_after.sh makes one) as the target
+# svcd-before, configured as svcd, so a change is measured before and after in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECS=${1:-10}
@@ -28,6 +31,12 @@ mkdir -p "$work/ngx-proxy"
 start_svcd "$(svcd_web_config "$P_SVCD" 1 "http1_fast_path = true")" svcd; PID_SVCD=${pids[-1]}
 start_svcd "$(svcd_web_config "$P_HYPER" 1 "http1_fast_path = false")" svcd-hyper; PID_HYPER=${pids[-1]}
 start_svcd "$(svcd_web_config "$P_SVCD2" 2 "http1_fast_path = true")" svcd-2w; PID_SVCD2=${pids[-1]}
+TARGETS="direct svcd svcd-hyper svcd-2w haproxy nginx"
+if [ -n "${SVCD_BEFORE:-}" ]; then
+  P_BEFORE=$(free_port)
+  start_svcd "$(svcd_web_config "$P_BEFORE" 1 "http1_fast_path = true")" svcd-before "$SVCD_BEFORE"
+  PID_BEFORE=${pids[-1]}; TARGETS+=" svcd-before"
+fi
 
 cat > "$work/haproxy.cfg" <<CONF
 global
@@ -63,7 +72,7 @@ http {
 CONF
 nginx -c "$work/ngx-proxy/nginx.conf" -g 'daemon off;' & pids+=($!); PID_NGX=${pids[-1]}
 
-for port in "$P_WEB" "$P_SVCD" "$P_HYPER" "$P_SVCD2" "$P_HAP" "$P_NGX"; do
+for port in "$P_WEB" "$P_SVCD" "$P_HYPER" "$P_SVCD2" "$P_HAP" "$P_NGX" ${P_BEFORE:-}; do
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.2; done
   curl -sf "http://127.0.0.1:$port/" >/dev/null || { echo "port $port not serving"; cat "$work"/*.log "$work"/ngx-*/error.log; exit 1; }
 done
@@ -79,7 +88,6 @@ h2() { # port → "req/s requests"
   h2load -t 1 -c 16 -m 10 -D "$SECS" "http://127.0.0.1:$1/" 2>/dev/null \
     | awk '/^finished in/ {rps=$4} /^requests:/ {n=$8} END {print rps, n}'
 }
-TARGETS="direct svcd svcd-hyper svcd-2w haproxy nginx"
 declare -A r
 for round in $(seq "$ROUNDS"); do
   for t in $(rotated "$round" $TARGETS); do
@@ -88,6 +96,7 @@ for round in $(seq "$ROUNDS"); do
       svcd) p=$P_SVCD; p2=$P_SVCD; procs=$PID_SVCD;;
       svcd-hyper) p=$P_HYPER; p2=$P_HYPER; procs=$PID_HYPER;;
       svcd-2w) p=$P_SVCD2; p2=$P_SVCD2; procs=$PID_SVCD2;;
+      svcd-before) p=$P_BEFORE; p2=$P_BEFORE; procs=$PID_BEFORE;;
       haproxy) p=$P_HAP; p2=$P_HAP; procs=$PID_HAP;;
       nginx) p=$P_NGX; p2=$P_NGX2; procs="$PID_NGX $(pgrep -P "$PID_NGX" | tr '\n' ' ')";;
     esac
@@ -104,13 +113,14 @@ done
 m() { echo "${r[$1]}" | median; }
 echo
 echo "HTTP proxy, loopback, ${SECS}s x $ROUNDS rounds (medians); CPU = the proxy's user+system time per request"
-printf '%-11s %11s %10s %13s %11s %13s\n' path "h1 req/s" "h1 p99 ms" "h1 CPU us/req" "h2 req/s" "h2 CPU us/req"
+printf '%-12s %11s %10s %13s %11s %13s\n' path "h1 req/s" "h1 p99 ms" "h1 CPU us/req" "h2 req/s" "h2 CPU us/req"
 for t in $TARGETS; do
-  printf '%-11s %11s %10s %13s %11s %13s\n' "$t" "$(m $t.h1)" "$(m $t.p99)" "$(m $t.cpu1)" "$(m $t.h2)" "$(m $t.cpu2)"
+  printf '%-12s %11s %10s %13s %11s %13s\n' "$t" "$(m $t.h1)" "$(m $t.p99)" "$(m $t.cpu1)" "$(m $t.h2)" "$(m $t.cpu2)"
 done
 echo
 ratio() { echo "$1 / $2" | bc -l | xargs printf '%.2f'; }
-for peer in haproxy nginx; do
+PEERS="haproxy nginx"; [ -n "${SVCD_BEFORE:-}" ] && PEERS+=" svcd-before"
+for peer in $PEERS; do
   echo "svcd / $peer: h1 req/s $(ratio "$(m svcd.h1)" "$(m $peer.h1)"), h2 req/s $(ratio "$(m svcd.h2)" "$(m $peer.h2)"), h1 p99 $(ratio "$(m svcd.p99)" "$(m $peer.p99)") (lower is better), CPU per h1 request $(ratio "$(m svcd.cpu1)" "$(m $peer.cpu1)"), per h2 request $(ratio "$(m svcd.cpu2)" "$(m $peer.cpu2)") (lower is better)"
 done
 echo "svcd fast path / hyper path: h1 req/s $(ratio "$(m svcd.h1)" "$(m svcd-hyper.h1)"), CPU per h1 request $(ratio "$(m svcd.cpu1)" "$(m svcd-hyper.cpu1)")"

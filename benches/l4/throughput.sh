@@ -5,6 +5,9 @@
 # splices by default) and nginx (stream) — every proxy with one worker thread.
 #
 #   benches/l4/throughput.sh [seconds] [rounds]      (defaults: 10 s, 3 rounds; medians printed)
+#
+# SVCD_BEFORE=PATH adds an earlier svcd build (benches/before_after.sh makes one) as the target
+# svcd-before, configured as svcd, so a change is measured before and after in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECS=${1:-10}
@@ -14,7 +17,7 @@ source benches/common.sh
 install_missing iperf3:iperf3 haproxy:haproxy nginx:nginx-light /usr/lib/nginx/modules/ngx_stream_module.so:libnginx-mod-stream wrk:wrk bc:bc
 
 P_IPERF=$(free_port); P_WEB=$(free_port)
-P_SVCD=$(free_port); P_SVCD_WEB=$(free_port); P_HTTP=$(free_port)
+P_SVCD=$(free_port); P_SVCD_WEB=$(free_port)
 P_HAP=$(free_port); P_HAP_WEB=$(free_port); P_NGX=$(free_port); P_NGX_WEB=$(free_port)
 
 iperf3 -s -p "$P_IPERF" >/dev/null 2>&1 & pids+=($!)
@@ -23,17 +26,18 @@ iperf3 -s -p "$P_IPERF" >/dev/null 2>&1 & pids+=($!)
 start_nginx_backend "$P_WEB"
 mkdir -p "$work/ngx-proxy"
 
-# svcd: one runtime worker, two L4 listeners.
-start_svcd "[proxy]
+# svcd: one runtime worker, two L4 listeners (svcd_l4_config IPERF_PORT WEB_PORT).
+svcd_l4_config() {
+  echo "[proxy]
 workers = 1
 max_connections = 100000
 [[proxy.http]]
-listen = \"127.0.0.1:$P_HTTP\"
+listen = \"127.0.0.1:$(free_port)\"
 [[proxy.tcp]]
-listen = \"127.0.0.1:$P_SVCD\"
+listen = \"127.0.0.1:$1\"
 service = \"iperf\"
 [[proxy.tcp]]
-listen = \"127.0.0.1:$P_SVCD_WEB\"
+listen = \"127.0.0.1:$2\"
 service = \"web\"
 [[registry.static]]
 service = \"iperf\"
@@ -46,7 +50,15 @@ id = \"w1\"
 ip = \"127.0.0.1\"
 ports = { http = $P_WEB }
 "
+}
+start_svcd "$(svcd_l4_config "$P_SVCD" "$P_SVCD_WEB")"
 PID_SVCD=${pids[-1]}
+TARGETS="direct svcd haproxy nginx"
+if [ -n "${SVCD_BEFORE:-}" ]; then
+  P_BEFORE=$(free_port); P_BEFORE_WEB=$(free_port)
+  start_svcd "$(svcd_l4_config "$P_BEFORE" "$P_BEFORE_WEB")" svcd-before "$SVCD_BEFORE"
+  PID_BEFORE=${pids[-1]}; TARGETS+=" svcd-before"
+fi
 
 cat > "$work/haproxy.cfg" <<CONF
 global
@@ -79,7 +91,7 @@ stream {
 CONF
 nginx -c "$work/ngx-proxy/nginx.conf" -g 'daemon off;' & pids+=($!); PID_NGX=${pids[-1]}
 
-for port in "$P_WEB" "$P_SVCD_WEB" "$P_HAP_WEB" "$P_NGX_WEB"; do
+for port in "$P_WEB" "$P_SVCD_WEB" "$P_HAP_WEB" "$P_NGX_WEB" ${P_BEFORE_WEB:-}; do
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.2; done
   curl -sf "http://127.0.0.1:$port/" >/dev/null || { echo "port $port not serving"; cat "$work/svcd.log" "$work"/ngx-*/error.log; ls -la "$work" "$work/www"; exit 1; }
 done
@@ -94,10 +106,11 @@ cps() { # port → "connections/s connections": requests with "Connection: close
 }
 declare -A r
 for round in $(seq "$ROUNDS"); do
-  for t in $(rotated "$round" direct svcd haproxy nginx); do
+  for t in $(rotated "$round" $TARGETS); do
     case $t in
       direct) p=$P_IPERF; w=$P_WEB; procs="";; svcd) p=$P_SVCD; w=$P_SVCD_WEB; procs=$PID_SVCD;;
       haproxy) p=$P_HAP; w=$P_HAP_WEB; procs=$PID_HAP;;
+      svcd-before) p=$P_BEFORE; w=$P_BEFORE_WEB; procs=$PID_BEFORE;;
       nginx) p=$P_NGX; w=$P_NGX_WEB; procs="$PID_NGX $(pgrep -P "$PID_NGX" | tr '\n' ' ')";;
     esac
     r[$t.1]+="$(gbps "$p" 1) "; r[$t.4]+="$(gbps "$p" 4) "
@@ -110,9 +123,9 @@ for round in $(seq "$ROUNDS"); do
 done
 echo
 echo "L4 proxy, loopback, one worker thread per proxy, ${SECS}s x $ROUNDS rounds (medians); CPU = the proxy's user+system time per connection"
-printf '%-8s %14s %14s %10s %12s\n' path "1 stream Gb/s" "4 streams Gb/s" "conn/s" "CPU us/conn"
-for t in direct svcd haproxy nginx; do
-  printf '%-8s %14s %14s %10s %12s\n' "$t" "$(echo "${r[$t.1]}" | median)" "$(echo "${r[$t.4]}" | median)" "$(echo "${r[$t.c]}" | median)" "$(echo "${r[$t.cpu]}" | median)"
+printf '%-12s %14s %14s %10s %12s\n' path "1 stream Gb/s" "4 streams Gb/s" "conn/s" "CPU us/conn"
+for t in $TARGETS; do
+  printf '%-12s %14s %14s %10s %12s\n' "$t" "$(echo "${r[$t.1]}" | median)" "$(echo "${r[$t.4]}" | median)" "$(echo "${r[$t.c]}" | median)" "$(echo "${r[$t.cpu]}" | median)"
 done
 s1=$(echo "${r[svcd.1]}" | median); h1=$(echo "${r[haproxy.1]}" | median)
 s4=$(echo "${r[svcd.4]}" | median); h4=$(echo "${r[haproxy.4]}" | median)
@@ -124,3 +137,8 @@ printf 'svcd / nginx:   1 stream %.2f, conn/s %.2f\n' "$(echo "$s1/$n1" | bc -l)
 sp=$(echo "${r[svcd.cpu]}" | median)
 printf 'CPU per connection, svcd / haproxy %.2f, svcd / nginx %.2f (lower is better)\n' \
   "$(echo "$sp/$(echo "${r[haproxy.cpu]}" | median)" | bc -l)" "$(echo "$sp/$(echo "${r[nginx.cpu]}" | median)" | bc -l)"
+if [ -n "${SVCD_BEFORE:-}" ]; then
+  b1=$(echo "${r[svcd-before.1]}" | median); b4=$(echo "${r[svcd-before.4]}" | median); bc_=$(echo "${r[svcd-before.c]}" | median)
+  printf 'svcd / svcd-before: 1 stream %.2f, 4 streams %.2f, conn/s %.2f, CPU per connection %.2f (lower is better)\n' \
+    "$(echo "$s1/$b1" | bc -l)" "$(echo "$s4/$b4" | bc -l)" "$(echo "$sc/$bc_" | bc -l)" "$(echo "$sp/$(echo "${r[svcd-before.cpu]}" | median)" | bc -l)"
+fi

@@ -3,6 +3,7 @@
 mod consul;
 mod l7;
 mod registry;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -248,15 +249,24 @@ fn admin(c: &mut Checker, raw: RawAdmin) -> AdminConfig {
         AdminListen::Tcp(SocketAddr::from(([127, 0, 0, 1], 9901)))
     });
     let token_file = raw.token_file.map(PathBuf::from);
-    if let AdminListen::Tcp(addr) = &listen {
-        if !addr.ip().is_loopback() && token_file.is_none() {
+    let tls = raw.tls.map(|t| tls::server(c, "admin.tls", t));
+    let client_certs = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    match &listen {
+        AdminListen::Tcp(addr)
+            if !addr.ip().is_loopback() && token_file.is_none() && !client_certs =>
+        {
             c.err(
                 "admin.listen",
                 format!(
-                    "{addr} is not a loopback address; set admin.token_file to expose the admin API"
+                    "{addr} is not a loopback address; set admin.token_file (or admin.tls.client_ca) to expose the admin API"
                 ),
             );
         }
+        AdminListen::Unix(_) if tls.is_some() => c.err(
+            "admin.tls",
+            "TLS needs a TCP admin.listen (a unix socket is guarded by its file mode)",
+        ),
+        _ => {}
     }
     let metrics_listen = raw
         .metrics_listen
@@ -266,6 +276,7 @@ fn admin(c: &mut Checker, raw: RawAdmin) -> AdminConfig {
         metrics_listen,
         token_file,
         endpoint_state_series: raw.endpoint_state_series.unwrap_or(false),
+        tls,
     }
 }
 
@@ -424,12 +435,16 @@ fn proxy(c: &mut Checker, raw: RawProxy) -> ProxyConfig {
     let http = match raw.http {
         None => vec![HttpListenerConfig {
             listen: "127.0.0.1:8080".parse().expect("default parses"),
+            tls: None,
         }],
         Some(list) => list
             .into_iter()
             .enumerate()
             .map(|(i, l)| HttpListenerConfig {
                 listen: c.required_addr(&format!("proxy.http[{i}].listen"), l.listen),
+                tls: l
+                    .tls
+                    .map(|t| tls::server(c, &format!("proxy.http[{i}].tls"), t)),
             })
             .collect(),
     };

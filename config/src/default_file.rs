@@ -15,6 +15,11 @@ listen = "127.0.0.1:9901"
 # metrics_listen = "0.0.0.0:9902"
 # File holding a bearer token required on every admin request except /healthz and /readyz.
 # token_file = "/etc/svcd/admin.token"
+# HTTPS on listen and metrics_listen (same keys as [proxy.http.tls] below); with client_ca, a
+# verified client certificate also lets a non-loopback listen go without token_file.
+# [admin.tls]
+# cert = "/etc/svcd/tls/admin.crt"
+# key = "/etc/svcd/tls/admin.key"
 # One svcd_endpoint_state series per endpoint on /metrics (per-service counts by state,
 # svcd_service_endpoints, are always there). Off by default: at 100k endpoints it is 100k series.
 endpoint_state_series = false
@@ -100,6 +105,16 @@ idle_timeout = "1h"
 # `http = []` under [proxy] disables the HTTP proxy.
 [[proxy.http]]
 listen = "127.0.0.1:8080"
+# HTTPS on this listener (docs/tls.md): ALPN picks HTTP/2 or HTTP/1.1; files are PEM and are
+# re-read on SIGHUP and when they change on disk (a bad file keeps the old one).
+# [proxy.http.tls]
+# cert = "/etc/svcd/tls/web.crt"           # chain, leaf first
+# key = "/etc/svcd/tls/web.key"
+# certs = [{ cert = "...", key = "..." }]  # more, chosen by SNI (their DNS SANs, *. too);
+#                                          # the first serves clients without a matching SNI
+# client_ca = "/etc/svcd/tls/clients.pem"  # require client certificates from this CA
+# allow = ["spiffe://example.org/ns/default/svc/web"]  # identities let in; others get 403
+# handshake_timeout = "5s"
 
 # Explicit HTTP routes; longest path_prefix of the request's host wins. Requests matching no
 # route go to the service their Host names: <svc>, <svc>.<ns> or <svc>.<ns>.svc.<domain>.

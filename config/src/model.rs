@@ -68,6 +68,38 @@ pub struct AdminConfig {
     /// Export `svcd_endpoint_state{service,endpoint,state}`, one series per endpoint (opt-in, as
     /// Envoy's per-host stats; per-service counts are always exported).
     pub endpoint_state_series: bool,
+    /// HTTPS on `listen` and `metrics_listen` (TCP only), optionally with client certificates:
+    /// no plaintext port is then needed off the node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsServerConfig>,
+}
+
+/// A listener's `tls` table: TLS is terminated with these certificates, chosen by the client's
+/// SNI, and client certificates are required when `client_ca` is set.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TlsServerConfig {
+    /// Certificate chains and their keys. Each serves the DNS names (exact and `*.`) of its
+    /// certificate's SANs; the first also serves clients without SNI or with a name none covers.
+    pub certs: Vec<CertKeyFiles>,
+    /// CA bundle that verifies client certificates; set: a client without a valid one is
+    /// refused in the handshake.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// Client identities (URI SAN such as `spiffe://td/ns/default/svc/web`, or DNS SAN) let in;
+    /// others are answered 403. Empty: every certificate `client_ca` verifies.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// A handshake not done by then is closed and counted (a ClientHello dribbled byte by byte
+    /// must not hold a connection).
+    #[serde(serialize_with = "ser_duration")]
+    pub handshake_timeout: Duration,
+}
+
+/// A certificate chain file and its private key file (PEM), as cert-manager and SPIRE write them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertKeyFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Where the admin API listens: a TCP address, or a unix socket (`unix:/run/svcd/admin.sock`,
@@ -260,6 +292,9 @@ pub const DEFAULT_MAX_FLOWS: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HttpListenerConfig {
     pub listen: SocketAddr,
+    /// HTTPS: TLS terminated here, ALPN choosing HTTP/2 or HTTP/1.1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsServerConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -21,6 +21,25 @@ pub struct RawAdmin {
     pub metrics_listen: Option<String>,
     pub token_file: Option<String>,
     pub endpoint_state_series: Option<bool>,
+    pub tls: Option<RawTls>,
+}
+
+/// A listener's `tls` table (`[[proxy.http]]`, `[admin]`).
+#[derive(Debug, Default, Deserialize)]
+pub struct RawTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub certs: Option<Vec<RawCertKey>>,
+    pub client_ca: Option<String>,
+    pub allow: Option<Vec<String>>,
+    pub handshake_timeout: Option<String>,
+}
+
+/// One `certs` entry of a `tls` table.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawCertKey {
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -136,6 +155,7 @@ pub struct RawL4Listener {
 #[derive(Debug, Default, Deserialize)]
 pub struct RawHttpListener {
     pub listen: Option<String>,
+    pub tls: Option<RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]

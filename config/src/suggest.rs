@@ -253,7 +253,10 @@ mod tests {
         );
         assert!(accepted_keys(&path("dns")).unwrap().contains(&"listen"));
         assert!(accepted_keys(&path("dns.rrl")).unwrap().contains(&"slip"));
-        assert_eq!(accepted_keys(&path("proxy.http.0")).unwrap(), ["listen"]);
+        assert_eq!(
+            accepted_keys(&path("proxy.http.0")).unwrap(),
+            ["listen", "tls"]
+        );
         assert!(accepted_keys(&path("proxy.tcp.3"))
             .unwrap()
             .contains(&"max_flows"));

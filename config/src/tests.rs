@@ -104,7 +104,7 @@ fn unknown_key_is_an_error_naming_the_key() {
         errors,
         vec![
             "dns.lisen: unknown key; did you mean \"listen\"?",
-            "proxy.http[0].route: unknown key; expected one of: listen",
+            "proxy.http[0].route: unknown key; expected one of: listen, tls",
             "registry.etcd.tls.crt: unknown key; did you mean \"cert\"?",
             "dns.max_answers: 0 is out of range 1..=1000",
         ],
@@ -687,4 +687,53 @@ fn consul_is_off_by_default_and_checked_with_key_paths() {
     );
     let errors = errors_of("[consul]\nlisen = \"127.0.0.1:8500\"\n");
     assert!(errors[0].contains("did you mean \"listen\""), "{errors:?}");
+}
+
+#[test]
+fn tls_tables_report_every_shape_error_with_its_key() {
+    let errors = errors_of(
+        r#"
+        [admin]
+        listen = "unix:/run/svcd/admin.sock"
+        [admin.tls]
+        cert = "/etc/a.crt"
+        key = "/etc/a.key"
+        [[proxy.http]]
+        listen = "127.0.0.1:8443"
+        [proxy.http.tls]
+        cert = "/etc/web.crt"
+        certs = [{ cert = "/etc/b.crt" }]
+        allow = ["spiffe://td/ns/default/svc/web", "has space"]
+        handshake_timeout = "0s"
+        [[proxy.http]]
+        listen = "127.0.0.1:8444"
+        [proxy.http.tls]
+        client_ca = ""
+        "#,
+    );
+    assert_eq!(
+        errors,
+        [
+            "admin.tls: TLS needs a TCP admin.listen (a unix socket is guarded by its file mode)",
+            "proxy.http[0].tls.key: missing",
+            "proxy.http[0].tls.certs[0].key: missing",
+            "proxy.http[0].tls.allow[1]: invalid identity \"has space\" (a URI SAN such as spiffe://td/ns/default/svc/web, or a DNS name)",
+            "proxy.http[0].tls.allow: needs client_ca: identities come from verified client certificates",
+            "proxy.http[0].tls.handshake_timeout: \"0s\" must be greater than zero",
+            "proxy.http[1].tls.cert: missing: a TLS listener needs `cert` and `key`, or `certs = [{ cert, key }, …]`",
+            "proxy.http[1].tls.client_ca: must be a file path (PEM)",
+        ]
+    );
+    // Client certificates stand in for a token off loopback.
+    let ok = crate::parse(
+        r#"
+        [admin]
+        listen = "0.0.0.0:9901"
+        [admin.tls]
+        cert = "/etc/a.crt"
+        key = "/etc/a.key"
+        client_ca = "/etc/ca.pem"
+        "#,
+    );
+    assert!(ok.is_ok(), "{ok:?}");
 }

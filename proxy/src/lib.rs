@@ -62,6 +62,10 @@ pub enum ProxyError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// A listener's certificates, key or CA could not be loaded (the listener is not started,
+    /// or on reload keeps what it had).
+    #[error("{0}")]
+    Tls(#[from] svcd_tls::TlsError),
 }
 
 /// Settings every L4 connection reads; swapped whole on reload.

@@ -11,6 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use svcd_config::AdminListen;
 use svcd_lifecycle::Phase;
+use svcd_tls::ServerTls;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, warn};
 
@@ -95,7 +96,15 @@ async fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
 
 /// Accepts connections until `phase` stops, then lets in-flight requests finish (each
 /// connection is a task of `phase`, so the phase's stop waits for them; the caller bounds it).
-pub async fn serve(socket: AdminSocket, state: Arc<AdminState>, surface: Surface, phase: Phase) {
+/// With `tls`, each connection's handshake runs in its own task (bounded by the listener's
+/// `handshake_timeout`), so a slow client never holds up the accept loop.
+pub async fn serve(
+    socket: AdminSocket,
+    state: Arc<AdminState>,
+    surface: Surface,
+    phase: Phase,
+    tls: Option<Arc<ServerTls>>,
+) {
     let graceful = GracefulShutdown::new();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
@@ -103,8 +112,8 @@ pub async fn serve(socket: AdminSocket, state: Arc<AdminState>, surface: Surface
             _ = phase.stopping() => break,
             a = accept(&socket) => a,
         };
-        let io = match accepted {
-            Ok(io) => io,
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
             Err(e) => {
                 warn!(error = %e, "admin accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -112,11 +121,38 @@ pub async fn serve(socket: AdminSocket, state: Arc<AdminState>, surface: Surface
             }
         };
         let state = state.clone();
-        let service = service_fn(move |req| state.clone().handle(req, surface));
-        let conn = builder.serve_connection(io, service).into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let tls = tls.clone();
         phase.spawn(async move {
-            if let Err(e) = conn.await {
+            let (io, denied): (AdminIo, bool) = match (&tls, stream) {
+                (Some(tls), AdminAccepted::Tcp(tcp)) => {
+                    let Some(accepted) = tls.accept(tcp, peer).await else {
+                        return;
+                    };
+                    let allowed = match &accepted.peer {
+                        Some(identity) => identity.allowed(tls.allow()),
+                        None => tls.allow().is_empty(),
+                    };
+                    (TokioIo::new(Box::new(accepted.stream)), !allowed)
+                }
+                (_, AdminAccepted::Tcp(tcp)) => (TokioIo::new(Box::new(tcp)), false),
+                (_, AdminAccepted::Unix(unix)) => (TokioIo::new(Box::new(unix)), false),
+            };
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move {
+                    if denied {
+                        return Ok(super::text(
+                            hyper::StatusCode::FORBIDDEN,
+                            "client certificate identity not allowed\n",
+                        ));
+                    }
+                    state.handle(req, surface).await
+                }
+            });
+            let conn = builder.serve_connection(io, service).into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 debug!(error = %e, "admin connection ended with error");
             }
         });
@@ -131,9 +167,21 @@ type AdminIo = TokioIo<Box<dyn AdminStream>>;
 trait AdminStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AdminStream for T {}
 
-async fn accept(socket: &AdminSocket) -> std::io::Result<AdminIo> {
+/// An accepted connection, before any TLS.
+enum AdminAccepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(socket: &AdminSocket) -> std::io::Result<(AdminAccepted, std::net::SocketAddr)> {
     Ok(match socket {
-        AdminSocket::Tcp(l) => TokioIo::new(Box::new(l.accept().await?.0)),
-        AdminSocket::Unix(l, _) => TokioIo::new(Box::new(l.accept().await?.0)),
+        AdminSocket::Tcp(l) => {
+            let (s, peer) = l.accept().await?;
+            (AdminAccepted::Tcp(s), peer)
+        }
+        AdminSocket::Unix(l, _) => (
+            AdminAccepted::Unix(l.accept().await?.0),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        ),
     })
 }

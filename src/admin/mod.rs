@@ -43,6 +43,8 @@ pub struct AdminState {
     pub advertise_ip: std::net::IpAddr,
     /// Keys the last reload could not apply: shown in `/v1/config` beside the running config.
     pub pending_restart: ArcSwap<Vec<crate::restart_keys::PendingKey>>,
+    /// `svcd_admin_blocking_queries`: raised while a blocking query is parked.
+    pub blocking_queries: prometheus::IntGauge,
     /// The bound on the Consul API's parked blocking queries (`consul.max_blocking_queries`).
     pub consul_blocking: crate::consul::BlockingSlots,
 }

@@ -213,6 +213,23 @@ pub(crate) async fn wait_for_index(
     .await;
 }
 
+/// Holds a gauge one higher while it lives (also when the client goes away mid-wait and the
+/// handler's future is dropped).
+struct GaugeGuard<'a>(&'a prometheus::IntGauge);
+
+impl<'a> GaugeGuard<'a> {
+    fn raise(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn show_service(
     state: &AdminState,
     ns: &str,
@@ -221,6 +238,7 @@ async fn show_service(
 ) -> Response<Body> {
     let reader = state.registry.reader();
     if let Some(index) = blocking.index {
+        let _parked = GaugeGuard::raise(&state.blocking_queries);
         wait_for_index(&reader, index, blocking.wait, |s| service_index(s, ns, svc)).await;
     }
     let snapshot = reader.load_full();

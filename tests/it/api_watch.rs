@@ -9,7 +9,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::support::daemon::Daemon;
 use crate::support::etcd::Etcd;
-use crate::support::{free_port, svcd_bin};
+use crate::support::{eventually, free_port, svcd_bin};
 
 fn etcd_config(endpoint: &str) -> String {
     format!("[registry.etcd]\nendpoints = [\"{endpoint}\"]\n")
@@ -82,7 +82,13 @@ async fn blocking_queries_answer_on_change_or_when_the_wait_is_over() {
         .unwrap();
         (started.elapsed(), r.json())
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The query is parked before the change is made, so the answer proves the wake-up.
+    eventually(
+        Duration::from_secs(5),
+        "the blocking query is parked",
+        || async { (d.metric("svcd_admin_blocking_queries").await == Some(1.0)).then_some(()) },
+    )
+    .await;
     d.put_instance("web", "b", r#"{"ip":"10.0.0.2"}"#).await;
     let (took, changed) = waiting.await.unwrap();
     assert!(took < Duration::from_secs(5), "{took:?}");

@@ -524,7 +524,13 @@ async fn sigterm_under_http_and_dns_load_fails_no_retrying_client() {
 
     let http = HttpLoad::start(a.http, "web", 2, 2);
     let dns = DnsLoad::start(a.dns, WEB, Duration::from_millis(10));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Under load: the instance has answered a steady stream through `a` before the signal.
+    eventually(
+        Duration::from_secs(10),
+        "200 requests through the proxy",
+        || async { (backend.count() >= 200).then_some(()) },
+    )
+    .await;
     a.signal(Signal::SIGTERM);
     let term = Instant::now();
     let unready = eventually(Duration::from_secs(1), "readyz 503", || async {

@@ -43,16 +43,24 @@ async fn ready_then_sigterm_exits_zero_within_drain_timeout() {
     );
 }
 
+/// A connection to `admin` with a request half sent, so a drain has something to wait for.
+/// It has been accepted once a connection opened after it is answered: one accept loop takes
+/// connections in the order of the listen queue.
+async fn half_sent_request(admin: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let later = http(admin, "GET", "/healthz", None).await.unwrap();
+    assert_eq!(later.status, 200);
+    s
+}
+
 #[tokio::test]
 async fn drain_is_bounded_and_second_signal_exits_at_once() {
     // A half-sent request keeps a connection in flight, so the drain has something to wait for.
     let mut d = Daemon::start("[shutdown]\ndrain_timeout = \"1500ms\"\n").await;
-    let mut stuck = tokio::net::TcpStream::connect(d.admin).await.unwrap();
-    stuck
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _stuck = half_sent_request(d.admin).await;
     let started = Instant::now();
     d.signal(Signal::SIGTERM);
     let status = d.wait_exit(Duration::from_secs(4));
@@ -68,14 +76,13 @@ async fn drain_is_bounded_and_second_signal_exits_at_once() {
     );
 
     let mut d = Daemon::start("[shutdown]\ndrain_timeout = \"30s\"\n").await;
-    let mut stuck = tokio::net::TcpStream::connect(d.admin).await.unwrap();
-    stuck
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _stuck = half_sent_request(d.admin).await;
     d.signal(Signal::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The second signal must land in the drain, after the first was taken.
+    eventually(Duration::from_secs(2), "readyz 503 (draining)", || async {
+        (d.get("/readyz").await.status == 503).then_some(())
+    })
+    .await;
     let started = Instant::now();
     d.signal(Signal::SIGINT);
     let status = d.wait_exit(Duration::from_secs(3));

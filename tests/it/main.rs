@@ -33,3 +33,4 @@ mod resolver;
 mod security;
 mod soak;
 mod store_conformance;
+mod tls;

@@ -21,6 +21,7 @@ use super::framing::ConnWatch;
 use super::h1::bridge;
 use super::headers::{
     add_forwarding, declare_trailers, strip_hop_by_hop, wants_trailers, wants_upgrade,
+    X_FORWARDED_CLIENT_CERT,
 };
 use super::host::request_host;
 use super::metrics::{HttpSlot, Outcome};
@@ -38,6 +39,16 @@ pub struct ClientConn {
     pub ip: HeaderValue,
     /// HTTP/2 streams opened and cancelled early, for the rapid-reset rule.
     pub streams: StreamLedger,
+    /// Set on HTTPS listeners.
+    pub tls: Option<ClientTls>,
+}
+
+/// What the handshake told about an HTTPS client, made once per connection.
+pub struct ClientTls {
+    /// Its `x-forwarded-client-cert` (Envoy's format) when it showed a verified certificate.
+    pub xfcc: Option<HeaderValue>,
+    /// The listener's `allow` list does not name its identity: every request is answered 403.
+    pub denied: bool,
 }
 
 fn idempotent(method: &Method) -> bool {
@@ -112,6 +123,13 @@ async fn proxy(
             true,
         ));
     }
+    if client.tls.as_ref().is_some_and(|t| t.denied) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "client certificate identity not allowed on this listener\n".into(),
+            false,
+        ));
+    }
     if req.method() == Method::CONNECT {
         // svcd routes requests to services; it is not a forward proxy.
         return Err((
@@ -141,11 +159,18 @@ async fn proxy(
     let h1_wants_trailers =
         downstream_version == Version::HTTP_11 && wants_trailers(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    // A client's own client-certificate claim never reaches an instance (Envoy's SANITIZE);
+    // only the one this listener verified does.
+    parts.headers.remove(X_FORWARDED_CLIENT_CERT);
+    if let Some(xfcc) = client.tls.as_ref().and_then(|t| t.xfcc.clone()) {
+        parts.headers.insert(X_FORWARDED_CLIENT_CERT, xfcc);
+    }
     add_forwarding(
         &mut parts.headers,
         downstream_version,
         &client.ip,
         Some(host_value.clone()),
+        client.tls.is_some(),
     );
     parts.headers.insert(header::HOST, host_value);
     let path = parts

@@ -541,9 +541,9 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
-/// The client socket as hyper reads it.
-pub struct ClientIo {
-    inner: TcpStream,
+/// The client socket (TCP, or TLS over it) as hyper reads it.
+pub struct ClientIo<S = TcpStream> {
+    inner: S,
     /// Bytes already read from the socket (by the HTTP/1.1 fast path, which handed the
     /// connection over): read first, through the guard like any others.
     prefix: bytes::Bytes,
@@ -551,9 +551,9 @@ pub struct ClientIo {
     watch: Arc<ConnWatch>,
 }
 
-impl ClientIo {
+impl<S> ClientIo<S> {
     pub fn new(
-        inner: TcpStream,
+        inner: S,
         prefix: bytes::Bytes,
         watch: Arc<ConnWatch>,
         max_head: usize,
@@ -569,7 +569,7 @@ impl ClientIo {
     }
 }
 
-impl AsyncRead for ClientIo {
+impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -598,7 +598,7 @@ impl AsyncRead for ClientIo {
     }
 }
 
-impl AsyncWrite for ClientIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -9,6 +9,8 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// A verified client certificate's identity, in Envoy's format; removed from what clients send.
+pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// Removes hop-by-hop headers: the fixed set and any named in `Connection`. `keep_upgrade` keeps
 /// `Upgrade` and `Connection: upgrade` (a WebSocket handshake is forwarded as such). `TE:
@@ -108,13 +110,15 @@ pub fn wants_upgrade(version: Version, headers: &HeaderMap) -> bool {
         })
 }
 
-/// Adds `X-Forwarded-For` (appended to any the client sent), `X-Forwarded-Proto`,
-/// `X-Forwarded-Host` (when the client did not set one) and `Via`.
+/// Adds `X-Forwarded-For` (appended to any the client sent), `X-Forwarded-Proto` (`https`
+/// when the client came over TLS), `X-Forwarded-Host` (when the client did not set one) and
+/// `Via`.
 pub fn add_forwarding(
     headers: &mut HeaderMap,
     version: Version,
     client_ip: &HeaderValue,
     host: Option<HeaderValue>,
+    https: bool,
 ) {
     match headers.get(X_FORWARDED_FOR) {
         Some(prev) => {
@@ -130,7 +134,10 @@ pub fn add_forwarding(
             headers.insert(X_FORWARDED_FOR, client_ip.clone());
         }
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
     if let Some(host) = host {
         if !headers.contains_key(X_FORWARDED_HOST) {
             headers.insert(X_FORWARDED_HOST, host);
@@ -166,6 +173,7 @@ mod tests {
             Version::HTTP_11,
             &HeaderValue::from_static("127.0.0.1"),
             Some(HeaderValue::from_static("web")),
+            false,
         );
         assert!(h.get("x-secret").is_none());
         assert!(h.get("keep-alive").is_none());

@@ -40,7 +40,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use svcd_config::{L7Config, ProxyConfig};
+use svcd_config::{L7Config, ProxyConfig, TlsServerConfig};
 use svcd_lb::{BalancerTable, LoadBalancer, PortRule};
 use svcd_lifecycle::Phase;
 use svcd_registry::SnapshotReader;
@@ -135,16 +135,31 @@ pub struct HttpContext {
     pub pool_limits: tokio::sync::watch::Sender<(usize, Duration)>,
 }
 
+/// One running HTTP listener.
+struct RunningListener {
+    /// Cancelled when a reload removes the listener.
+    stop: CancellationToken,
+    /// Its TLS, read by its accept loops; a reload that changes the `tls` table swaps it.
+    tls: serve::ListenerTls,
+    /// The `tls` table it was built from, to see whether a reload changed it.
+    spec: Option<TlsServerConfig>,
+}
+
 /// The running HTTP listeners by address; each has its own stop token (reload removes one).
 pub struct HttpProxy {
     pub ctx: Arc<HttpContext>,
     /// The threads listeners run on: each address is bound once per worker.
     workers: Arc<crate::workers::ProxyWorkers>,
     /// Guards only the set of listeners (start, reload), never a request.
-    listeners: Mutex<HashMap<SocketAddr, CancellationToken>>,
+    listeners: Mutex<HashMap<SocketAddr, RunningListener>>,
+    /// The TLS series every HTTPS listener reports into.
+    tls_metrics: svcd_tls::TlsMetrics,
 }
 
 impl HttpProxy {
+    /// Each argument is a different owner's (the daemon's config, lb, budgets, threads,
+    /// phase and metric registries); a struct bundling them would only rename the list.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         config: &ProxyConfig,
         domain: &str,
@@ -153,6 +168,7 @@ impl HttpProxy {
         workers: &Arc<crate::workers::ProxyWorkers>,
         phase: &Phase,
         prometheus: &prometheus::Registry,
+        tls_metrics: &svcd_tls::TlsMetrics,
     ) -> Result<HttpProxy, ProxyError> {
         let metrics = HttpMetrics::new(prometheus)?;
         let table = BalancerTable::new(
@@ -185,6 +201,7 @@ impl HttpProxy {
             }),
             listeners: Mutex::new(HashMap::new()),
             workers: workers.clone(),
+            tls_metrics: tls_metrics.clone(),
         };
         workers.spawn_each(|stop| {
             h1::pool::upkeep(lb.departures(), proxy.ctx.pool_limits.subscribe(), stop)
@@ -217,39 +234,89 @@ impl HttpProxy {
         self.bind_missing(config).await
     }
 
+    /// The TLS of listener `i` as `spec` describes it (`None`: plaintext).
+    fn listener_tls(
+        &self,
+        i: usize,
+        addr: SocketAddr,
+        spec: &Option<TlsServerConfig>,
+    ) -> Result<Option<Arc<svcd_tls::ServerTls>>, ProxyError> {
+        let Some(spec) = spec else { return Ok(None) };
+        Ok(Some(svcd_tls::ServerTls::new(
+            format!("http/{addr}"),
+            format!("proxy.http[{i}].tls"),
+            spec,
+            svcd_tls::Alpn::Http,
+            &self.tls_metrics,
+        )?))
+    }
+
+    /// The running listeners' TLS, for the daemon's reloader.
+    pub fn tls(&self) -> Vec<Arc<svcd_tls::ServerTls>> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(|l| l.tls.load_full().as_ref().clone())
+            .collect()
+    }
+
     async fn bind_missing(&self, config: &ProxyConfig) -> Vec<ProxyError> {
         let mut to_bind = Vec::new();
+        let mut errors = Vec::new();
         {
             let mut running = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-            running.retain(|addr, stop| {
-                let keep = config.http.iter().any(|l| l.listen == *addr);
+            running.retain(|addr, l| {
+                let keep = config.http.iter().any(|c| c.listen == *addr);
                 if !keep {
                     info!(%addr, "HTTP listener removed; open connections finish");
-                    stop.cancel();
+                    l.stop.cancel();
+                    if let Some(tls) = l.tls.load().as_ref() {
+                        tls.forget();
+                    }
                 }
                 keep
             });
             for (i, l) in config.http.iter().enumerate() {
-                if !running.contains_key(&l.listen) {
-                    to_bind.push((i, l.listen));
+                match running.get_mut(&l.listen) {
+                    None => to_bind.push((i, l.listen, l.tls.clone())),
+                    // A changed `tls` table applies to the next connection; a bad one keeps the
+                    // old (the error says why).
+                    Some(r) if r.spec != l.tls => match self.listener_tls(i, l.listen, &l.tls) {
+                        Ok(tls) => {
+                            if let Some(old) = r.tls.load().as_ref() {
+                                old.forget();
+                            }
+                            r.tls.store(Arc::new(tls));
+                            r.spec = l.tls.clone();
+                        }
+                        Err(e) => errors.push(e),
+                    },
+                    Some(_) => {}
                 }
             }
         }
-        let mut errors = Vec::new();
-        for (i, addr) in to_bind {
+        for (i, addr, spec) in to_bind {
+            let tls = match self.listener_tls(i, addr, &spec) {
+                Ok(tls) => Arc::new(ArcSwap::from_pointee(tls)),
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
             // A child of hard_stop: a connection waiting on its listener's stop also sees the end
             // of the drain.
             let stop = self.ctx.hard_stop.child_token();
             let bound = self.workers.listen(addr, &self.ctx.phase, |listener| {
-                serve::accept_loop(listener, self.ctx.clone(), stop.clone())
+                serve::accept_loop(listener, self.ctx.clone(), tls.clone(), stop.clone())
             });
             match bound {
                 Ok(()) => {
-                    info!(%addr, workers = self.workers.count(), "HTTP proxy listening");
+                    info!(%addr, workers = self.workers.count(), tls = spec.is_some(), "HTTP proxy listening");
                     self.listeners
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(addr, stop);
+                        .insert(addr, RunningListener { stop, tls, spec });
                 }
                 Err(cause) => errors.push(ProxyError::Bind {
                     key: format!("proxy.http[{i}].listen"),
@@ -264,13 +331,13 @@ impl HttpProxy {
     /// Stops accepting; open connections are asked to finish (HTTP/2 GOAWAY, HTTP/1 close after
     /// the current response).
     pub fn stop_accepting(&self) {
-        for stop in self
+        for listener in self
             .listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
         {
-            stop.cancel();
+            listener.stop.cancel();
         }
     }
 

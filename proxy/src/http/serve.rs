@@ -7,20 +7,28 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use svcd_tls::ServerTls;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::forward::{self, ClientConn};
+use super::forward::{self, ClientConn, ClientTls};
 use super::framing::{ClientIo, ConnWatch};
 use super::{h1, HttpContext, HttpSettings};
+
+/// A listener's TLS: `None` serves plaintext. Swapped by a reload that changes the listener's
+/// `tls` table; each connection loads it once, at accept.
+pub(super) type ListenerTls = Arc<ArcSwap<Option<Arc<ServerTls>>>>;
 
 pub(super) async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<HttpContext>,
+    tls: ListenerTls,
     stop: CancellationToken,
 ) {
     let label = match listener.local_addr() {
@@ -29,13 +37,14 @@ pub(super) async fn accept_loop(
     };
     let refused = ctx.fds.refusals(&label);
     let share = crate::fds::ListenerShare::new();
-    accept_connections(&listener, &ctx, &stop, &refused, &share).await;
+    accept_connections(&listener, &ctx, &tls, &stop, &refused, &share).await;
     ctx.fds.forget(&label);
 }
 
 async fn accept_connections(
     listener: &TcpListener,
     ctx: &Arc<HttpContext>,
+    tls: &ListenerTls,
     stop: &CancellationToken,
     refused: &prometheus::IntCounter,
     share: &Arc<crate::fds::ListenerShare>,
@@ -45,7 +54,7 @@ async fn accept_connections(
             _ = stop.cancelled() => {
                 // Requests already queued get served (one each), not reset.
                 for (stream, peer) in crate::drain_accept_queue(listener).await {
-                    admit(ctx, stream, peer, stop, refused, share, Admitted::AtClose);
+                    admit(ctx, tls, stream, peer, stop, refused, share, Admitted::AtClose);
                 }
                 return;
             }
@@ -58,7 +67,7 @@ async fn accept_connections(
                 }
             },
         };
-        admit(ctx, stream, peer, stop, refused, share, Admitted::Open);
+        admit(ctx, tls, stream, peer, stop, refused, share, Admitted::Open);
     }
 }
 
@@ -88,8 +97,10 @@ enum Admitted {
     AtClose,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn admit(
     ctx: &Arc<HttpContext>,
+    tls: &ListenerTls,
     stream: TcpStream,
     peer: SocketAddr,
     stop: &CancellationToken,
@@ -104,6 +115,19 @@ fn admit(
     };
     // Spawned as it is, with no wrapping block: every layer of async state around an idle
     // connection is memory it holds.
+    let tls = tls.load_full();
+    if let Some(tls) = tls.as_ref() {
+        ctx.phase.spawn(serve_tls_connection(
+            ctx.clone(),
+            tls.clone(),
+            stream,
+            peer,
+            stop.clone(),
+            admitted,
+            permit,
+        ));
+        return;
+    }
     ctx.phase.spawn(serve_connection(
         ctx.clone(),
         stream,
@@ -144,38 +168,92 @@ async fn serve_connection(
         Some((stream, bytes::Bytes::new()))
     };
     if let Some((stream, read)) = handoff {
-        hyper_boxed(&ctx, &settings, stream, read, peer, stop, admitted).await;
+        hyper_boxed(&ctx, &settings, stream, read, peer, stop, admitted, None).await;
     }
     ctx.metrics.downstream_open.dec();
     debug!(%peer, "HTTP client connection closed");
 }
 
+/// An HTTPS connection: the handshake (bounded by the listener's `handshake_timeout`), then
+/// hyper for both HTTP/2 and HTTP/1.1 (ALPN decides what the client speaks; the HTTP/1.1 fast
+/// path serves plaintext connections only).
+async fn serve_tls_connection(
+    ctx: Arc<HttpContext>,
+    tls: Arc<ServerTls>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+    admitted: Admitted,
+    _permit: crate::fds::FdPermit,
+) {
+    let accepted = tokio::select! {
+        a = tls.accept(stream, peer) => a,
+        _ = ctx.hard_stop.cancelled() => None,
+    };
+    let Some(accepted) = accepted else { return };
+    let allowed = match &accepted.peer {
+        Some(identity) => identity.allowed(tls.allow()),
+        None => tls.allow().is_empty(),
+    };
+    let client_tls = ClientTls {
+        xfcc: accepted
+            .peer
+            .as_ref()
+            .and_then(|p| HeaderValue::from_str(&p.xfcc(None)).ok()),
+        denied: !allowed,
+    };
+    ctx.metrics.downstream_open.inc();
+    let settings = ctx.settings.load_full();
+    hyper_boxed(
+        &ctx,
+        &settings,
+        accepted.stream,
+        bytes::Bytes::new(),
+        peer,
+        stop,
+        admitted,
+        Some(client_tls),
+    )
+    .await;
+    ctx.metrics.downstream_open.dec();
+    debug!(%peer, "HTTPS client connection closed");
+}
+
 /// [`serve_with_hyper`], made and boxed outside the caller's async frame: a fast-path
 /// connection's task then holds no room for hyper's connection state.
-fn hyper_boxed<'a>(
+#[allow(clippy::too_many_arguments)]
+fn hyper_boxed<'a, S>(
     ctx: &'a Arc<HttpContext>,
     settings: &'a HttpSettings,
-    stream: TcpStream,
+    stream: S,
     read: bytes::Bytes,
     peer: SocketAddr,
     stop: CancellationToken,
     admitted: Admitted,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    tls: Option<ClientTls>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     Box::pin(serve_with_hyper(
-        ctx, settings, stream, read, peer, stop, admitted,
+        ctx, settings, stream, read, peer, stop, admitted, tls,
     ))
 }
 
 /// hyper serves the connection, starting with `read`, the bytes the fast path had read.
-async fn serve_with_hyper(
+#[allow(clippy::too_many_arguments)]
+async fn serve_with_hyper<S>(
     ctx: &Arc<HttpContext>,
     settings: &HttpSettings,
-    stream: TcpStream,
+    stream: S,
     read: bytes::Bytes,
     peer: SocketAddr,
     stop: CancellationToken,
     admitted: Admitted,
-) {
+    tls: Option<ClientTls>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let watch = ConnWatch::new();
     let read_any = !read.is_empty();
     let io = TokioIo::new(ClientIo::new(
@@ -189,6 +267,7 @@ async fn serve_with_hyper(
         watch: watch.clone(),
         ip: HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a header value"),
         streams: Default::default(),
+        tls,
     });
     let ledger = client.clone();
     let ctx2 = ctx.clone();

@@ -78,3 +78,42 @@ impl TlsFiles {
         )
     }
 }
+
+impl TestCa {
+    /// A certificate for the DNS names `dns` (IP addresses among them become IP SANs) and, when
+    /// given, the URI SAN `uri` (a SPIFFE ID), valid for 90 days or already expired.
+    pub fn issue_sans(&self, cn: &str, dns: &[&str], uri: Option<&str>, expired: bool) -> Issued {
+        let mut params =
+            CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(uri) = uri {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+        }
+        if expired {
+            params.not_before = date_time_ymd(2020, 1, 1);
+            params.not_after = date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Issued {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
+impl Issued {
+    /// Writes `name.crt` and `name.key` in `dir`; returns their paths.
+    pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        std::fs::create_dir_all(dir).unwrap();
+        let (cert, key) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, &self.cert).unwrap();
+        std::fs::write(&key, &self.key).unwrap();
+        (cert, key)
+    }
+}

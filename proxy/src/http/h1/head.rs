@@ -150,7 +150,11 @@ pub fn parse_request(
     let mut forwarded_for = false;
     for h in headers.iter() {
         let name = h.name;
-        if hop_by_hop(name, listed) || name_is(name, "host") || name_is(name, "x-forwarded-proto") {
+        if hop_by_hop(name, listed)
+            || name_is(name, "host")
+            || name_is(name, "x-forwarded-proto")
+            || name_is(name, "x-forwarded-client-cert")
+        {
             continue;
         }
         if name_is(name, "te") {

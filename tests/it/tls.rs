@@ -1,0 +1,559 @@
+//! HTTPS on the HTTP proxy and the admin API with the clients users run: curl (HTTP/1.1 and
+//! HTTP/2 over ALPN), openssl s_client (SNI and ALPN), client certificates (mTLS, `allow`,
+//! `x-forwarded-client-cert`), hostile clients (plaintext, silence, a dribbled ClientHello),
+//! and certificate rotation (file watch and SIGHUP, a bad file keeping the old one).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::backend::Backend;
+use crate::support::daemon::Daemon;
+use crate::support::proxy::{register, wait_routable};
+use crate::support::tls::TestCa;
+use crate::support::{eventually, free_port};
+
+/// A daemon with an HTTPS listener for `web` (certificates `web` and `*.example.test`, both
+/// from `ca`), plus `tls_extra` keys in its `tls` table, and one backend.
+struct Https {
+    d: Daemon,
+    port: u16,
+    dir: tempfile::TempDir,
+    ca: TestCa,
+    _backend: Backend,
+}
+
+fn toml_path(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+impl Https {
+    async fn start(tls_extra: &str, extra: &str) -> Https {
+        let ca = TestCa::new("svcd test ca");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        let (web_cert, web_key) = ca
+            .issue_sans("web", &["web", "127.0.0.1"], None, false)
+            .write(dir.path(), "web");
+        let (wild_cert, wild_key) = ca
+            .issue_sans("wild", &["*.example.test"], None, false)
+            .write(dir.path(), "wild");
+        let port = free_port();
+        let d = Daemon::start(&format!(
+            "{extra}[[proxy.http]]\nlisten = \"127.0.0.1:{port}\"\n[proxy.http.tls]\n\
+             certs = [{{ cert = {}, key = {} }}, {{ cert = {}, key = {} }}]\n{tls_extra}",
+            toml_path(&web_cert),
+            toml_path(&web_key),
+            toml_path(&wild_cert),
+            toml_path(&wild_key),
+        ))
+        .await;
+        let backend = Backend::start("b1").await;
+        register(&d, "web", "w1", backend.addr, "http").await;
+        wait_routable(&d, "web", 1).await;
+        Https {
+            d,
+            port,
+            dir,
+            ca,
+            _backend: backend,
+        }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// curl against `https://web:PORT{path}` (resolved to loopback) with `args`; returns
+    /// (exit code, stdout).
+    async fn curl(&self, path: &str, args: &[&str]) -> (i32, String) {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(self.ca_file())
+            .args(["--resolve", &format!("web:{}:127.0.0.1", self.port)])
+            .args(args)
+            .arg(format!("https://web:{}{path}", self.port))
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .expect("curl (installed by scripts/setup)");
+        let code = out.status.code().unwrap_or(-1);
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if code != 0 {
+            // What curl said, for the assertion's message.
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+        }
+        (code, text)
+    }
+
+    async fn metric(&self, selector: &str) -> f64 {
+        self.d.metric(selector).await.unwrap_or(0.0)
+    }
+}
+
+/// `openssl s_client` with `args`, no input; returns its output.
+fn s_client(port: u16, args: &[&str]) -> String {
+    s_client_sending(port, args, "")
+}
+
+/// `openssl s_client` with `args`, sending `input` and reading until the server closes.
+fn s_client_sending(port: u16, args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .args(if input.is_empty() {
+            &[][..]
+        } else {
+            &["-ign_eof"][..]
+        })
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl (installed by scripts/setup)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test]
+async fn curl_speaks_http1_and_http2_over_tls_chosen_by_alpn() {
+    let h = Https::start("", "").await;
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let (code, out) = h.curl("/", &[flag, "-w", "\n%{http_version}"]).await;
+        assert_eq!(code, 0, "{flag}: {out}");
+        assert_eq!(out, format!("b1\n{version}"), "{flag}");
+    }
+    // The instance learns the client came over TLS.
+    let (_, headers) = h.curl("/headers", &["--http1.1"]).await;
+    assert!(headers.contains("x-forwarded-proto: https"), "{headers}");
+    assert!(
+        h.metric(r#"svcd_tls_handshakes_total{result="ok",version="1.3"}"#)
+            .await
+            >= 3.0
+    );
+    // TLS 1.2 too.
+    let (code, out) = h
+        .curl("/", &["--http1.1", "--tlsv1.2", "--tls-max", "1.2"])
+        .await;
+    assert_eq!((code, out.as_str()), (0, "b1"));
+    assert_eq!(
+        h.metric(r#"svcd_tls_handshakes_total{result="ok",version="1.2"}"#)
+            .await,
+        1.0
+    );
+    // Expiry of each certificate served, by name.
+    let m = h.d.get("/metrics").await.body;
+    assert!(
+        m.contains("svcd_tls_certificate_expiry_timestamp_seconds{listener=\"http/127.0.0.1:")
+            && m.contains("name=\"*.example.test\"")
+            && m.contains("name=\"web\""),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn s_client_sees_the_certificate_its_sni_names_and_the_alpn_it_offered() {
+    let h = Https::start("", "").await;
+    let wild = s_client(h.port, &["-servername", "api.example.test", "-alpn", "h2"]);
+    assert!(
+        wild.contains("CN=wild") || wild.contains("CN = wild"),
+        "{wild}"
+    );
+    assert!(wild.contains("ALPN protocol: h2"), "{wild}");
+    let web = s_client(h.port, &["-servername", "web", "-alpn", "http/1.1"]);
+    assert!(web.contains("CN=web") || web.contains("CN = web"), "{web}");
+    assert!(web.contains("ALPN protocol: http/1.1"), "{web}");
+    // No SNI, or a name no certificate covers: the first certificate.
+    let none = s_client(h.port, &["-noservername"]);
+    assert!(
+        none.contains("CN=web") || none.contains("CN = web"),
+        "{none}"
+    );
+    let other = s_client(h.port, &["-servername", "nothing.else"]);
+    assert!(
+        other.contains("CN=web") || other.contains("CN = web"),
+        "{other}"
+    );
+    // Resumption, TLS 1.3 (tickets: read after the handshake, so the client sends a request
+    // svcd answers itself and reads to the close) and TLS 1.2 (session ids).
+    let request = "GET / HTTP/1.1\r\nHost: nothing.test\r\nConnection: close\r\n\r\n";
+    for version in ["-tls1_3", "-tls1_2"] {
+        let sess = h.dir.path().join(format!("sess{version}.pem"));
+        let sess = sess.to_str().unwrap();
+        let args = ["-servername", "web", version, "-sess_out", sess];
+        let first = s_client_sending(h.port, &args, request);
+        assert!(first.contains("New,"), "{version}: {first}");
+        let args = ["-servername", "web", version, "-sess_in", sess];
+        let again = s_client_sending(h.port, &args, request);
+        assert!(again.contains("Reused,"), "{version}: {again}");
+    }
+}
+
+/// Client certificates: `client_ca` refuses clients without one (or with one from another CA,
+/// or expired) in the handshake; `allow` answers 403 to identities it does not list; the
+/// instance gets the verified identity in `x-forwarded-client-cert`, never a client's own.
+#[tokio::test]
+async fn client_certificates_are_verified_allowed_and_forwarded() {
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_path = ca_dir.path().join("clients.pem");
+    let clients = TestCa::new("clients ca");
+    std::fs::write(&ca_path, clients.pem()).unwrap();
+    let h = Https::start(
+        &format!(
+            "client_ca = {}\nallow = [\"spiffe://td/ns/default/svc/client\"]\n",
+            toml_path(&ca_path)
+        ),
+        "",
+    )
+    .await;
+    let write = |issued: crate::support::tls::Issued, name: &str| issued.write(ca_dir.path(), name);
+    let (good_c, good_k) = write(
+        clients.issue_sans(
+            "client",
+            &["client.test"],
+            Some("spiffe://td/ns/default/svc/client"),
+            false,
+        ),
+        "good",
+    );
+    let (other_c, other_k) = write(
+        clients.issue_sans(
+            "intruder",
+            &["intruder.test"],
+            Some("spiffe://td/ns/default/svc/intruder"),
+            false,
+        ),
+        "other",
+    );
+    let (old_c, old_k) = write(
+        clients.issue_sans(
+            "client",
+            &["client.test"],
+            Some("spiffe://td/ns/default/svc/client"),
+            true,
+        ),
+        "expired",
+    );
+    let stranger_ca = TestCa::new("another ca");
+    let (str_c, str_k) = write(
+        stranger_ca.issue_sans(
+            "client",
+            &["client.test"],
+            Some("spiffe://td/ns/default/svc/client"),
+            false,
+        ),
+        "stranger",
+    );
+    let with = |c: &PathBuf, k: &PathBuf| {
+        vec![
+            "--cert".to_string(),
+            c.display().to_string(),
+            "--key".into(),
+            k.display().to_string(),
+        ]
+    };
+
+    let args = with(&good_c, &good_k);
+    let mut a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    a.extend([
+        "-H",
+        "x-forwarded-client-cert: By=forged;URI=spiffe://td/ns/default/svc/admin",
+    ]);
+    let (code, headers) = h.curl("/headers", &a).await;
+    assert_eq!(code, 0, "{headers}");
+    let xfcc: Vec<&str> = headers
+        .lines()
+        .filter(|l| l.starts_with("x-forwarded-client-cert:"))
+        .collect();
+    assert_eq!(xfcc.len(), 1, "{headers}");
+    assert!(
+        xfcc[0].contains("URI=spiffe://td/ns/default/svc/client"),
+        "{headers}"
+    );
+    assert!(xfcc[0].contains("Hash="), "{headers}");
+    assert!(!xfcc[0].contains("forged"), "{headers}");
+
+    let args = with(&other_c, &other_k);
+    let mut a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    a.extend(["-w", "%{http_code}"]);
+    let (code, body) = h.curl("/", &a).await;
+    assert_eq!(code, 0);
+    assert!(body.ends_with("403"), "{body}");
+
+    let failures_before = h
+        .metric(r#"svcd_tls_handshake_failures_total{reason="bad_certificate"}"#)
+        .await;
+    for (c, k) in [(&old_c, &old_k), (&str_c, &str_k)] {
+        let args = with(c, k);
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let (code, out) = h.curl("/", &a).await;
+        assert_ne!(code, 0, "refused in the handshake: {out}");
+    }
+    let (code, _) = h.curl("/", &[]).await;
+    assert_ne!(code, 0, "no certificate, refused");
+    eventually(
+        Duration::from_secs(5),
+        "three bad_certificate failures",
+        || async {
+            (h.metric(r#"svcd_tls_handshake_failures_total{reason="bad_certificate"}"#)
+                .await
+                >= failures_before + 3.0)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Plaintext HTTP, random bytes, a client that says nothing and one that dribbles its
+/// ClientHello are each closed and counted, and a good client is served meanwhile.
+#[tokio::test]
+async fn hostile_clients_are_closed_counted_and_harm_no_one() {
+    let h = Https::start("handshake_timeout = \"1s\"\n", "").await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], h.port));
+
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), plain.read_to_end(&mut buf))
+        .await
+        .expect("closed");
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("b1"),
+        "no plaintext answer"
+    );
+
+    let mut noise = TcpStream::connect(addr).await.unwrap();
+    noise
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5, 0xff, 0xee])
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(3), noise.read_to_end(&mut Vec::new()))
+        .await
+        .expect("closed");
+
+    // Silent, and dribbling: both held only for handshake_timeout.
+    let silent = TcpStream::connect(addr).await.unwrap();
+    let dribble = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // The start of a ClientHello record, a byte every 300 ms.
+        for b in [
+            0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0, 0, 0,
+        ] {
+            if s.write_all(&[b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let started = Instant::now();
+        let _ = s.read_to_end(&mut Vec::new()).await;
+        started
+    });
+    // Served meanwhile.
+    let (code, out) = h.curl("/", &["--http2"]).await;
+    assert_eq!((code, out.as_str()), (0, "b1"));
+    let _ = dribble.await.unwrap();
+    eventually(Duration::from_secs(5), "timeouts counted", || async {
+        (h.metric(r#"svcd_tls_handshake_failures_total{reason="timeout"}"#)
+            .await
+            >= 2.0)
+            .then_some(())
+    })
+    .await;
+    let mut silent = silent;
+    let n = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut [0u8; 16]))
+        .await
+        .expect("silent client closed");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    assert!(
+        h.metric(r#"svcd_tls_handshake_failures_total{reason="protocol"}"#)
+            .await
+            >= 2.0
+    );
+    // TLS 1.0 only: refused in the handshake.
+    let old = s_client(h.port, &["-tls1", "-servername", "web"]);
+    assert!(!old.contains("Cipher is TLS"), "{old}");
+}
+
+/// The serial number openssl sees, for spotting a new certificate.
+fn served_serial(port: u16) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{port} -servername web </dev/null 2>/dev/null | openssl x509 -noout -serial"
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Rotation: a certificate replaced on disk is served to the next handshake (the file watch,
+/// no signal), a broken one keeps the old and is counted, SIGHUP re-reads too; an established
+/// connection keeps working through all of it.
+#[tokio::test]
+async fn rotated_certificates_are_served_next_and_a_bad_file_keeps_the_old() {
+    let h = Https::start("", "").await;
+    let first = served_serial(h.port);
+    assert!(first.starts_with("serial="), "{first}");
+
+    let renewed = h.ca.issue_sans("web", &["web", "127.0.0.1"], None, false);
+    renewed.write(h.dir.path(), "web");
+    let second = eventually(
+        Duration::from_secs(5),
+        "the renewed certificate served",
+        || async {
+            let s = served_serial(h.port);
+            (s != first && s.starts_with("serial=")).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(
+        h.metric(r#"svcd_tls_reloads_total{result="ok"}"#).await,
+        1.0,
+        "one reload for one change"
+    );
+
+    // A broken key: the old material stays.
+    std::fs::write(
+        h.dir.path().join("web.key"),
+        "-----BEGIN PRIVATE KEY-----\nbroken\n",
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the failed reload counted",
+        || async {
+            (h.metric(r#"svcd_tls_reloads_total{result="failed"}"#).await >= 1.0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(served_serial(h.port), second);
+    let (code, out) = h.curl("/", &[]).await;
+    assert_eq!((code, out.as_str()), (0, "b1"));
+
+    // Fixed again, and SIGHUP (also) re-reads it.
+    let third = h.ca.issue_sans("web", &["web", "127.0.0.1"], None, false);
+    third.write(h.dir.path(), "web");
+    h.d.signal(Signal::SIGHUP);
+    eventually(
+        Duration::from_secs(5),
+        "the third certificate served",
+        || async {
+            let s = served_serial(h.port);
+            (s != second && s.starts_with("serial=")).then_some(())
+        },
+    )
+    .await;
+}
+
+/// The admin API and the metrics listener over HTTPS, client certificates allowed in place of
+/// a token off loopback.
+#[tokio::test]
+async fn admin_and_metrics_listeners_serve_https() {
+    let ca = TestCa::new("admin ca");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (cert, key) = ca
+        .issue_sans("admin", &["127.0.0.1", "localhost"], None, false)
+        .write(dir.path(), "admin");
+    let (admin_port, metrics_port) = (free_port(), free_port());
+    let config = dir.path().join("svcd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+             [admin.tls]\ncert = {}\nkey = {}\n[dns]\nlisten = \"127.0.0.1:{}\"\n[[proxy.http]]\nlisten = \"127.0.0.1:{}\"\n",
+            toml_path(&cert),
+            toml_path(&key),
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let _daemon = KillOnDrop(
+        Command::new(crate::support::svcd_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = |port: u16, path: &str| format!("https://localhost:{port}{path}");
+    let get = |u: String| {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(&ca_file)
+            .arg(u)
+            .output()
+            .unwrap()
+    };
+    eventually(
+        Duration::from_secs(10),
+        "admin over https ready",
+        || async {
+            let out = get(url(admin_port, "/readyz"));
+            (String::from_utf8_lossy(&out.stdout) == "ready\n").then_some(())
+        },
+    )
+    .await;
+    let out = get(url(metrics_port, "/metrics"));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("svcd_tls_handshakes_total{listener=\"admin\""));
+    // Plaintext is refused on both.
+    let plain = Command::new("curl")
+        .args(["-sS", "--max-time", "3"])
+        .arg(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A client's own `x-forwarded-client-cert` never reaches an instance, whichever HTTP/1 path
+/// serves it (the fast path for HTTP/1.1, hyper for HTTP/1.0) and with or without TLS.
+#[tokio::test]
+async fn a_clients_own_forwarded_client_cert_is_removed_on_every_path() {
+    let (d, _b) = crate::support::proxy::web_service("", &["b1"]).await;
+    for version in ["HTTP/1.1", "HTTP/1.0"] {
+        let request = format!(
+            "GET /headers {version}\r\nHost: web\r\nConnection: close\r\n\
+             X-Forwarded-Client-Cert: By=forged;URI=spiffe://td/ns/default/svc/admin\r\n\r\n"
+        );
+        let reply = crate::support::proxy::raw_exchange(d.http, request.as_bytes()).await;
+        assert!(reply.contains(" 200 "), "{version}: {reply}");
+        assert!(
+            !reply.to_ascii_lowercase().contains("forwarded-client-cert"),
+            "{version}: {reply}"
+        );
+        assert!(
+            reply.lines().any(|l| l == "x-forwarded-proto: http"),
+            "{version}: {reply}"
+        );
+    }
+}
