@@ -126,6 +126,10 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let consul_socket = match config.consul.listen {
+        Some(addr) => Some(AdminSocket::bind(&AdminListen::Tcp(addr), "consul.listen").await?),
+        None => None,
+    };
     let advertise_ip = advertise_ip(&config.registry);
     info!(%advertise_ip, "registrations without an IP publish this address");
     let config = Arc::new(ArcSwap::from_pointee(config));
@@ -138,6 +142,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         readiness: readiness.clone(),
         prometheus: metrics.registry.clone(),
         registry: registry.clone(),
+        consul_blocking: crate::consul::BlockingSlots::new(&metrics.registry)?,
     });
     // The admin listeners' TLS (restart-only: they are bound once), each its own series.
     let admin_tls = |listener: &str| {
@@ -167,7 +172,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     ));
     let mut scrape_tls = None;
     if let Some(socket) = scrape_socket {
-        info!(addr = %socket.describe(), "metrics listener (/metrics, /healthz, /readyz)");
+        info!(addr = %socket.describe(), "metrics listener (/metrics, /healthz, /readyz, /v1/prometheus/sd)");
         scrape_tls = admin_tls("metrics")?;
         answer.spawn(admin::serve(
             socket,
@@ -178,6 +183,18 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         ));
     }
     let admin_tls: Vec<_> = api_tls.into_iter().chain(scrape_tls).collect();
+
+    if let Some(socket) = consul_socket {
+        info!(addr = %socket.describe(), "Consul-compatible API");
+        answer.spawn(admin::serve(
+            socket,
+            admin_state.clone(),
+            Surface::Consul,
+            answer.clone(),
+            // Plain HTTP: Consul clients on the node reach it on loopback (docs/consul.md).
+            None,
+        ));
+    }
 
     let current = config.load_full();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -190,6 +207,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         &answer,
     )
     .await?;
+    dns.responder.set_consul(&current.consul);
     // The one owner of endpoint health, for the daemon's lifetime (reloads reconfigure it).
     let lb = LoadBalancer::new(
         registry.publisher(),
@@ -468,6 +486,7 @@ async fn reload(
     }
     live.admin.pending_restart.store(Arc::new(pending));
     live.admin.token.store(Arc::new(token));
+    live.dns.responder.set_consul(&new.consul);
     live.dns.reconfigure(&new.dns);
     live.lb.reconfigure(new.proxy.outlier.clone());
     let mut bind_errors: Vec<String> = live

@@ -9,6 +9,7 @@ mod admin;
 mod cli;
 mod client;
 mod commands;
+mod consul;
 mod daemon;
 mod exec;
 mod logging;

@@ -52,6 +52,13 @@ pub fn split(old: &Config, mut new: Config) -> (Config, Vec<PendingKey>) {
         &json(&new.proxy.workers),
         &mut pending,
     );
+    diff(
+        "consul.listen",
+        &json(&old.consul.listen),
+        &json(&new.consul.listen),
+        &mut pending,
+    );
+    new.consul.listen = old.consul.listen;
     new.proxy.workers = old.proxy.workers;
     new.admin.listen = old.admin.listen.clone();
     new.admin.metrics_listen = old.admin.metrics_listen;

@@ -1,5 +1,6 @@
 //! `RawConfig` → `Config`: defaults filled in, every value checked, every error collected.
 
+mod consul;
 mod l7;
 mod registry;
 mod tls;
@@ -286,6 +287,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         ),
     };
     let log = log(&mut c, raw.log.unwrap_or_default());
+    let consul = consul::consul(&mut c, raw.consul.unwrap_or_default(), &admin);
     let config = Config {
         admin,
         dns,
@@ -293,6 +295,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         registry,
         shutdown,
         log,
+        consul,
     };
     check_port_clashes(&mut c, &config);
     if c.errors.is_empty() {
@@ -589,6 +592,9 @@ fn check_port_clashes(c: &mut Checker, config: &Config) {
     }
     if let Some(addr) = config.admin.metrics_listen {
         tcp.push(("admin.metrics_listen".into(), addr));
+    }
+    if let Some(addr) = config.consul.listen {
+        tcp.push(("consul.listen".into(), addr));
     }
     for (i, l) in config.proxy.http.iter().enumerate() {
         tcp.push((format!("proxy.http[{i}].listen"), l.listen));

@@ -232,6 +232,21 @@ keepalive_timeout = "5s"
 readiness_grace = "0s"
 drain_timeout = "10s"
 
+[consul]
+# A Consul-compatible view of the registry (docs/consul.md): the HTTP subset Consul clients and
+# Prometheus's consul_sd_configs use, on this address, and Consul-style DNS names
+# (<svc>.service.<dns_domain>) on the DNS listener. Off unless listen is set. Takes the admin
+# API's token (admin.token_file), which a non-loopback address requires.
+# listen = "127.0.0.1:8500"
+dns_domain = "consul"
+# The datacenter reported to clients and accepted in ?dc= and <svc>.service.<dc>.<dns_domain>.
+datacenter = "dc1"
+# A Consul service has one Port: the instance's port of this name (else its first by name).
+# Agent registrations write their Port under it.
+port_name = "http"
+# Blocking queries (?index=) waiting at once; past it a query gets 429.
+max_blocking_queries = 4096
+
 [log]
 # RUST_LOG-style filter (RUST_LOG itself wins when set).
 level = "info"

@@ -30,10 +30,11 @@ pub use default_file::DEFAULT_CONFIG_TOML;
 pub use error::{ConfigError, FieldError};
 pub use instance::{CheckKind, CheckSpec, Instance, Protocol, State, MAX_INSTANCE_JSON};
 pub use model::{
-    AdminConfig, AdminListen, Backend, Balance, Config, DnsConfig, DnsTcpConfig, EtcdConfig,
-    EtcdTlsConfig, ForwardTarget, HttpListenerConfig, HttpRoute, L4ListenerConfig, L7Config,
-    LogConfig, LogFormat, OutlierConfig, PanicMode, ProxyConfig, ProxyTarget, RegistryConfig,
-    RrlConfig, ShutdownConfig, StaticInstance, DEFAULT_MAX_FLOWS, MAX_REQUEST_TIMEOUT,
+    AdminConfig, AdminListen, Backend, Balance, Config, ConsulConfig, DnsConfig, DnsTcpConfig,
+    EtcdConfig, EtcdTlsConfig, ForwardTarget, HttpListenerConfig, HttpRoute, L4ListenerConfig,
+    L7Config, LogConfig, LogFormat, OutlierConfig, PanicMode, ProxyConfig, ProxyTarget,
+    RegistryConfig, RrlConfig, ShutdownConfig, StaticInstance, DEFAULT_MAX_FLOWS,
+    MAX_REQUEST_TIMEOUT,
 };
 pub use model::{CertKeyFiles, SniRoute, TlsServerConfig};
 pub use sources::{Env, Override, ProcessEnv, Sources, ENV_OVERRIDES};

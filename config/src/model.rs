@@ -20,6 +20,38 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub consul: ConsulConfig,
+}
+
+/// `[consul]`: a Consul-compatible view of the registry for clients written against Consul
+/// (docs/consul.md). Off unless `listen` is set; the DNS names under `dns_domain` are served
+/// only then too.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConsulConfig {
+    /// The Consul HTTP API subset (`/v1/health/service/...`, `/v1/catalog/...`, agent
+    /// registration). Same bearer token as the admin API (`admin.token_file`), which must be set
+    /// for a non-loopback address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// The DNS domain of Consul-style names (`<svc>.service.<dns_domain>`), lower case, without
+    /// trailing dot.
+    pub dns_domain: String,
+    /// The datacenter this daemon reports (`/v1/agent/self`, the `Datacenter` fields) and
+    /// accepts in `?dc=` and `<svc>.service.<dc>.<dns_domain>`.
+    pub datacenter: String,
+    /// The named port a Consul service's single `Port` is: read from each instance (else its
+    /// first port by name) and written by agent registrations.
+    pub port_name: String,
+    /// Blocking queries (`?index=`) parked at once; past it a query is refused (429) and counted
+    /// in `svcd_consul_blocking_refused_total`.
+    pub max_blocking_queries: usize,
+}
+
+impl ConsulConfig {
+    /// Whether the Consul API and DNS names are served.
+    pub fn enabled(&self) -> bool {
+        self.listen.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

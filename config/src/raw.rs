@@ -12,6 +12,7 @@ pub struct RawConfig {
     pub registry: Option<RawRegistry>,
     pub shutdown: Option<RawShutdown>,
     pub log: Option<RawLog>,
+    pub consul: Option<RawConsul>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -212,4 +213,13 @@ pub struct RawShutdown {
 pub struct RawLog {
     pub level: Option<String>,
     pub format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawConsul {
+    pub listen: Option<String>,
+    pub dns_domain: Option<String>,
+    pub datacenter: Option<String>,
+    pub port_name: Option<String>,
+    pub max_blocking_queries: Option<i64>,
 }

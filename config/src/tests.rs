@@ -645,6 +645,54 @@ fn a_registration_is_one_json_object_of_at_most_64_kib() {
 }
 
 #[test]
+fn consul_is_off_by_default_and_checked_with_key_paths() {
+    let c = parse("").unwrap().consul;
+    assert!(!c.enabled());
+    assert_eq!(
+        (
+            c.dns_domain.as_str(),
+            c.datacenter.as_str(),
+            c.port_name.as_str()
+        ),
+        ("consul", "dc1", "http")
+    );
+    assert_eq!(c.max_blocking_queries, 4096);
+    let c = parse("[consul]\nlisten = \"127.0.0.1:8500\"\ndns_domain = \"Discovery.\"\n")
+        .unwrap()
+        .consul;
+    assert!(c.enabled());
+    assert_eq!(c.dns_domain, "discovery");
+
+    // Every error at once, each with its key path.
+    let errors = errors_of(
+        "[consul]\nlisten = \"0.0.0.0:8500\"\ndns_domain = \"a_b\"\ndatacenter = \"DC 1\"\n\
+         port_name = \"a-very-long-port-name\"\nmax_blocking_queries = 0\n",
+    );
+    assert_eq!(
+        error_keys(&errors),
+        [
+            "consul.listen",
+            "consul.dns_domain",
+            "consul.datacenter",
+            "consul.port_name",
+            "consul.max_blocking_queries"
+        ],
+        "{errors:?}"
+    );
+    assert!(errors[0].contains("admin.token_file"), "{errors:?}");
+    parse("[admin]\ntoken_file = \"/tmp/t\"\n[consul]\nlisten = \"0.0.0.0:8500\"\n").unwrap();
+
+    // A clash with another listener names both keys; a typo gets the closest key.
+    let errors = errors_of("[consul]\nlisten = \"127.0.0.1:9901\"\n");
+    assert!(
+        errors[0].starts_with("consul.listen: 127.0.0.1:9901 is already used by admin.listen"),
+        "{errors:?}"
+    );
+    let errors = errors_of("[consul]\nlisen = \"127.0.0.1:8500\"\n");
+    assert!(errors[0].contains("did you mean \"listen\""), "{errors:?}");
+}
+
+#[test]
 fn tls_tables_report_every_shape_error_with_its_key() {
     let errors = errors_of(
         r#"

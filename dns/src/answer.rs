@@ -13,6 +13,7 @@ use svcd_config::DnsConfig;
 use svcd_lb::WeightedSchedule;
 use svcd_registry::{Endpoint, EndpointSnapshot, ServiceEndpoints};
 
+use crate::consul::ConsulZone;
 use crate::zone::{classify, Target};
 
 /// Zone parameters derived once from the config (and again on reload).
@@ -25,6 +26,8 @@ pub struct ZoneSettings {
     pub negative_ttl: u32,
     pub max_answers: usize,
     pub forward: bool,
+    /// Consul-style names (`[consul]` on): see [`crate::consul`].
+    pub consul: Option<Arc<ConsulZone>>,
     ns_name: Name,
     hostmaster: Name,
 }
@@ -43,6 +46,7 @@ impl ZoneSettings {
             negative_ttl: config.negative_ttl.as_secs().min(u32::MAX as u64) as u32,
             max_answers: config.max_answers,
             forward: !config.forward.is_empty(),
+            consul: None,
         }
     }
 
@@ -77,6 +81,9 @@ pub struct Answer {
     pub answers: Vec<Record>,
     pub authorities: Vec<Record>,
     pub additionals: Vec<Record>,
+    /// Records were left out to fit `dns.max_answers` over UDP: the response sets TC so the
+    /// client can ask again over TCP for all of them (Consul-style names).
+    pub truncated: bool,
 }
 
 impl Answer {
@@ -217,6 +224,11 @@ pub fn resolve(zone: &ZoneSettings, snapshot: &EndpointSnapshot, q: &Question<'_
         .map(|l| std::str::from_utf8(l).unwrap_or("\u{0}"))
         .collect();
     let domain: Vec<&str> = zone.labels.iter().map(String::as_str).collect();
+    if let Some(consul) = &zone.consul {
+        if let Some(resolution) = crate::consul::resolve(zone, consul, snapshot, q, &labels) {
+            return resolution;
+        }
+    }
     let target = classify(&labels, &domain);
     let nxdomain =
         || Resolution::Authoritative(Answer::negative(zone, snapshot, ResponseCode::NXDomain));

@@ -81,7 +81,9 @@ impl DnsResponder {
 
     /// Applies reloadable DNS settings (domain, TTLs, limits, upstreams).
     pub fn reconfigure(&self, config: &DnsConfig) {
-        self.zone.store(Arc::new(ZoneSettings::new(config)));
+        let mut zone = ZoneSettings::new(config);
+        zone.consul = self.zone.load().consul.clone();
+        self.zone.store(Arc::new(zone));
         self.rrl.reconfigure(&config.rrl);
         self.tcp_limits.store(Arc::new(config.tcp.clone()));
         let limits = &config.forwarding;
@@ -111,6 +113,18 @@ impl DnsResponder {
             self.metrics.forward_loop.set(0);
             self.forward_config.store(Arc::new(wanted));
         }
+    }
+
+    /// Serves Consul-style names per `[consul]` (none when it is off); on start and reload.
+    pub fn set_consul(&self, consul: &svcd_config::ConsulConfig) {
+        let wanted = crate::consul::ConsulZone::new(consul).map(Arc::new);
+        let current = self.zone.load();
+        if current.consul.as_deref() == wanted.as_deref() {
+            return;
+        }
+        let mut zone = (**current).clone();
+        zone.consul = wanted;
+        self.zone.store(Arc::new(zone));
     }
 
     /// Records where this server listens (its own addresses are never upstreams) and applies
@@ -262,6 +276,7 @@ impl DnsResponder {
         meta.recursion_available = recursion_available;
         meta.authoritative = authoritative;
         meta.response_code = answer.rcode;
+        meta.truncation = answer.truncated;
         let response_edns = request.edns.as_ref().map(|req| {
             let mut e = Edns::new();
             e.set_max_payload(EDNS_PAYLOAD)

@@ -13,6 +13,8 @@
 //! ```
 //!
 //! * [`zone`]: which part of the zone a name points at.
+//! * [`consul`]: Consul-style names (`<svc>.service.consul`, tags, RFC 2782 SRV, nodes) when
+//!   `[consul]` is on.
 //! * [`answer`]: the rules — records, NXDOMAIN/NODATA with SOA, rotation, limits. Pure.
 //! * [`handler`]: answers a hickory `Request` (opcode, EDNS, FORMERR/NOTIMP/BADVERS), or hands
 //!   its question on for the upstream.
@@ -23,6 +25,7 @@
 //! * [`tcp`]: length-prefixed queries over TCP with connection limits.
 
 pub mod answer;
+pub mod consul;
 pub mod fastpath;
 pub mod forward;
 pub mod forwarding;

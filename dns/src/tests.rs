@@ -599,3 +599,5 @@ fn workers_replay_forwarded_answers_briefly() {
     assert!(fast.answer(&inside, &r).is_some());
     assert!(fast.take_forward_miss().is_none());
 }
+
+mod consul;

@@ -22,8 +22,10 @@ use super::AdminState;
 pub enum Surface {
     /// Everything, mutating endpoints included.
     Api,
-    /// `/metrics`, `/healthz` and `/readyz` only (`admin.metrics_listen`).
+    /// `/metrics`, `/healthz`, `/readyz` and `/v1/prometheus/sd` only (`admin.metrics_listen`).
     Scrape,
+    /// The Consul-compatible API (`consul.listen`, [`crate::consul`]).
+    Consul,
 }
 
 /// A bound admin listener.

@@ -2,9 +2,12 @@
 //! endpoints. Read-only endpoints use GET; anything that changes state uses PUT/POST/DELETE.
 
 mod listener;
+mod prometheus_sd;
+pub mod query;
 mod services;
 
 pub use listener::{serve, AdminSocket, Surface};
+pub(crate) use services::{register_instance, wait_for_index, VISIBLE_TIMEOUT};
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -42,6 +45,8 @@ pub struct AdminState {
     pub pending_restart: ArcSwap<Vec<crate::restart_keys::PendingKey>>,
     /// `svcd_admin_blocking_queries`: raised while a blocking query is parked.
     pub blocking_queries: prometheus::IntGauge,
+    /// The bound on the Consul API's parked blocking queries (`consul.max_blocking_queries`).
+    pub consul_blocking: crate::consul::BlockingSlots,
 }
 
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -87,7 +92,7 @@ pub(crate) fn method_not_allowed(allow: &str) -> Response<Body> {
 }
 
 /// Constant-time comparison so the token cannot be guessed byte by byte from response times.
-fn token_matches(expected: &str, given: &str) -> bool {
+pub(crate) fn token_matches(expected: &str, given: &str) -> bool {
     let (a, b) = (expected.as_bytes(), given.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -110,14 +115,20 @@ impl AdminState {
         req: Request<Incoming>,
         surface: Surface,
     ) -> Result<Response<Body>, Infallible> {
+        if surface == Surface::Consul {
+            return Ok(crate::consul::handle(&self, req).await);
+        }
         let path = req.uri().path().to_string();
         if surface == Surface::Scrape
-            && !matches!(path.as_str(), "/metrics" | "/healthz" | "/readyz")
+            && !matches!(
+                path.as_str(),
+                "/metrics" | "/healthz" | "/readyz" | "/v1/prometheus/sd"
+            )
         {
             return Ok(json_error(
                 StatusCode::NOT_FOUND,
                 "",
-                format!("{path} is not served here: this listener (admin.metrics_listen) serves /metrics, /healthz and /readyz only"),
+                format!("{path} is not served here: this listener (admin.metrics_listen) serves /metrics, /healthz, /readyz and /v1/prometheus/sd only"),
             ));
         }
         // Probes carry no credentials; everything else needs the token when one is configured.
@@ -145,6 +156,7 @@ impl AdminState {
                 ),
             }),
             "/metrics" => get_only(&req, || self.metrics()),
+            "/v1/prometheus/sd" => get_only(&req, || prometheus_sd::handle(&self, &req)),
             "/v1/drain" => services::drain_own(&self, &req).await,
             "/v1/config" => get_only(&req, || {
                 let config = self.config.load();

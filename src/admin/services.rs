@@ -193,6 +193,26 @@ fn service_index(snapshot: &svcd_registry::EndpointSnapshot, ns: &str, svc: &str
     snapshot.service_index(ns, svc)
 }
 
+/// The blocking query of the admin API and the Consul API: waits (at most `wait`) until
+/// `index_of` the current snapshot differs from `index`. Every publish wakes it, but it returns
+/// only when *its* index moved, so a query on one service sleeps through churn in others.
+pub(crate) async fn wait_for_index(
+    reader: &svcd_registry::SnapshotReader,
+    index: i64,
+    wait: Duration,
+    index_of: impl Fn(&svcd_registry::EndpointSnapshot) -> i64,
+) {
+    let mut changes = reader.changes();
+    let _ = tokio::time::timeout(wait, async {
+        while index_of(&reader.load()) == index {
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
 /// Holds a gauge one higher while it lives (also when the client goes away mid-wait and the
 /// handler's future is dropped).
 struct GaugeGuard<'a>(&'a prometheus::IntGauge);
@@ -218,16 +238,8 @@ async fn show_service(
 ) -> Response<Body> {
     let reader = state.registry.reader();
     if let Some(index) = blocking.index {
-        let mut changes = reader.changes();
         let _parked = GaugeGuard::raise(&state.blocking_queries);
-        let _ = tokio::time::timeout(blocking.wait, async {
-            while service_index(&reader.load(), ns, svc) == index {
-                if changes.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-        .await;
+        wait_for_index(&reader, index, blocking.wait, |s| service_index(s, ns, svc)).await;
     }
     let snapshot = reader.load_full();
     let index = service_index(&snapshot, ns, svc);
@@ -278,7 +290,7 @@ fn show_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {
 
 /// How long a write waits for this daemon's snapshot to show it before answering anyway
 /// (`"visible": false`: the store has it, the watch is behind — e.g. while disconnected).
-const VISIBLE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const VISIBLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Waits until this daemon's snapshot shows what it wrote for `key` (at most
 /// [`VISIBLE_TIMEOUT`]); whether it did.
@@ -374,7 +386,7 @@ async fn try_put_instance(
 ) -> Result<Response<Body>, ApiError> {
     let ttl = parse_ttl(req.uri().query())?;
     let body = with_advertised_ip(read_body(req.into_body()).await?, state.advertise_ip);
-    let mut instance = Instance::from_json(&body).map_err(|e| {
+    let instance = Instance::from_json(&body).map_err(|e| {
         let field = if e.path.is_empty() {
             "body"
         } else {
@@ -382,6 +394,25 @@ async fn try_put_instance(
         };
         ApiError::new(StatusCode::BAD_REQUEST, field, &e.message)
     })?;
+    let (written, visible) = register_instance(state, key.clone(), instance, ttl).await?;
+    let mut v = serde_json::to_value(&written).expect("instance serializes");
+    v["id"] = json!(key.id);
+    v["namespace"] = json!(key.namespace);
+    v["service"] = json!(key.service);
+    v["visible"] = json!(visible);
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+/// Registers `instance` as `key` under this daemon's lease — the one path of the admin API's
+/// `PUT …/instances/{id}` and the Consul agent's registration: validated, the node filled in,
+/// written, and answered once this daemon's snapshot serves it. What was written (with a check,
+/// `pending` until it first passes) and whether it became visible in time.
+pub(crate) async fn register_instance(
+    state: &AdminState,
+    key: InstanceKey,
+    mut instance: Instance,
+    ttl: Option<Duration>,
+) -> Result<(Instance, bool), ApiError> {
     if let Some(e) = instance.validate_registration().into_iter().next() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, &e.path, &e.message));
     }
@@ -402,14 +433,8 @@ async fn try_put_instance(
         .map_err(store_failure)?;
     // Read your writes: answer once this daemon's snapshot (DNS, proxies, API) holds it.
     let visible = written_visible(state, &key).await;
-    // What was written: with a check, `pending` until it first passes.
     let written = keeper.effective(&key).await.unwrap_or(instance);
-    let mut v = serde_json::to_value(&written).expect("instance serializes");
-    v["id"] = json!(key.id);
-    v["namespace"] = json!(key.namespace);
-    v["service"] = json!(key.service);
-    v["visible"] = json!(visible);
-    Ok(json_response(StatusCode::OK, &v))
+    Ok((written, visible))
 }
 
 async fn delete_instance(state: &AdminState, key: &InstanceKey) -> Response<Body> {

@@ -219,7 +219,7 @@ async fn every_metric_the_rules_and_dashboard_query_is_in_a_live_scrape() {
 
 /// A tool scripts/setup --with-etcd puts in target/tools (or the one on PATH). Missing, the test
 /// fails with the hint: it never skips.
-fn tool(name: &str) -> String {
+pub(crate) fn tool(name: &str) -> String {
     let local = format!("{}/target/tools/{name}", env!("CARGO_MANIFEST_DIR"));
     if std::path::Path::new(&local).exists() {
         return local;

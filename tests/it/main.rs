@@ -11,6 +11,7 @@ mod blame;
 mod bridge;
 mod config_cli;
 mod conformance;
+mod consul;
 mod deploy;
 mod dns;
 mod dns_abuse;

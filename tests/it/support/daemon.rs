@@ -39,20 +39,22 @@ impl Reply {
 /// Config text with every listener on a free loopback port, and more keys of the `[dns]` table
 /// (which the base config already opens, so a test cannot open it again).
 pub fn base_config_with(admin_port: u16, dns_port: u16, http_port: u16, dns_keys: &str) -> String {
-    base_config_listening(admin_port, dns_port, http_port, &[], dns_keys)
+    base_config_listening(admin_port, dns_port, http_port, &[], dns_keys, "")
 }
 
-/// [`base_config_with`], DNS also listening on `also_listen`.
+/// [`base_config_with`], DNS also listening on `also_listen`, and more keys of the `[admin]`
+/// table.
 fn base_config_listening(
     admin_port: u16,
     dns_port: u16,
     http_port: u16,
     also_listen: &[&str],
     dns_keys: &str,
+    admin_keys: &str,
 ) -> String {
     let also: String = also_listen.iter().map(|a| format!(", \"{a}\"")).collect();
     format!(
-        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[dns]\nlisten = [\"127.0.0.1:{dns_port}\"{also}]\n{dns_keys}[[proxy.http]]\nlisten = \"127.0.0.1:{http_port}\"\n"
+        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{admin_keys}[dns]\nlisten = [\"127.0.0.1:{dns_port}\"{also}]\n{dns_keys}[[proxy.http]]\nlisten = \"127.0.0.1:{http_port}\"\n"
     )
 }
 
@@ -84,13 +86,21 @@ impl Daemon {
     /// Starts with DNS also listening on `also_listen` and more keys of the `[dns]` table, and
     /// waits for `/readyz`.
     pub async fn start_with_dns(also_listen: &[&str], dns_keys: &str, extra: &str) -> Daemon {
-        let d = Self::spawn_full(also_listen, dns_keys, extra, &[], None);
+        let d = Self::spawn_full(also_listen, dns_keys, extra, &[], None, "");
+        d.wait_ready().await;
+        d
+    }
+
+    /// Starts with more keys of the `[admin]` table (`metrics_listen`, `token_file`) and waits
+    /// for `/readyz`.
+    pub async fn start_with_admin(admin_keys: &str, extra: &str) -> Daemon {
+        let d = Self::spawn_full(&[], "", extra, &[], None, admin_keys);
         d.wait_ready().await;
         d
     }
 
     fn spawn_wrapped(extra: &str, env: &[(&str, &str)], nofile: Option<u64>) -> Daemon {
-        Self::spawn_full(&[], "", extra, env, nofile)
+        Self::spawn_full(&[], "", extra, env, nofile, "")
     }
 
     fn spawn_full(
@@ -99,11 +109,19 @@ impl Daemon {
         extra: &str,
         env: &[(&str, &str)],
         nofile: Option<u64>,
+        admin_keys: &str,
     ) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let (admin_port, dns_port, http_port) = (free_port(), free_port(), free_port());
         let config_path = dir.path().join("svcd.toml");
-        let base = base_config_listening(admin_port, dns_port, http_port, also_listen, dns_keys);
+        let base = base_config_listening(
+            admin_port,
+            dns_port,
+            http_port,
+            also_listen,
+            dns_keys,
+            admin_keys,
+        );
         std::fs::write(&config_path, format!("{base}{extra}")).expect("write config");
         let log = std::fs::File::create(dir.path().join("svcd.log")).expect("log file");
         let mut cmd = match nofile {
