@@ -223,6 +223,15 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         current.proxy.workers.unwrap_or(cores),
         &workers_phase,
     )?);
+    // TLS to instances ([[proxy.upstream_tls]]), shared by both proxies.
+    let proxy_tls = svcd_proxy::ProxyTls::new(tls_metrics.clone());
+    if let Some(e) = proxy_tls
+        .apply(&current.proxy.upstream_tls)
+        .into_iter()
+        .next()
+    {
+        return Err(e.into());
+    }
     let proxy = L4Proxy::start(
         &current.proxy,
         current.shutdown.drain_timeout,
@@ -231,7 +240,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         &proxy_workers,
         &l4_phase,
         &metrics.registry,
-        &tls_metrics,
+        &proxy_tls,
     )
     .await?;
     let http = HttpProxy::start(
@@ -242,12 +251,12 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         &proxy_workers,
         &http_phase,
         &metrics.registry,
-        &tls_metrics,
+        &proxy_tls,
     )
     .await?;
     // Every TLS listener's files, re-read on SIGHUP and when they change on disk.
     let tls = svcd_tls::TlsReloader::new(std::time::Duration::from_millis(500));
-    tls.set(tls_items(&admin_tls, &http));
+    tls.set(tls_items(&admin_tls, &http, &proxy_tls));
     answer.spawn(tls.clone().watch(answer.token()));
     readiness.listeners_bound.store(true, Ordering::Relaxed);
     notify::spawn(readiness.clone(), &answer);
@@ -262,6 +271,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         store: registry.store.as_ref(),
         tls: &tls,
         admin_tls: &admin_tls,
+        proxy_tls: &proxy_tls,
     };
     wait_for_signals(&sources, &config, &live, &log, &metrics).await?;
 
@@ -358,18 +368,27 @@ struct LiveParts<'a> {
     tls: &'a svcd_tls::TlsReloader,
     /// The admin listeners' TLS (fixed until restart).
     admin_tls: &'a [Arc<svcd_tls::ServerTls>],
+    /// TLS to instances, rebuilt for changed `[[proxy.upstream_tls]]` entries.
+    proxy_tls: &'a svcd_proxy::ProxyTls,
 }
 
 /// What the TLS reloader re-reads: the admin listeners' and the HTTP listeners' TLS.
 fn tls_items(
     admin: &[Arc<svcd_tls::ServerTls>],
     http: &HttpProxy,
+    upstream: &svcd_proxy::ProxyTls,
 ) -> Vec<Arc<dyn svcd_tls::Reload>> {
     admin
         .iter()
         .cloned()
         .chain(http.tls())
         .map(|t| t as Arc<dyn svcd_tls::Reload>)
+        .chain(
+            upstream
+                .upstreams()
+                .into_iter()
+                .map(|t| t as Arc<dyn svcd_tls::Reload>),
+        )
         .collect()
 }
 
@@ -496,6 +515,13 @@ async fn reload(
         .iter()
         .map(|e| e.to_string())
         .collect();
+    // Before the HTTP proxy rebuilds its pools with it.
+    bind_errors.extend(
+        live.proxy_tls
+            .apply(&new.proxy.upstream_tls)
+            .iter()
+            .map(|e| e.to_string()),
+    );
     bind_errors.extend(
         live.http
             .reconfigure(&new.proxy, &new.dns.domain)
@@ -504,7 +530,8 @@ async fn reload(
             .map(|e| e.to_string()),
     );
     // Rotated certificates: a file that does not load keeps its listener's old material.
-    live.tls.set(tls_items(live.admin_tls, live.http));
+    live.tls
+        .set(tls_items(live.admin_tls, live.http, live.proxy_tls));
     bind_errors.extend(live.tls.reload_all().iter().map(|e| e.to_string()));
     config.store(Arc::new(new));
     if !bind_errors.is_empty() {

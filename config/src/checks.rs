@@ -271,7 +271,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
     let mut c = Checker { errors: Vec::new() };
     let admin = admin(&mut c, raw.admin.unwrap_or_default());
     let dns = dns(&mut c, raw.dns.unwrap_or_default());
-    let proxy = proxy(&mut c, raw.proxy.unwrap_or_default());
+    let proxy = proxy(&mut c, raw.proxy.unwrap_or_default(), &dns.domain);
     let registry = registry::registry(&mut c, raw.registry.unwrap_or_default());
     let raw_shutdown = raw.shutdown.unwrap_or_default();
     let shutdown = ShutdownConfig {
@@ -494,7 +494,7 @@ fn dns_forwarding(c: &mut Checker, raw: RawDnsForwarding) -> DnsForwardingConfig
     }
 }
 
-fn proxy(c: &mut Checker, raw: RawProxy) -> ProxyConfig {
+fn proxy(c: &mut Checker, raw: RawProxy, domain: &str) -> ProxyConfig {
     let http = match raw.http {
         None => vec![HttpListenerConfig {
             listen: "127.0.0.1:8080".parse().expect("default parses"),
@@ -543,6 +543,7 @@ fn proxy(c: &mut Checker, raw: RawProxy) -> ProxyConfig {
         routes: l7::routes(c, raw.routes),
         l7: l7::l7(c, raw.l7.unwrap_or_default()),
         outlier: l7::outlier(c, raw.outlier.unwrap_or_default()),
+        upstream_tls: tls::upstream(c, raw.upstream_tls.unwrap_or_default(), domain),
     }
 }
 

@@ -36,7 +36,7 @@ pub use model::{
     RegistryConfig, RrlConfig, ShutdownConfig, StaticInstance, DEFAULT_MAX_FLOWS,
     MAX_REQUEST_TIMEOUT,
 };
-pub use model::{CertKeyFiles, SniRoute, TlsServerConfig};
+pub use model::{CertKeyFiles, SniRoute, TlsServerConfig, UpstreamTlsConfig};
 pub use sources::{Env, Override, ProcessEnv, Sources, ENV_OVERRIDES};
 
 /// Parse and validate one TOML document with no overrides (used by tests and `config check`).

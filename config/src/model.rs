@@ -258,6 +258,25 @@ pub struct ProxyConfig {
     pub routes: Vec<HttpRoute>,
     pub l7: L7Config,
     pub outlier: OutlierConfig,
+    /// Services whose instances the HTTP and L4 proxies reach over TLS.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upstream_tls: Vec<UpstreamTlsConfig>,
+}
+
+/// A `[[proxy.upstream_tls]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamTlsConfig {
+    pub service: String,
+    pub namespace: String,
+    /// CA bundle the instances' certificates must chain to.
+    pub ca: PathBuf,
+    /// The name their certificates must carry (default: `<svc>.<ns>.svc.<dns.domain>`).
+    pub server_name: String,
+    /// This node's certificate and key, presented to instances that ask (mTLS, mesh mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
 }
 
 /// Where a proxy listener sends traffic: `<svc>.<ns>` and an optional named port.

@@ -100,6 +100,17 @@ pub struct RawProxy {
     pub routes: Option<Vec<RawRoute>>,
     pub l7: Option<RawL7>,
     pub outlier: Option<RawOutlier>,
+    pub upstream_tls: Option<Vec<RawUpstreamTls>>,
+}
+
+/// A `[[proxy.upstream_tls]]` entry: the proxies speak TLS to this service's instances.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawUpstreamTls {
+    pub service: Option<String>,
+    pub ca: Option<String>,
+    pub server_name: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 /// A `[[proxy.routes]]` entry: explicit HTTP routing by host and path prefix.

@@ -797,3 +797,41 @@ fn sni_routes_are_checked_and_make_the_listeners_service_optional() {
     assert_eq!(l.sni_route(Some("a.b.example.com")), None);
     assert_eq!(l.sni_route(None), None);
 }
+
+#[test]
+fn upstream_tls_entries_are_checked_and_name_the_service_by_default() {
+    let errors = errors_of(
+        r#"
+        [[proxy.upstream_tls]]
+        service = "web"
+        cert = "/etc/node.crt"
+        [[proxy.upstream_tls]]
+        service = "web.default"
+        ca = "/etc/ca.pem"
+        server_name = "has space"
+        "#,
+    );
+    assert_eq!(
+        errors,
+        [
+            "proxy.upstream_tls[0].ca: missing",
+            "proxy.upstream_tls[0].key: missing",
+            "proxy.upstream_tls[1].service: web.default is listed twice",
+            "proxy.upstream_tls[1].server_name: invalid name \"has space\" (a DNS name or an IP address)",
+        ]
+    );
+    let c = crate::parse(
+        r#"
+        [dns]
+        domain = "corp.local"
+        [[proxy.upstream_tls]]
+        service = "api.prod"
+        ca = "/etc/ca.pem"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        c.proxy.upstream_tls[0].server_name,
+        "api.prod.svc.corp.local"
+    );
+}

@@ -68,6 +68,72 @@ pub enum ProxyError {
     Tls(#[from] svcd_tls::TlsError),
 }
 
+/// What the HTTP and L4 proxies share of TLS: the series they count into and the services whose
+/// instances they reach over TLS.
+pub struct ProxyTls {
+    pub metrics: svcd_tls::TlsMetrics,
+    /// By `svc.ns`. Replaced whole by [`ProxyTls::apply`] (one writer: start and reload); read
+    /// per connection to such a service (lock-free).
+    upstream: ArcSwap<HashMap<String, Arc<svcd_tls::UpstreamTls>>>,
+}
+
+impl ProxyTls {
+    pub fn new(metrics: svcd_tls::TlsMetrics) -> Arc<ProxyTls> {
+        Arc::new(ProxyTls {
+            metrics,
+            upstream: ArcSwap::from_pointee(HashMap::new()),
+        })
+    }
+
+    /// The TLS to `service`'s (`svc.ns`) instances, if it has any.
+    #[inline]
+    pub fn upstream(&self, service: &str) -> Option<Arc<svcd_tls::UpstreamTls>> {
+        let table = self.upstream.load();
+        if table.is_empty() {
+            return None;
+        }
+        table.get(service).cloned()
+    }
+
+    /// Every service's upstream TLS (for the HTTP pools and the reloader).
+    pub fn upstreams(&self) -> Vec<Arc<svcd_tls::UpstreamTls>> {
+        self.upstream.load().values().cloned().collect()
+    }
+
+    /// Builds the entries `specs` adds or changes (unchanged ones are kept; their files are
+    /// re-read by the reloader). An entry whose files do not load is an error; on reload it
+    /// keeps what it had.
+    pub fn apply(&self, specs: &[svcd_config::UpstreamTlsConfig]) -> Vec<ProxyError> {
+        let old = self.upstream.load_full();
+        let mut errors = Vec::new();
+        let mut table = HashMap::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let service = format!("{}.{}", spec.service, spec.namespace);
+            let kept = old.get(&service).filter(|t| t.spec() == spec).cloned();
+            let entry = match kept {
+                Some(t) => t,
+                None => match svcd_tls::UpstreamTls::new(
+                    format!("proxy.upstream_tls[{i}]"),
+                    spec,
+                    &self.metrics,
+                ) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        errors.push(e.into());
+                        match old.get(&service) {
+                            Some(t) => t.clone(),
+                            None => continue,
+                        }
+                    }
+                },
+            };
+            table.insert(service, entry);
+        }
+        self.upstream.store(Arc::new(table));
+        errors
+    }
+}
+
 /// Settings every L4 connection reads; swapped whole on reload.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -106,8 +172,8 @@ pub struct ProxyContext {
     pub hard_stop: CancellationToken,
     /// The daemon's one load balancer: every listener's balancers share its endpoint health.
     pub lb: Arc<LoadBalancer>,
-    /// The TLS series SNI passthrough counts into.
-    pub tls_metrics: svcd_tls::TlsMetrics,
+    /// The TLS series SNI passthrough counts into, and TLS to instances.
+    pub tls: Arc<ProxyTls>,
 }
 
 /// One L4 listener, TCP or UDP. The config is swapped on reload (new target, idle timeout)
@@ -177,7 +243,7 @@ impl ListenerState {
             listener_metrics: ArcSwap::from_pointee(metrics),
             passthrough: svcd_tls::Passthrough::new(
                 format!("{}/{}", transport.label(), config.listen),
-                &ctx.tls_metrics,
+                &ctx.tls.metrics,
             ),
             config: ArcSwap::from_pointee(config),
             fds: fds::ListenerShare::new(),
@@ -263,7 +329,7 @@ impl L4Proxy {
         workers: &Arc<workers::ProxyWorkers>,
         phase: &Phase,
         prometheus: &prometheus::Registry,
-        tls_metrics: &svcd_tls::TlsMetrics,
+        tls: &Arc<ProxyTls>,
     ) -> Result<L4Proxy, ProxyError> {
         let proxy = L4Proxy {
             workers: workers.clone(),
@@ -275,7 +341,7 @@ impl L4Proxy {
                 hard_stop: phase.token(),
                 phase: phase.clone(),
                 lb: lb.clone(),
-                tls_metrics: tls_metrics.clone(),
+                tls: tls.clone(),
             }),
             listeners: Mutex::new(HashMap::new()),
         };

@@ -125,6 +125,7 @@ async fn handle(
     let Some(pick) = balancer.pick(&view) else {
         return refused();
     };
+    let upstream_tls = ctx.tls.upstream(target.service.as_str());
     let mut connected = None;
     for attempt in 0..settings.connect_attempts {
         let Some(slot) = pick.attempt(attempt) else {
@@ -134,6 +135,31 @@ async fn handle(
         let m = slot.extra.clone();
         let failure = match timeout(settings.connect_timeout, TcpStream::connect(slot.addr)).await {
             Ok(Ok(upstream)) => {
+                let upstream = match &upstream_tls {
+                    None => Upstream::Plain(upstream),
+                    // TLS to the instance: a handshake it fails (a certificate the CA or the
+                    // name does not verify, no TLS) is its failure, as a refused connect is.
+                    Some(tls) => {
+                        let _ = upstream.set_nodelay(true);
+                        let alpn = svcd_tls::UpstreamAlpn::None;
+                        match tls.connect(upstream, alpn, settings.connect_timeout).await {
+                            Ok(stream) => Upstream::Tls(Box::new(stream)),
+                            Err(e) => {
+                                debug!(endpoint = %endpoint.id, error = %e, "TLS to the instance failed; trying the next instance");
+                                if let Some(tcp) = m.tcp() {
+                                    tcp.connect_failures.inc();
+                                }
+                                balancer.failure(
+                                    &view,
+                                    slot,
+                                    Detector::Tcp,
+                                    "TLS handshake failed",
+                                );
+                                continue;
+                            }
+                        }
+                    }
+                };
                 balancer.success(slot, Detector::Tcp);
                 connected = Some((upstream, slot, m));
                 break;
@@ -152,12 +178,32 @@ async fn handle(
         }
         balancer.failure(&view, slot, Detector::Tcp, failure);
     }
-    let Some((mut upstream, slot, m)) = connected else {
+    let Some((upstream, slot, m)) = connected else {
         return refused();
     };
     slot.health.in_flight.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight(slot.health.clone());
     let endpoint = slot.endpoint.clone();
+    let mut upstream = match upstream {
+        Upstream::Plain(upstream) => upstream,
+        Upstream::Tls(tls) => {
+            let counts = m.tcp();
+            if let Some(tcp) = counts {
+                tcp.connections.inc();
+                tcp.active.inc();
+            }
+            let _active = ActiveGuard(m.clone());
+            let relay = relay_tls(client, *tls, hello, counts, config.idle_timeout);
+            tokio::select! {
+                r = relay => if let Err(e) = r { debug!(error = %e, "TCP proxy connection (TLS to the instance) ended with error") },
+                _ = async { slot.health.left().await; sleep(settings.drain_timeout).await } => {
+                    debug!(endpoint = %endpoint.id, "instance left the registry; drain time over, closing");
+                }
+                _ = ctx.hard_stop.cancelled() => {}
+            }
+            return;
+        }
+    };
     // The client socket inherited TCP_NODELAY from the listener.
     let _ = upstream.set_nodelay(true);
     // A TCP listener's endpoints always have them.
@@ -230,6 +276,79 @@ async fn handle(
             debug!(endpoint = %endpoint.id, "instance left the registry; drain time over, closing");
         }
         _ = ctx.hard_stop.cancelled() => {}
+    }
+}
+
+/// A connection to an instance: plaintext (spliced), or TLS svcd originates (copied through
+/// rustls).
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Both directions between a client and a TLS connection to its instance, with the replayed
+/// ClientHello (if any) first; ends when both are done or neither moved for `idle`.
+async fn relay_tls(
+    client: TcpStream,
+    upstream: tokio_rustls::client::TlsStream<TcpStream>,
+    hello: Option<svcd_tls::ClientHello>,
+    counts: Option<&crate::metrics::TcpEndpointCounters>,
+    idle: Duration,
+) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_rd, mut client_wr) = client.into_split();
+    let (mut up_rd, mut up_wr) = tokio::io::split(upstream);
+    if let Some(hello) = hello {
+        up_wr.write_all(&hello.bytes).await?;
+        if let Some(tcp) = counts {
+            tcp.bytes_in.inc_by(hello.bytes.len() as u64);
+        }
+    }
+    let base = Instant::now();
+    let last = AtomicU64::new(0);
+    let touch = || last.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let inbound = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = client_rd.read(&mut buf).await?;
+            if n == 0 {
+                up_wr.shutdown().await?;
+                return Ok::<_, io::Error>(());
+            }
+            up_wr.write_all(&buf[..n]).await?;
+            if let Some(tcp) = counts {
+                tcp.bytes_in.inc_by(n as u64);
+            }
+            touch();
+        }
+    };
+    let outbound = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = up_rd.read(&mut buf).await?;
+            if n == 0 {
+                client_wr.shutdown().await?;
+                return Ok::<_, io::Error>(());
+            }
+            client_wr.write_all(&buf[..n]).await?;
+            if let Some(tcp) = counts {
+                tcp.bytes_out.inc_by(n as u64);
+            }
+            touch();
+        }
+    };
+    let quiet = async {
+        loop {
+            let at = base + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+            if Instant::now() >= at {
+                return;
+            }
+            tokio::time::sleep_until(at).await;
+        }
+    };
+    tokio::select! {
+        r = async { tokio::try_join!(inbound, outbound) } => r.map(|_| ()),
+        _ = quiet => Ok(()),
     }
 }
 

@@ -19,6 +19,7 @@
 //! reload builds a new one (whole: certificates, SNI table and client verifier), sharing the
 //! session cache and ticket keys of the old so resumption survives it.
 
+mod client;
 mod error;
 mod identity;
 mod log_budget;
@@ -29,6 +30,7 @@ mod resolver;
 mod server;
 mod watch;
 
+pub use client::{UpstreamAlpn, UpstreamTls};
 pub use error::TlsError;
 pub use identity::PeerIdentity;
 pub use metrics::{Failure, TlsMetrics};

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::Checker;
-use crate::model::{CertKeyFiles, TlsServerConfig};
-use crate::raw::RawTls;
+use crate::model::{CertKeyFiles, TlsServerConfig, UpstreamTlsConfig};
+use crate::raw::{RawTls, RawUpstreamTls};
 
 /// Default `handshake_timeout`.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -76,4 +76,55 @@ pub(crate) fn server(c: &mut Checker, base: &str, raw: RawTls) -> TlsServerConfi
         allow,
         handshake_timeout,
     }
+}
+
+/// `[[proxy.upstream_tls]]` entries: one per service, a CA always (instances are verified), a
+/// client certificate and key together or not at all.
+pub(crate) fn upstream(
+    c: &mut Checker,
+    raw: Vec<RawUpstreamTls>,
+    domain: &str,
+) -> Vec<UpstreamTlsConfig> {
+    let mut out: Vec<UpstreamTlsConfig> = Vec::new();
+    for (i, u) in raw.into_iter().enumerate() {
+        let base = format!("proxy.upstream_tls[{i}]");
+        let target = c.target(&base, u.service, None);
+        if out
+            .iter()
+            .any(|o| o.service == target.service && o.namespace == target.namespace)
+        {
+            c.err(
+                format!("{base}.service"),
+                format!("{}.{} is listed twice", target.service, target.namespace),
+            );
+        }
+        let ca = file(c, &format!("{base}.ca"), u.ca);
+        let (cert, key) = match (u.cert, u.key) {
+            (None, None) => (None, None),
+            (cert, key) => (
+                Some(file(c, &format!("{base}.cert"), cert)),
+                Some(file(c, &format!("{base}.key"), key)),
+            ),
+        };
+        let server_name = match u.server_name {
+            Some(n) if !n.is_empty() && !n.contains(char::is_whitespace) => n,
+            Some(n) => {
+                c.err(
+                    format!("{base}.server_name"),
+                    format!("invalid name {n:?} (a DNS name or an IP address)"),
+                );
+                n
+            }
+            None => format!("{}.{}.svc.{domain}", target.service, target.namespace),
+        };
+        out.push(UpstreamTlsConfig {
+            service: target.service,
+            namespace: target.namespace,
+            ca,
+            server_name,
+            cert,
+            key,
+        });
+    }
+    out
 }

@@ -200,13 +200,12 @@ async fn proxy(
             break;
         };
         let index = (pick.first + attempt) % pick.slots.len();
-        let client_pool = if upgrade {
-            upstreams.h1()
-        } else {
-            upstreams.for_protocol(slot.endpoint.protocol)
-        };
+        let client_pool =
+            upstreams.for_instance(balancer.name.as_str(), slot.endpoint.protocol, upgrade);
         let h2 = !upgrade && !speaks_h1(slot.endpoint.protocol);
-        let bridged = bridgeable && speaks_h1(slot.endpoint.protocol);
+        let bridged = bridgeable
+            && speaks_h1(slot.endpoint.protocol)
+            && !upstreams.is_tls(balancer.name.as_str());
         let bytes_in = slot.extra.metrics.bytes_in.clone();
         let (upload, request) = if bridged {
             (Upload::nothing_to_send(), None)

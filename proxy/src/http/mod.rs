@@ -133,6 +133,9 @@ pub struct HttpContext {
     /// `pool_max_idle_per_host` and `pool_idle_timeout`, for the workers' pool keepers
     /// ([`h1::pool::upkeep`]): a reload applies them to idle connections at once.
     pub pool_limits: tokio::sync::watch::Sender<(usize, Duration)>,
+    /// TLS to instances (`[[proxy.upstream_tls]]`): such services skip the fast path and the
+    /// bridge, and get pools of their own.
+    pub tls: Arc<crate::ProxyTls>,
 }
 
 /// One running HTTP listener.
@@ -168,7 +171,7 @@ impl HttpProxy {
         workers: &Arc<crate::workers::ProxyWorkers>,
         phase: &Phase,
         prometheus: &prometheus::Registry,
-        tls_metrics: &svcd_tls::TlsMetrics,
+        tls: &Arc<crate::ProxyTls>,
     ) -> Result<HttpProxy, ProxyError> {
         let metrics = HttpMetrics::new(prometheus)?;
         let table = BalancerTable::new(
@@ -189,6 +192,7 @@ impl HttpProxy {
                             &config.l7,
                             config.connect_timeout,
                             metrics.clone(),
+                            &tls.upstreams(),
                         ))
                     })
                     .collect(),
@@ -198,10 +202,11 @@ impl HttpProxy {
                 hard_stop: phase.token(),
                 phase: phase.clone(),
                 pool_limits: tokio::sync::watch::Sender::new(pool_limits(&config.l7)),
+                tls: tls.clone(),
             }),
             listeners: Mutex::new(HashMap::new()),
             workers: workers.clone(),
-            tls_metrics: tls_metrics.clone(),
+            tls_metrics: tls.metrics.clone(),
         };
         workers.spawn_each(|stop| {
             h1::pool::upkeep(lb.departures(), proxy.ctx.pool_limits.subscribe(), stop)
@@ -229,6 +234,7 @@ impl HttpProxy {
                 &config.l7,
                 config.connect_timeout,
                 ctx.metrics.clone(),
+                &ctx.tls.upstreams(),
             )));
         }
         self.bind_missing(config).await

@@ -1,8 +1,10 @@
 //! Upstream connection pools: one hyper-util client speaking HTTP/1.1 and one speaking HTTP/2
 //! (prior knowledge), chosen per instance by its registered `protocol`. Pools are keyed by
 //! `ip:port`, keep connections alive, and close idle ones after `pool_idle_timeout`. The
-//! connector counts connections for the pool gauges.
+//! connector counts connections for the pool gauges. Services with `[[proxy.upstream_tls]]`
+//! get a pair of pools of their own whose connector speaks TLS (ALPN `http/1.1` or `h2`).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -23,10 +25,14 @@ use super::metrics::HttpMetrics;
 /// bodiless request).
 pub type UpstreamBody = super::body::RequestBody;
 
-/// The two pools.
+type Pool = Client<CountingConnector, UpstreamBody>;
+
+/// The plaintext pools, and a pair per service reached over TLS.
 pub struct Upstreams {
-    h1: Client<CountingConnector, UpstreamBody>,
-    h2: Client<CountingConnector, UpstreamBody>,
+    h1: Pool,
+    h2: Pool,
+    /// By `svc.ns`; empty unless `[[proxy.upstream_tls]]` names services.
+    tls: HashMap<String, (Pool, Pool)>,
 }
 
 impl Upstreams {
@@ -34,12 +40,18 @@ impl Upstreams {
         l7: &L7Config,
         connect_timeout: std::time::Duration,
         metrics: Arc<HttpMetrics>,
+        tls: &[Arc<svcd_tls::UpstreamTls>],
     ) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(connect_timeout));
         http.enforce_http(true);
-        let connector = CountingConnector { http, metrics };
+        let connector = CountingConnector {
+            http,
+            metrics,
+            tls: None,
+            handshake_timeout: connect_timeout,
+        };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
@@ -47,49 +59,96 @@ impl Upstreams {
             .pool_idle_timeout(l7.pool_idle_timeout)
             .pool_max_idle_per_host(l7.pool_max_idle_per_host)
             .set_host(false);
-        let h1 = builder.build(connector.clone());
-        builder.http2_only(true);
-        let h2 = builder.build(connector);
-        Upstreams { h1, h2 }
-    }
-
-    /// The pool for an instance registered with `protocol`.
-    #[inline]
-    pub fn for_protocol(&self, protocol: Protocol) -> &Client<CountingConnector, UpstreamBody> {
-        if super::speaks_h1(protocol) {
-            &self.h1
-        } else {
-            &self.h2
+        let mut h2_builder = builder.clone();
+        h2_builder.http2_only(true);
+        let with_tls = |t: &Arc<svcd_tls::UpstreamTls>, alpn| CountingConnector {
+            tls: Some((t.clone(), alpn)),
+            ..connector.clone()
+        };
+        let tls = tls
+            .iter()
+            .map(|t| {
+                (
+                    t.service().to_string(),
+                    (
+                        builder.build(with_tls(t, svcd_tls::UpstreamAlpn::Http1)),
+                        h2_builder.build(with_tls(t, svcd_tls::UpstreamAlpn::H2)),
+                    ),
+                )
+            })
+            .collect();
+        Upstreams {
+            h1: builder.build(connector.clone()),
+            h2: h2_builder.build(connector),
+            tls,
         }
     }
 
-    /// HTTP/1.1 pool (upgrades always go here).
-    pub fn h1(&self) -> &Client<CountingConnector, UpstreamBody> {
-        &self.h1
+    /// Whether `service` (`svc.ns`) is reached over TLS (the fast path and the bridge then hand
+    /// its requests to these pools).
+    #[inline]
+    pub fn is_tls(&self, service: &str) -> bool {
+        !self.tls.is_empty() && self.tls.contains_key(service)
+    }
+
+    /// The pool for an instance of `service` registered with `protocol`; `upgrade`: the
+    /// HTTP/1.1 pool whatever the protocol (upgrades are HTTP/1.1).
+    #[inline]
+    pub fn for_instance(&self, service: &str, protocol: Protocol, upgrade: bool) -> &Pool {
+        let h1 = upgrade || super::speaks_h1(protocol);
+        match self.tls.get(service) {
+            Some((tls_h1, tls_h2)) => {
+                if h1 {
+                    tls_h1
+                } else {
+                    tls_h2
+                }
+            }
+            None if h1 => &self.h1,
+            None => &self.h2,
+        }
     }
 }
 
-/// `HttpConnector` plus connection counting.
+/// `HttpConnector` plus connection counting, and TLS for a service that has it.
 #[derive(Clone)]
 pub struct CountingConnector {
     http: HttpConnector,
     metrics: Arc<HttpMetrics>,
+    /// The service's TLS and what ALPN offers (`None`: plaintext).
+    tls: Option<(Arc<svcd_tls::UpstreamTls>, svcd_tls::UpstreamAlpn)>,
+    /// The handshake's bound: the connect timeout again.
+    handshake_timeout: std::time::Duration,
 }
 
 impl tower_service::Service<Uri> for CountingConnector {
     type Response = CountedConn;
-    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
+    type Error = ConnectError;
     type Future = Pin<Box<dyn Future<Output = Result<CountedConn, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.http.poll_ready(cx)
+        self.http
+            .poll_ready(cx)
+            .map_err(|e| Box::new(e) as ConnectError)
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let connecting = self.http.call(uri);
         let metrics = self.metrics.clone();
+        let tls = self.tls.clone();
+        let handshake_timeout = self.handshake_timeout;
         Box::pin(async move {
-            let io = connecting.await?;
+            let tcp = connecting.await?;
+            let io = match tls {
+                None => UpstreamIo::Plain(tcp),
+                Some((tls, alpn)) => {
+                    let stream = tls
+                        .connect(tcp.into_inner(), alpn, handshake_timeout)
+                        .await
+                        .map_err(ConnectError::tls)?;
+                    UpstreamIo::Tls(Box::new(TokioIo::new(stream)))
+                }
+            };
             metrics.upstream_connects.inc();
             metrics.upstream_open.inc();
             Ok(CountedConn { io, metrics })
@@ -97,9 +156,29 @@ impl tower_service::Service<Uri> for CountingConnector {
     }
 }
 
+/// hyper-util's connect error, or a failed TLS handshake, as one error type for the client.
+pub type ConnectError = Box<dyn std::error::Error + Send + Sync>;
+
+trait TlsConnectError {
+    fn tls(e: io::Error) -> ConnectError;
+}
+
+impl TlsConnectError for ConnectError {
+    fn tls(e: io::Error) -> ConnectError {
+        Box::new(e)
+    }
+}
+
+/// A plaintext or TLS connection to an instance.
+enum UpstreamIo {
+    Plain(TokioIo<TcpStream>),
+    /// Boxed: rustls's connection state is ~1 KiB, which plaintext connections need not carry.
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
 /// An upstream connection; the open gauge goes down when the pool drops it.
 pub struct CountedConn {
-    io: TokioIo<TcpStream>,
+    io: UpstreamIo,
     metrics: Arc<HttpMetrics>,
 }
 
@@ -111,8 +190,32 @@ impl Drop for CountedConn {
 
 impl Connection for CountedConn {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        match &self.io {
+            UpstreamIo::Plain(io) => io.connected(),
+            UpstreamIo::Tls(io) => {
+                let (tcp, tls) = io.inner().get_ref();
+                let connected = tcp.connected();
+                if tls.alpn_protocol() == Some(b"h2") {
+                    connected.negotiated_h2()
+                } else {
+                    connected
+                }
+            }
+        }
     }
+}
+
+/// Forwards a method to whichever stream the connection is.
+macro_rules! either_io {
+    ($self:ident, $io:ident => $e:expr) => {
+        match &mut $self.io {
+            UpstreamIo::Plain($io) => $e,
+            UpstreamIo::Tls($io) => {
+                let $io = &mut **$io;
+                $e
+            }
+        }
+    };
 }
 
 impl Read for CountedConn {
@@ -121,7 +224,7 @@ impl Read for CountedConn {
         cx: &mut Context<'_>,
         buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        either_io!(self, io => Pin::new(io).poll_read(cx, buf))
     }
 }
 
@@ -131,7 +234,7 @@ impl Write for CountedConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        either_io!(self, io => Pin::new(io).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -139,18 +242,21 @@ impl Write for CountedConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        either_io!(self, io => Pin::new(io).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            UpstreamIo::Plain(io) => io.is_write_vectored(),
+            UpstreamIo::Tls(io) => io.is_write_vectored(),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        either_io!(self, io => Pin::new(io).poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        either_io!(self, io => Pin::new(io).poll_shutdown(cx))
     }
 }

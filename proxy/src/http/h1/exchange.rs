@@ -84,6 +84,9 @@ impl ClientConn<'_> {
         {
             return Next::Handoff; // HTTP/2 instances: hyper's client translates
         }
+        if ctx.tls.upstream(balancer.name.as_str()).is_some() {
+            return Next::Handoff; // TLS instances: hyper's pools for the service speak it
+        }
         // The head is used; what follows it in `buf` is body or the next request.
         self.buf.advance(info.len);
         let retries = routed.retries.min(pick.slots.len().saturating_sub(1));
