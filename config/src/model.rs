@@ -501,6 +501,10 @@ pub struct HttpRoute {
     pub timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retries: Option<usize>,
+    /// Client identities (URI or DNS SANs of a certificate an HTTPS listener verified) the
+    /// route serves; others, and clients without one, are answered 403. Empty: everyone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
 }
 
 fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {

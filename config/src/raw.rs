@@ -122,6 +122,7 @@ pub struct RawRoute {
     pub port: Option<String>,
     pub timeout: Option<String>,
     pub retries: Option<i64>,
+    pub allow: Option<Vec<String>>,
 }
 
 /// `[proxy.l7]`: HTTP proxy behaviour and limits.

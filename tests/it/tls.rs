@@ -557,3 +557,61 @@ async fn a_clients_own_forwarded_client_cert_is_removed_on_every_path() {
         );
     }
 }
+
+/// A route's `allow`: only the identities it lists reach it; other verified clients still reach
+/// the rest of the listener, and plaintext clients (no certificate) never reach it.
+#[tokio::test]
+async fn a_routes_allow_list_admits_only_its_identities() {
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_path = ca_dir.path().join("clients.pem");
+    let clients = TestCa::new("clients ca");
+    std::fs::write(&ca_path, clients.pem()).unwrap();
+    let h = Https::start(
+        &format!("client_ca = {}\n", toml_path(&ca_path)),
+        "[[proxy.routes]]\nhost = \"web\"\npath_prefix = \"/private\"\nservice = \"web\"\n\
+         allow = [\"spiffe://td/ns/default/svc/client\"]\n",
+    )
+    .await;
+    let (ok_c, ok_k) = clients
+        .issue_sans(
+            "c",
+            &["c.test"],
+            Some("spiffe://td/ns/default/svc/client"),
+            false,
+        )
+        .write(ca_dir.path(), "ok");
+    let (no_c, no_k) = clients
+        .issue_sans(
+            "o",
+            &["o.test"],
+            Some("spiffe://td/ns/default/svc/other"),
+            false,
+        )
+        .write(ca_dir.path(), "other");
+    let code = |c: &PathBuf, k: &PathBuf, path: &'static str| {
+        let args = [
+            "--cert".to_string(),
+            c.display().to_string(),
+            "--key".into(),
+            k.display().to_string(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code}".into(),
+        ];
+        let h = &h;
+        async move {
+            let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            h.curl(path, &a).await.1
+        }
+    };
+    assert_eq!(code(&ok_c, &ok_k, "/private").await, "200");
+    assert_eq!(code(&no_c, &no_k, "/private").await, "403");
+    assert_eq!(code(&no_c, &no_k, "/").await, "200");
+    let plain = crate::support::proxy::raw_exchange(
+        h.d.http,
+        b"GET /private HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(plain.starts_with("HTTP/1.1 403"), "{plain}");
+}

@@ -62,7 +62,7 @@ pub struct ServerTls {
     ticketer: Arc<dyn ProducesTickets>,
     /// Held while a reload builds and swaps, and holding the names of the certificates whose
     /// expiry series exist (removed when a reload drops them). Never taken by a handshake.
-    reloading: Mutex<Vec<String>>,
+    reloading: Mutex<Vec<(String, i64)>>,
     metrics: TlsMetrics,
     log: LogBudget,
 }
@@ -139,7 +139,7 @@ impl ServerTls {
         ) {
             Ok((config, certs)) => {
                 self.current.store(Arc::new(config));
-                for gone in names.iter() {
+                for (gone, _) in names.iter() {
                     if !certs.iter().any(|c| &c.label == gone) {
                         let _ = self
                             .metrics
@@ -171,19 +171,59 @@ impl ServerTls {
         *self.reloading.lock().unwrap_or_else(|e| e.into_inner()) = names;
     }
 
-    fn set_expiry(&self, certs: &[LoadedCert]) -> Vec<String> {
+    fn set_expiry(&self, certs: &[LoadedCert]) -> Vec<(String, i64)> {
         for c in certs {
             self.metrics
                 .expiry
                 .with_label_values(&[self.listener.as_str(), c.label.as_str()])
                 .set(c.not_after);
         }
-        certs.iter().map(|c| c.label.clone()).collect()
+        certs
+            .iter()
+            .map(|c| (c.label.clone(), c.not_after))
+            .collect()
     }
 
-    /// The listener's series go with it (a reload that removes the listener).
+    /// Sets the expiry series again (after another listener object of the same name, replaced
+    /// by a reload, forgot them).
+    pub fn republish(&self) {
+        for (name, not_after) in self
+            .reloading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            self.metrics
+                .expiry
+                .with_label_values(&[self.listener.as_str(), name.as_str()])
+                .set(*not_after);
+        }
+    }
+
+    /// The listener's series go with it (a reload that removes the listener or its TLS).
     pub fn forget(&self) {
-        for name in self
+        let l = self.listener.as_str();
+        for (result, version) in [
+            ("ok", "1.3"),
+            ("ok", "1.2"),
+            ("ok", "other"),
+            ("failed", "none"),
+        ] {
+            let _ = self
+                .metrics
+                .handshakes
+                .remove_label_values(&[l, result, version]);
+        }
+        for reason in Failure::ALL {
+            let _ = self
+                .metrics
+                .failures
+                .remove_label_values(&[l, reason.label()]);
+        }
+        for result in ["ok", "failed"] {
+            let _ = self.metrics.reloads.remove_label_values(&[l, result]);
+        }
+        for (name, _) in self
             .reloading
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -69,12 +69,14 @@ pub(crate) fn routes(c: &mut Checker, raw: Option<Vec<RawRoute>>) -> Vec<HttpRou
                 format!("duplicate route for host {host:?} and prefix {path_prefix:?}"),
             );
         }
+        let allow = super::tls::identities(c, &format!("{base}.allow"), r.allow);
         out.push(HttpRoute {
             host,
             path_prefix,
             target,
             timeout,
             retries,
+            allow,
         });
     }
     out

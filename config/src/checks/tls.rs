@@ -50,15 +50,7 @@ pub(crate) fn server(c: &mut Checker, base: &str, raw: RawTls) -> TlsServerConfi
     let client_ca = raw
         .client_ca
         .map(|ca| file(c, &format!("{base}.client_ca"), Some(ca)));
-    let allow = raw.allow.unwrap_or_default();
-    for (i, identity) in allow.iter().enumerate() {
-        if identity.is_empty() || identity.chars().any(|ch| ch.is_whitespace()) {
-            c.err(
-                format!("{base}.allow[{i}]"),
-                format!("invalid identity {identity:?} (a URI SAN such as spiffe://td/ns/default/svc/web, or a DNS name)"),
-            );
-        }
-    }
+    let allow = identities(c, &format!("{base}.allow"), raw.allow);
     if !allow.is_empty() && client_ca.is_none() {
         c.err(
             format!("{base}.allow"),
@@ -127,4 +119,18 @@ pub(crate) fn upstream(
         });
     }
     out
+}
+
+/// An `allow` list: client identities, each a URI SAN or a DNS name.
+pub(crate) fn identities(c: &mut Checker, key: &str, raw: Option<Vec<String>>) -> Vec<String> {
+    let allow = raw.unwrap_or_default();
+    for (i, identity) in allow.iter().enumerate() {
+        if identity.is_empty() || identity.chars().any(|ch| ch.is_whitespace()) {
+            c.err(
+                format!("{key}[{i}]"),
+                format!("invalid identity {identity:?} (a URI SAN such as spiffe://td/ns/default/svc/web, or a DNS name)"),
+            );
+        }
+    }
+    allow
 }

@@ -49,6 +49,8 @@ pub struct ClientTls {
     pub xfcc: Option<HeaderValue>,
     /// The listener's `allow` list does not name its identity: every request is answered 403.
     pub denied: bool,
+    /// The verified client certificate's identity, for routes with `allow`.
+    pub identity: Option<svcd_tls::PeerIdentity>,
 }
 
 fn idempotent(method: &Method) -> bool {
@@ -144,7 +146,8 @@ async fn proxy(
     let host_value = HeaderValue::from_str(host)
         .map_err(|_| (StatusCode::BAD_REQUEST, "invalid Host\n".into(), true))?;
     let settings = ctx.settings.load_full();
-    let routed = route(ctx, &settings, req.uri().path(), host)?;
+    let identity = client.tls.as_ref().and_then(|t| t.identity.as_ref());
+    let routed = route(ctx, &settings, req.uri().path(), host, identity)?;
     let balancer = &routed.balancer;
     *routed_to = Some(balancer.clone());
     let view = balancer.view(&routed.service);

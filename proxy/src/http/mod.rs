@@ -293,6 +293,9 @@ impl HttpProxy {
                             if let Some(old) = r.tls.load().as_ref() {
                                 old.forget();
                             }
+                            if let Some(new) = &tls {
+                                new.republish();
+                            }
                             r.tls.store(Arc::new(tls));
                             r.spec = l.tls.clone();
                         }

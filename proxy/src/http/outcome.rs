@@ -157,11 +157,14 @@ pub(crate) fn record_no_answer(
     }
 }
 
+/// `identity`: the client certificate an HTTPS listener verified (routes with `allow` need one
+/// they list).
 pub(crate) fn route(
     ctx: &HttpContext,
     settings: &HttpSettings,
     path: &str,
     host: &str,
+    identity: Option<&svcd_tls::PeerIdentity>,
 ) -> Result<Routed, Refusal> {
     let mut buf = [0u8; MAX_HOST];
     let no_route = || {
@@ -175,6 +178,13 @@ pub(crate) fn route(
         .router
         .route(host, path, &mut buf)
         .ok_or_else(no_route)?;
+    if !target.allow.is_empty() && !identity.is_some_and(|i| i.allowed(target.allow)) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "client certificate identity not allowed on this route\n".into(),
+            false,
+        ));
+    }
     let service = ctx
         .snapshot
         .load()

@@ -16,6 +16,8 @@ pub struct Target<'a> {
     pub port: Option<&'a str>,
     pub timeout: Duration,
     pub retries: usize,
+    /// The route's `allow` list (empty: everyone; always empty for Host-name routing).
+    pub allow: &'a [String],
 }
 
 struct Prefix {
@@ -74,6 +76,7 @@ impl Router {
                     port: r.target.port.as_deref(),
                     timeout: r.timeout.unwrap_or(self.timeout),
                     retries: r.retries.unwrap_or(self.retries),
+                    allow: &r.allow,
                 });
             }
         }
@@ -94,6 +97,7 @@ impl Router {
             port: None,
             timeout: self.timeout,
             retries: self.retries,
+            allow: &[],
         })
     }
 }

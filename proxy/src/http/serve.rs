@@ -201,6 +201,7 @@ async fn serve_tls_connection(
             .as_ref()
             .and_then(|p| HeaderValue::from_str(&p.xfcc(None)).ok()),
         denied: !allowed,
+        identity: accepted.peer,
     };
     ctx.metrics.downstream_open.inc();
     let settings = ctx.settings.load_full();

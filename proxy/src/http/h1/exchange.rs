@@ -61,7 +61,8 @@ impl ClientConn<'_> {
         let access = settings.l7.access_log.then(|| {
             AccessEntry::from_parts(&text(info.method.clone(), &self.buf), host, full_path)
         });
-        let routed = match route(ctx, settings, path, host) {
+        // Plaintext: no client certificate, so routes with `allow` refuse.
+        let routed = match route(ctx, settings, path, host, None) {
             Ok(r) => r,
             Err(refused) => {
                 ctx.metrics.unrouted(refused.0.as_u16());
