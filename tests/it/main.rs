@@ -34,5 +34,6 @@ mod security;
 mod soak;
 mod store_conformance;
 mod tls;
+mod tls_haproxy;
 mod tls_passthrough;
 mod tls_upstream;

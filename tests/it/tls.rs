@@ -615,3 +615,58 @@ async fn a_routes_allow_list_admits_only_its_identities() {
     .await;
     assert!(plain.starts_with("HTTP/1.1 403"), "{plain}");
 }
+
+/// A gRPC client (tonic) over TLS, ALPN h2, through the HTTPS listener to a gRPC instance.
+#[tokio::test]
+async fn a_grpc_client_over_tls_reaches_a_grpc_instance() {
+    let h = Https::start("", "").await;
+    let grpc = Backend::start("g1").await;
+    register(&h.d, "grpcsvc", "g1", grpc.addr, "grpc").await;
+    h.d.wait_instances("default", "grpcsvc", &["g1"], Duration::from_secs(5))
+        .await;
+    let roots = {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(h.ca_file()).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        roots
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let port = h.port;
+    let channel = tonic::transport::Endpoint::from_static("http://grpcsvc")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+                let name = rustls::pki_types::ServerName::try_from("web").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    for _ in 0..3 {
+        let reply = client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            reply.into_inner().status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+    }
+    assert!(grpc.count() >= 3);
+}
