@@ -339,6 +339,13 @@ fn admin(c: &mut Checker, raw: RawAdmin) -> AdminConfig {
         metrics_listen,
         token_file,
         endpoint_state_series: raw.endpoint_state_series.unwrap_or(false),
+        max_service_series: c.range(
+            "admin.max_service_series",
+            raw.max_service_series,
+            10_000,
+            1,
+            10_000_000,
+        ),
         tls,
     }
 }

@@ -23,6 +23,10 @@ listen = "127.0.0.1:9901"
 # One svcd_endpoint_state series per endpoint on /metrics (per-service counts by state,
 # svcd_service_endpoints, are always there). Off by default: at 100k endpoints it is 100k series.
 endpoint_state_series = false
+# Above this many services, svcd_service_endpoints keeps per-service series only for services
+# not fully healthy (the ones to look at; at most this many) and folds the rest into
+# service="_folded" (sums by state), so a scrape stays small at a million endpoints.
+max_service_series = 10000
 
 [dns]
 # DNS responder, UDP and TCP on each address: one, or a list (e.g. ["127.0.0.1:8600",

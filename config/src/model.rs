@@ -68,6 +68,10 @@ pub struct AdminConfig {
     /// Export `svcd_endpoint_state{service,endpoint,state}`, one series per endpoint (opt-in, as
     /// Envoy's per-host stats; per-service counts are always exported).
     pub endpoint_state_series: bool,
+    /// Above this many services, `svcd_service_endpoints` keeps per-service series only for
+    /// services not fully healthy (at most this many) and folds the rest into
+    /// `service="_folded"`: a scrape stays bounded at a million endpoints.
+    pub max_service_series: usize,
     /// HTTPS on `listen` and `metrics_listen` (TCP only), optionally with client certificates:
     /// no plaintext port is then needed off the node.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -21,6 +21,7 @@ pub struct RawAdmin {
     pub metrics_listen: Option<String>,
     pub token_file: Option<String>,
     pub endpoint_state_series: Option<bool>,
+    pub max_service_series: Option<i64>,
     pub tls: Option<RawTls>,
 }
 

@@ -229,8 +229,8 @@ impl Registry {
     /// `svcd_endpoint_state{service,endpoint,state}` (opt-in, as Envoy's per-host stats). Written
     /// as text rather than through gauge vectors so a scrape of 100k endpoints retains nothing
     /// and a vanished service or endpoint has no series left behind.
-    pub fn write_state_metrics(&self, out: &mut String, per_endpoint: bool) {
-        metrics::write_state_metrics(&self.reader().load_full(), out, per_endpoint);
+    pub fn write_state_metrics(&self, out: &mut String, per_endpoint: bool, max_services: usize) {
+        metrics::write_state_metrics(&self.reader().load_full(), out, per_endpoint, max_services);
     }
 }
 

@@ -113,17 +113,50 @@ impl RegistryMetrics {
 }
 
 /// See [`crate::Registry::write_state_metrics`]. Services are written in name order so scrapes
-/// diff cleanly.
-pub fn write_state_metrics(snapshot: &EndpointSnapshot, out: &mut String, per_endpoint: bool) {
+/// diff cleanly. Above `max_services` services, only those not fully healthy keep their own
+/// series (at most `max_services`, in name order); the rest are summed by state under
+/// `service="_folded"`, and `svcd_service_series_folded` says how many were folded.
+pub fn write_state_metrics(
+    snapshot: &EndpointSnapshot,
+    out: &mut String,
+    per_endpoint: bool,
+    max_services: usize,
+) {
     let mut services: Vec<_> = snapshot.services().collect();
     services.sort_unstable_by(|a, b| (&a.namespace, &a.service).cmp(&(&b.namespace, &b.service)));
+    let fold = services.len() > max_services;
+    let mut folded = [0usize; ServedState::ALL.len()];
+    let mut folded_services = 0usize;
+    let mut shown = Vec::with_capacity(services.len().min(max_services));
+    for s in services {
+        let counts = s.count_by_state();
+        let all_healthy = counts[ServedState::Healthy as usize] == s.all.len();
+        if !fold || (!all_healthy && shown.len() < max_services) {
+            shown.push((s, counts));
+        } else {
+            folded_services += 1;
+            for (sum, n) in folded.iter_mut().zip(counts) {
+                *sum += n;
+            }
+        }
+    }
     out.push_str(
         "# HELP svcd_service_endpoints Instances of each service by the state this node serves \
-         them with (healthy, unhealthy, draining, ejected, pending).\n\
+         them with (healthy, unhealthy, draining, ejected, pending); above \
+         admin.max_service_series services, service=\"_folded\" sums the fully healthy ones.\n\
          # TYPE svcd_service_endpoints gauge\n",
     );
-    for s in &services {
-        let counts = s.count_by_state();
+    if fold {
+        for state in ServedState::ALL {
+            let _ = writeln!(
+                out,
+                "svcd_service_endpoints{{service=\"_folded\",state=\"{}\"}} {}",
+                state.as_str(),
+                folded[state as usize]
+            );
+        }
+    }
+    for (s, counts) in &shown {
         for state in ServedState::ALL {
             let _ = writeln!(
                 out,
@@ -135,6 +168,12 @@ pub fn write_state_metrics(snapshot: &EndpointSnapshot, out: &mut String, per_en
             );
         }
     }
+    out.push_str(
+        "# HELP svcd_service_series_folded Services whose svcd_service_endpoints series are \
+         folded into service=\"_folded\" (more than admin.max_service_series services).\n\
+         # TYPE svcd_service_series_folded gauge\n",
+    );
+    let _ = writeln!(out, "svcd_service_series_folded {folded_services}");
     if !per_endpoint {
         return;
     }
@@ -143,7 +182,7 @@ pub fn write_state_metrics(snapshot: &EndpointSnapshot, out: &mut String, per_en
          it with (opt-in: admin.endpoint_state_series).\n\
          # TYPE svcd_endpoint_state gauge\n",
     );
-    for s in &services {
+    for (s, _) in &shown {
         for e in &s.all {
             let _ = writeln!(
                 out,

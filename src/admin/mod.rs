@@ -192,8 +192,12 @@ impl AdminState {
         }
         drop(families);
         // Endpoint states straight from the snapshot (nothing retained between scrapes).
-        let per_endpoint = self.config.load().admin.endpoint_state_series;
-        self.registry.write_state_metrics(&mut out, per_endpoint);
+        let admin = &self.config.load().admin;
+        self.registry.write_state_metrics(
+            &mut out,
+            admin.endpoint_state_series,
+            admin.max_service_series,
+        );
         let buf = out.into_bytes();
         Response::builder()
             .status(StatusCode::OK)

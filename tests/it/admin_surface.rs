@@ -193,3 +193,40 @@ async fn the_admin_token_is_read_again_on_sighup() {
     let r = d.get("/v1/config").await;
     assert_eq!(r.status, 401);
 }
+
+/// Above `admin.max_service_series` services, only services not fully healthy keep their own
+/// `svcd_service_endpoints` series; the rest fold into `service="_folded"`, totals kept.
+#[tokio::test]
+async fn service_series_fold_above_the_limit_keeping_the_unhealthy_ones() {
+    use crate::support::proxy::register_state;
+    let d = crate::support::daemon::Daemon::start_with_admin("max_service_series = 2\n", "").await;
+    let addr: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    for (svc, state) in [("a", "healthy"), ("b", "healthy"), ("c", "healthy")] {
+        register_state(&d, svc, "i1", addr, "http", state).await;
+    }
+    register_state(&d, "sick", "i1", addr, "http", "healthy").await;
+    register_state(&d, "sick", "i2", addr, "http", "draining").await;
+    d.wait_instances(
+        "default",
+        "sick",
+        &["i1", "i2"],
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    let m = d.get("/metrics").await.body;
+    let line = |s: &str| m.lines().find(|l| l.starts_with(s)).map(str::to_string);
+    assert_eq!(
+        line(r#"svcd_service_endpoints{service="_folded",state="healthy"}"#).as_deref(),
+        Some(r#"svcd_service_endpoints{service="_folded",state="healthy"} 3"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"svcd_service_endpoints{service="sick.default",state="draining"} 1"#),
+        "{m}"
+    );
+    assert!(!m.contains(r#"service="a.default""#), "{m}");
+    assert_eq!(
+        line("svcd_service_series_folded ").as_deref(),
+        Some("svcd_service_series_folded 3")
+    );
+}
