@@ -185,19 +185,34 @@ pub async fn list(
     let client = AdminClient::new(admin)?;
     match service {
         None => {
-            let v = client.call(Method::GET, "/v1/services", None).await?;
-            if v["synced"] == false {
-                eprintln!(
-                    "svcd: the daemon has not synced with its registry store yet; no listing"
-                );
-                return Ok(ExitCode::from(2));
+            // Page by page (the daemon answers at most a page at a time).
+            let mut services = Vec::new();
+            let mut path = "/v1/services".to_string();
+            loop {
+                let v = client.call(Method::GET, &path, None).await?;
+                if v["synced"] == false {
+                    eprintln!(
+                        "svcd: the daemon has not synced with its registry store yet; no listing"
+                    );
+                    return Ok(ExitCode::from(2));
+                }
+                if let Some(page) = v["services"].as_array() {
+                    services.extend(page.iter().cloned());
+                }
+                match v["next"].as_str() {
+                    Some(next) => {
+                        // Names are DNS labels: only the `/` needs escaping.
+                        path = format!("/v1/services?after={}", next.replace('/', "%2F"))
+                    }
+                    None => break,
+                }
             }
             if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v["services"])?);
+                println!("{}", serde_json::to_string_pretty(&services)?);
                 return Ok(ExitCode::SUCCESS);
             }
             let mut table = Table::new(&["SERVICE", "INSTANCES", "HEALTHY"]);
-            for s in v["services"].as_array().into_iter().flatten() {
+            for s in &services {
                 table.row(vec![
                     format!(
                         "{}.{}",

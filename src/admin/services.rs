@@ -1,7 +1,7 @@
 //! `/v1/services…`: list services, show one, register / deregister instances.
 //!
 //! ```text
-//! GET    /v1/services
+//! GET    /v1/services[?limit=N&after=NS/SVC]                      one page, in name order
 //! GET    /v1/services/{ns}/{svc}[?index=REV&wait=30s]                blocking query (Consul-style)
 //! PUT    /v1/services/{ns}/{svc}/instances/{id}[?ttl=10s]   body: Instance JSON
 //! GET    /v1/services/{ns}/{svc}/instances/{id}
@@ -31,7 +31,7 @@ pub async fn route(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<
         return read_only_refusal();
     }
     match (req.method().clone(), parts.as_slice()) {
-        (Method::GET, []) => list_services(state),
+        (Method::GET, []) => list_services(state, req.uri().query().unwrap_or("")),
         (_, []) => super::method_not_allowed("GET"),
         (Method::GET, [ns, svc]) => {
             // A name no registration could have is an error, not an empty service.
@@ -82,10 +82,60 @@ fn read_only_refusal() -> Response<Body> {
     )
 }
 
-fn list_services(state: &AdminState) -> Response<Body> {
+/// Services per page unless `limit` says otherwise, and the most a page may hold: a listing of a
+/// 100k-service registry is a hundred bounded answers, never one 100k-entry JSON document.
+const PAGE: usize = 1000;
+const MAX_PAGE: usize = 10_000;
+
+/// One page of services in (namespace, service) order: those after the `after` cursor
+/// (`ns/svc`, the previous page's `next`), at most `limit`. `next` is there while more follow.
+fn list_services(state: &AdminState, query: &str) -> Response<Body> {
+    let mut limit = PAGE;
+    let mut after: Option<(String, String)> = None;
+    for (k, v) in super::query::pairs(Some(query)) {
+        match k.as_str() {
+            "limit" => match v.parse::<usize>() {
+                Ok(n) if (1..=MAX_PAGE).contains(&n) => limit = n,
+                _ => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        "limit",
+                        format!("invalid limit {v:?}: a number from 1 to {MAX_PAGE}"),
+                    )
+                }
+            },
+            "after" => match v.split_once('/') {
+                Some((ns, svc)) => after = Some((ns.to_string(), svc.to_string())),
+                None => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        "after",
+                        format!(
+                            "invalid cursor {v:?}: NAMESPACE/SERVICE, the previous page's next"
+                        ),
+                    )
+                }
+            },
+            _ => {}
+        }
+    }
     let snapshot = state.registry.reader().load_full();
-    let mut services: Vec<Value> = snapshot
+    let mut all: Vec<&Arc<ServiceEndpoints>> = snapshot
         .services()
+        .filter(|s| {
+            after.as_ref().is_none_or(|(ns, svc)| {
+                (s.namespace.as_ref(), s.service.as_ref()) > (ns.as_str(), svc.as_str())
+            })
+        })
+        .collect();
+    all.sort_unstable_by(|a, b| (&a.namespace, &a.service).cmp(&(&b.namespace, &b.service)));
+    let more = all.len() > limit;
+    all.truncate(limit);
+    let next = more
+        .then(|| all.last().map(|s| format!("{}/{}", s.namespace, s.service)))
+        .flatten();
+    let services: Vec<Value> = all
+        .iter()
         .map(|s| {
             let counts = s.count_by_state();
             let mut by_state = serde_json::Map::new();
@@ -101,18 +151,15 @@ fn list_services(state: &AdminState) -> Response<Body> {
             })
         })
         .collect();
-    services.sort_by(|a, b| {
-        (a["namespace"].as_str(), a["service"].as_str())
-            .cmp(&(b["namespace"].as_str(), b["service"].as_str()))
+    let mut page = json!({
+        "revision": snapshot.revision,
+        "synced": state.registry.status.is_synced(),
+        "services": services,
     });
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "revision": snapshot.revision,
-            "synced": state.registry.status.is_synced(),
-            "services": services,
-        }),
-    )
+    if let Some(next) = next {
+        page["next"] = json!(next);
+    }
+    json_response(StatusCode::OK, &page)
 }
 
 fn endpoint_json(e: &Endpoint) -> Value {

@@ -430,3 +430,57 @@ async fn drain_all_is_visible_here_when_it_answers() {
     let listing = stdout(&d.cli(&["list", "web"]));
     assert_eq!(listing.matches("draining").count(), 3, "{listing}");
 }
+
+/// `/v1/services` answers a page at a time in name order, with a cursor to the next; `svcd list`
+/// follows the pages (1,001 services are two default pages).
+#[tokio::test]
+async fn service_listing_is_paged_and_the_cli_follows_the_pages() {
+    let mut statics = String::new();
+    for i in 0..1001 {
+        statics.push_str(&format!(
+            "[[registry.static]]\nservice = \"s{i:04}\"\nid = \"i\"\nip = \"10.0.0.1\"\n"
+        ));
+    }
+    let d = Daemon::start(&statics).await;
+    eventually(
+        Duration::from_secs(10),
+        "all 1,001 services listed",
+        || async {
+            let all = d.get("/v1/services?limit=10000").await.json();
+            (all["services"].as_array().map(Vec::len) == Some(1001)).then_some(())
+        },
+    )
+    .await;
+    let page = d.get("/v1/services?limit=400").await.json();
+    let names: Vec<&str> = page["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["service"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 400);
+    assert_eq!((names[0], names[399]), ("s0000", "s0399"));
+    assert_eq!(page["next"], "default/s0399");
+    let last = d
+        .get("/v1/services?limit=400&after=default%2Fs0799")
+        .await
+        .json();
+    assert_eq!(last["services"].as_array().unwrap().len(), 201);
+    assert!(last.get("next").is_none(), "{last}");
+    assert_eq!(
+        d.get("/v1/services").await.json()["services"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1000
+    );
+    for bad in ["limit=0", "limit=10001", "limit=x", "after=nocursor"] {
+        let r = d.get(&format!("/v1/services?{bad}")).await;
+        assert_eq!(r.status, 400, "{bad}");
+    }
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&String::from_utf8_lossy(
+        &d.cli(&["list", "-o", "json"]).stdout,
+    ))
+    .unwrap();
+    assert_eq!(listed.len(), 1001);
+}
