@@ -187,9 +187,19 @@ async fn every_metric_the_rules_and_dashboard_query_is_in_a_live_scrape() {
 
     // A daemon with traffic in every plane, so every family has series.
     let (tcp, udp) = (crate::support::free_port(), crate::support::free_port());
+    // An HTTPS listener too, for the TLS series.
+    let ca = crate::support::tls::TestCa::new("deploy ca");
+    let tls_dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca
+        .issue_sans("web", &["web"], None, false)
+        .write(tls_dir.path(), "web");
     let d = Daemon::start(&format!(
         "[[proxy.tcp]]\nlisten = \"127.0.0.1:{tcp}\"\nservice = \"web\"\n\
-         [[proxy.udp]]\nlisten = \"127.0.0.1:{udp}\"\nservice = \"web\"\n"
+         [[proxy.udp]]\nlisten = \"127.0.0.1:{udp}\"\nservice = \"web\"\n\
+         [[proxy.http]]\nlisten = \"127.0.0.1:{}\"\n[proxy.http.tls]\ncert = {:?}\nkey = {:?}\n",
+        crate::support::free_port(),
+        cert.display().to_string(),
+        key.display().to_string(),
     ))
     .await;
     let backend = crate::support::backend::Backend::start("b1").await;

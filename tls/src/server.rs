@@ -101,6 +101,12 @@ impl ServerTls {
             log: LogBudget::default(),
         };
         tls.publish_expiry(&certs);
+        // Both results from 0, so increase() sees the first failure.
+        for result in ["ok", "failed"] {
+            tls.metrics
+                .reloads
+                .with_label_values(&[tls.listener.as_str(), result]);
+        }
         Ok(Arc::new(tls))
     }
 

@@ -143,6 +143,7 @@ mod tests {
             },
             timeout: Some(Duration::from_secs(1)),
             retries: None,
+            allow: Vec::new(),
         }
     }
 
