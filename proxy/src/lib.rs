@@ -129,6 +129,11 @@ impl ProxyTls {
             };
             table.insert(service, entry);
         }
+        for (service, gone) in old.iter() {
+            if !table.contains_key(service) {
+                gone.forget();
+            }
+        }
         self.upstream.store(Arc::new(table));
         errors
     }

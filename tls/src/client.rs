@@ -33,6 +33,8 @@ pub enum UpstreamAlpn {
 pub struct UpstreamTls {
     /// `svc.ns`, the service whose instances get TLS; also its name in metrics and logs.
     service: String,
+    /// Its name in the TLS series: `upstream/<svc>.<ns>`.
+    label: String,
     /// The config key of its `[[proxy.upstream_tls]]` entry.
     key: String,
     spec: UpstreamTlsConfig,
@@ -57,8 +59,15 @@ impl UpstreamTls {
                 reason: format!("{:?}: {e}", spec.server_name),
             })?;
         let configs = build(&key, spec)?;
+        let service = format!("{}.{}", spec.service, spec.namespace);
+        for result in ["ok", "failed"] {
+            metrics
+                .reloads
+                .with_label_values(&[format!("upstream/{service}").as_str(), result]);
+        }
         Ok(Arc::new(UpstreamTls {
-            service: format!("{}.{}", spec.service, spec.namespace),
+            label: format!("upstream/{service}"),
+            service,
             key,
             spec: spec.clone(),
             server_name,
@@ -123,6 +132,31 @@ impl UpstreamTls {
         result
     }
 
+    /// Its series go with it (a reload that removes the entry).
+    pub fn forget(&self) {
+        let l = self.label.as_str();
+        for (result, version) in [
+            ("ok", "1.3"),
+            ("ok", "1.2"),
+            ("ok", "other"),
+            ("failed", "none"),
+        ] {
+            let _ = self
+                .metrics
+                .handshakes
+                .remove_label_values(&[l, result, version]);
+        }
+        for reason in crate::Failure::ALL {
+            let _ = self
+                .metrics
+                .failures
+                .remove_label_values(&[l, reason.label()]);
+        }
+        for result in ["ok", "failed"] {
+            let _ = self.metrics.reloads.remove_label_values(&[l, result]);
+        }
+    }
+
     pub fn files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.spec.ca.clone()];
         files.extend(self.spec.cert.clone());
@@ -132,7 +166,7 @@ impl UpstreamTls {
 
     pub fn reload(&self) -> Result<(), TlsError> {
         let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
-        let label = format!("upstream/{}", self.service);
+        let label = &self.label;
         match build(&self.key, &self.spec) {
             Ok(configs) => {
                 self.configs.store(Arc::new(configs));
