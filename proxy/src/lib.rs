@@ -256,24 +256,35 @@ impl ListenerState {
         }
     }
 
-    fn for_target(
+    /// The lookup keys of the listener's own target and of its SNI routes.
+    fn target_keys(
         config: &L4ListenerConfig,
         ctx: &ProxyContext,
-        transport: Transport,
-    ) -> (Arc<ListenerBalancers>, ListenerMetrics) {
-        let listener = format!("{}/{}", transport.label(), config.listen);
+        listener: &str,
+    ) -> (Option<TargetKeys>, Vec<TargetKeys>) {
         let keys = |t: &ProxyTarget| {
             let service = ServiceName::new(&t.service, &t.namespace);
             TargetKeys {
-                no_healthy: ctx.metrics.no_healthy(&listener, service.as_str()),
+                no_healthy: ctx.metrics.no_healthy(listener, service.as_str()),
                 key: BalancerTable::<L4Slots>::key(&t.service, &t.namespace, t.port.as_deref())
                     .into(),
                 service,
                 target: t.clone(),
             }
         };
-        let default = config.target.as_ref().map(keys);
-        let sni = config.sni.iter().map(|r| keys(&r.target)).collect();
+        (
+            config.target.as_ref().map(keys),
+            config.sni.iter().map(|r| keys(&r.target)).collect(),
+        )
+    }
+
+    fn for_target(
+        config: &L4ListenerConfig,
+        ctx: &ProxyContext,
+        transport: Transport,
+    ) -> (Arc<ListenerBalancers>, ListenerMetrics) {
+        let listener = format!("{}/{}", transport.label(), config.listen);
+        let (default, sni) = Self::target_keys(config, ctx, &listener);
         // The listener's own service labels its series; "-" when it has only SNI routes.
         let own = default.as_ref().map_or("-", |d| d.service.as_str());
         let metrics = ctx.metrics.listener(transport, &listener, own);
@@ -292,7 +303,26 @@ impl ListenerState {
 
     pub fn reconfigure(&self, config: L4ListenerConfig, ctx: &ProxyContext, transport: Transport) {
         let old = self.config.load_full();
-        if old.target != config.target || old.sni != config.sni {
+        if old.target == config.target && old.sni != config.sni {
+            // Only the SNI routes changed: the balancer table (it serves any target) and the
+            // listener's own series stay; new keys point into it.
+            let listener = format!("{}/{}", transport.label(), config.listen);
+            let before = self.balancers.load_full();
+            let (default, sni) = Self::target_keys(&config, ctx, &listener);
+            let own = default.as_ref().map(|d| d.service.clone());
+            for gone in before.sni.iter().filter(|o| {
+                !sni.iter().any(|n: &TargetKeys| n.service == o.service)
+                    && own.as_ref() != Some(&o.service)
+            }) {
+                ctx.metrics
+                    .forget_no_healthy(&listener, gone.service.as_str());
+            }
+            self.balancers.store(Arc::new(ListenerBalancers {
+                table: before.table.clone(),
+                default,
+                sni,
+            }));
+        } else if old.target != config.target {
             let (table, metrics) = Self::for_target(&config, ctx, transport);
             // SNI targets no longer routed to lose their refusal series (the listener's own
             // target's go with its ListenerMetrics).

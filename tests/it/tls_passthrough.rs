@@ -15,6 +15,16 @@ use crate::support::free_port;
 use crate::support::proxy::register;
 use crate::support::tls::{tls_backend, TestCa};
 
+/// The passthrough listener's config: routes for a, b and *.wild, plus `more` routes.
+fn listener_config(port: u16, own: &str, more: &str) -> String {
+    format!(
+        "[[proxy.tcp]]\nlisten = \"127.0.0.1:{port}\"\n{own}\
+         [[proxy.tcp.sni]]\nname = \"a.example.test\"\nservice = \"a\"\n\
+         [[proxy.tcp.sni]]\nname = \"b.example.test\"\nservice = \"b\"\n\
+         [[proxy.tcp.sni]]\nname = \"*.wild.test\"\nservice = \"c\"\n{more}"
+    )
+}
+
 struct Passthrough {
     d: Daemon,
     port: u16,
@@ -31,13 +41,7 @@ impl Passthrough {
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, ca.pem()).unwrap();
         let port = free_port();
-        let d = Daemon::start(&format!(
-            "[[proxy.tcp]]\nlisten = \"127.0.0.1:{port}\"\n{own}\
-             [[proxy.tcp.sni]]\nname = \"a.example.test\"\nservice = \"a\"\n\
-             [[proxy.tcp.sni]]\nname = \"b.example.test\"\nservice = \"b\"\n\
-             [[proxy.tcp.sni]]\nname = \"*.wild.test\"\nservice = \"c\"\n"
-        ))
-        .await;
+        let d = Daemon::start(&listener_config(port, own, "")).await;
         for (svc, name) in [
             ("a", "a.example.test"),
             ("b", "b.example.test"),
@@ -192,4 +196,30 @@ async fn hostile_client_hellos_are_bounded_and_counted() {
         (p.failures("protocol").await >= 2.0 && p.failures("timeout").await >= 1.0).then_some(())
     })
     .await;
+}
+
+/// A reload that adds an SNI route applies to the next connection and keeps the listener's
+/// own series (its balancer table is kept; only the routes' keys change).
+#[tokio::test]
+async fn a_reload_adds_an_sni_route_and_keeps_the_listeners_series() {
+    let p = Passthrough::start("service = \"b\"\n").await;
+    let _ = p.curl("unrouted.test").await; // to b, the listener's own service
+    let b_series = r#"svcd_tcp_connections_total{service="b.default"}"#;
+    assert_eq!(p.d.metric(b_series).await, Some(1.0));
+    p.d.reload_with(&listener_config(
+        p.port,
+        "service = \"b\"\n",
+        "[[proxy.tcp.sni]]\nname = \"extra.test\"\nservice = \"a\"\n",
+    ))
+    .await;
+    let a_series = r#"svcd_tcp_connections_total{service="a.default"}"#;
+    let before = p.d.metric(a_series).await.unwrap_or(0.0);
+    let _ = p.curl("extra.test").await; // a's certificate does not name it; it reached a
+    assert_eq!(p.d.metric(a_series).await, Some(before + 1.0));
+    let _ = p.curl("unrouted.test").await;
+    assert_eq!(
+        p.d.metric(b_series).await,
+        Some(2.0),
+        "b's series kept across the reload"
+    );
 }
