@@ -670,3 +670,51 @@ async fn a_grpc_client_over_tls_reaches_a_grpc_instance() {
     }
     assert!(grpc.count() >= 3);
 }
+
+/// Certificates mounted as Kubernetes mounts a secret: `tls.crt` → `..data/tls.crt`, `..data` →
+/// a timestamped directory, rotated by swapping the `..data` symlink (a rename, which a watch on
+/// the file itself never sees). The next handshake gets the new certificate, with no signal.
+#[tokio::test]
+async fn a_secret_volume_style_symlink_swap_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    let ca = TestCa::new("secret ca");
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("mount");
+    std::fs::create_dir_all(&mount).unwrap();
+    let publish = |generation: u32| {
+        let data = mount.join(format!("..2026_12_03_{generation}"));
+        ca.issue_sans("web", &["web", "127.0.0.1"], None, false)
+            .write(&data, "tls");
+        let tmp = mount.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        symlink(data.file_name().unwrap(), &tmp).unwrap();
+        std::fs::rename(&tmp, mount.join("..data")).unwrap();
+    };
+    publish(1);
+    for name in ["tls.crt", "tls.key"] {
+        symlink(format!("..data/{name}"), mount.join(name)).unwrap();
+    }
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "[[proxy.http]]\nlisten = \"127.0.0.1:{port}\"\n[proxy.http.tls]\ncert = {}\nkey = {}\n",
+        toml_path(&mount.join("tls.crt")),
+        toml_path(&mount.join("tls.key"))
+    ))
+    .await;
+    let first = served_serial(port);
+    assert!(first.starts_with("serial="), "{first}");
+    publish(2);
+    eventually(
+        Duration::from_secs(5),
+        "the swapped certificate served",
+        || async {
+            let s = served_serial(port);
+            (s != first && s.starts_with("serial=")).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        d.metric(r#"svcd_tls_reloads_total{result="ok"}"#).await,
+        Some(1.0)
+    );
+}
