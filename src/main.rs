@@ -114,6 +114,19 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
             admin,
         } => commands::resolve(&service, port.as_deref(), output, &admin).await,
         Command::Health { ready, admin } => commands::health(ready, &admin).await,
+        Command::XdsBootstrap {
+            server,
+            node_id,
+            envoy,
+        } => {
+            let text = if envoy {
+                svcd_xds::bootstrap::envoy(&server, &node_id)
+            } else {
+                svcd_xds::bootstrap::grpc(&server, &node_id)
+            };
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Version => {
             println!("svcd {}", cli::VERSION);
             Ok(ExitCode::SUCCESS)

@@ -35,3 +35,4 @@ mod soak;
 mod store_conformance;
 mod tls;
 mod tls_passthrough;
+mod xds;
