@@ -339,3 +339,5 @@ async fn grpc_js_xds_client_resolves_the_same_target() {
         "e1 answered {took:?} after its deregistration"
     );
 }
+
+mod protocol;
