@@ -145,7 +145,9 @@ fn bootstrap(d: &Daemon, port: u16, node: &str, envoy: bool) -> std::path::PathB
     }
     let out = d.cli(&args);
     assert_success(&out);
-    let path = d.dir.path().join(format!("{node}.bootstrap"));
+    // Envoy picks the parser by extension.
+    let ext = if envoy { "yaml" } else { "json" };
+    let path = d.dir.path().join(format!("{node}.{ext}"));
     std::fs::File::create(&path)
         .unwrap()
         .write_all(&out.stdout)
@@ -340,4 +342,5 @@ async fn grpc_js_xds_client_resolves_the_same_target() {
     );
 }
 
+mod envoy;
 mod protocol;
