@@ -224,15 +224,32 @@ impl StreamState {
             if unchanged && !t.force {
                 continue;
             }
+            // LDS and CDS responses carry every subscribed resource (absence means removal).
+            // RDS and EDS ones carry only what is new or changed unless the subscription changed
+            // (the xDS spec allows it for these types; a removal reaches clients through CDS or
+            // LDS, which drop the cluster or listener that referenced it).
+            let resources: Vec<_> = if kind.wildcard_capable() || t.force {
+                selected.iter().map(|r| r.any.clone()).collect()
+            } else {
+                selected
+                    .iter()
+                    .filter(|r| t.sent.get(&r.name) != Some(&r.hash))
+                    .map(|r| r.any.clone())
+                    .collect()
+            };
+            let only_removals = resources.is_empty() && !t.force;
+            t.sent = selected.iter().map(|r| (r.name.clone(), r.hash)).collect();
+            if only_removals {
+                continue;
+            }
             t.force = false;
             self.nonces += 1;
             t.nonce = self.nonces.to_string();
             t.sent_version = snapshot.revision.to_string();
-            t.sent = selected.iter().map(|r| (r.name.clone(), r.hash)).collect();
             t.sent_at = Some(Instant::now());
             let response = DiscoveryResponse {
                 version_info: t.sent_version.clone(),
-                resources: selected.iter().map(|r| r.any.clone()).collect(),
+                resources,
                 type_url: kind.type_url().to_string(),
                 nonce: t.nonce.clone(),
                 ..Default::default()

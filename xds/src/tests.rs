@@ -252,11 +252,31 @@ fn names_that_appear_later_are_pushed_then_and_only_changes_are_pushed() {
     let pushed = f.push(&mut s).unwrap();
     assert_eq!(names_of(&pushed), ["new.default:grpc"]);
     assert_eq!(pushed.version_info, "6");
-    // It leaves: pushed without it.
-    delete(&mut f.builder, 7, "default/new/n1");
+    // Another instance: only the changed assignment is pushed (EDS is not wildcard).
+    s.on_request(request(
+        ResourceType::Endpoint,
+        &["new.default:grpc", "web.default:http"],
+        "6",
+        &pushed.nonce,
+    ))
+    .unwrap();
+    let both = f.push(&mut s).unwrap();
+    assert_eq!(names_of(&both), ["new.default:grpc", "web.default:http"]);
+    put(
+        &mut f.builder,
+        7,
+        "default/new/n2",
+        r#"{"ip":"10.0.2.2","ports":{"grpc":7000}}"#,
+    );
     f.publish();
     s.on_change();
-    assert!(f.push(&mut s).unwrap().resources.is_empty());
+    assert_eq!(names_of(&f.push(&mut s).unwrap()), ["new.default:grpc"]);
+    // It leaves: nothing on EDS (its cluster leaves CDS, which tells clients).
+    delete(&mut f.builder, 8, "default/new/n1");
+    delete(&mut f.builder, 9, "default/new/n2");
+    f.publish();
+    s.on_change();
+    assert!(f.push(&mut s).is_none());
 }
 
 #[test]
