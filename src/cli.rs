@@ -103,6 +103,18 @@ pub enum Command {
         /// Print an Envoy bootstrap (YAML) instead of a gRPC one (JSON).
         #[arg(long)]
         envoy: bool,
+        /// Connect with TLS ([xds.tls]), trusting the CA in this PEM file.
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<String>,
+        /// The client certificate (PEM) for a listener with xds.tls.client_ca; needs --tls-key.
+        #[arg(long, value_name = "FILE", requires = "tls_key", requires = "tls_ca")]
+        tls_cert: Option<String>,
+        /// The client certificate's private key (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<String>,
+        /// The DNS name on svcd's certificate, when --server is an IP address.
+        #[arg(long, value_name = "NAME", requires = "tls_ca")]
+        tls_server_name: Option<String>,
     },
     /// Print the version and the git revision svcd was built from.
     Version,

@@ -118,11 +118,20 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
             server,
             node_id,
             envoy,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            tls_server_name,
         } => {
+            let tls = tls_ca.map(|ca| svcd_xds::bootstrap::ClientTls {
+                ca,
+                cert_key: tls_cert.zip(tls_key),
+                server_name: tls_server_name,
+            });
             let text = if envoy {
-                svcd_xds::bootstrap::envoy(&server, &node_id)
+                svcd_xds::bootstrap::envoy(&server, &node_id, tls.as_ref())
             } else {
-                svcd_xds::bootstrap::grpc(&server, &node_id)
+                svcd_xds::bootstrap::grpc(&server, &node_id, tls.as_ref())
             };
             print!("{text}");
             Ok(ExitCode::SUCCESS)

@@ -343,4 +343,57 @@ async fn grpc_js_xds_client_resolves_the_same_target() {
 }
 
 mod envoy;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_reaches_xds_over_tls_with_a_client_certificate() {
+    let ca = crate::support::tls::TestCa::new("xds-ca");
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.issue("svcd", false).write(certs.path(), "server");
+    let (client_cert, client_key) = ca.issue("client", false).write(certs.path(), "client");
+    let ca_file = certs.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "[xds]\nlisten = \"127.0.0.1:{port}\"\n[xds.tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca_file:?}\n"
+    ))
+    .await;
+    let echo = EchoServers::start(&["e1", "e2"]).await;
+    register(&d, &echo, "e1").await;
+    register(&d, &echo, "e2").await;
+    let server = format!("127.0.0.1:{port}");
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (ca_file, client_cert, client_key) =
+        (path(&ca_file), path(&client_cert), path(&client_key));
+    let out = d.cli(&[
+        "xds-bootstrap",
+        "--server",
+        &server,
+        "--node-id",
+        "tls-client",
+        "--tls-ca",
+        &ca_file,
+        "--tls-cert",
+        &client_cert,
+        "--tls-key",
+        &client_key,
+        "--tls-server-name",
+        "localhost",
+    ]);
+    assert_success(&out);
+    let bootstrap = d.dir.path().join("tls-client.json");
+    std::fs::write(&bootstrap, &out.stdout).unwrap();
+    let mut command = Command::new(tool("venv/bin/python3"));
+    command
+        .arg(script("grpc_xds_client.py"))
+        .arg("echo.default")
+        .env("GRPC_XDS_BOOTSTRAP", &bootstrap);
+    let client = Lines::spawn(command);
+    let answers = next_calls(&client, 100).await;
+    for id in ["e1", "e2"] {
+        let s = share(&answers, id);
+        assert!((0.3..=0.7).contains(&s), "{id} got {s} of {answers:?}");
+    }
+    let clients = d.get("/v1/xds/clients").await.json();
+    assert_eq!(clients["clients"][0]["node_id"], "tls-client");
+}
+
 mod protocol;

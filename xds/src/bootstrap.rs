@@ -28,17 +28,39 @@ impl std::str::FromStr for ServerAddr {
     }
 }
 
-/// The gRPC bootstrap (JSON): one xDS server, insecure channel credentials (loopback or a unix
-/// socket; see docs/xds.md for TLS), the `xds_v3` feature, and the node.
-pub fn grpc(server: &ServerAddr, node_id: &str) -> String {
-    let uri = match server {
-        ServerAddr::Tcp(addr) => addr.to_string(),
-        ServerAddr::Unix(path) => format!("unix:{path}"),
+/// TLS to an `[xds.tls]` listener: the CA that signed svcd's certificate, and the client's own
+/// certificate and key when the listener asks for one (`client_ca`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    pub ca: String,
+    pub cert_key: Option<(String, String)>,
+    /// The name svcd's certificate carries, when `--server` is an IP address (gRPC checks it).
+    pub server_name: Option<String>,
+}
+
+/// The gRPC bootstrap (JSON): one xDS server, channel credentials (insecure, or TLS per gRPC's
+/// A65 with `tls`), the `xds_v3` feature, and the node.
+pub fn grpc(server: &ServerAddr, node_id: &str, tls: Option<&ClientTls>) -> String {
+    let uri = match (server, tls.and_then(|t| t.server_name.as_deref())) {
+        (ServerAddr::Tcp(addr), Some(name)) => format!("{name}:{}", addr.port()),
+        (ServerAddr::Tcp(addr), None) => addr.to_string(),
+        (ServerAddr::Unix(path), _) => format!("unix:{path}"),
+    };
+    let creds = match tls {
+        None => json!([{"type": "insecure"}]),
+        Some(tls) => {
+            let mut config = json!({"ca_certificate_file": tls.ca});
+            if let Some((cert, key)) = &tls.cert_key {
+                config["certificate_file"] = json!(cert);
+                config["private_key_file"] = json!(key);
+            }
+            json!([{"type": "tls", "config": config}])
+        }
     };
     let bootstrap = json!({
         "xds_servers": [{
             "server_uri": uri,
-            "channel_creds": [{"type": "insecure"}],
+            "channel_creds": creds,
             "server_features": ["xds_v3"],
         }],
         "node": {
@@ -56,10 +78,40 @@ fn quoted(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
 }
 
-/// The Envoy bootstrap (YAML): the node, ADS over gRPC to a static `svcd_xds` cluster (HTTP/2),
-/// and CDS from ADS. Listeners are the user's: add them under `static_resources` (the output
-/// ends inside it) or serve them over LDS (`lds_config: {ads: {}}`).
-pub fn envoy(server: &ServerAddr, node_id: &str) -> String {
+/// The Envoy bootstrap (YAML): the node, ADS over gRPC to a static `svcd_xds` cluster (HTTP/2,
+/// TLS with `tls`), and CDS from ADS. Listeners are the user's: add them under
+/// `static_resources` (the output ends inside it) or serve them over LDS (`lds_config: {ads: {}}`).
+pub fn envoy(server: &ServerAddr, node_id: &str, tls: Option<&ClientTls>) -> String {
+    let transport = match tls {
+        None => String::new(),
+        Some(tls) => {
+            let certs = match &tls.cert_key {
+                Some((cert, key)) => format!(
+                    "\n          tls_certificates:\n          - certificate_chain: {{ filename: {} }}\n            private_key: {{ filename: {} }}",
+                    quoted(cert),
+                    quoted(key)
+                ),
+                None => String::new(),
+            };
+            let sni = tls
+                .server_name
+                .as_deref()
+                .map(|n| format!("\n        sni: {}", quoted(n)))
+                .unwrap_or_default();
+            format!(
+                "    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext{sni}
+        common_tls_context:
+          alpn_protocols: [h2]
+          validation_context:
+            trusted_ca: {{ filename: {ca} }}{certs}
+",
+                ca = quoted(&tls.ca)
+            )
+        }
+    };
     let address = match server {
         ServerAddr::Tcp(addr) => format!(
             "              socket_address: {{ address: {}, port_value: {} }}",
@@ -93,7 +145,7 @@ static_resources:
         \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config:
           http2_protocol_options: {{}}
-    load_assignment:
+{transport}    load_assignment:
       cluster_name: svcd_xds
       endpoints:
       - lb_endpoints:
@@ -112,21 +164,45 @@ mod tests {
     #[test]
     fn grpc_bootstrap_names_the_server_and_node() {
         let addr: ServerAddr = "127.0.0.1:18000".parse().unwrap();
-        let v: serde_json::Value = serde_json::from_str(&grpc(&addr, "n\"1")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&grpc(&addr, "n\"1", None)).unwrap();
         assert_eq!(v["xds_servers"][0]["server_uri"], "127.0.0.1:18000");
         assert_eq!(v["xds_servers"][0]["channel_creds"][0]["type"], "insecure");
         assert_eq!(v["node"]["id"], "n\"1");
         let unix: ServerAddr = "unix:/run/svcd/xds.sock".parse().unwrap();
-        assert!(grpc(&unix, "n").contains("\"unix:/run/svcd/xds.sock\""));
+        assert!(grpc(&unix, "n", None).contains("\"unix:/run/svcd/xds.sock\""));
         assert!("unix:rel".parse::<ServerAddr>().is_err());
         assert!("nope".parse::<ServerAddr>().is_err());
     }
 
     #[test]
     fn envoy_bootstrap_points_ads_at_the_server() {
-        let text = envoy(&"[::1]:18000".parse().unwrap(), "edge-1");
+        let text = envoy(&"[::1]:18000".parse().unwrap(), "edge-1", None);
         assert!(text.contains("socket_address: { address: \"::1\", port_value: 18000 }"));
         assert!(text.contains("id: \"edge-1\""));
         assert!(text.ends_with("\n"));
+        assert!(!text.contains("transport_socket"));
+        let tls = ClientTls {
+            ca: "/ca.pem".into(),
+            cert_key: Some(("/c.pem".into(), "/k.pem".into())),
+            server_name: Some("svcd.local".into()),
+        };
+        let text = envoy(&"127.0.0.1:18000".parse().unwrap(), "edge-1", Some(&tls));
+        assert!(
+            text.contains("trusted_ca: { filename: \"/ca.pem\" }"),
+            "{text}"
+        );
+        assert!(
+            text.contains("private_key: { filename: \"/k.pem\" }"),
+            "{text}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&grpc(&"127.0.0.1:18000".parse().unwrap(), "n", Some(&tls)))
+                .unwrap();
+        assert_eq!(v["xds_servers"][0]["server_uri"], "svcd.local:18000");
+        assert_eq!(v["xds_servers"][0]["channel_creds"][0]["type"], "tls");
+        assert_eq!(
+            v["xds_servers"][0]["channel_creds"][0]["config"]["certificate_file"],
+            "/c.pem"
+        );
     }
 }

@@ -20,24 +20,72 @@ use crate::resources::{self, Resource};
 
 type Resources = BTreeMap<Arc<str>, Arc<Resource>>;
 
+/// Index of the cluster type in [`XdsSnapshot::changed_generation`] and `removed_generation`.
+pub const TYPE_CLUSTER: usize = 0;
+/// Index of the endpoint type.
+pub const TYPE_ENDPOINT: usize = 1;
+
+/// `fresh`, stamped with `generation` unless `old` encodes the same (then `old`, unchanged).
+fn stamp(old: Option<&Arc<Resource>>, mut fresh: Resource, generation: u64) -> Arc<Resource> {
+    match old {
+        Some(old) if old.hash == fresh.hash => old.clone(),
+        _ => {
+            fresh.generation = generation;
+            Arc::new(fresh)
+        }
+    }
+}
+
 /// One consistent xDS state, at one registry revision.
 #[derive(Debug)]
 pub struct XdsSnapshot {
-    /// The registry revision: every response's `version_info`.
+    /// The registry revision it was built from.
     pub revision: i64,
+    /// Every response's `version_info`: the registry revision, with `.N` added when the same
+    /// revision is published again (this node's ejections change what is served, not the
+    /// store's revision).
+    pub version: String,
+    /// Counts publishes (from 1); resources and streams compare these, never revisions, so a
+    /// republish at the same revision is a change too.
+    pub generation: u64,
     pub clusters: Resources,
     pub endpoints: Resources,
+    /// Cluster names whose Cluster or ClusterLoadAssignment changed, appeared or left between
+    /// the previous snapshot and this one: a stream that evaluated the previous one looks at
+    /// these only.
+    pub changed: Vec<Arc<str>>,
+    /// Per type ([`TYPE_CLUSTER`], [`TYPE_ENDPOINT`]): the last generation at which a resource
+    /// of the type changed or left, and at which one left.
+    pub changed_generation: [u64; 2],
+    pub removed_generation: [u64; 2],
     /// The registry snapshot itself: listener names are resolved against it on demand.
     pub registry: Arc<EndpointSnapshot>,
 }
 
 impl XdsSnapshot {
+    /// The Clusters or the ClusterLoadAssignments.
+    pub fn map(&self, kind: ResourceType) -> Option<&Resources> {
+        match kind {
+            ResourceType::Cluster => Some(&self.clusters),
+            ResourceType::Endpoint => Some(&self.endpoints),
+            _ => None,
+        }
+    }
+
+    /// `name` as a shared string: the cache's own key when the resource exists (a stream
+    /// subscribed to 10k names then holds 10k pointers, not 10k strings).
+    pub fn intern(&self, kind: ResourceType, name: &str) -> Arc<str> {
+        self.map(kind)
+            .and_then(|m| m.get_key_value(name))
+            .map_or_else(|| Arc::from(name), |(k, _)| k.clone())
+    }
+
     /// The resources of `kind` a client subscribed to (`None`: wildcard), sorted by name, no
     /// duplicates. Names that do not exist are left out (and pushed once they appear).
     pub fn select(
         &self,
         kind: ResourceType,
-        names: Option<&std::collections::BTreeSet<String>>,
+        names: Option<&[Arc<str>]>,
         domain: &str,
     ) -> Vec<Arc<Resource>> {
         match kind {
@@ -49,15 +97,12 @@ impl XdsSnapshot {
                 };
                 match names {
                     None => all.values().cloned().collect(),
-                    Some(names) => names
-                        .iter()
-                        .filter_map(|n| all.get(n.as_str()).cloned())
-                        .collect(),
+                    Some(names) => names.iter().filter_map(|n| all.get(n).cloned()).collect(),
                 }
             }
             ResourceType::Listener | ResourceType::Route => {
                 let wanted: Vec<String> = match names {
-                    Some(names) => names.iter().cloned().collect(),
+                    Some(names) => names.iter().map(|n| n.to_string()).collect(),
                     None if kind == ResourceType::Listener => {
                         let mut all: Vec<String> =
                             names::canonical_listeners(&self.registry).collect();
@@ -93,6 +138,8 @@ pub struct CacheWriter {
     tx: watch::Sender<Option<Arc<XdsSnapshot>>>,
     /// `"<svc>.<ns>"` → the cluster names it produced, to remove them when it changes or leaves.
     by_service: HashMap<Arc<str>, Vec<Arc<str>>>,
+    /// Publishes at the current registry revision after the first (the `.N` of the version).
+    republished: u32,
 }
 
 impl XdsCache {
@@ -103,6 +150,7 @@ impl XdsCache {
             CacheWriter {
                 tx,
                 by_service: HashMap::new(),
+                republished: 0,
             },
         )
     }
@@ -167,31 +215,77 @@ impl CacheWriter {
                         .collect(),
                 ),
             };
+        let revision = registry.revision;
+        let generation = previous.as_ref().map_or(1, |p| p.generation + 1);
+        let version = match &previous {
+            Some(p) if p.revision == revision => {
+                self.republished += 1;
+                format!("{revision}.{}", self.republished)
+            }
+            _ => {
+                self.republished = 0;
+                revision.to_string()
+            }
+        };
+        let (mut changed_generation, mut removed_generation) =
+            previous.as_ref().map_or(([0; 2], [0; 2]), |p| {
+                (p.changed_generation, p.removed_generation)
+            });
+        let mut changed_names = Vec::new();
         for name in changed {
-            for old in self.by_service.remove(&name).unwrap_or_default() {
-                clusters.remove(&old);
-                endpoints.remove(&old);
+            let mut old = HashMap::new();
+            for key in self.by_service.remove(&name).unwrap_or_default() {
+                old.insert(key.clone(), (clusters.remove(&key), endpoints.remove(&key)));
             }
-            let Some(service) = registry.service_by_name(&name) else {
-                continue;
-            };
             let mut produced = Vec::new();
-            for port in names::port_names(service) {
-                let cluster = names::cluster_name(service, port);
-                let key: Arc<str> = cluster.as_str().into();
-                clusters.insert(key.clone(), Arc::new(resources::cluster(&cluster)));
-                endpoints.insert(
-                    key.clone(),
-                    Arc::new(resources::load_assignment(&cluster, service, port)),
-                );
-                produced.push(key);
+            if let Some(service) = registry.service_by_name(&name) {
+                for port in names::port_names(service) {
+                    let cluster = names::cluster_name(service, port);
+                    let key: Arc<str> = cluster.as_str().into();
+                    let (old_cluster, old_endpoints) = old.remove(&key).unwrap_or((None, None));
+                    let c = stamp(
+                        old_cluster.as_ref(),
+                        resources::cluster(&cluster),
+                        generation,
+                    );
+                    let e = stamp(
+                        old_endpoints.as_ref(),
+                        resources::load_assignment(&cluster, service, port),
+                        generation,
+                    );
+                    if c.generation == generation {
+                        changed_generation[TYPE_CLUSTER] = generation;
+                    }
+                    if e.generation == generation {
+                        changed_generation[TYPE_ENDPOINT] = generation;
+                    }
+                    if c.generation == generation || e.generation == generation {
+                        changed_names.push(key.clone());
+                    }
+                    clusters.insert(key.clone(), c);
+                    endpoints.insert(key.clone(), e);
+                    produced.push(key);
+                }
             }
-            self.by_service.insert(name, produced);
+            // What this service no longer produces left.
+            for key in old.into_keys() {
+                changed_generation = [generation; 2];
+                removed_generation = [generation; 2];
+                changed_names.push(key);
+            }
+            if !produced.is_empty() {
+                self.by_service.insert(name, produced);
+            }
         }
         self.tx.send_replace(Some(Arc::new(XdsSnapshot {
-            revision: registry.revision,
+            revision,
+            version,
+            generation,
             clusters,
             endpoints,
+            changed: changed_names,
+            changed_generation,
+            removed_generation,
             registry,
         })));
     }

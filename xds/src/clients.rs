@@ -60,10 +60,14 @@ pub struct NackInfo {
 }
 
 impl TypeInfo {
-    pub fn set_names(&mut self, wildcard: bool, names: &std::collections::BTreeSet<String>) {
+    pub fn set_names(&mut self, wildcard: bool, names: &[Arc<str>]) {
         self.wildcard = wildcard;
         self.names_count = names.len();
-        self.names = names.iter().take(NAMES_SHOWN).cloned().collect();
+        self.names = names
+            .iter()
+            .take(NAMES_SHOWN)
+            .map(|n| n.to_string())
+            .collect();
     }
 }
 

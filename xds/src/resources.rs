@@ -36,8 +36,12 @@ use svcd_registry::{ServedState, ServiceEndpoints};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resource {
     pub name: Arc<str>,
-    /// A hash of the encoded bytes: a client is pushed a resource again only when it changed.
+    /// A hash of the encoded bytes: a rebuilt resource that encodes the same is not a change.
     pub hash: u64,
+    /// The cache generation at which these bytes first appeared (set by the cache): a stream
+    /// holds a resource as of the generation it last pushed, so it needs this one again exactly
+    /// when this is newer. No per-stream, per-resource record is kept.
+    pub generation: u64,
     pub any: Any,
 }
 
@@ -49,6 +53,7 @@ impl Resource {
         Resource {
             name,
             hash: hasher.finish(),
+            generation: 0,
             any: Any {
                 type_url: M::type_url(),
                 value,

@@ -170,7 +170,8 @@ async fn run(
             _ = tx.closed() => break,
             request = requests.message() => match request {
                 Ok(Some(request)) => {
-                    if let Err(rejected) = state.on_request(request) {
+                    let snapshot = changes.borrow().clone();
+                    if let Err(rejected) = state.on_request(request, snapshot.as_deref()) {
                         let reason = match rejected {
                             Rejected::TooManyNames { .. } => "too_many_names",
                             Rejected::UnknownType(_) => "unknown_type",

@@ -1,21 +1,26 @@
 //! One stream's protocol state (state of the world), free of I/O so it is tested directly.
 //!
-//! Per type: the subscription (wildcard or names), what was last sent (nonce, version, the hash
-//! of every resource), what the client ACKed, and whether a push is due. A request whose
-//! `response_nonce` is not the latest sent for its type is stale and ignored (the xDS spec's
-//! rule); one that matches is an ACK, or a NACK when it carries `error_detail` (logged, counted,
-//! and nothing is re-sent until something changes: the client keeps its last good version).
+//! Per type: the subscription (wildcard or names, shared with the cache's strings), what was last
+//! sent (nonce, the snapshot generation: the client holds every resource as of it), what the
+//! client ACKed, and whether a push is due. Nothing per resource: a stream holding 10k clusters
+//! costs 10k pointers (its subscription), and a change costs it the names that changed.
+//!
+//! A request whose `response_nonce` is not the latest sent for its type is stale and ignored (the
+//! xDS spec's rule); one that matches is an ACK, or a NACK when it carries `error_detail`
+//! (logged, counted, and nothing is re-sent until something changes: the client keeps its last
+//! good version).
 //! A push is built from the newest [`XdsSnapshot`] when the stream's output has room, and only
 //! if a resource the client holds changed, or its subscription did.
 
-use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tracing::{debug, warn};
 
-use crate::cache::XdsSnapshot;
+use envoy_types::pb::google::protobuf::Any;
+
+use crate::cache::{XdsSnapshot, TYPE_CLUSTER, TYPE_ENDPOINT};
 use crate::clients::{unix_now, ClientHandle, NackInfo};
 use crate::metrics::XdsMetrics;
 use crate::names::ResourceType;
@@ -43,17 +48,22 @@ struct TypeState {
     /// The client asked for this type at least once.
     subscribed: bool,
     wildcard: bool,
-    names: BTreeSet<String>,
+    /// Subscribed names, sorted, shared with the cache's keys where they exist.
+    names: Vec<Arc<str>>,
     /// The nonce of the last response sent; only a request echoing it is an ACK or NACK.
     nonce: String,
     sent_version: String,
-    /// Name → hash of every resource in the last response.
-    sent: HashMap<Arc<str>, u64>,
+    /// The snapshot generation of the last response: the client holds every resource as of it.
+    sent_generation: u64,
+    /// The snapshot generation last checked for this type (pushed or not).
+    evaluated_generation: u64,
+    /// Listener and RouteConfiguration only (built per name, few): name → hash last sent.
+    sent_hashes: Vec<(Arc<str>, u64)>,
     sent_at: Option<Instant>,
     /// A push is due (a new subscription, or a new snapshot).
     dirty: bool,
-    /// Respond even when nothing the client holds changed (its subscription changed, or it has
-    /// not had a response for this type yet).
+    /// Respond with every subscribed resource even when nothing the client holds changed (its
+    /// subscription changed, or it has not had a response for this type yet).
     force: bool,
 }
 
@@ -94,8 +104,13 @@ impl StreamState {
         }
     }
 
-    /// Applies one request from the client.
-    pub fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Rejected> {
+    /// Applies one request from the client; `snapshot` (the newest, if any) only lends its
+    /// strings to the subscription.
+    pub fn on_request(
+        &mut self,
+        req: DiscoveryRequest,
+        snapshot: Option<&XdsSnapshot>,
+    ) -> Result<(), Rejected> {
         let kind = match (self.fixed, ResourceType::from_type_url(&req.type_url)) {
             (_, Some(kind)) => kind,
             (Some(fixed), None) if req.type_url.is_empty() => fixed,
@@ -166,20 +181,24 @@ impl StreamState {
             && ((!t.subscribed && req.resource_names.is_empty())
                 || (t.wildcard && req.resource_names.is_empty())
                 || req.resource_names.iter().any(|n| n == "*"));
-        let names: BTreeSet<String> = req
-            .resource_names
-            .into_iter()
-            .filter(|n| n != "*")
-            .collect();
-        if !t.subscribed || wildcard != t.wildcard || names != t.names {
-            if !t.subscribed {
-                t.force = true;
-            }
+        let mut names = req.resource_names;
+        names.retain(|n| n != "*");
+        names.sort_unstable();
+        names.dedup();
+        let same = names.len() == t.names.len()
+            && names.iter().zip(&t.names).all(|(a, b)| a.as_str() == &**b);
+        if !t.subscribed || wildcard != t.wildcard || !same {
             // A changed subscription is answered (new names pushed, dropped ones no longer).
             t.force = true;
             t.subscribed = true;
             t.wildcard = wildcard;
-            t.names = names;
+            t.names = names
+                .iter()
+                .map(|n| match snapshot {
+                    Some(s) => s.intern(kind, n),
+                    None => Arc::from(n.as_str()),
+                })
+                .collect();
             t.dirty = true;
             let (w, n) = (t.wildcard, &t.names);
             self.client
@@ -215,37 +234,21 @@ impl StreamState {
             }
             t.dirty = false;
             let started = Instant::now();
-            let names = (!t.wildcard).then_some(&t.names);
-            let selected = snapshot.select(kind, names, &self.domain);
-            let unchanged = selected.len() == t.sent.len()
-                && selected
-                    .iter()
-                    .all(|r| t.sent.get(&r.name) == Some(&r.hash));
-            if unchanged && !t.force {
-                continue;
-            }
-            // LDS and CDS responses carry every subscribed resource (absence means removal).
-            // RDS and EDS ones carry only what is new or changed unless the subscription changed
-            // (the xDS spec allows it for these types; a removal reaches clients through CDS or
-            // LDS, which drop the cluster or listener that referenced it).
-            let resources: Vec<_> = if kind.wildcard_capable() || t.force {
-                selected.iter().map(|r| r.any.clone()).collect()
-            } else {
-                selected
-                    .iter()
-                    .filter(|r| t.sent.get(&r.name) != Some(&r.hash))
-                    .map(|r| r.any.clone())
-                    .collect()
+            let resources = match kind {
+                ResourceType::Cluster | ResourceType::Endpoint => cached_push(t, kind, snapshot),
+                ResourceType::Listener | ResourceType::Route => {
+                    built_push(t, kind, snapshot, &self.domain)
+                }
             };
-            let only_removals = resources.is_empty() && !t.force;
-            t.sent = selected.iter().map(|r| (r.name.clone(), r.hash)).collect();
-            if only_removals {
+            t.evaluated_generation = snapshot.generation;
+            let Some(resources) = resources else {
                 continue;
-            }
+            };
             t.force = false;
             self.nonces += 1;
             t.nonce = self.nonces.to_string();
-            t.sent_version = snapshot.revision.to_string();
+            t.sent_version = snapshot.version.clone();
+            t.sent_generation = snapshot.generation;
             t.sent_at = Some(Instant::now());
             let response = DiscoveryResponse {
                 version_info: t.sent_version.clone(),
@@ -271,6 +274,104 @@ impl StreamState {
         }
         None
     }
+}
+
+/// Clusters and ClusterLoadAssignments: what to send, or `None` when the client holds the
+/// newest of everything it subscribed to. Resources carry the generation they last changed at,
+/// so this needs no record of what each stream holds: a resource is due when it is newer than
+/// the stream's last push. A stream that checked the previous snapshot looks only at the names that
+/// changed in this one (go-control-plane's snapshot-cache idea, per resource).
+///
+/// CDS responses carry every subscribed Cluster (absence means removal). EDS responses carry
+/// only the ClusterLoadAssignments that are new or changed, unless the subscription changed
+/// (the xDS spec allows it for EDS; a removal reaches clients through CDS).
+fn cached_push(t: &TypeState, kind: ResourceType, snapshot: &XdsSnapshot) -> Option<Vec<Any>> {
+    let all = snapshot.map(kind)?;
+    let ti = if kind == ResourceType::Cluster {
+        TYPE_CLUSTER
+    } else {
+        TYPE_ENDPOINT
+    };
+    let force = t.force;
+    let everything = || -> Vec<Any> {
+        if t.wildcard {
+            all.values().map(|r| r.any.clone()).collect()
+        } else {
+            t.names
+                .iter()
+                .filter_map(|n| all.get(n))
+                .map(|r| r.any.clone())
+                .collect()
+        }
+    };
+    if force {
+        return Some(everything());
+    }
+    if snapshot.changed_generation[ti] <= t.evaluated_generation {
+        return None;
+    }
+    let subscribed =
+        |name: &str| t.wildcard || t.names.binary_search_by(|n| (**n).cmp(name)).is_ok();
+    let newer = |r: &&Arc<crate::resources::Resource>| r.generation > t.sent_generation;
+    let changed: Vec<&Arc<crate::resources::Resource>> =
+        if t.evaluated_generation + 1 == snapshot.generation {
+            snapshot
+                .changed
+                .iter()
+                .filter(|n| subscribed(n))
+                .filter_map(|n| all.get(n))
+                .filter(newer)
+                .collect()
+        } else if t.wildcard {
+            all.values().filter(newer).collect()
+        } else {
+            t.names
+                .iter()
+                .filter_map(|n| all.get(n))
+                .filter(newer)
+                .collect()
+        };
+    if kind == ResourceType::Cluster {
+        let removed = snapshot.removed_generation[ti] > t.sent_generation;
+        (removed || !changed.is_empty()).then(everything)
+    } else {
+        (!changed.is_empty()).then(|| changed.iter().map(|r| r.any.clone()).collect())
+    }
+}
+
+/// Listeners and RouteConfigurations, built per subscribed name from the registry: compared by
+/// hash with what was last sent (few names per client). RDS sends only changed ones, as EDS.
+fn built_push(
+    t: &mut TypeState,
+    kind: ResourceType,
+    snapshot: &XdsSnapshot,
+    domain: &str,
+) -> Option<Vec<Any>> {
+    let names = (!t.wildcard).then_some(&t.names[..]);
+    let selected = snapshot.select(kind, names, domain);
+    let unchanged = selected.len() == t.sent_hashes.len()
+        && selected
+            .iter()
+            .zip(&t.sent_hashes)
+            .all(|(r, (n, h))| r.name == *n && r.hash == *h);
+    if unchanged && !t.force {
+        return None;
+    }
+    let resources: Vec<Any> = if kind.wildcard_capable() || t.force {
+        selected.iter().map(|r| r.any.clone()).collect()
+    } else {
+        selected
+            .iter()
+            .filter(|r| {
+                !t.sent_hashes
+                    .iter()
+                    .any(|(n, h)| *n == r.name && *h == r.hash)
+            })
+            .map(|r| r.any.clone())
+            .collect()
+    };
+    t.sent_hashes = selected.iter().map(|r| (r.name.clone(), r.hash)).collect();
+    (t.force || !resources.is_empty()).then_some(resources)
 }
 
 fn version_of(node: &envoy_types::pb::envoy::config::core::v3::Node) -> String {

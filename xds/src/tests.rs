@@ -95,6 +95,10 @@ impl Fixture {
         )
     }
 
+    fn ask(&self, s: &mut StreamState, r: DiscoveryRequest) -> Result<(), Rejected> {
+        s.on_request(r, self.cache.load().as_deref())
+    }
+
     fn push(&self, s: &mut StreamState) -> Option<DiscoveryResponse> {
         s.next_push(&self.cache.load().unwrap())
     }
@@ -136,7 +140,7 @@ fn names_of(r: &DiscoveryResponse) -> Vec<String> {
 fn wildcard_cds_then_eds_by_name_with_acks_and_versions() {
     let f = Fixture::new();
     let mut s = f.stream();
-    s.on_request(request(ResourceType::Cluster, &[], "", ""))
+    f.ask(&mut s, request(ResourceType::Cluster, &[], "", ""))
         .unwrap();
     let cds = f.push(&mut s).unwrap();
     assert_eq!(
@@ -146,17 +150,15 @@ fn wildcard_cds_then_eds_by_name_with_acks_and_versions() {
     assert_eq!(cds.version_info, "4");
     assert!(f.push(&mut s).is_none(), "one response per request");
     // ACK: nothing is re-sent.
-    s.on_request(request(ResourceType::Cluster, &[], "4", &cds.nonce))
+    f.ask(&mut s, request(ResourceType::Cluster, &[], "4", &cds.nonce))
         .unwrap();
     assert!(f.push(&mut s).is_none());
     assert_eq!(f.metrics.acks.with_label_values(&["cluster"]).get(), 1);
 
-    s.on_request(request(
-        ResourceType::Endpoint,
-        &["echo.default:grpc"],
-        "",
-        "",
-    ))
+    f.ask(
+        &mut s,
+        request(ResourceType::Endpoint, &["echo.default:grpc"], "", ""),
+    )
     .unwrap();
     let eds = f.push(&mut s).unwrap();
     assert_eq!(names_of(&eds), ["echo.default:grpc"]);
@@ -188,7 +190,7 @@ fn wildcard_cds_then_eds_by_name_with_acks_and_versions() {
 fn nack_is_counted_and_recorded_and_the_client_is_not_re_sent() {
     let f = Fixture::new();
     let mut s = f.stream();
-    s.on_request(request(ResourceType::Cluster, &[], "", ""))
+    f.ask(&mut s, request(ResourceType::Cluster, &[], "", ""))
         .unwrap();
     let cds = f.push(&mut s).unwrap();
     let mut nack = request(ResourceType::Cluster, &[], "", &cds.nonce);
@@ -197,7 +199,7 @@ fn nack_is_counted_and_recorded_and_the_client_is_not_re_sent() {
         message: "bad cluster".into(),
         details: vec![],
     });
-    s.on_request(nack).unwrap();
+    f.ask(&mut s, nack).unwrap();
     assert!(f.push(&mut s).is_none());
     assert_eq!(f.metrics.nacks.with_label_values(&["cluster"]).get(), 1);
     let clients = f.clients.list();
@@ -205,7 +207,7 @@ fn nack_is_counted_and_recorded_and_the_client_is_not_re_sent() {
     assert_eq!(nack.error, "bad cluster");
     assert_eq!(nack.rejected_version, "4");
     // A stale nonce is ignored: neither ACK nor NACK.
-    s.on_request(request(ResourceType::Cluster, &[], "4", "999"))
+    f.ask(&mut s, request(ResourceType::Cluster, &[], "4", "999"))
         .unwrap();
     assert_eq!(f.metrics.acks.with_label_values(&["cluster"]).get(), 0);
 }
@@ -214,21 +216,22 @@ fn nack_is_counted_and_recorded_and_the_client_is_not_re_sent() {
 fn names_that_appear_later_are_pushed_then_and_only_changes_are_pushed() {
     let mut f = Fixture::new();
     let mut s = f.stream();
-    s.on_request(request(
-        ResourceType::Endpoint,
-        &["new.default:grpc"],
-        "",
-        "",
-    ))
+    f.ask(
+        &mut s,
+        request(ResourceType::Endpoint, &["new.default:grpc"], "", ""),
+    )
     .unwrap();
     let first = f.push(&mut s).unwrap();
     assert!(first.resources.is_empty());
-    s.on_request(request(
-        ResourceType::Endpoint,
-        &["new.default:grpc"],
-        "4",
-        &first.nonce,
-    ))
+    f.ask(
+        &mut s,
+        request(
+            ResourceType::Endpoint,
+            &["new.default:grpc"],
+            "4",
+            &first.nonce,
+        ),
+    )
     .unwrap();
     // A change to another service: nothing for this client.
     put(
@@ -253,12 +256,15 @@ fn names_that_appear_later_are_pushed_then_and_only_changes_are_pushed() {
     assert_eq!(names_of(&pushed), ["new.default:grpc"]);
     assert_eq!(pushed.version_info, "6");
     // Another instance: only the changed assignment is pushed (EDS is not wildcard).
-    s.on_request(request(
-        ResourceType::Endpoint,
-        &["new.default:grpc", "web.default:http"],
-        "6",
-        &pushed.nonce,
-    ))
+    f.ask(
+        &mut s,
+        request(
+            ResourceType::Endpoint,
+            &["new.default:grpc", "web.default:http"],
+            "6",
+            &pushed.nonce,
+        ),
+    )
     .unwrap();
     let both = f.push(&mut s).unwrap();
     assert_eq!(names_of(&both), ["new.default:grpc", "web.default:http"]);
@@ -291,19 +297,22 @@ fn listener_names_resolve_grpc_targets_to_routes_and_clusters() {
         "web.default",
         "nope.default",
     ];
-    s.on_request(request(ResourceType::Listener, &targets, "", ""))
+    f.ask(&mut s, request(ResourceType::Listener, &targets, "", ""))
         .unwrap();
     let lds = f.push(&mut s).unwrap();
     // web has two ports and none named grpc: no default; nope does not exist.
     let mut expected = targets[..4].to_vec();
     expected.sort();
     assert_eq!(names_of(&lds), expected);
-    s.on_request(request(
-        ResourceType::Route,
-        &["echo.default.svc.cluster.local"],
-        "",
-        "",
-    ))
+    f.ask(
+        &mut s,
+        request(
+            ResourceType::Route,
+            &["echo.default.svc.cluster.local"],
+            "",
+            "",
+        ),
+    )
     .unwrap();
     let rds = f.push(&mut s).unwrap();
     let route = RouteConfiguration::decode(&rds.resources[0].value[..]).unwrap();
@@ -326,7 +335,7 @@ fn requests_past_the_limits_end_the_stream() {
     let many: Vec<String> = (0..101).map(|i| format!("s{i}.default:grpc")).collect();
     let names: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
     assert_eq!(
-        s.on_request(request(ResourceType::Endpoint, &names, "", "")),
+        f.ask(&mut s, request(ResourceType::Endpoint, &names, "", "")),
         Err(Rejected::TooManyNames {
             count: 101,
             limit: 100
@@ -334,19 +343,17 @@ fn requests_past_the_limits_end_the_stream() {
     );
     let mut odd = request(ResourceType::Cluster, &[], "", "");
     odd.type_url = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig".into();
-    assert!(matches!(s.on_request(odd), Err(Rejected::UnknownType(_))));
+    assert!(matches!(f.ask(&mut s, odd), Err(Rejected::UnknownType(_))));
 }
 
 #[test]
 fn a_slow_stream_folds_changes_into_one_push_of_the_newest_state() {
     let mut f = Fixture::new();
     let mut s = f.stream();
-    s.on_request(request(
-        ResourceType::Endpoint,
-        &["web.default:http"],
-        "",
-        "",
-    ))
+    f.ask(
+        &mut s,
+        request(ResourceType::Endpoint, &["web.default:http"], "", ""),
+    )
     .unwrap();
     // Three changes arrive before the stream has room to push.
     for (rev, id) in [(5, "w2"), (6, "w3"), (7, "w4")] {
@@ -362,4 +369,54 @@ fn a_slow_stream_folds_changes_into_one_push_of_the_newest_state() {
     let pushed = f.push(&mut s).unwrap();
     assert_eq!(pushed.version_info, "7");
     assert!(f.push(&mut s).is_none());
+}
+
+#[test]
+fn an_ejection_on_this_node_is_pushed_though_the_revision_did_not_move() {
+    let mut f = Fixture::new();
+    let mut s = f.stream();
+    f.ask(
+        &mut s,
+        request(ResourceType::Endpoint, &["web.default:http"], "", ""),
+    )
+    .unwrap();
+    let first = f.push(&mut s).unwrap();
+    assert_eq!(first.version_info, "4");
+    f.ask(
+        &mut s,
+        request(
+            ResourceType::Endpoint,
+            &["web.default:http"],
+            "4",
+            &first.nonce,
+        ),
+    )
+    .unwrap();
+    // What the publisher does for an ejection: the same revision, the service replaced.
+    let web = f.last.service("default", "web").unwrap();
+    let ejection = svcd_registry::Ejection {
+        holders: vec!["http"],
+        reason: "5xx".into(),
+        since: std::time::SystemTime::now(),
+        until: std::time::SystemTime::now(),
+        count: 1,
+    };
+    let ejected = svcd_registry::ServiceEndpoints::new(
+        web.namespace.clone(),
+        web.service.clone(),
+        web.all.clone(),
+        [(Box::<str>::from("w1"), Arc::new(ejection))].into(),
+        web.revision,
+    );
+    let next = Arc::new(f.last.with_services([("web.default", Arc::new(ejected))]));
+    f.last = next.clone();
+    f.writer.update(next);
+    s.on_change();
+    let pushed = f.push(&mut s).unwrap();
+    assert_eq!(pushed.version_info, "4.1");
+    let cla = ClusterLoadAssignment::decode(&pushed.resources[0].value[..]).unwrap();
+    assert_eq!(
+        cla.endpoints[0].lb_endpoints[0].health_status,
+        envoy_types::pb::envoy::config::core::v3::HealthStatus::Unhealthy as i32
+    );
 }

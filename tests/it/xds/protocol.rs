@@ -193,8 +193,9 @@ async fn two_hundred_streams_holding_every_cluster_all_get_a_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_holds_nothing_up() {
     let (d, port) = daemon("").await;
-    // Many endpoints, so the stalled stream's HTTP/2 window (64 KiB) fills after a few pushes.
-    for i in 0..50u16 {
+    // Many endpoints (a ~10 KB assignment), so what the stalled stream does not read soon
+    // exceeds its HTTP/2 window and hyper's send buffer, and svcd's own queue fills.
+    for i in 0..200u16 {
         d.put_instance(
             "big",
             &format!("i{i}"),
