@@ -21,6 +21,12 @@ use tracing::{debug, warn};
 use envoy_types::pb::google::protobuf::Any;
 
 use crate::cache::{XdsSnapshot, TYPE_CLUSTER, TYPE_ENDPOINT};
+use crate::resources::Resource;
+
+/// EDS responses are cut at about this many bytes (the rest follows in further responses, as
+/// the spec allows for EDS): the gRPC encoder of each stream keeps a buffer as large as the
+/// largest message it sent, for the stream's life.
+pub const EDS_RESPONSE_BYTES: usize = 32 * 1024;
 use crate::clients::{unix_now, ClientHandle, NackInfo};
 use crate::metrics::XdsMetrics;
 use crate::names::ResourceType;
@@ -57,6 +63,10 @@ struct TypeState {
     sent_generation: u64,
     /// The snapshot generation last checked for this type (pushed or not).
     evaluated_generation: u64,
+    /// ClusterLoadAssignments still to send of a push cut into several responses, and the
+    /// generation the push was built at (it becomes `sent_generation` once all are sent).
+    backlog: Vec<Arc<str>>,
+    backlog_generation: u64,
     /// Listener and RouteConfiguration only (built per name, few): name → hash last sent.
     sent_hashes: Vec<(Arc<str>, u64)>,
     sent_at: Option<Instant>,
@@ -190,6 +200,7 @@ impl StreamState {
         if !t.subscribed || wildcard != t.wildcard || !same {
             // A changed subscription is answered (new names pushed, dropped ones no longer).
             t.force = true;
+            t.backlog.clear();
             t.subscribed = true;
             t.wildcard = wildcard;
             t.names = names
@@ -234,21 +245,62 @@ impl StreamState {
             }
             t.dirty = false;
             let started = Instant::now();
-            let resources = match kind {
-                ResourceType::Cluster | ResourceType::Endpoint => cached_push(t, kind, snapshot),
-                ResourceType::Listener | ResourceType::Route => {
-                    built_push(t, kind, snapshot, &self.domain)
-                }
+            let (resources, generation) = if !t.backlog.is_empty() {
+                // The rest of a push cut into parts, in the newest state.
+                let all = snapshot.map(kind).expect("only EDS is cut");
+                let rest = std::mem::take(&mut t.backlog);
+                let parts: Vec<Arc<Resource>> =
+                    rest.iter().filter_map(|n| all.get(n)).cloned().collect();
+                (Some(parts), t.backlog_generation)
+            } else {
+                let resources = match kind {
+                    ResourceType::Cluster | ResourceType::Endpoint => {
+                        cached_push(t, kind, snapshot)
+                    }
+                    ResourceType::Listener | ResourceType::Route => {
+                        built_push(t, kind, snapshot, &self.domain)
+                    }
+                };
+                (resources, snapshot.generation)
             };
-            t.evaluated_generation = snapshot.generation;
-            let Some(resources) = resources else {
+            let Some(mut resources) = resources else {
+                t.evaluated_generation = snapshot.generation;
                 continue;
             };
+            if kind == ResourceType::Endpoint {
+                let mut bytes = 0;
+                let cut = resources
+                    .iter()
+                    .position(|r| {
+                        // The value, its type URL and the framing around both.
+                        bytes += r.any.value.len() + r.any.type_url.len() + 8;
+                        bytes > EDS_RESPONSE_BYTES
+                    })
+                    .map(|i| i.max(1));
+                if let Some(cut) = cut.filter(|c| *c < resources.len()) {
+                    t.backlog = resources
+                        .split_off(cut)
+                        .iter()
+                        .map(|r| r.name.clone())
+                        .collect();
+                    t.backlog_generation = generation;
+                    // The next part goes out when there is room.
+                    t.dirty = true;
+                }
+            }
+            // Until the last part is out, the client does not hold this generation.
+            if t.backlog.is_empty() {
+                t.sent_generation = generation;
+                t.evaluated_generation = generation;
+            }
+            if resources.is_empty() && !t.force {
+                continue;
+            }
+            let resources: Vec<Any> = resources.iter().map(|r| r.any.clone()).collect();
             t.force = false;
             self.nonces += 1;
             t.nonce = self.nonces.to_string();
             t.sent_version = snapshot.version.clone();
-            t.sent_generation = snapshot.generation;
             t.sent_at = Some(Instant::now());
             let response = DiscoveryResponse {
                 version_info: t.sent_version.clone(),
@@ -285,7 +337,11 @@ impl StreamState {
 /// CDS responses carry every subscribed Cluster (absence means removal). EDS responses carry
 /// only the ClusterLoadAssignments that are new or changed, unless the subscription changed
 /// (the xDS spec allows it for EDS; a removal reaches clients through CDS).
-fn cached_push(t: &TypeState, kind: ResourceType, snapshot: &XdsSnapshot) -> Option<Vec<Any>> {
+fn cached_push(
+    t: &TypeState,
+    kind: ResourceType,
+    snapshot: &XdsSnapshot,
+) -> Option<Vec<Arc<Resource>>> {
     let all = snapshot.map(kind)?;
     let ti = if kind == ResourceType::Cluster {
         TYPE_CLUSTER
@@ -293,15 +349,11 @@ fn cached_push(t: &TypeState, kind: ResourceType, snapshot: &XdsSnapshot) -> Opt
         TYPE_ENDPOINT
     };
     let force = t.force;
-    let everything = || -> Vec<Any> {
+    let everything = || -> Vec<Arc<Resource>> {
         if t.wildcard {
-            all.values().map(|r| r.any.clone()).collect()
+            all.values().cloned().collect()
         } else {
-            t.names
-                .iter()
-                .filter_map(|n| all.get(n))
-                .map(|r| r.any.clone())
-                .collect()
+            t.names.iter().filter_map(|n| all.get(n)).cloned().collect()
         }
     };
     if force {
@@ -312,30 +364,29 @@ fn cached_push(t: &TypeState, kind: ResourceType, snapshot: &XdsSnapshot) -> Opt
     }
     let subscribed =
         |name: &str| t.wildcard || t.names.binary_search_by(|n| (**n).cmp(name)).is_ok();
-    let newer = |r: &&Arc<crate::resources::Resource>| r.generation > t.sent_generation;
-    let changed: Vec<&Arc<crate::resources::Resource>> =
-        if t.evaluated_generation + 1 == snapshot.generation {
-            snapshot
-                .changed
-                .iter()
-                .filter(|n| subscribed(n))
-                .filter_map(|n| all.get(n))
-                .filter(newer)
-                .collect()
-        } else if t.wildcard {
-            all.values().filter(newer).collect()
-        } else {
-            t.names
-                .iter()
-                .filter_map(|n| all.get(n))
-                .filter(newer)
-                .collect()
-        };
+    let newer = |r: &&Arc<Resource>| r.generation > t.sent_generation;
+    let changed: Vec<&Arc<Resource>> = if t.evaluated_generation + 1 == snapshot.generation {
+        snapshot
+            .changed
+            .iter()
+            .filter(|n| subscribed(n))
+            .filter_map(|n| all.get(n))
+            .filter(newer)
+            .collect()
+    } else if t.wildcard {
+        all.values().filter(newer).collect()
+    } else {
+        t.names
+            .iter()
+            .filter_map(|n| all.get(n))
+            .filter(newer)
+            .collect()
+    };
     if kind == ResourceType::Cluster {
         let removed = snapshot.removed_generation[ti] > t.sent_generation;
         (removed || !changed.is_empty()).then(everything)
     } else {
-        (!changed.is_empty()).then(|| changed.iter().map(|r| r.any.clone()).collect())
+        (!changed.is_empty()).then(|| changed.into_iter().cloned().collect())
     }
 }
 
@@ -346,7 +397,7 @@ fn built_push(
     kind: ResourceType,
     snapshot: &XdsSnapshot,
     domain: &str,
-) -> Option<Vec<Any>> {
+) -> Option<Vec<Arc<Resource>>> {
     let names = (!t.wildcard).then_some(&t.names[..]);
     let selected = snapshot.select(kind, names, domain);
     let unchanged = selected.len() == t.sent_hashes.len()
@@ -357,8 +408,8 @@ fn built_push(
     if unchanged && !t.force {
         return None;
     }
-    let resources: Vec<Any> = if kind.wildcard_capable() || t.force {
-        selected.iter().map(|r| r.any.clone()).collect()
+    let resources: Vec<Arc<Resource>> = if kind.wildcard_capable() || t.force {
+        selected.clone()
     } else {
         selected
             .iter()
@@ -367,7 +418,7 @@ fn built_push(
                     .iter()
                     .any(|(n, h)| *n == r.name && *h == r.hash)
             })
-            .map(|r| r.any.clone())
+            .cloned()
             .collect()
     };
     t.sent_hashes = selected.iter().map(|r| (r.name.clone(), r.hash)).collect();

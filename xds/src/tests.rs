@@ -420,3 +420,51 @@ fn an_ejection_on_this_node_is_pushed_though_the_revision_did_not_move() {
         envoy_types::pb::envoy::config::core::v3::HealthStatus::Unhealthy as i32
     );
 }
+
+#[test]
+fn a_large_eds_push_is_cut_into_parts_that_together_hold_everything() {
+    let mut f = Fixture::new();
+    for i in 0..600 {
+        put(
+            &mut f.builder,
+            10 + i,
+            &format!("default/s{i}/a"),
+            r#"{"ip":"10.9.0.1","ports":{"http":80}}"#,
+        );
+    }
+    f.publish();
+    let names: Vec<String> = (0..600).map(|i| format!("s{i}.default:http")).collect();
+    let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    let mut s = StreamState::new(
+        None,
+        1000,
+        "cluster.local".into(),
+        f.metrics.clone(),
+        f.clients.register("ads", "test".into()),
+    );
+    f.ask(&mut s, request(ResourceType::Endpoint, &names, "", ""))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut parts = 0;
+    while let Some(r) = f.push(&mut s) {
+        assert!(r.encoded_len() < 2 * crate::stream::EDS_RESPONSE_BYTES);
+        got.extend(names_of(&r));
+        parts += 1;
+    }
+    assert!(parts > 1, "one response of {} resources", got.len());
+    got.sort();
+    let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    want.sort();
+    assert_eq!(got, want);
+    // All sent: a change pushes just the changed assignment.
+    put(
+        &mut f.builder,
+        700,
+        "default/s3/b",
+        r#"{"ip":"10.9.0.2","ports":{"http":80}}"#,
+    );
+    f.publish();
+    s.on_change();
+    assert_eq!(names_of(&f.push(&mut s).unwrap()), ["s3.default:http"]);
+    assert!(f.push(&mut s).is_none());
+}
