@@ -91,6 +91,31 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Print the bootstrap file an xDS client needs to reach svcd: gRPC's JSON
+    /// (GRPC_XDS_BOOTSTRAP), or with --envoy an Envoy YAML with an ADS cluster (docs/xds.md).
+    XdsBootstrap {
+        /// The xDS server ([xds] listen): IP:PORT or unix:/PATH.
+        #[arg(long, value_name = "ADDR")]
+        server: svcd_xds::bootstrap::ServerAddr,
+        /// The node id the client reports (shown in GET /v1/xds/clients).
+        #[arg(long, value_name = "ID")]
+        node_id: String,
+        /// Print an Envoy bootstrap (YAML) instead of a gRPC one (JSON).
+        #[arg(long)]
+        envoy: bool,
+        /// Connect with TLS ([xds.tls]), trusting the CA in this PEM file.
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<String>,
+        /// The client certificate (PEM) for a listener with xds.tls.client_ca; needs --tls-key.
+        #[arg(long, value_name = "FILE", requires = "tls_key", requires = "tls_ca")]
+        tls_cert: Option<String>,
+        /// The client certificate's private key (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<String>,
+        /// The DNS name on svcd's certificate, when --server is an IP address.
+        #[arg(long, value_name = "NAME", requires = "tls_ca")]
+        tls_server_name: Option<String>,
+    },
     /// Print the version and the git revision svcd was built from.
     Version,
     /// Exit 0 if the local daemon answers /healthz (with --ready: /readyz), else 1; for container

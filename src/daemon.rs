@@ -130,6 +130,26 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         Some(addr) => Some(AdminSocket::bind(&AdminListen::Tcp(addr), "consul.listen").await?),
         None => None,
     };
+    // The xDS control plane: streams end with the DNS and admin phase, after the proxies drained
+    // (Envoys keep their clusters while this node drains).
+    let xds = match &config.xds.listen {
+        Some(listen) => {
+            let xds = svcd_xds::XdsServer::start(
+                &config.xds,
+                listen,
+                &config.dns.domain,
+                registry.reader(),
+                registry.status.clone(),
+                &metrics.registry,
+                &tls_metrics,
+                &answer,
+            )
+            .await?;
+            info!(addr = %xds.addr(), "xDS server (ADS, CDS, EDS)");
+            Some(Arc::new(xds))
+        }
+        None => None,
+    };
     let advertise_ip = advertise_ip(&config.registry);
     info!(%advertise_ip, "registrations without an IP publish this address");
     let config = Arc::new(ArcSwap::from_pointee(config));
@@ -143,6 +163,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         prometheus: metrics.registry.clone(),
         registry: registry.clone(),
         consul_blocking: crate::consul::BlockingSlots::new(&metrics.registry)?,
+        xds: xds.clone(),
     });
     // The admin listeners' TLS (restart-only: they are bound once), each its own series.
     let admin_tls = |listener: &str| {
@@ -182,7 +203,12 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
             scrape_tls.clone(),
         ));
     }
-    let admin_tls: Vec<_> = api_tls.into_iter().chain(scrape_tls).collect();
+    // The xDS listener's TLS is re-read with the admin listeners'.
+    let admin_tls: Vec<_> = api_tls
+        .into_iter()
+        .chain(scrape_tls)
+        .chain(xds.as_ref().and_then(|x| x.tls()))
+        .collect();
 
     if let Some(socket) = consul_socket {
         info!(addr = %socket.describe(), "Consul-compatible API");

@@ -114,6 +114,28 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
             admin,
         } => commands::resolve(&service, port.as_deref(), output, &admin).await,
         Command::Health { ready, admin } => commands::health(ready, &admin).await,
+        Command::XdsBootstrap {
+            server,
+            node_id,
+            envoy,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            tls_server_name,
+        } => {
+            let tls = tls_ca.map(|ca| svcd_xds::bootstrap::ClientTls {
+                ca,
+                cert_key: tls_cert.zip(tls_key),
+                server_name: tls_server_name,
+            });
+            let text = if envoy {
+                svcd_xds::bootstrap::envoy(&server, &node_id, tls.as_ref())
+            } else {
+                svcd_xds::bootstrap::grpc(&server, &node_id, tls.as_ref())
+            };
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Version => {
             println!("svcd {}", cli::VERSION);
             Ok(ExitCode::SUCCESS)

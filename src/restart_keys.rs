@@ -58,6 +58,9 @@ pub fn split(old: &Config, mut new: Config) -> (Config, Vec<PendingKey>) {
         &json(&new.consul.listen),
         &mut pending,
     );
+    // The whole [xds] section: its listener, TLS spec and bounds are set when it binds.
+    diff("xds", &json(&old.xds), &json(&new.xds), &mut pending);
+    new.xds = old.xds.clone();
     new.consul.listen = old.consul.listen;
     new.proxy.workers = old.proxy.workers;
     new.admin.listen = old.admin.listen.clone();

@@ -4,6 +4,7 @@ mod consul;
 mod l7;
 mod registry;
 mod tls;
+mod xds;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -288,6 +289,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
     };
     let log = log(&mut c, raw.log.unwrap_or_default());
     let consul = consul::consul(&mut c, raw.consul.unwrap_or_default(), &admin);
+    let xds = xds::xds(&mut c, raw.xds.unwrap_or_default());
     let config = Config {
         admin,
         dns,
@@ -296,6 +298,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, Vec<FieldError>> {
         shutdown,
         log,
         consul,
+        xds,
     };
     check_port_clashes(&mut c, &config);
     if c.errors.is_empty() {
@@ -603,6 +606,9 @@ fn check_port_clashes(c: &mut Checker, config: &Config) {
     }
     if let Some(addr) = config.consul.listen {
         tcp.push(("consul.listen".into(), addr));
+    }
+    if let Some(AdminListen::Tcp(addr)) = config.xds.listen {
+        tcp.push(("xds.listen".into(), addr));
     }
     for (i, l) in config.proxy.http.iter().enumerate() {
         tcp.push((format!("proxy.http[{i}].listen"), l.listen));

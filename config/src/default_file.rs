@@ -251,6 +251,17 @@ port_name = "http"
 # Blocking queries (?index=) waiting at once; past it a query gets 429.
 max_blocking_queries = 4096
 
+[xds]
+# The xDS control plane (docs/xds.md): ADS for Envoy and proxyless gRPC (xds:///<svc>.<ns>),
+# clusters <svc>.<ns>:<port> with the endpoints DNS serves. Off unless listen is set; IP:PORT or
+# unix:/PATH. `svcd xds-bootstrap` prints the clients' bootstrap files. Optional [xds.tls] as
+# [admin.tls] (cert, key, client_ca, allow).
+# listen = "127.0.0.1:18000"
+# Streams open at once; past it a stream is refused (RESOURCE_EXHAUSTED).
+max_streams = 4096
+# Resource names in one request; past it the stream is ended (INVALID_ARGUMENT).
+max_names = 100000
+
 [log]
 # RUST_LOG-style filter (RUST_LOG itself wins when set).
 level = "info"

@@ -33,7 +33,7 @@ pub use model::{
     AdminConfig, AdminListen, Backend, Balance, Config, ConsulConfig, DnsConfig, DnsTcpConfig,
     EtcdConfig, EtcdTlsConfig, ForwardTarget, HttpListenerConfig, HttpRoute, L4ListenerConfig,
     L7Config, LogConfig, LogFormat, OutlierConfig, PanicMode, ProxyConfig, ProxyTarget,
-    RegistryConfig, RrlConfig, ShutdownConfig, StaticInstance, DEFAULT_MAX_FLOWS,
+    RegistryConfig, RrlConfig, ShutdownConfig, StaticInstance, XdsConfig, DEFAULT_MAX_FLOWS,
     MAX_REQUEST_TIMEOUT,
 };
 pub use model::{CertKeyFiles, SniRoute, TlsServerConfig, UpstreamTlsConfig};

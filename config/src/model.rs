@@ -21,6 +21,25 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
     pub consul: ConsulConfig,
+    pub xds: XdsConfig,
+}
+
+/// `[xds]`: the xDS control plane for Envoy and proxyless gRPC (docs/xds.md). Off unless
+/// `listen` is set.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct XdsConfig {
+    /// ADS (state of the world) and the standalone CDS/EDS services: `IP:PORT` or `unix:/PATH`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<AdminListen>,
+    /// TLS (ALPN `h2`) on a TCP `listen`, optionally with client certificates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsServerConfig>,
+    /// Streams open at once; past it a stream is refused (`RESOURCE_EXHAUSTED`) and counted in
+    /// `svcd_xds_streams_refused_total`.
+    pub max_streams: usize,
+    /// Resource names in one request; past it the stream is ended (`INVALID_ARGUMENT`) and
+    /// counted in `svcd_xds_requests_rejected_total{reason="too_many_names"}`.
+    pub max_names: usize,
 }
 
 /// `[consul]`: a Consul-compatible view of the registry for clients written against Consul

@@ -13,6 +13,7 @@ pub struct RawConfig {
     pub shutdown: Option<RawShutdown>,
     pub log: Option<RawLog>,
     pub consul: Option<RawConsul>,
+    pub xds: Option<RawXds>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,4 +236,12 @@ pub struct RawConsul {
     pub datacenter: Option<String>,
     pub port_name: Option<String>,
     pub max_blocking_queries: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawXds {
+    pub listen: Option<String>,
+    pub tls: Option<RawTls>,
+    pub max_streams: Option<i64>,
+    pub max_names: Option<i64>,
 }

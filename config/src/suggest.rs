@@ -249,7 +249,7 @@ mod tests {
         let top = accepted_keys(&[]).unwrap();
         assert_eq!(
             top,
-            ["admin", "dns", "proxy", "registry", "shutdown", "log", "consul"]
+            ["admin", "dns", "proxy", "registry", "shutdown", "log", "consul", "xds"]
         );
         assert!(accepted_keys(&path("dns")).unwrap().contains(&"listen"));
         assert!(accepted_keys(&path("dns.rrl")).unwrap().contains(&"slip"));

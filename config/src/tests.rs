@@ -835,3 +835,35 @@ fn upstream_tls_entries_are_checked_and_name_the_service_by_default() {
         "api.prod.svc.corp.local"
     );
 }
+
+#[test]
+fn xds_is_off_by_default_and_checked_with_key_paths() {
+    let x = parse("").unwrap().xds;
+    assert_eq!(x.listen, None);
+    assert_eq!((x.max_streams, x.max_names), (4096, 100_000));
+    let x = parse("[xds]\nlisten = \"unix:/run/svcd/xds.sock\"\nmax_streams = 10\n")
+        .unwrap()
+        .xds;
+    assert_eq!(
+        x.listen,
+        Some(crate::AdminListen::Unix("/run/svcd/xds.sock".into()))
+    );
+    assert_eq!(x.max_streams, 10);
+
+    // Every error at once, each with its key path.
+    let errors = errors_of(
+        "[xds]\nlisten = \"nowhere\"\nmax_streams = 0\nmax_names = -1\n[xds.tls]\ncert = \"/c\"\nkey = \"/k\"\n",
+    );
+    assert_eq!(
+        error_keys(&errors),
+        ["xds.listen", "xds.tls", "xds.max_streams", "xds.max_names"],
+        "{errors:?}"
+    );
+    let errors = errors_of("[xds]\nlisten = \"127.0.0.1:9901\"\n");
+    assert!(
+        errors[0].starts_with("xds.listen: 127.0.0.1:9901 is already used by admin.listen"),
+        "{errors:?}"
+    );
+    let errors = errors_of("[xds]\nlisen = \"127.0.0.1:18000\"\n");
+    assert!(errors[0].contains("did you mean \"listen\""), "{errors:?}");
+}

@@ -47,6 +47,8 @@ pub struct AdminState {
     pub blocking_queries: prometheus::IntGauge,
     /// The bound on the Consul API's parked blocking queries (`consul.max_blocking_queries`).
     pub consul_blocking: crate::consul::BlockingSlots,
+    /// The xDS server (`[xds] listen`), for `GET /v1/xds/clients`.
+    pub xds: Option<Arc<svcd_xds::XdsServer>>,
 }
 
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -167,6 +169,17 @@ impl AdminState {
                         serde_json::to_value(&**pending).expect("pending keys serialize");
                 }
                 json_response(StatusCode::OK, &value)
+            }),
+            "/v1/xds/clients" => get_only(&req, || match &self.xds {
+                Some(xds) => json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({ "listen": xds.addr(), "clients": xds.clients() }),
+                ),
+                None => json_error(
+                    StatusCode::NOT_FOUND,
+                    "",
+                    "the xDS server is off (set [xds] listen)".to_string(),
+                ),
             }),
             p if p == "/v1/services" || p.starts_with("/v1/services/") => {
                 services::route(&self, req).await

@@ -240,7 +240,8 @@ async fn every_metric_family_exposed_is_documented() {
     // Traffic in every plane first, so their families exist.
     let tcp = free_port();
     let d = Daemon::start(&format!(
-        "[[proxy.tcp]]\nlisten = \"127.0.0.1:{tcp}\"\nservice = \"web\"\n[[proxy.udp]]\nlisten = \"127.0.0.1:{}\"\nservice = \"web\"\n",
+        "[[proxy.tcp]]\nlisten = \"127.0.0.1:{tcp}\"\nservice = \"web\"\n[[proxy.udp]]\nlisten = \"127.0.0.1:{}\"\nservice = \"web\"\n[xds]\nlisten = \"127.0.0.1:{}\"\n",
+        free_port(),
         free_port()
     ))
     .await;

@@ -37,3 +37,4 @@ mod tls;
 mod tls_haproxy;
 mod tls_passthrough;
 mod tls_upstream;
+mod xds;

@@ -26,6 +26,8 @@ pub enum Alpn {
     Http,
     /// `http/1.1` only (the admin API: hyper's HTTP/1 server).
     Http1,
+    /// `h2` only (gRPC: the xDS server).
+    H2,
 }
 
 impl Alpn {
@@ -33,6 +35,7 @@ impl Alpn {
         match self {
             Alpn::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
             Alpn::Http1 => vec![b"http/1.1".to_vec()],
+            Alpn::H2 => vec![b"h2".to_vec()],
         }
     }
 }
