@@ -144,7 +144,7 @@ fn request(type_url: &str, names: &[String], version: &str, nonce: &str) -> Disc
 }
 
 /// One stream: subscribes to every cluster and its endpoints, ACKs everything, and reports each
-/// EDS push after the first (time received).
+/// EDS push after the initial one (time received).
 async fn client(
     channel: Channel,
     names: Arc<Vec<String>>,
@@ -160,7 +160,7 @@ async fn client(
         .expect("stream")
         .into_inner();
     let mut subscribed = false;
-    let mut eds_seen = 0;
+    let mut eds_received = 0;
     while let Ok(Some(r)) = rx.message().await {
         let now = Instant::now();
         let empty = Vec::new();
@@ -176,9 +176,12 @@ async fn client(
             subscribed = true;
             tx.send(request(EDS, &names, "", "")).await.unwrap();
         } else if r.type_url == EDS {
-            eds_seen += 1;
-            if eds_seen == 1 {
-                let _ = ready.send(()).await;
+            // The first push may come in parts: ready once every assignment arrived.
+            if eds_received < names.len() {
+                eds_received += r.resources.len();
+                if eds_received >= names.len() {
+                    let _ = ready.send(()).await;
+                }
             } else {
                 let _ = pushes.send(now);
             }
