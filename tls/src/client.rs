@@ -96,7 +96,7 @@ impl UpstreamTls {
     ) -> std::io::Result<TlsStream<TcpStream>> {
         let config = self.configs.load()[alpn as usize].clone();
         let connector = tokio_rustls::TlsConnector::from(config);
-        let label = format!("upstream/{}", self.service);
+        let label = self.label.as_str();
         let result =
             tokio::time::timeout(timeout, connector.connect(self.server_name.clone(), tcp))
                 .await
@@ -107,54 +107,17 @@ impl UpstreamTls {
                     ))
                 });
         match &result {
-            Ok(s) => {
-                let version = match s.get_ref().1.protocol_version() {
-                    Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
-                    Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
-                    _ => "other",
-                };
-                self.metrics
-                    .handshakes
-                    .with_label_values(&[label.as_str(), "ok", version])
-                    .inc();
-            }
-            Err(e) => {
-                self.metrics
-                    .handshakes
-                    .with_label_values(&[label.as_str(), "failed", "none"])
-                    .inc();
-                self.metrics
-                    .failures
-                    .with_label_values(&[label.as_str(), crate::Failure::of(e).label()])
-                    .inc();
-            }
+            Ok(s) => self
+                .metrics
+                .handshake_ok(label, s.get_ref().1.protocol_version()),
+            Err(e) => self.metrics.handshake_failed(label, crate::Failure::of(e)),
         }
         result
     }
 
     /// Its series go with it (a reload that removes the entry).
     pub fn forget(&self) {
-        let l = self.label.as_str();
-        for (result, version) in [
-            ("ok", "1.3"),
-            ("ok", "1.2"),
-            ("ok", "other"),
-            ("failed", "none"),
-        ] {
-            let _ = self
-                .metrics
-                .handshakes
-                .remove_label_values(&[l, result, version]);
-        }
-        for reason in crate::Failure::ALL {
-            let _ = self
-                .metrics
-                .failures
-                .remove_label_values(&[l, reason.label()]);
-        }
-        for result in ["ok", "failed"] {
-            let _ = self.metrics.reloads.remove_label_values(&[l, result]);
-        }
+        self.metrics.forget(&self.label);
     }
 
     pub fn files(&self) -> Vec<PathBuf> {

@@ -119,6 +119,52 @@ impl TlsMetrics {
         })
     }
 
+    /// A handshake that completed on `listener`, by the version it negotiated.
+    pub(crate) fn handshake_ok(&self, listener: &str, version: Option<rustls::ProtocolVersion>) {
+        let version = match version {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
+            _ => "other",
+        };
+        self.handshakes
+            .with_label_values(&[listener, "ok", version])
+            .inc();
+    }
+
+    /// A handshake `listener` gave up, and why.
+    pub(crate) fn handshake_failed(&self, listener: &str, reason: Failure) {
+        self.handshakes
+            .with_label_values(&[listener, "failed", "none"])
+            .inc();
+        self.failures
+            .with_label_values(&[listener, reason.label()])
+            .inc();
+    }
+
+    /// Removes `listener`'s handshake, failure and reload series (it is gone); expiry series are
+    /// its certificates' and go with them.
+    pub(crate) fn forget(&self, listener: &str) {
+        for (result, version) in [
+            ("ok", "1.3"),
+            ("ok", "1.2"),
+            ("ok", "other"),
+            ("failed", "none"),
+            ("passed_through", "none"),
+        ] {
+            let _ = self
+                .handshakes
+                .remove_label_values(&[listener, result, version]);
+        }
+        for reason in Failure::ALL {
+            let _ = self
+                .failures
+                .remove_label_values(&[listener, reason.label()]);
+        }
+        for result in ["ok", "failed"] {
+            let _ = self.reloads.remove_label_values(&[listener, result]);
+        }
+    }
+
     /// A registry of its own, for tests and tools.
     pub fn unregistered() -> TlsMetrics {
         TlsMetrics::register(&Registry::new()).expect("fresh registry")

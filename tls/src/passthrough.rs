@@ -79,14 +79,7 @@ impl Passthrough {
     }
 
     fn failed(&self, reason: Failure, peer: SocketAddr, detail: &str) {
-        self.metrics
-            .handshakes
-            .with_label_values(&[self.listener.as_str(), "failed", "none"])
-            .inc();
-        self.metrics
-            .failures
-            .with_label_values(&[self.listener.as_str(), reason.label()])
-            .inc();
+        self.metrics.handshake_failed(&self.listener, reason);
         if self.log.allow() {
             warn!(listener = %self.listener, %peer, reason = reason.label(), detail, "TLS passthrough refused a client");
         }
@@ -94,19 +87,7 @@ impl Passthrough {
 
     /// The listener's series go with it.
     pub fn forget(&self) {
-        for result in ["passed_through", "failed"] {
-            let _ = self.metrics.handshakes.remove_label_values(&[
-                self.listener.as_str(),
-                result,
-                "none",
-            ]);
-        }
-        for reason in Failure::ALL {
-            let _ = self
-                .metrics
-                .failures
-                .remove_label_values(&[self.listener.as_str(), reason.label()]);
-        }
+        self.metrics.forget(&self.listener);
     }
 }
 

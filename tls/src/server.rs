@@ -211,27 +211,7 @@ impl ServerTls {
 
     /// The listener's series go with it (a reload that removes the listener or its TLS).
     pub fn forget(&self) {
-        let l = self.listener.as_str();
-        for (result, version) in [
-            ("ok", "1.3"),
-            ("ok", "1.2"),
-            ("ok", "other"),
-            ("failed", "none"),
-        ] {
-            let _ = self
-                .metrics
-                .handshakes
-                .remove_label_values(&[l, result, version]);
-        }
-        for reason in Failure::ALL {
-            let _ = self
-                .metrics
-                .failures
-                .remove_label_values(&[l, reason.label()]);
-        }
-        for result in ["ok", "failed"] {
-            let _ = self.metrics.reloads.remove_label_values(&[l, result]);
-        }
+        self.metrics.forget(&self.listener);
         for (name, _) in self
             .reloading
             .lock()
@@ -257,15 +237,8 @@ impl ServerTls {
         let failure = match result {
             Ok(Ok(stream)) => {
                 let (_, conn) = stream.get_ref();
-                let version = match conn.protocol_version() {
-                    Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
-                    Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
-                    _ => "other",
-                };
                 self.metrics
-                    .handshakes
-                    .with_label_values(&[self.listener.as_str(), "ok", version])
-                    .inc();
+                    .handshake_ok(&self.listener, conn.protocol_version());
                 let h2 = conn.alpn_protocol() == Some(b"h2");
                 let identity = conn
                     .peer_certificates()
@@ -286,14 +259,7 @@ impl ServerTls {
 
     /// Counts (and logs, within budget) a failed handshake.
     pub fn failed(&self, reason: Failure, peer: SocketAddr, detail: &str) {
-        self.metrics
-            .handshakes
-            .with_label_values(&[self.listener.as_str(), "failed", "none"])
-            .inc();
-        self.metrics
-            .failures
-            .with_label_values(&[self.listener.as_str(), reason.label()])
-            .inc();
+        self.metrics.handshake_failed(&self.listener, reason);
         if self.log.allow() {
             warn!(listener = %self.listener, %peer, reason = reason.label(), detail, "TLS handshake failed");
         }
