@@ -3,7 +3,7 @@
 //! `x-forwarded-client-cert`), hostile clients (plaintext, silence, a dribbled ClientHello),
 //! and certificate rotation (file watch and SIGHUP, a bad file keeping the old one).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use crate::support::backend::Backend;
 use crate::support::daemon::Daemon;
 use crate::support::proxy::{register, wait_routable};
+use crate::support::tls::toml_path;
 use crate::support::tls::TestCa;
 use crate::support::{eventually, free_port};
 
@@ -25,10 +26,6 @@ struct Https {
     dir: tempfile::TempDir,
     ca: TestCa,
     _backend: Backend,
-}
-
-fn toml_path(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
 }
 
 impl Https {

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use crate::support::backend::Backend;
 use crate::support::daemon::Daemon;
+use crate::support::proxy::get_close;
 use crate::support::proxy::{register, wait_routable};
+use crate::support::tls::toml_path;
 use crate::support::tls::TestCa;
 use crate::support::{eventually, free_port};
 
@@ -48,32 +50,11 @@ impl Drop for Haproxy {
     }
 }
 
-fn toml_path(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
-}
-
 /// A certificate and its key in one PEM file, as HAProxy's `crt` takes them.
 fn combined(dir: &Path, name: &str, issued: &crate::support::tls::Issued) -> std::path::PathBuf {
     let path = dir.join(format!("{name}.pem"));
     std::fs::write(&path, format!("{}{}", issued.cert, issued.key)).unwrap();
     path
-}
-
-async fn get(addr: std::net::SocketAddr, host: &str, path: &str) -> (u16, String) {
-    let reply = crate::support::proxy::raw_exchange(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await;
-    let status = reply
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-    )
 }
 
 #[tokio::test]
@@ -133,7 +114,7 @@ async fn haproxy_as_a_tls_client_of_svcd_with_a_client_certificate() {
             Duration::from_secs(10),
             "HAProxy relays to svcd",
             || async {
-                let (status, body) = get(addr, "web", "/headers").await;
+                let (status, body) = get_close(addr, "web", "/headers").await;
                 (status == 200).then_some(body)
             },
         )
@@ -184,7 +165,7 @@ async fn haproxy_as_a_tls_instance_behind_svcd() {
         Duration::from_secs(10),
         "svcd reaches HAProxy over TLS",
         || async {
-            let (status, body) = get(d.http, "hapi", "/").await;
+            let (status, body) = get_close(d.http, "hapi", "/").await;
             (status == 200).then_some(body)
         },
     )
@@ -193,7 +174,8 @@ async fn haproxy_as_a_tls_instance_behind_svcd() {
     // An h2 instance: ALPN h2 on the same service's TLS pools.
     register(&d, "hapi", "h1", addr, "h2").await;
     eventually(Duration::from_secs(10), "over HTTP/2", || async {
-        (get(d.http, "hapi", "/").await == (200, "haproxy-instance HTTP/2.0".into())).then_some(())
+        (get_close(d.http, "hapi", "/").await == (200, "haproxy-instance HTTP/2.0".into()))
+            .then_some(())
     })
     .await;
 }

@@ -9,28 +9,10 @@ use std::time::Duration;
 use crate::support::backend::Backend;
 use crate::support::daemon::Daemon;
 use crate::support::free_port;
+use crate::support::proxy::get_close;
 use crate::support::proxy::{register, wait_routable, FAST_PATH, HYPER_PATH};
+use crate::support::tls::toml_path;
 use crate::support::tls::{tls_backend, TestCa};
-
-fn toml_path(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
-}
-
-/// A plain HTTP/1.1 GET through `addr` with `Host: host`; (status, body).
-async fn get(addr: std::net::SocketAddr, host: &str, path: &str) -> (u16, String) {
-    let reply = crate::support::proxy::raw_exchange(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await;
-    let status = reply
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
-}
 
 #[tokio::test]
 async fn http_and_l4_reach_tls_instances_and_refuse_ones_the_ca_does_not_vouch_for() {
@@ -71,14 +53,17 @@ async fn http_and_l4_reach_tls_instances_and_refuse_ones_the_ca_does_not_vouch_f
         wait_routable(&d, "secure", 1).await;
         for _ in 0..3 {
             assert_eq!(
-                get(d.http, "secure", "/").await,
+                get_close(d.http, "secure", "/").await,
                 (200, "secure".into()),
                 "{path:?}"
             );
         }
         // L4: the client speaks plaintext to svcd, svcd TLS to the instance.
         let l4_addr = std::net::SocketAddr::from(([127, 0, 0, 1], l4));
-        assert_eq!(get(l4_addr, "secure", "/").await, (200, "secure".into()));
+        assert_eq!(
+            get_close(l4_addr, "secure", "/").await,
+            (200, "secure".into())
+        );
         assert!(
             d.metric(
                 r#"svcd_tls_handshakes_total{listener="upstream/secure.default",result="ok"}"#
@@ -91,7 +76,7 @@ async fn http_and_l4_reach_tls_instances_and_refuse_ones_the_ca_does_not_vouch_f
         register(&d, "bad", "b2", forged, "http").await;
         d.wait_instances("default", "bad", &["b1", "b2"], Duration::from_secs(5))
             .await;
-        let (status, _) = get(d.http, "bad", "/").await;
+        let (status, _) = get_close(d.http, "bad", "/").await;
         assert_eq!(status, 502, "{path:?}: neither instance is verified");
         assert!(
             d.metric(r#"svcd_tls_handshake_failures_total{listener="upstream/bad.default",reason="bad_certificate"}"#)
@@ -166,7 +151,7 @@ async fn two_svcds_speak_mtls_and_the_instance_sees_the_callers_identity() {
         d.wait_instances("default", "web", &["via-b"], Duration::from_secs(5))
             .await;
     }
-    let (status, headers) = get(a.http, "web", "/headers").await;
+    let (status, headers) = get_close(a.http, "web", "/headers").await;
     assert_eq!(status, 200, "{headers}");
     let xfcc = headers
         .lines()
@@ -175,6 +160,6 @@ async fn two_svcds_speak_mtls_and_the_instance_sees_the_callers_identity() {
     assert!(xfcc.contains("URI=spiffe://td/ns/default/svc/a"), "{xfcc}");
     assert!(headers.contains("x-forwarded-proto: https"), "{headers}");
     // Another identity from the same CA: verified, but not allowed.
-    let (status, _) = get(z.http, "web", "/").await;
+    let (status, _) = get_close(z.http, "web", "/").await;
     assert_eq!(status, 403);
 }

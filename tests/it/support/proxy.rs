@@ -181,3 +181,21 @@ where
     .unwrap();
     (send, tokio::spawn(conn))
 }
+
+/// One HTTP/1.1 GET with `Connection: close` through `addr`, over a raw socket: (status, body).
+pub async fn get_close(addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
+    let reply = raw_exchange(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let status = reply
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
+}

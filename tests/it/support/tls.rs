@@ -166,3 +166,8 @@ pub async fn tls_backend(name: &'static str, issued: &Issued) -> std::net::Socke
     });
     addr
 }
+
+/// `p` as a TOML string.
+pub fn toml_path(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
