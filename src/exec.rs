@@ -62,25 +62,8 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("--drain-timeout {:?}", args.drain_timeout))?;
     let put_path = format!("{instance_path}?ttl={}", humantime::format_duration(ttl));
 
-    // setpriv execs CMD in place (same pid) with the parent-death signal set.
-    let mut child = tokio::process::Command::new("setpriv")
-        .args(["--pdeathsig", "TERM", "--"])
-        .args(&args.command)
-        .spawn()
-        .with_context(|| format!("cannot start {:?} (through setpriv)", args.command[0]))?;
-    let pid = Pid::from_raw(child.id().context("child has no pid")? as i32);
-
-    let mut registered = match client
-        .call(Method::PUT, &put_path, Some(body.clone()))
-        .await
-    {
-        Ok(_) => true,
-        Err(e) => {
-            warn!(error = %e, "registration failed; retrying while the command runs");
-            false
-        }
-    };
-
+    // Signal handlers first: a SIGTERM that arrives once the instance is registered must drain
+    // it, not kill this wrapper with the default action and leave the entry until its TTL.
     let forwarded = [
         (SignalKind::terminate(), Signal::SIGTERM),
         (SignalKind::interrupt(), Signal::SIGINT),
@@ -103,6 +86,25 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
             }
         });
     }
+
+    // setpriv execs CMD in place (same pid) with the parent-death signal set.
+    let mut child = tokio::process::Command::new("setpriv")
+        .args(["--pdeathsig", "TERM", "--"])
+        .args(&args.command)
+        .spawn()
+        .with_context(|| format!("cannot start {:?} (through setpriv)", args.command[0]))?;
+    let pid = Pid::from_raw(child.id().context("child has no pid")? as i32);
+
+    let mut registered = match client
+        .call(Method::PUT, &put_path, Some(body.clone()))
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            warn!(error = %e, "registration failed; retrying while the command runs");
+            false
+        }
+    };
 
     // Renew well inside the TTL; retry faster while not registered.
     let renew_every = ttl / 3;
