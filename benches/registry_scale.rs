@@ -1,13 +1,18 @@
-//! Registry at scale against a real etcd (started here on free ports):
+//! Registry at scale against a real etcd (started here on free ports). One summary line per
+//! figure, with its target:
 //!
-//! 1. initial sync of 100k endpoints in 10k services → published snapshot (median of 5);
-//! 2. churn at 1,000 changes/s for 10 s against those 100k: put → visible latency p50/p99;
-//! 3. resident memory of a whole `svcd run` daemon holding the 100k-endpoint snapshot (after the
-//!    readiness polling, which scrapes `/metrics`), the time and size of a scrape, and the memory
-//!    30 more scrapes leave behind;
-//! 4. `svcd exec` child SIGKILLed → gone from another daemon's snapshot, p50/p99 of 30.
+//! 1. initial sync of the whole registry → published snapshot, in process (median of 5, or of 3
+//!    above 200k endpoints);
+//! 2. churn against it: puts at a fixed rate, put → visible latency p50/p99;
+//! 3. a fresh `svcd run` daemon: start → `/readyz` 200 (synced and serving), its RSS, the time
+//!    and size of a `/metrics` scrape and the RSS after 30 scrapes;
+//! 4. DNS qps for one name (dnsperf) on that daemon against a daemon whose registry holds 1,000
+//!    endpoints, rounds alternating;
+//! 5. `svcd exec` child SIGKILLed → gone from another daemon's snapshot, p50/p99 of 30.
 //!
-//! Run: `cargo bench --bench registry_scale` (needs etcd: `scripts/setup --with-etcd`).
+//! Run: `cargo bench --bench registry_scale [-- --endpoints N --per-service K --churn-rate R
+//! --churn-secs S]` (defaults 100,000 endpoints, 10 per service, 1,000 changes/s for 10 s).
+//! Needs etcd (`scripts/setup --with-etcd`) and dnsperf (`apt-get install dnsperf`).
 
 #[allow(dead_code)]
 #[path = "../tests/it/support/mod.rs"]
@@ -23,11 +28,58 @@ use svcd_registry::{run_sync, EtcdStore, SnapshotPublisher, SnapshotReader, Stor
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use support::daemon::{Daemon, ExecJob};
+use support::daemon::{http, Daemon, ExecJob};
 use support::etcd::Etcd;
 
-const SERVICES: usize = 10_000;
-const PER_SERVICE: usize = 10;
+/// What to measure, from the command line.
+#[derive(Clone, Copy)]
+struct Scale {
+    endpoints: usize,
+    per_service: usize,
+    churn_rate: u64,
+    churn_secs: u64,
+}
+
+impl Scale {
+    fn from_args() -> Scale {
+        let mut scale = Scale {
+            endpoints: 100_000,
+            per_service: 10,
+            churn_rate: 1_000,
+            churn_secs: 10,
+        };
+        let args: Vec<String> = std::env::args().collect();
+        let value = |name: &str| -> Option<u64> {
+            let at = args.iter().position(|a| a == name)?;
+            let v = args
+                .get(at + 1)
+                .unwrap_or_else(|| panic!("{name} needs a value"));
+            Some(
+                v.replace('_', "")
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}: not a count: {v}")),
+            )
+        };
+        if let Some(v) = value("--endpoints") {
+            scale.endpoints = v as usize;
+        }
+        if let Some(v) = value("--per-service") {
+            scale.per_service = v as usize;
+        }
+        if let Some(v) = value("--churn-rate") {
+            scale.churn_rate = v;
+        }
+        if let Some(v) = value("--churn-secs") {
+            scale.churn_secs = v;
+        }
+        assert!(scale.per_service > 0 && scale.endpoints >= scale.per_service);
+        scale
+    }
+
+    fn services(&self) -> usize {
+        self.endpoints / self.per_service
+    }
+}
 
 fn key(service: usize, instance: usize) -> String {
     format!("/svcd/v1/endpoints/default/svc-{service}/inst-{instance}")
@@ -43,15 +95,25 @@ fn value(service: usize, instance: usize, seq: u64) -> String {
     )
 }
 
-async fn load(etcd: &Etcd) {
+/// Loads `services × per_service` endpoints, 120 puts a transaction (etcd allows 128).
+async fn load(etcd: &Etcd, services: usize, per_service: usize) {
     let started = Instant::now();
+    let per_txn = (120 / per_service).max(1);
+    let batches: Vec<(usize, usize)> = (0..services)
+        .step_by(per_txn)
+        .map(|s| (s, (s + per_txn).min(services)))
+        .collect();
+    let batches = Arc::new(batches);
     let mut tasks = tokio::task::JoinSet::new();
-    for worker in 0..16 {
+    const WORKERS: usize = 8;
+    for worker in 0..WORKERS {
         let mut client = etcd.client().await;
+        let batches = batches.clone();
         tasks.spawn(async move {
-            for s in (worker..SERVICES).step_by(16) {
-                let ops: Vec<TxnOp> = (0..PER_SERVICE)
-                    .map(|i| TxnOp::put(key(s, i), value(s, i, 0), None))
+            for &(from, to) in batches.iter().skip(worker).step_by(WORKERS) {
+                let ops: Vec<TxnOp> = (from..to)
+                    .flat_map(|s| (0..per_service).map(move |i| (s, i)))
+                    .map(|(s, i)| TxnOp::put(key(s, i), value(s, i, 0), None))
                     .collect();
                 client
                     .txn(Txn::new().and_then(ops))
@@ -63,7 +125,7 @@ async fn load(etcd: &Etcd) {
     while tasks.join_next().await.is_some() {}
     eprintln!(
         "loaded {} endpoints in {:.1?}",
-        SERVICES * PER_SERVICE,
+        services * per_service,
         started.elapsed()
     );
 }
@@ -101,17 +163,15 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-async fn initial_sync(store: Arc<dyn Store>) -> Duration {
+async fn initial_sync(store: Arc<dyn Store>, scale: Scale) -> Duration {
+    let runs = if scale.endpoints > 200_000 { 3 } else { 5 };
     let mut times = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..runs {
         let started = Instant::now();
         let mut sync = start_sync(store.clone());
         sync.changes.changed().await.expect("first publish");
         times.push(started.elapsed());
-        assert_eq!(
-            sync.snapshot.load().endpoint_count(),
-            SERVICES * PER_SERVICE
-        );
+        assert_eq!(sync.snapshot.load().endpoint_count(), scale.endpoints);
         sync.cancel.cancel();
     }
     times.sort();
@@ -119,13 +179,15 @@ async fn initial_sync(store: Arc<dyn Store>) -> Duration {
         "initial sync runs: {:?}",
         times.iter().map(|d| ms(*d)).collect::<Vec<_>>()
     );
-    times[2]
+    times[runs / 2]
 }
 
 /// (service, instance) → (latest seq written, when its put was sent).
 type Pending = HashMap<(usize, usize), (u64, Instant)>;
 
-async fn churn(etcd: &Etcd, store: Arc<dyn Store>) -> Vec<Duration> {
+/// Puts at `churn_rate` for `churn_secs`; returns the sorted put → visible latencies and the
+/// rate reached.
+async fn churn(etcd: &Etcd, store: Arc<dyn Store>, scale: Scale) -> (Vec<Duration>, f64) {
     let mut sync = start_sync(store);
     sync.changes.changed().await.expect("first publish");
     let pending: Arc<Mutex<Pending>> = Arc::default();
@@ -160,26 +222,51 @@ async fn churn(etcd: &Etcd, store: Arc<dyn Store>) -> Vec<Duration> {
         })
     };
     let client = etcd.client().await;
+    // Every millisecond, the changes due by then go out as one transaction (at 10,000/s, ten
+    // puts): one put per request would measure etcd's request rate on two cores, not svcd. At
+    // most 64 transactions are in flight; past that a tick's changes wait for the next.
     let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let duration = Duration::from_secs(scale.churn_secs);
     let started = Instant::now();
     let mut seq = 0u64;
     let mut writers = tokio::task::JoinSet::new();
-    while started.elapsed() < Duration::from_secs(10) {
+    while started.elapsed() < duration {
         tick.tick().await;
-        seq += 1;
-        let (s, i) = ((seq as usize * 7919) % SERVICES, seq as usize % PER_SERVICE);
+        while writers.try_join_next().is_some() {}
+        if writers.len() >= 64 {
+            continue;
+        }
+        let due = (started.elapsed().as_secs_f64() * scale.churn_rate as f64) as u64;
+        let mut ops = Vec::new();
+        let mut batch = Vec::new();
+        while seq < due && ops.len() < 120 {
+            seq += 1;
+            let (s, i) = (
+                (seq as usize * 7919) % scale.services(),
+                seq as usize % scale.per_service,
+            );
+            ops.push(TxnOp::put(key(s, i), value(s, i, seq), None));
+            batch.push(((s, i), seq));
+        }
+        if ops.is_empty() {
+            continue;
+        }
         let mut client = client.clone();
         let pending = pending.clone();
         writers.spawn(async move {
             let sent = Instant::now();
-            pending.lock().unwrap().insert((s, i), (seq, sent));
+            pending
+                .lock()
+                .unwrap()
+                .extend(batch.into_iter().map(|(k, seq)| (k, (seq, sent))));
             client
-                .put(key(s, i), value(s, i, seq), None)
+                .txn(Txn::new().and_then(ops))
                 .await
-                .expect("churn put");
+                .expect("churn txn");
         });
-        while writers.try_join_next().is_some() {}
     }
+    let rate = seq as f64 / started.elapsed().as_secs_f64();
     while writers.join_next().await.is_some() {}
     let deadline = Instant::now() + Duration::from_secs(5);
     while !pending.lock().unwrap().is_empty() && Instant::now() < deadline {
@@ -191,25 +278,28 @@ async fn churn(etcd: &Etcd, store: Arc<dyn Store>) -> Vec<Duration> {
     let mut l = latencies.lock().unwrap().clone();
     l.sort();
     eprintln!(
-        "churn: {} changes in {:.1?} ({:.0}/s), {missing} not seen",
-        seq,
+        "churn: {seq} changes in {:.1?} ({rate:.0}/s), {missing} not seen",
         started.elapsed(),
-        seq as f64 / started.elapsed().as_secs_f64()
     );
-    l
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .expect("VmRSS")
+    (l, rate)
 }
 
 fn etcd_config(endpoint: &str) -> String {
     format!("[registry.etcd]\nendpoints = [\"{endpoint}\"]\n")
+}
+
+/// Starts `svcd run` against `endpoint` at warn level (debug logging of the registry would be
+/// the bulk of the work at this scale) and returns it with the time from spawn to `/readyz`
+/// 200, which the daemon answers once the registry is synced and DNS and the proxies serve.
+async fn start_timed(endpoint: &str) -> (Daemon, Duration) {
+    let started = Instant::now();
+    let d = Daemon::spawn(&etcd_config(endpoint), &[("SVCD_LOG_LEVEL", "warn")]);
+    support::eventually(Duration::from_secs(180), "svcd /readyz", || async {
+        let r = http(d.admin, "GET", "/readyz", None).await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    (d, started.elapsed())
 }
 
 async fn exec_kill_latency(a: &Daemon, b: &Daemon, rounds: usize) -> Vec<Duration> {
@@ -234,20 +324,82 @@ async fn exec_kill_latency(a: &Daemon, b: &Daemon, rounds: usize) -> Vec<Duratio
     out
 }
 
+/// dnsperf's queries per second for `name` A on `server`, 5 s (16 clients, 200 outstanding, as
+/// benches/dns/qps.sh).
+async fn dnsperf_qps(server: std::net::SocketAddr, name: &str) -> f64 {
+    let queries = tempfile::NamedTempFile::new().expect("queries file");
+    std::fs::write(queries.path(), format!("{name} A\n")).expect("write queries");
+    let out = tokio::process::Command::new("dnsperf")
+        .args([
+            "-s",
+            &server.ip().to_string(),
+            "-p",
+            &server.port().to_string(),
+        ])
+        .arg("-d")
+        .arg(queries.path())
+        .args(["-l", "5", "-c", "16", "-q", "200", "-T", "1"])
+        .output()
+        .await
+        .expect("dnsperf (apt-get install dnsperf)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let qps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Queries per second:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("dnsperf output without a qps:\n{text}"));
+    let lost = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Queries lost:"))
+        .unwrap_or("?");
+    eprintln!("dnsperf {server}: {qps:.0} qps, lost {}", lost.trim());
+    qps
+}
+
+/// The median qps for one name on `big` and on `small` over 3 alternating rounds.
+async fn dns_qps(big: &Daemon, small: &Daemon, name: &str) -> (f64, f64) {
+    for d in [big, small] {
+        support::eventually(Duration::from_secs(10), "name answered", || async {
+            let r = support::dns::udp(
+                d.dns,
+                &format!("{name}."),
+                hickory_proto::rr::RecordType::A,
+                None,
+            )
+            .await;
+            (!r.answers.is_empty()).then_some(())
+        })
+        .await;
+    }
+    let (mut b, mut s) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        b.push(dnsperf_qps(big.dns, name).await);
+        s.push(dnsperf_qps(small.dns, name).await);
+    }
+    b.sort_by(f64::total_cmp);
+    s.sort_by(f64::total_cmp);
+    (b[1], s[1])
+}
+
+fn line(measure: impl std::fmt::Display, result: impl std::fmt::Display, target: &str) {
+    println!("{measure:<56} {result:>12} {target:>12}");
+}
+
 #[tokio::main]
 async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         eprintln!("registry_scale: run with `cargo bench --bench registry_scale`");
         return;
     }
+    let scale = Scale::from_args();
     let etcd = Etcd::start().await;
 
     // Baseline memory of an empty daemon, for context.
-    let empty = Daemon::start(&etcd_config(&etcd.endpoint())).await;
-    let empty_rss = rss_kib(empty.pid().as_raw() as u32);
+    let (empty, _) = start_timed(&etcd.endpoint()).await;
+    let empty_rss = empty.rss_kib();
     drop(empty);
 
-    load(&etcd).await;
+    load(&etcd, scale.services(), scale.per_service).await;
     let config = EtcdConfig {
         endpoints: vec![etcd.endpoint()],
         connect_timeout: Duration::from_secs(5),
@@ -261,21 +413,11 @@ async fn main() {
     };
     let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(&config).await.expect("etcd store"));
 
-    let sync_median = initial_sync(store.clone()).await;
-    let churn_latencies = churn(&etcd, store.clone()).await;
+    let sync_median = initial_sync(store.clone(), scale).await;
+    let (churn_latencies, churn_rate) = churn(&etcd, store.clone(), scale).await;
 
-    let a = Daemon::start(&etcd_config(&etcd.endpoint())).await;
-    let b = Daemon::start(&etcd_config(&etcd.endpoint())).await;
-    support::eventually(
-        Duration::from_secs(30),
-        "daemon to hold 100k endpoints",
-        || async {
-            (b.metric("svcd_registry_endpoints").await == Some((SERVICES * PER_SERVICE) as f64))
-                .then_some(())
-        },
-    )
-    .await;
-    let full_rss = rss_kib(b.pid().as_raw() as u32);
+    let (b, ready) = start_timed(&etcd.endpoint()).await;
+    let ready_rss = b.rss_kib();
     // Prometheus scraping the daemon: 30 scrapes, each timed; RSS after them.
     let mut scrapes = Vec::new();
     let mut scrape_bytes = 0;
@@ -287,83 +429,115 @@ async fn main() {
         assert!(body.contains("svcd_service_endpoints{"));
     }
     scrapes.sort();
-    let scraped_rss = rss_kib(b.pid().as_raw() as u32);
+    let scraped_rss = b.rss_kib();
+
+    // DNS for one name while holding the whole registry, against a registry of 1,000.
+    let small_etcd = Etcd::start().await;
+    load(&small_etcd, 1_000 / scale.per_service, scale.per_service).await;
+    let (small, _) = start_timed(&small_etcd.endpoint()).await;
+    let (big_qps, small_qps) = dns_qps(&b, &small, "svc-7.default.svc.cluster.local").await;
+    drop(small);
+
+    let (a, _) = start_timed(&etcd.endpoint()).await;
     let exec_latencies = exec_kill_latency(&a, &b, 30).await;
 
+    let n = scale.endpoints;
     println!();
     println!(
-        "registry_scale ({} endpoints in {} services, etcd 3.4 on loopback)",
-        SERVICES * PER_SERVICE,
-        SERVICES
+        "registry_scale ({n} endpoints in {} services, etcd 3.4 on loopback)",
+        scale.services()
     );
-    println!("{:<52} {:>12} {:>12}", "measure", "result", "target");
-    println!(
-        "{:<52} {:>12} {:>12}",
-        "initial sync → published snapshot (median of 5)",
+    line("measure", "result", "target");
+    line(
+        "initial sync → published snapshot (median)",
         ms(sync_median),
-        "< 2000 ms"
+        if n >= 1_000_000 {
+            "< 10000 ms"
+        } else {
+            "< 2000 ms"
+        },
     );
-    println!(
-        "{:<52} {:>12} {:>12}",
+    line(
         format!(
-            "churn put → visible p50 ({} samples)",
+            "churn {:.0}/s for {} s: put → visible p50 ({} samples)",
+            churn_rate,
+            scale.churn_secs,
             churn_latencies.len()
         ),
         ms(percentile(&churn_latencies, 0.5)),
-        ""
+        "",
     );
-    println!(
-        "{:<52} {:>12} {:>12}",
+    line(
         "churn put → visible p99",
         ms(percentile(&churn_latencies, 0.99)),
-        "< 50 ms"
+        "< 50 ms",
     );
-    println!(
-        "{:<52} {:>12} {:>12}",
+    line(
         "churn put → visible max",
         ms(*churn_latencies.last().unwrap()),
-        ""
+        "",
     );
-    println!(
-        "{:<52} {:>9} MiB {:>12}",
+    line(
+        "fresh svcd run: start → /readyz 200",
+        ms(ready),
+        if n >= 1_000_000 { "< 10000 ms" } else { "" },
+    );
+    line(
         "daemon RSS, empty registry",
-        empty_rss / 1024,
-        ""
+        format!("{} MiB", empty_rss / 1024),
+        "",
     );
-    println!(
-        "{:<52} {:>9} MiB {:>12}",
-        "daemon RSS holding 100k endpoints",
-        full_rss / 1024,
-        "< 100 MB"
+    line(
+        format!("daemon RSS holding {n} endpoints, ready"),
+        format!("{} MiB", ready_rss / 1024),
+        "",
     );
-    println!(
-        "{:<52} {:>12} {:>12}",
+    line(
         format!("scrape /metrics median of 30 ({} KiB)", scrape_bytes / 1024),
         ms(percentile(&scrapes, 0.5)),
-        "< 100 ms"
+        if n >= 1_000_000 {
+            "< 200 ms"
+        } else {
+            "< 100 ms"
+        },
     );
-    println!(
-        "{:<52} {:>9} MiB {:>12}",
-        "daemon RSS after 30 more scrapes",
-        scraped_rss / 1024,
-        "< 100 MB"
+    line(
+        "scrape /metrics size",
+        format!("{} KiB", scrape_bytes / 1024),
+        "< 10 MB",
     );
-    println!(
-        "{:<52} {:>9} MiB {:>12}",
-        "RSS retained by those scrapes",
-        scraped_rss.saturating_sub(full_rss) / 1024,
-        "< 5 MB"
+    line(
+        "daemon RSS after 30 scrapes",
+        format!("{} MiB", scraped_rss / 1024),
+        if n >= 1_000_000 {
+            "< 300 MB"
+        } else {
+            "< 100 MB"
+        },
     );
-    println!(
-        "{:<52} {:>12} {:>12}",
+    line(
+        format!("DNS qps, one name, holding {n}"),
+        format!("{big_qps:.0}"),
+        "",
+    );
+    line(
+        "DNS qps, one name, holding 1000",
+        format!("{small_qps:.0}"),
+        "",
+    );
+    line(
+        "DNS qps ratio (holding all / holding 1000)",
+        format!("{:.2}", big_qps / small_qps),
+        ">= 0.90",
+    );
+    line(
         "exec child SIGKILL → gone on other daemon p50 (30)",
         ms(percentile(&exec_latencies, 0.5)),
-        ""
+        "",
     );
-    println!(
-        "{:<52} {:>12} {:>12}",
+    line(
         "exec child SIGKILL → gone on other daemon p99 (30)",
         ms(percentile(&exec_latencies, 0.99)),
-        "< 250 ms"
+        "< 250 ms",
     );
 }

@@ -227,7 +227,7 @@ pub fn resolve(
                 .healthy
                 .iter()
                 .map(|e| &**e)
-                .filter(|e| tag.is_none_or(|t| e.tags.iter().any(|have| **have == *t)))
+                .filter(|e| tag.is_none_or(|t| e.tags().iter().any(|have| **have == *t)))
                 .collect();
             if matching.is_empty() {
                 return Some(nxdomain());
@@ -264,7 +264,7 @@ fn srv_answer(
         .iter()
         .filter_map(|e| {
             e.port(&consul.port_name)
-                .or_else(|| e.ports.first().map(|(_, p)| *p))
+                .or_else(|| e.ports().first().map(|(_, p)| *p))
                 .map(|p| (*e, p))
         })
         .collect();

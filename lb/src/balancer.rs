@@ -57,7 +57,7 @@ pub enum PortRule {
 
 impl PortRule {
     pub fn port_of(&self, endpoint: &Endpoint) -> Option<u16> {
-        let only = || (endpoint.ports.len() == 1).then(|| endpoint.ports[0].1);
+        let only = || (endpoint.ports().len() == 1).then(|| endpoint.ports()[0].1);
         match self {
             PortRule::Named(name) => endpoint.port(name),
             PortRule::Only => only(),
@@ -176,11 +176,11 @@ impl<F: SlotFactory> ServiceBalancer<F> {
         let mut slot = |e: &Arc<Endpoint>| -> Option<Slot<F::Extra>> {
             let port = self.port.port_of(e)?;
             let addr = SocketAddr::new(e.ip, port);
-            let extra = match extras.get(&e.id) {
+            let extra = match extras.get(e.id.as_str()) {
                 Some((a, x)) if *a == addr => x.clone(),
                 _ => {
                     let x = Arc::new(self.factory.make(&self.name, e, addr)?);
-                    extras.insert(e.id.clone(), (addr, x.clone()));
+                    extras.insert(e.id.as_str().into(), (addr, x.clone()));
                     x
                 }
             };

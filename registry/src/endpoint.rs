@@ -10,25 +10,35 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use svcd_config::{Instance, Protocol, State};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// Instance id (DNS label).
-    pub id: Box<str>,
+    /// Instance id (DNS label), inline up to 24 bytes.
+    pub id: CompactString,
     pub ip: IpAddr,
-    /// Named ports sorted by name; few enough that a linear scan beats hashing.
-    pub ports: Box<[(Arc<str>, u16)]>,
+    /// Ports, tags and meta: what a service's replicas usually share, interned as one record so
+    /// an endpoint holds one pointer to them (96 bytes an endpoint in all, see the size test).
+    pub attributes: Arc<EndpointAttributes>,
     pub node: Arc<str>,
     pub weight: u32,
     pub protocol: Protocol,
     pub state: State,
     /// Why the state (the failing check's error), when the holder wrote one.
     pub reason: Option<Box<str>>,
-    pub tags: Box<[Arc<str>]>,
-    pub meta: Box<[(Arc<str>, Box<str>)]>,
     /// Store revision of the value; lets a re-list tell changed entries from unchanged ones.
     pub mod_revision: i64,
+}
+
+/// An instance's named ports, tags and meta, shared between the endpoints that carry the same.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct EndpointAttributes {
+    /// Named ports sorted by name; few enough that a linear scan beats hashing.
+    pub ports: Box<[(Arc<str>, u16)]>,
+    pub tags: Box<[Arc<str>]>,
+    /// Sorted by key.
+    pub meta: Box<[(Arc<str>, Arc<str>)]>,
 }
 
 impl Endpoint {
@@ -40,17 +50,33 @@ impl Endpoint {
     /// The port registered under `name`.
     #[inline]
     pub fn port(&self, name: &str) -> Option<u16> {
-        self.ports
+        self.ports()
             .iter()
             .find(|(n, _)| &**n == name)
             .map(|(_, p)| *p)
     }
 
     pub fn meta(&self, key: &str) -> Option<&str> {
-        self.meta
+        self.attributes
+            .meta
             .iter()
             .find(|(k, _)| &**k == key)
             .map(|(_, v)| &**v)
+    }
+
+    /// Named ports, sorted by name.
+    #[inline]
+    pub fn ports(&self) -> &[(Arc<str>, u16)] {
+        &self.attributes.ports
+    }
+
+    pub fn tags(&self) -> &[Arc<str>] {
+        &self.attributes.tags
+    }
+
+    /// Meta entries, sorted by key.
+    pub fn meta_entries(&self) -> &[(Arc<str>, Arc<str>)] {
+        &self.attributes.meta
     }
 
     /// Back to the wire model (admin API output).
@@ -58,17 +84,17 @@ impl Endpoint {
         Instance {
             ip: self.ip,
             ports: self
-                .ports
+                .ports()
                 .iter()
                 .map(|(n, p)| (n.to_string(), *p))
                 .collect(),
             node: self.node.to_string(),
             weight: self.weight,
-            tags: self.tags.iter().map(|t| t.to_string()).collect(),
+            tags: self.tags().iter().map(|t| t.to_string()).collect(),
             protocol: self.protocol,
             state: self.state,
             meta: self
-                .meta
+                .meta_entries()
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
@@ -86,32 +112,37 @@ impl Endpoint {
             && self.state == instance.state
             && self.reason.as_deref() == instance.reason.as_deref()
             && *self.node == *instance.node
-            && self.ports.len() == instance.ports.len()
+            && self.ports().len() == instance.ports.len()
             && self
-                .ports
+                .ports()
                 .iter()
                 .zip(&instance.ports)
                 .all(|((a, p), (b, q))| **a == **b && p == q)
-            && self.tags.len() == instance.tags.len()
+            && self.tags().len() == instance.tags.len()
             && self
-                .tags
+                .tags()
                 .iter()
                 .zip(&instance.tags)
                 .all(|(a, b)| **a == **b)
-            && self.meta.len() == instance.meta.len()
+            && self.meta_entries().len() == instance.meta.len()
             && self
-                .meta
+                .meta_entries()
                 .iter()
                 .zip(&instance.meta)
                 .all(|((a, x), (b, y))| **a == **b && **x == **y)
     }
 }
 
-/// Shares equal strings between endpoints. Owned by the single snapshot writer; pruned of
-/// strings nobody uses on every full re-list, so churn in node names cannot grow it forever.
+/// Shares equal strings — and equal port, tag and meta lists — between endpoints. Owned by the
+/// single snapshot writer; pruned of what nobody uses on every full re-list, so churn in node
+/// names cannot grow it forever.
 #[derive(Default)]
 pub struct Interner {
     strings: HashSet<Arc<str>>,
+    attributes: HashSet<Arc<EndpointAttributes>>,
+    /// `len()` after the last prune: churn through unique values (a per-instance meta value)
+    /// prunes again once the interner has doubled, so it stays within twice what is in use.
+    pruned_at: usize,
 }
 
 impl Interner {
@@ -124,39 +155,61 @@ impl Interner {
         new
     }
 
-    /// Drops strings only the interner still holds.
-    pub fn prune(&mut self) {
-        self.strings.retain(|s| Arc::strong_count(s) > 1);
+    fn intern_attributes(&mut self, attributes: EndpointAttributes) -> Arc<EndpointAttributes> {
+        if let Some(existing) = self.attributes.get(&attributes) {
+            return existing.clone();
+        }
+        let new = Arc::new(attributes);
+        self.attributes.insert(new.clone());
+        new
     }
 
+    /// Drops what only the interner still holds (attributes first: they hold strings).
+    pub fn prune(&mut self) {
+        self.attributes.retain(|a| Arc::strong_count(a) > 1);
+        self.strings.retain(|s| Arc::strong_count(s) > 1);
+        self.pruned_at = self.len();
+    }
+
+    /// Prunes when the interner has doubled since the last prune (amortised O(1) an entry).
+    pub fn prune_if_grown(&mut self) {
+        if self.len() > 2 * self.pruned_at + 1024 {
+            self.prune();
+        }
+    }
+
+    /// Strings and attribute records held.
     pub fn len(&self) -> usize {
-        self.strings.len()
+        self.strings.len() + self.attributes.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.strings.is_empty()
+        self.len() == 0
     }
 
     pub fn endpoint(&mut self, id: &str, instance: Instance, mod_revision: i64) -> Endpoint {
-        Endpoint {
-            id: id.into(),
-            ip: instance.ip,
+        let attributes = EndpointAttributes {
             ports: instance
                 .ports
                 .iter()
                 .map(|(n, p)| (self.intern(n), *p))
                 .collect(),
+            tags: instance.tags.iter().map(|t| self.intern(t)).collect(),
+            meta: instance
+                .meta
+                .iter()
+                .map(|(k, v)| (self.intern(k), self.intern(v)))
+                .collect(),
+        };
+        Endpoint {
+            id: id.into(),
+            ip: instance.ip,
+            attributes: self.intern_attributes(attributes),
             node: self.intern(&instance.node),
             weight: instance.weight,
             protocol: instance.protocol,
             state: instance.state,
             reason: instance.reason.map(Into::into),
-            tags: instance.tags.iter().map(|t| self.intern(t)).collect(),
-            meta: instance
-                .meta
-                .iter()
-                .map(|(k, v)| (self.intern(k), Box::from(v.as_str())))
-                .collect(),
             mod_revision,
         }
     }
@@ -174,7 +227,11 @@ mod tests {
         let a = interner.endpoint("a", instance.clone(), 5);
         let b = interner.endpoint("b", instance.clone(), 6);
         assert!(Arc::ptr_eq(&a.node, &b.node));
-        assert!(Arc::ptr_eq(&a.ports[0].0, &b.ports[0].0));
+        assert!(Arc::ptr_eq(&a.ports()[0].0, &b.ports()[0].0));
+        assert!(
+            Arc::ptr_eq(&a.attributes, &b.attributes),
+            "one attributes record"
+        );
         assert_eq!(a.port("grpc"), Some(90));
         assert_eq!(a.port("nope"), None);
         assert_eq!(a.meta("k"), Some("v"));
@@ -186,5 +243,11 @@ mod tests {
         drop((a, b));
         interner.prune();
         assert!(interner.is_empty());
+    }
+
+    #[test]
+    fn an_endpoint_record_stays_small() {
+        // A million of these is the snapshot; a field added here costs a megabyte a byte.
+        assert_eq!(std::mem::size_of::<Endpoint>(), 96);
     }
 }

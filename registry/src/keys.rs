@@ -43,14 +43,29 @@ impl InstanceKey {
 
     /// Parses a store key; `None` for anything that is not a well-formed endpoint key.
     pub fn parse(key: &str) -> Option<Self> {
-        let rest = key.strip_prefix(ENDPOINTS_PREFIX)?;
-        let mut parts = rest.split('/');
-        let (ns, svc, id) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() {
-            return None;
-        }
-        InstanceKey::new(ns, svc, id).ok()
+        let (namespace, service, id) = parse_parts(key)?;
+        Some(InstanceKey {
+            namespace: namespace.into(),
+            service: service.into(),
+            id: id.into(),
+        })
     }
+}
+
+/// A store key's namespace, service and id, borrowed from it (the snapshot writer parses a
+/// million keys at start-up and allocates only for what it keeps); `None` for anything that is
+/// not a well-formed endpoint key.
+pub fn parse_parts(key: &str) -> Option<(&str, &str, &str)> {
+    let rest = key.strip_prefix(ENDPOINTS_PREFIX)?;
+    let mut parts = rest.split('/');
+    let (ns, svc, id) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    for label in [ns, svc, id] {
+        names::check_label(label).ok()?;
+    }
+    Some((ns, svc, id))
 }
 
 impl fmt::Display for InstanceKey {

@@ -1,10 +1,11 @@
 //! Registry metrics, registered once into the daemon's one `prometheus::Registry`.
 
 use std::fmt::Write;
+use std::sync::Arc;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
-use crate::snapshot::{EndpointSnapshot, ServedState};
+use crate::snapshot::{EndpointSnapshot, ServedState, ServiceEndpoints};
 use crate::status::StoreReplaced;
 
 /// Handles resolved at start-up; updating one is an atomic op, never a registry lookup.
@@ -122,24 +123,38 @@ pub fn write_state_metrics(
     per_endpoint: bool,
     max_services: usize,
 ) {
-    let mut services: Vec<_> = snapshot.services().collect();
-    services.sort_unstable_by(|a, b| (&a.namespace, &a.service).cmp(&(&b.namespace, &b.service)));
-    let fold = services.len() > max_services;
+    // Folding needs no order among the folded: count them in one pass over the services (their
+    // counts are kept per service), and sort only what is shown.
+    let fold = snapshot.service_count() > max_services;
     let mut folded = [0usize; ServedState::ALL.len()];
     let mut folded_services = 0usize;
-    let mut shown = Vec::with_capacity(services.len().min(max_services));
-    for s in services {
+    let mut shown = Vec::with_capacity(snapshot.service_count().min(max_services));
+    for s in snapshot.services() {
         let counts = s.count_by_state();
         let all_healthy = counts[ServedState::Healthy as usize] == s.all.len();
-        if !fold || (!all_healthy && shown.len() < max_services) {
-            shown.push((s, counts));
+        if fold && all_healthy {
+            folded_services += 1;
+            for (sum, n) in folded.iter_mut().zip(counts) {
+                *sum += n;
+            }
         } else {
+            shown.push((s, counts));
+        }
+    }
+    let by_name = |a: &(&Arc<ServiceEndpoints>, _), b: &(&Arc<ServiceEndpoints>, _)| {
+        (&a.0.namespace, &a.0.service).cmp(&(&b.0.namespace, &b.0.service))
+    };
+    if shown.len() > max_services {
+        // More not fully healthy services than series: the first in name order keep theirs.
+        shown.select_nth_unstable_by(max_services, by_name);
+        for (_, counts) in shown.drain(max_services..) {
             folded_services += 1;
             for (sum, n) in folded.iter_mut().zip(counts) {
                 *sum += n;
             }
         }
     }
+    shown.sort_unstable_by(by_name);
     out.push_str(
         "# HELP svcd_service_endpoints Instances of each service by the state this node serves \
          them with (healthy, unhealthy, draining, ejected, pending); above \

@@ -166,7 +166,7 @@ fn apply<'a>(
         // Only ejections of instances that are still there.
         let ejections: BTreeMap<Box<str>, Arc<Ejection>> = ids
             .iter()
-            .filter(|(id, _)| service.all.iter().any(|e| &e.id == *id))
+            .filter(|(id, _)| service.all.iter().any(|e| e.id == **id))
             .map(|(id, e)| (id.clone(), e.clone()))
             .collect();
         if ejections == service.ejections {

@@ -33,6 +33,9 @@ pub struct ServiceEndpoints {
     /// Store revision of the last change to this service's instances: the index of blocking
     /// queries (`GET /v1/services/{ns}/{svc}?index=…&wait=…`).
     pub revision: i64,
+    /// Instances by [`ServedState`], counted once here: a scrape reads 100k services' counts
+    /// without touching a million endpoints.
+    counts: [u32; ServedState::ALL.len()],
 }
 
 /// The state an instance is served with on this node — the one answer DNS, the proxies, the API,
@@ -107,13 +110,17 @@ impl ServiceEndpoints {
             healthy: Vec::new(),
             ejections,
             revision,
+            counts: [0; ServedState::ALL.len()],
         };
-        s.healthy = s
-            .all
-            .iter()
-            .filter(|e| s.served_state(e) == ServedState::Healthy)
-            .cloned()
-            .collect();
+        let mut healthy = Vec::new();
+        for e in &s.all {
+            let state = s.served_state(e);
+            s.counts[state as usize] += 1;
+            if state == ServedState::Healthy {
+                healthy.push(e.clone());
+            }
+        }
+        s.healthy = healthy;
         s
     }
 
@@ -122,7 +129,7 @@ impl ServiceEndpoints {
     pub fn served_state(&self, endpoint: &Endpoint) -> ServedState {
         ServedState::of(
             endpoint.state,
-            !self.ejections.is_empty() && self.ejections.contains_key(&endpoint.id),
+            !self.ejections.is_empty() && self.ejections.contains_key(endpoint.id.as_str()),
         )
     }
 
@@ -133,19 +140,17 @@ impl ServiceEndpoints {
 
     /// Instances per served state, in [`ServedState::ALL`] order.
     pub fn count_by_state(&self) -> [usize; ServedState::ALL.len()] {
-        let mut counts = [0; ServedState::ALL.len()];
-        for e in &self.all {
-            counts[self.served_state(e) as usize] += 1;
-        }
-        counts
+        self.counts.map(|n| n as usize)
     }
 }
 
 /// Keys are `Arc<str>` so copying the map on publish bumps refcounts instead of copying strings.
 /// Number of shards the service map is split into. Publishing copies only the shards that hold a
 /// changed service, so the cost of a publish is O(services / SHARDS) per changed shard, not
-/// O(all services) — at 10k services, about 160 entries per shard.
-const SHARDS: usize = 64;
+/// O(all services) — at 100k services, about 100 entries per shard, so a publish of 50 changed
+/// services (10,000 changes/s, 5 ms coalescing) copies ~5,000 entries instead of all 100k that 64
+/// shards made it copy. The shard list itself (8 KiB) is copied per publish.
+const SHARDS: usize = 1024;
 
 type Hasher = foldhash::fast::FixedState;
 /// `"<svc>.<ns>"` → endpoints. Keys are `Arc<str>` so copying a shard bumps refcounts instead of

@@ -108,13 +108,13 @@ fn target_group(service: &ServiceEndpoints, e: &Endpoint, port: u16) -> Value {
     label("__meta_svcd_node".into(), &e.node);
     label("__meta_svcd_state".into(), service.served_state(e).as_str());
     let mut tags = String::from(",");
-    for tag in e.tags.iter() {
+    for tag in e.tags().iter() {
         tags.push_str(tag);
         tags.push(',');
         label(format!("__meta_svcd_tag_{}", label_part(tag)), "true");
     }
     label("__meta_svcd_tags".into(), &tags);
-    for (k, v) in e.meta.iter() {
+    for (k, v) in e.meta_entries().iter() {
         label(format!("__meta_svcd_meta_{}", label_part(k)), v);
     }
     json!({

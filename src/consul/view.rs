@@ -31,24 +31,24 @@ pub fn node_name(e: &Endpoint) -> &str {
 /// name, else 0.
 pub fn consul_port(e: &Endpoint, port_name: &str) -> u16 {
     e.port(port_name)
-        .or_else(|| e.ports.first().map(|(_, p)| *p))
+        .or_else(|| e.ports().first().map(|(_, p)| *p))
         .unwrap_or(0)
 }
 
 fn meta(e: &Endpoint) -> Map<String, Value> {
-    e.meta
+    e.meta_entries()
         .iter()
         .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
         .collect()
 }
 
 fn tags(e: &Endpoint) -> Vec<&str> {
-    e.tags.iter().map(|t| &**t).collect()
+    e.tags().iter().map(|t| &**t).collect()
 }
 
 /// Whether the instance carries every tag in `want`.
 pub fn has_tags(e: &Endpoint, want: &[String]) -> bool {
-    want.iter().all(|w| e.tags.iter().any(|t| **t == **w))
+    want.iter().all(|w| e.tags().iter().any(|t| **t == **w))
 }
 
 /// One `/v1/health/service/<name>` entry.
@@ -134,7 +134,7 @@ pub fn catalog_services(snapshot: &EndpointSnapshot, namespace: &str) -> Value {
     for s in snapshot.services().filter(|s| s.namespace == namespace) {
         let tags = out.entry(&s.service).or_default();
         for e in &s.all {
-            tags.extend(e.tags.iter().map(|t| &**t));
+            tags.extend(e.tags().iter().map(|t| &**t));
         }
     }
     json!(out)

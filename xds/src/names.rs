@@ -66,7 +66,7 @@ pub fn port_names(service: &ServiceEndpoints) -> Vec<&str> {
     let mut names: Vec<&str> = service
         .all
         .iter()
-        .flat_map(|e| e.ports.iter().map(|(n, _)| &**n))
+        .flat_map(|e| e.ports().iter().map(|(n, _)| &**n))
         .collect();
     names.sort_unstable();
     names.dedup();

@@ -143,6 +143,10 @@ fn read_named(key: &str, path: &std::path::Path) -> StoreResult<Vec<u8>> {
 
 /// What the client connects with: timeouts from the config, credentials and certificates from
 /// the files it names (read now).
+/// The largest list response accepted: pages aim at `SyncOptions::page_bytes` (16 MiB), and one
+/// page always holds at least one key, whose value etcd caps at 1.5 MiB by default.
+const LIST_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 fn connect_options(config: &EtcdConfig) -> StoreResult<ConnectOptions> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(config.connect_timeout)
@@ -317,22 +321,38 @@ impl Store for EtcdStore {
             .with_range(prefix_end(prefix))
             .with_revision(revision)
             .with_limit(limit as i64);
-        let resp = self
-            .retrying(None, |mut c| {
+        let mut resp = self
+            .retrying(None, |c| {
                 let options = options.clone();
-                async move { c.get(start, Some(options)).await }
+                // A page is sized by bytes (see `SyncOptions::page_bytes`), past tonic's 4 MiB
+                // default: allow what the largest page can be.
+                let mut kv = c
+                    .kv_client()
+                    .max_decoding_message_size(LIST_MAX_MESSAGE_BYTES);
+                async move { kv.get(start, Some(options)).await }
             })
             .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
+        // A pinned read is at the revision asked for; the header carries the store's current
+        // one, and a listing that took it would resume its watch past writes made meanwhile.
+        let revision = match revision {
+            0 => resp.header().map(|h| h.revision()).unwrap_or(0),
+            pinned => pinned,
+        };
         let history = resp.header().map(|h| h.cluster_id()).unwrap_or(0);
+        // Owned, not copied: at a million keys the listing is the bulk of the start-up work.
         let kvs = resp
-            .kvs()
-            .iter()
-            .map(|kv| KeyValue {
-                key: String::from_utf8_lossy(kv.key()).into_owned(),
-                value: kv.value().to_vec(),
-                mod_revision: kv.mod_revision(),
-                create_revision: kv.create_revision(),
+            .take_kvs()
+            .into_iter()
+            .map(|kv| {
+                let (mod_revision, create_revision) = (kv.mod_revision(), kv.create_revision());
+                let (key, value) = kv.into_key_value();
+                KeyValue {
+                    key: String::from_utf8(key)
+                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                    value,
+                    mod_revision,
+                    create_revision,
+                }
             })
             .collect();
         Ok(ListPage {

@@ -150,7 +150,10 @@ pub async fn list_all(
     let mut start = prefix.to_string();
     loop {
         let page = store.list(prefix, &start, revision, page_size).await?;
-        revision = page.revision;
+        // Later pages are read at the first page's revision (etcd's header says the current).
+        if revision == 0 {
+            revision = page.revision;
+        }
         let more = page.more;
         if let Some(last) = page.kvs.last() {
             start = format!("{}\0", last.key);
