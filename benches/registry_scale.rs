@@ -185,9 +185,13 @@ async fn initial_sync(store: Arc<dyn Store>, scale: Scale) -> Duration {
 /// (service, instance) → (latest seq written, when its put was sent).
 type Pending = HashMap<(usize, usize), (u64, Instant)>;
 
-/// Puts at `churn_rate` for `churn_secs`; returns the sorted put → visible latencies and the
-/// rate reached.
-async fn churn(etcd: &Etcd, store: Arc<dyn Store>, scale: Scale) -> (Vec<Duration>, f64) {
+/// Puts at `churn_rate` for `churn_secs`; returns the sorted put → visible latencies, the
+/// sorted transaction round trips (etcd's share) and the rate reached.
+async fn churn(
+    etcd: &Etcd,
+    store: Arc<dyn Store>,
+    scale: Scale,
+) -> (Vec<Duration>, Vec<Duration>, f64) {
     let mut sync = start_sync(store);
     sync.changes.changed().await.expect("first publish");
     let pending: Arc<Mutex<Pending>> = Arc::default();
@@ -222,6 +226,8 @@ async fn churn(etcd: &Etcd, store: Arc<dyn Store>, scale: Scale) -> (Vec<Duratio
         })
     };
     let client = etcd.client().await;
+    // How long etcd took to answer each transaction: the part of put → visible that is not svcd.
+    let commits: Arc<Mutex<Vec<Duration>>> = Arc::default();
     // Every millisecond, the changes due by then go out as one transaction (at 10,000/s, ten
     // puts): one put per request would measure etcd's request rate on two cores, not svcd. At
     // most 64 transactions are in flight; past that a tick's changes wait for the next.
@@ -253,7 +259,7 @@ async fn churn(etcd: &Etcd, store: Arc<dyn Store>, scale: Scale) -> (Vec<Duratio
             continue;
         }
         let mut client = client.clone();
-        let pending = pending.clone();
+        let (pending, commits) = (pending.clone(), commits.clone());
         writers.spawn(async move {
             let sent = Instant::now();
             pending
@@ -264,6 +270,7 @@ async fn churn(etcd: &Etcd, store: Arc<dyn Store>, scale: Scale) -> (Vec<Duratio
                 .txn(Txn::new().and_then(ops))
                 .await
                 .expect("churn txn");
+            commits.lock().unwrap().push(sent.elapsed());
         });
     }
     let rate = seq as f64 / started.elapsed().as_secs_f64();
@@ -281,7 +288,9 @@ async fn churn(etcd: &Etcd, store: Arc<dyn Store>, scale: Scale) -> (Vec<Duratio
         "churn: {seq} changes in {:.1?} ({rate:.0}/s), {missing} not seen",
         started.elapsed(),
     );
-    (l, rate)
+    let mut c = commits.lock().unwrap().clone();
+    c.sort();
+    (l, c, rate)
 }
 
 fn etcd_config(endpoint: &str) -> String {
@@ -414,7 +423,7 @@ async fn main() {
     let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(&config).await.expect("etcd store"));
 
     let sync_median = initial_sync(store.clone(), scale).await;
-    let (churn_latencies, churn_rate) = churn(&etcd, store.clone(), scale).await;
+    let (churn_latencies, commits, churn_rate) = churn(&etcd, store.clone(), scale).await;
 
     let (b, ready) = start_timed(&etcd.endpoint()).await;
     let ready_rss = b.rss_kib();
@@ -471,6 +480,16 @@ async fn main() {
         "churn put → visible p99",
         ms(percentile(&churn_latencies, 0.99)),
         "< 50 ms",
+    );
+    line(
+        format!("churn etcd txn round trip p50 ({} txns)", commits.len()),
+        ms(percentile(&commits, 0.5)),
+        "",
+    );
+    line(
+        "churn etcd txn round trip p99",
+        ms(percentile(&commits, 0.99)),
+        "",
     );
     line(
         "churn put → visible max",

@@ -112,14 +112,17 @@ impl ServiceEndpoints {
             revision,
             counts: [0; ServedState::ALL.len()],
         };
-        let mut healthy = Vec::new();
         for e in &s.all {
-            let state = s.served_state(e);
-            s.counts[state as usize] += 1;
-            if state == ServedState::Healthy {
-                healthy.push(e.clone());
-            }
+            s.counts[s.served_state(e) as usize] += 1;
         }
+        // Sized exactly: 100k services' growth slack would be megabytes.
+        let mut healthy = Vec::with_capacity(s.counts[ServedState::Healthy as usize] as usize);
+        healthy.extend(
+            s.all
+                .iter()
+                .filter(|e| s.served_state(e) == ServedState::Healthy)
+                .cloned(),
+        );
         s.healthy = healthy;
         s
     }

@@ -350,6 +350,7 @@ pub async fn run_sync(
                 Ok(stream) => {
                     backoff.reset();
                     watch_session(
+                        store.as_ref(),
                         stream,
                         &mut builder,
                         &publisher,
@@ -385,6 +386,7 @@ pub async fn run_sync(
 }
 
 async fn watch_session(
+    store: &dyn Store,
     mut stream: Box<dyn WatchStream>,
     builder: &mut SnapshotBuilder,
     publisher: &SnapshotPublisher,
@@ -468,7 +470,19 @@ async fn watch_session(
                 }
             }
             _ = sleep_until(watchdog_at) => {
-                warn!(timeout = ?options.watchdog, "registry watch silent past the watchdog; reconnecting");
+                // Silent: no events, no answer to progress requests. Behind etcd's grpc-proxy,
+                // which drops progress requests (etcd-io/etcd#19710), every quiet stream is; it
+                // is hung only if the store has moved past what it delivered, so ask the store
+                // (bounded: a frozen store answers nothing and the stream is replaced).
+                let read = tokio::time::timeout(options.progress_interval, store.list(STORE_MARKER_KEY, "", 0, 1)).await;
+                if let Ok(Ok(page)) = &read {
+                    if page.revision <= builder.revision() {
+                        debug!(revision = page.revision, "registry watch quiet and nothing missed; keeping it");
+                        watchdog_at = Instant::now() + options.watchdog;
+                        continue;
+                    }
+                }
+                warn!(timeout = ?options.watchdog, "registry watch silent past the watchdog while the store moved on; reconnecting");
                 if builder.has_changes() { publisher.publish_base(|previous| builder.build(previous)); }
                 return WatchEnd::Reconnect;
             }

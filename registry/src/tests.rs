@@ -236,6 +236,48 @@ async fn hung_watch_is_detected_and_resumed_without_loss() {
     h.cancel.cancel();
 }
 
+/// A stream that never answers a progress request (as behind etcd's grpc-proxy) is kept while
+/// the store has nothing it did not deliver, and replaced once the store moves past it.
+#[tokio::test(start_paused = true)]
+async fn a_silent_stream_is_kept_until_the_store_moves_past_it() {
+    let inner = EmbeddedStore::new();
+    let store = Arc::new(HangingFirstWatch {
+        inner: inner.clone(),
+        watches: AtomicUsize::new(0),
+    });
+    let h = start_sync(store.clone(), SyncOptions::default());
+    tokio::time::sleep(SyncOptions::default().watchdog * 3).await;
+    assert_eq!(
+        store.watches.load(Ordering::SeqCst),
+        1,
+        "quiet, nothing missed: kept"
+    );
+    inner
+        .put(
+            "/svcd/v1/endpoints/default/web/a",
+            br#"{"ip":"10.0.0.1"}"#.to_vec(),
+            None,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(SyncOptions::default().watchdog + Duration::from_secs(6)).await;
+    assert_eq!(
+        h.snapshot
+            .load()
+            .service("default", "web")
+            .unwrap()
+            .all
+            .len(),
+        1
+    );
+    assert_eq!(
+        store.watches.load(Ordering::SeqCst),
+        2,
+        "replaced once it missed a write"
+    );
+    h.cancel.cancel();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_burst_of_events_is_one_publish() {
     let inner = EmbeddedStore::new();
