@@ -25,6 +25,9 @@ pub struct RegistryMetrics {
     pub own_registrations: IntGauge,
     /// `svcd_registry_store_replaced_total{reason}`, in the order of [`StoreReplaced::ALL`].
     pub store_replaced: [IntCounter; 3],
+    /// Watch events received → the snapshot holding them published: this daemon's share of a
+    /// change's way to DNS and the proxies (the store's commit and delivery are not in it).
+    pub event_to_publish_seconds: prometheus::Histogram,
 }
 
 impl RegistryMetrics {
@@ -88,6 +91,16 @@ impl RegistryMetrics {
                 "Registrations this daemon holds under its lease.",
             )?,
             store_replaced: StoreReplaced::ALL.map(|r| replaced.with_label_values(&[r.as_str()])),
+            event_to_publish_seconds: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(
+                    "svcd_registry_event_to_publish_seconds",
+                    "From a burst of watch events received to the snapshot holding them \
+                     published (coalescing window included).",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                ]),
+            )?,
         };
         registry.register(Box::new(events))?;
         registry.register(Box::new(replaced))?;
@@ -104,6 +117,7 @@ impl RegistryMetrics {
             registry.register(Box::new(g.clone()))?;
         }
         registry.register(Box::new(m.snapshot_age_seconds.clone()))?;
+        registry.register(Box::new(m.event_to_publish_seconds.clone()))?;
         Ok(m)
     }
 

@@ -24,7 +24,7 @@ use crate::metrics::RegistryMetrics;
 use crate::publisher::SnapshotPublisher;
 use crate::snapshot::{Applied, SnapshotBuilder};
 use crate::status::StoreReplaced;
-use crate::store::{Store, StoreError, StoreResult, WatchMessage, WatchStream};
+use crate::store::{ListPage, Store, StoreError, StoreResult, WatchMessage, WatchStream};
 
 /// Timings of the sync loop; tests shrink them.
 #[derive(Debug, Clone)]
@@ -145,23 +145,15 @@ async fn relist(
 ) -> StoreResult<Position> {
     let marker = read_identity(store).await?.marker;
     let mut relist = builder.begin_relist();
-    let mut revision = 0;
-    let mut history;
-    let mut start = ENDPOINTS_PREFIX.to_string();
     let mut page_size = options.page_size.max(1);
     let (mut keys, mut bytes) = (0usize, 0usize);
+    let mut page = list_page(store, ENDPOINTS_PREFIX, 0, &mut page_size).await?;
+    // The first page fixes the listing's revision and later pages are read at it. (etcd's
+    // header carries the store's current revision, not the one a read was pinned to: taking a
+    // later page's would resume the watch past writes made during the listing.)
+    let revision = page.revision;
+    let history = page.history;
     loop {
-        let page = store
-            .list(ENDPOINTS_PREFIX, &start, revision, page_size)
-            .await?;
-        // The first page fixes the listing's revision and later pages are read at it. etcd's
-        // header carries the store's current revision, not the one a read was pinned to:
-        // taking a later page's would resume the watch past writes made during the listing,
-        // losing them until the next re-list.
-        if revision == 0 {
-            revision = page.revision;
-        }
-        history = page.history;
         keys += page.kvs.len();
         bytes += page
             .kvs
@@ -171,10 +163,23 @@ async fn relist(
         if keys > 0 {
             page_size = (options.page_bytes / bytes.div_ceil(keys)).max(options.page_size.max(1));
         }
-        report_invalid(metrics, &builder.relist_page(&mut relist, &page.kvs));
-        match page.kvs.last() {
-            Some(last) if page.more => start = format!("{}\0", last.key),
-            _ => break,
+        let next_start = match page.kvs.last() {
+            Some(last) if page.more => Some(format!("{}\0", last.key)),
+            _ => None,
+        };
+        // The next page is asked for before this one is applied: etcd reads and sends it while
+        // this daemon decodes the current one (at a million keys, the two halves of the work).
+        let next = async {
+            match &next_start {
+                Some(start) => Some(list_page(store, start, revision, &mut page_size).await),
+                None => None,
+            }
+        };
+        let apply = async { report_invalid(metrics, &builder.relist_page(&mut relist, &page.kvs)) };
+        let (next, ()) = tokio::join!(next, apply);
+        match next {
+            Some(next) => page = next?,
+            None => break,
         }
     }
     report_invalid(metrics, &builder.finish_relist(relist, revision));
@@ -183,6 +188,28 @@ async fn relist(
         history,
         marker,
     })
+}
+
+/// The page of the listing at `start`, read at `revision`; while the response is too large for
+/// this client (values larger than the pages so far), the same page in half as many keys.
+async fn list_page(
+    store: &dyn Store,
+    start: &str,
+    revision: i64,
+    page_size: &mut usize,
+) -> StoreResult<ListPage> {
+    loop {
+        match store
+            .list(ENDPOINTS_PREFIX, start, revision, *page_size)
+            .await
+        {
+            Err(StoreError::ResponseTooLarge(e)) if *page_size > 1 => {
+                *page_size /= 2;
+                debug!(error = %e, page_size = *page_size, "list page too large; asking for fewer keys");
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Invalid entries logged one by one per batch or listing page; past that, one summary line.
@@ -289,6 +316,9 @@ pub async fn run_sync(
 ) {
     let mut builder = SnapshotBuilder::new();
     let mut backoff = Backoff::new(options.backoff_min, options.backoff_max);
+    // Whether the store has ever answered a progress request: if it has, a silent stream is hung;
+    // if not (etcd's grpc-proxy drops them), the watchdog asks the store before replacing it.
+    let mut progress_answered = false;
     'relist: loop {
         // 1. Full listing at one revision, applied as a diff.
         let listed = tokio::select! {
@@ -351,6 +381,8 @@ pub async fn run_sync(
                     backoff.reset();
                     watch_session(
                         store.as_ref(),
+                        position.history,
+                        &mut progress_answered,
                         stream,
                         &mut builder,
                         &publisher,
@@ -385,8 +417,11 @@ pub async fn run_sync(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn watch_session(
     store: &dyn Store,
+    history: u64,
+    progress_answered: &mut bool,
     mut stream: Box<dyn WatchStream>,
     builder: &mut SnapshotBuilder,
     publisher: &SnapshotPublisher,
@@ -396,7 +431,13 @@ async fn watch_session(
 ) -> WatchEnd {
     let mut progress_at = Instant::now() + options.progress_interval;
     let mut watchdog_at = Instant::now() + options.watchdog;
-    let mut publish_at: Option<Instant> = None;
+    // Changes applied but not yet published (a session that ended before its publish) go out
+    // with the first coalescing window.
+    let mut publish_at = builder
+        .has_changes()
+        .then(|| Instant::now() + options.coalesce);
+    // When the first event not yet published arrived (`svcd_registry_event_to_publish_seconds`).
+    let mut burst_since: Option<Instant> = None;
     // The first message proves the stream is live; until then the store may still be down.
     let mut live = false;
     loop {
@@ -411,11 +452,15 @@ async fn watch_session(
             _ = sleep_until(publish_deadline), if publish_at.is_some() => {
                 publisher.publish_base(|previous| builder.build(previous));
                 publish_at = None;
+                if let Some(since) = burst_since.take() {
+                    publisher.metrics.event_to_publish_seconds.observe(since.elapsed().as_secs_f64());
+                }
             }
             message = stream.next() => {
                 watchdog_at = Instant::now() + options.watchdog;
                 match message {
                     Ok(Some(WatchMessage::Events { revision, events })) => {
+                        let arrived = Instant::now();
                         let results = builder.apply_batch(&events);
                         record(&publisher.metrics, &results, events.iter().map(|e| e.kind == crate::store::EventKind::Put));
                         // The header revision is not advanced to: for a watch still catching up
@@ -423,6 +468,7 @@ async fn watch_session(
                         let _ = revision;
                         if builder.has_changes() && publish_at.is_none() {
                             publish_at = Some(Instant::now() + options.coalesce);
+                            burst_since.get_or_insert(arrived);
                         }
                         publisher.status.confirm();
                     }
@@ -431,9 +477,11 @@ async fn watch_session(
                         // events it already delivered (etcd-io/etcd#15220), which re-listed
                         // hundreds of daemons of a fleet at once. The store's own answer decides.
                         debug!(progress = revision, applied = builder.revision(), "watch progress below the applied revision; checking the store");
+                        if builder.has_changes() { publisher.publish_base(|previous| builder.build(previous)); }
                         return WatchEnd::Verify;
                     }
                     Ok(Some(WatchMessage::Progress { revision })) => {
+                        *progress_answered = true;
                         // Everything up to `revision` was delivered.
                         builder.advance(revision);
                         publisher.status.confirm();
@@ -470,19 +518,30 @@ async fn watch_session(
                 }
             }
             _ = sleep_until(watchdog_at) => {
-                // Silent: no events, no answer to progress requests. Behind etcd's grpc-proxy,
-                // which drops progress requests (etcd-io/etcd#19710), every quiet stream is; it
-                // is hung only if the store has moved past what it delivered, so ask the store
-                // (bounded: a frozen store answers nothing and the stream is replaced).
-                let read = tokio::time::timeout(options.progress_interval, store.list(STORE_MARKER_KEY, "", 0, 1)).await;
-                if let Ok(Ok(page)) = &read {
-                    if page.revision <= builder.revision() {
-                        debug!(revision = page.revision, "registry watch quiet and nothing missed; keeping it");
-                        watchdog_at = Instant::now() + options.watchdog;
-                        continue;
+                // Silent: no events, no answer to progress requests. Where the store answers them,
+                // that is a hung stream. Behind etcd's grpc-proxy, which drops them
+                // (etcd-io/etcd#19710), every quiet stream is silent: it is hung only if the store
+                // moved past what it delivered, so ask the store (bounded: a frozen store answers
+                // nothing and the stream is replaced).
+                if !*progress_answered {
+                    let read = tokio::select! {
+                        _ = cancel.cancelled() => return WatchEnd::Cancelled,
+                        r = tokio::time::timeout(options.progress_interval, store.list(STORE_MARKER_KEY, "", 0, 1)) => r,
+                    };
+                    match read {
+                        Ok(Ok(page)) if page.revision == builder.revision() && page.history == history => {
+                            debug!(revision = page.revision, "registry watch quiet and nothing written since; keeping it");
+                            watchdog_at = Instant::now() + options.watchdog;
+                            continue;
+                        }
+                        Ok(Ok(page)) if page.revision < builder.revision() || page.history != history => {
+                            if builder.has_changes() { publisher.publish_base(|previous| builder.build(previous)); }
+                            return WatchEnd::Verify;
+                        }
+                        _ => {}
                     }
                 }
-                warn!(timeout = ?options.watchdog, "registry watch silent past the watchdog while the store moved on; reconnecting");
+                warn!(timeout = ?options.watchdog, "registry watch silent past the watchdog; reconnecting");
                 if builder.has_changes() { publisher.publish_base(|previous| builder.build(previous)); }
                 return WatchEnd::Reconnect;
             }

@@ -126,10 +126,13 @@ async fn keeper_drops_registrations_not_renewed_in_time() {
     cancel.cancel();
 }
 
-/// Wraps a store; the first watch hangs forever (no events, no progress), later ones work.
+/// Wraps a store; the first watch hangs forever (no events, no progress), later ones work. A
+/// list asking for more than `max_list` keys is refused as too large (as tonic refuses a
+/// response over its decoding limit).
 struct HangingFirstWatch {
     inner: EmbeddedStore,
     watches: AtomicUsize,
+    max_list: usize,
 }
 
 struct Hung;
@@ -147,6 +150,9 @@ impl WatchStream for Hung {
 #[async_trait]
 impl Store for HangingFirstWatch {
     async fn list(&self, p: &str, s: &str, r: i64, l: usize) -> StoreResult<ListPage> {
+        if l > self.max_list {
+            return Err(StoreError::ResponseTooLarge(format!("{l} keys")));
+        }
         self.inner.list(p, s, r, l).await
     }
     async fn put(&self, k: &str, v: Vec<u8>, l: Option<LeaseId>) -> StoreResult<i64> {
@@ -212,6 +218,7 @@ async fn hung_watch_is_detected_and_resumed_without_loss() {
     let store = Arc::new(HangingFirstWatch {
         inner: inner.clone(),
         watches: AtomicUsize::new(0),
+        max_list: usize::MAX,
     });
     let h = start_sync(store.clone(), SyncOptions::default());
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -244,6 +251,7 @@ async fn a_silent_stream_is_kept_until_the_store_moves_past_it() {
     let store = Arc::new(HangingFirstWatch {
         inner: inner.clone(),
         watches: AtomicUsize::new(0),
+        max_list: usize::MAX,
     });
     let h = start_sync(store.clone(), SyncOptions::default());
     tokio::time::sleep(SyncOptions::default().watchdog * 3).await;
@@ -275,6 +283,34 @@ async fn a_silent_stream_is_kept_until_the_store_moves_past_it() {
         2,
         "replaced once it missed a write"
     );
+    h.cancel.cancel();
+}
+
+/// A page too large for the client is asked for again in fewer keys, down to what fits.
+#[tokio::test(start_paused = true)]
+async fn a_list_page_too_large_is_read_again_in_fewer_keys() {
+    let inner = EmbeddedStore::new();
+    for i in 0..50 {
+        inner
+            .put(
+                &format!("/svcd/v1/endpoints/default/web/i{i:02}"),
+                br#"{"ip":"10.0.0.1"}"#.to_vec(),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let store = Arc::new(HangingFirstWatch {
+        inner,
+        watches: AtomicUsize::new(0),
+        max_list: 7,
+    });
+    let mut h = start_sync(store, SyncOptions::default());
+    tokio::time::timeout(Duration::from_secs(60), h.changes.changed())
+        .await
+        .expect("listed within a minute")
+        .unwrap();
+    assert_eq!(h.snapshot.load().endpoint_count(), 50);
     h.cancel.cancel();
 }
 

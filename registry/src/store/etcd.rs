@@ -73,6 +73,10 @@ fn map_err(e: etcd_client::Error) -> StoreError {
                     | Code::DeadlineExceeded
                     | Code::Cancelled
                     | Code::Unknown) => StoreError::Unavailable(format!("{code:?}: {msg}")),
+                    // tonic's answer to a message over `max_decoding_message_size`.
+                    Code::OutOfRange if msg.contains("message length too large") => {
+                        StoreError::ResponseTooLarge(msg)
+                    }
                     _ => StoreError::Other(msg),
                 }
             }

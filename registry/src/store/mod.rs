@@ -29,6 +29,9 @@ pub enum StoreError {
     /// The store's settings cannot be used (a credentials or certificate file unreadable).
     #[error("{0}")]
     Config(String),
+    /// A list page's response was larger than this client accepts; ask for fewer keys.
+    #[error("list response too large: {0}")]
+    ResponseTooLarge(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
