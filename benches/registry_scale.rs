@@ -333,11 +333,24 @@ async fn churn(etcd: &Etcd, store: Arc<dyn Store>, scale: Scale) -> Churn {
     }
     let rate = seq as f64 / started.elapsed().as_secs_f64();
     while writers.join_next().await.is_some() {}
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !pending.lock().unwrap().is_empty() && Instant::now() < deadline {
+    // Waits for the last changes (up to 60 s: a saturated etcd delivers watch events late) and
+    // says how many were still waiting after 5 s and when the last arrived, so a lag is told
+    // from a loss.
+    let writes_done = Instant::now();
+    let waiting = || -> usize { pending.lock().unwrap().values().map(HashMap::len).sum() };
+    let mut after_5s = None;
+    while waiting() > 0 && writes_done.elapsed() < Duration::from_secs(60) {
+        if after_5s.is_none() && writes_done.elapsed() >= Duration::from_secs(5) {
+            after_5s = Some(waiting());
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let missing: usize = pending.lock().unwrap().values().map(HashMap::len).sum();
+    let missing = waiting();
+    eprintln!(
+        "churn: {} changes still waiting 5 s after the last write, {missing} after {:.1?}",
+        after_5s.unwrap_or(0),
+        writes_done.elapsed()
+    );
     sync.cancel.cancel();
     observer.abort();
     let event_to_publish = histogram_summary(&sync.publisher.metrics.event_to_publish_seconds);
