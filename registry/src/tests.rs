@@ -135,6 +135,28 @@ struct HangingFirstWatch {
     max_list: usize,
 }
 
+impl HangingFirstWatch {
+    fn new(inner: EmbeddedStore, max_list: usize) -> Arc<Self> {
+        Arc::new(HangingFirstWatch {
+            inner,
+            watches: AtomicUsize::new(0),
+            max_list,
+        })
+    }
+}
+
+/// Registers `default/web/a` straight in the store, as another daemon would.
+async fn put_web_a(store: &EmbeddedStore) {
+    store
+        .put(
+            "/svcd/v1/endpoints/default/web/a",
+            br#"{"ip":"10.0.0.1"}"#.to_vec(),
+            None,
+        )
+        .await
+        .unwrap();
+}
+
 struct Hung;
 
 #[async_trait]
@@ -215,21 +237,10 @@ fn start_sync(store: Arc<dyn Store>, options: SyncOptions) -> Harness {
 #[tokio::test(start_paused = true)]
 async fn hung_watch_is_detected_and_resumed_without_loss() {
     let inner = EmbeddedStore::new();
-    let store = Arc::new(HangingFirstWatch {
-        inner: inner.clone(),
-        watches: AtomicUsize::new(0),
-        max_list: usize::MAX,
-    });
+    let store = HangingFirstWatch::new(inner.clone(), usize::MAX);
     let h = start_sync(store.clone(), SyncOptions::default());
     tokio::time::sleep(Duration::from_millis(10)).await;
-    inner
-        .put(
-            "/svcd/v1/endpoints/default/web/a",
-            br#"{"ip":"10.0.0.1"}"#.to_vec(),
-            None,
-        )
-        .await
-        .unwrap();
+    put_web_a(&inner).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(
         h.snapshot.load().service("default", "web").is_none(),
@@ -248,11 +259,7 @@ async fn hung_watch_is_detected_and_resumed_without_loss() {
 #[tokio::test(start_paused = true)]
 async fn a_silent_stream_is_kept_until_the_store_moves_past_it() {
     let inner = EmbeddedStore::new();
-    let store = Arc::new(HangingFirstWatch {
-        inner: inner.clone(),
-        watches: AtomicUsize::new(0),
-        max_list: usize::MAX,
-    });
+    let store = HangingFirstWatch::new(inner.clone(), usize::MAX);
     let h = start_sync(store.clone(), SyncOptions::default());
     tokio::time::sleep(SyncOptions::default().watchdog * 3).await;
     assert_eq!(
@@ -260,14 +267,7 @@ async fn a_silent_stream_is_kept_until_the_store_moves_past_it() {
         1,
         "quiet, nothing missed: kept"
     );
-    inner
-        .put(
-            "/svcd/v1/endpoints/default/web/a",
-            br#"{"ip":"10.0.0.1"}"#.to_vec(),
-            None,
-        )
-        .await
-        .unwrap();
+    put_web_a(&inner).await;
     tokio::time::sleep(SyncOptions::default().watchdog + Duration::from_secs(6)).await;
     assert_eq!(
         h.snapshot
@@ -300,11 +300,7 @@ async fn a_list_page_too_large_is_read_again_in_fewer_keys() {
             .await
             .unwrap();
     }
-    let store = Arc::new(HangingFirstWatch {
-        inner,
-        watches: AtomicUsize::new(0),
-        max_list: 7,
-    });
+    let store = HangingFirstWatch::new(inner, 7);
     let mut h = start_sync(store, SyncOptions::default());
     tokio::time::timeout(Duration::from_secs(60), h.changes.changed())
         .await
