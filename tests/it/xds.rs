@@ -396,4 +396,43 @@ async fn grpcio_reaches_xds_over_tls_with_a_client_certificate() {
     assert_eq!(clients["clients"][0]["node_id"], "tls-client");
 }
 
+/// Over a unix socket with grpc-js (which sends `:authority: localhost` there). gRPC C-core
+/// clients (grpcio) send the percent-encoded socket path instead, which the HTTP/2 library
+/// refuses as a malformed authority (hyperium/h2#487); docs/xds.md says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_js_reaches_xds_over_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("xds.sock");
+    let d = Daemon::start(&format!("[xds]\nlisten = \"unix:{}\"\n", socket.display())).await;
+    let echo = EchoServers::start(&["e1", "e2"]).await;
+    register(&d, &echo, "e1").await;
+    register(&d, &echo, "e2").await;
+    let server = format!("unix:{}", socket.display());
+    let out = d.cli(&[
+        "xds-bootstrap",
+        "--server",
+        &server,
+        "--node-id",
+        "unix-client",
+    ]);
+    assert_success(&out);
+    let bootstrap = d.dir.path().join("unix-client.json");
+    std::fs::write(&bootstrap, &out.stdout).unwrap();
+    let mut command = Command::new("node");
+    command
+        .arg(script("grpc_js_client.js"))
+        .arg("echo.default.svc.cluster.local")
+        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
+        .env("NODE_PATH", tool("node/node_modules"));
+    let client = Lines::spawn(command);
+    let answers = next_calls(&client, 100).await;
+    for id in ["e1", "e2"] {
+        let s = share(&answers, id);
+        assert!((0.3..=0.7).contains(&s), "{id} got {s} of {answers:?}");
+    }
+    let clients = d.get("/v1/xds/clients").await.json();
+    assert_eq!(clients["clients"][0]["node_id"], "unix-client");
+    assert_eq!(clients["clients"][0]["peer"], "unix");
+}
+
 mod protocol;

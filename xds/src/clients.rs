@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use crate::subscriptions::NameList;
+
 /// At most this many subscribed names are listed per type (the count is always exact).
 const NAMES_SHOWN: usize = 100;
 
@@ -38,8 +40,9 @@ pub struct ClientInfo {
 pub struct TypeInfo {
     /// Subscribed to every resource of the type (LDS/CDS without names).
     pub wildcard: bool,
-    /// The first 100 subscribed names, sorted.
-    pub names: Vec<String>,
+    /// The subscribed names, sorted (the stream's own list, shared): the first 100 are shown.
+    #[serde(serialize_with = "first_names")]
+    pub names: NameList,
     pub names_count: usize,
     /// The `version_info` of the last response sent, and its nonce.
     pub sent_version: Option<String>,
@@ -60,15 +63,15 @@ pub struct NackInfo {
 }
 
 impl TypeInfo {
-    pub fn set_names(&mut self, wildcard: bool, names: &[Arc<str>]) {
+    pub fn set_names(&mut self, wildcard: bool, names: &NameList) {
         self.wildcard = wildcard;
         self.names_count = names.len();
-        self.names = names
-            .iter()
-            .take(NAMES_SHOWN)
-            .map(|n| n.to_string())
-            .collect();
+        self.names = names.clone();
     }
+}
+
+fn first_names<S: serde::Serializer>(names: &NameList, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(names.iter().take(NAMES_SHOWN).map(|n| &**n))
 }
 
 pub fn unix_now() -> u64 {

@@ -8,14 +8,18 @@
 //!  ADS / CDS / EDS stream tasks ── StreamState: subscriptions, nonces, ACK/NACK, what was sent
 //!          │ bounded output queue (newest state wins)
 //!          ▼
-//!  tonic services on hyper HTTP/2 (TCP, TLS or unix socket), every task in the xDS phase
+//!  gRPC framing (pushes written in 16 KiB chunks as HTTP/2 has room, requests decoded and
+//!  their buffer let go) on hyper HTTP/2 (TCP, TLS or unix socket), every task in the xDS phase
 //! ```
 //!
 //! * [`names`]: resource types, cluster names, listener names (gRPC targets) → clusters.
 //! * [`resources`]: the Envoy protos built from a service; the health mapping.
 //! * [`cache`]: the shared, incrementally rebuilt [`XdsSnapshot`].
 //! * [`stream`]: one stream's protocol state, without I/O.
-//! * [`server`] and [`listener`]: the gRPC services and the accept loop; the stream bound.
+//! * [`subscriptions`]: equal subscriptions of different streams, held once.
+//! * [`server`] and [`listener`]: the xDS methods, the stream tasks and the accept loop; the
+//!   stream bound.
+//! * [`grpc`]: gRPC messages in and out of a stream without per-stream buffers.
 //! * [`clients`]: what `GET /v1/xds/clients` shows.
 //! * [`bootstrap`]: `svcd xds-bootstrap`'s gRPC and Envoy bootstraps.
 //! * [`metrics`]: the `svcd_xds_*` families.
@@ -23,12 +27,14 @@
 pub mod bootstrap;
 pub mod cache;
 pub mod clients;
+pub mod grpc;
 pub mod listener;
 pub mod metrics;
 pub mod names;
 pub mod resources;
 pub mod server;
 pub mod stream;
+pub mod subscriptions;
 
 use std::sync::Arc;
 

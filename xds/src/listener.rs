@@ -12,7 +12,6 @@ use svcd_config::AdminListen;
 use svcd_lifecycle::Phase;
 use svcd_tls::ServerTls;
 use tokio::net::{TcpListener, UnixListener};
-use tonic::codegen::Service;
 use tracing::{debug, warn};
 
 use crate::server::{PeerAddr, Shared};
@@ -67,6 +66,9 @@ impl XdsSocket {
     }
 }
 
+/// Bytes of responses queued in HTTP/2 per stream: four of [`crate::grpc::CHUNK_BYTES`].
+const SEND_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Spawns hyper's HTTP/2 stream futures as tasks of the phase.
 #[derive(Clone)]
 struct PhaseExecutor(Phase);
@@ -87,13 +89,16 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 /// Accepts connections until the phase stops.
 pub async fn serve(socket: XdsSocket, shared: Arc<Shared>, tls: Option<Arc<ServerTls>>) {
     let phase = shared.phase.clone();
-    let routes = shared.routes();
     let mut builder = hyper::server::conn::http2::Builder::new(PhaseExecutor(phase.clone()));
     // An idle ADS stream is normal; keepalives find dead peers.
     builder
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
-        .keep_alive_timeout(std::time::Duration::from_secs(20));
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        // What a stream may have handed to HTTP/2 and not yet written (hyper's default is
+        // 400 KB): h2 keeps a slot per queued frame and never shrinks that table, so a large
+        // first push would cost every connection that much for its whole life.
+        .max_send_buf_size(SEND_BUFFER_BYTES);
     loop {
         let accepted: std::io::Result<(Box<dyn Io>, SocketAddr, bool)> = tokio::select! {
             _ = phase.stopping() => break,
@@ -107,7 +112,7 @@ pub async fn serve(socket: XdsSocket, shared: Arc<Shared>, tls: Option<Arc<Serve
                 continue;
             }
         };
-        let routes = routes.clone();
+        let shared = shared.clone();
         let builder = builder.clone();
         let tls = tls.clone();
         let stop = phase.token();
@@ -130,9 +135,11 @@ pub async fn serve(socket: XdsSocket, shared: Arc<Shared>, tls: Option<Arc<Serve
                 _ => stream,
             };
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(PeerAddr(peer));
-                let mut routes = routes.clone();
-                async move { routes.call(req).await }
+                // A unix socket's client has no address: the API shows it as `unix`.
+                if is_tcp {
+                    req.extensions_mut().insert(PeerAddr(peer));
+                }
+                std::future::ready(Ok::<_, std::convert::Infallible>(shared.handle(req)))
             });
             let conn = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);

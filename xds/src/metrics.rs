@@ -40,7 +40,8 @@ impl XdsMetrics {
                 Opts::new(
                     "svcd_xds_requests_rejected_total",
                     "xDS requests rejected (the stream is ended), by reason: too_many_names \
-                     (past xds.max_names), unknown_type.",
+                     (past xds.max_names), unknown_type, malformed (not a DiscoveryRequest), \
+                     too_large (past 16 MiB), compressed.",
                 ),
                 &["reason"],
             )?,
@@ -94,7 +95,13 @@ impl XdsMetrics {
             m.acks.with_label_values(&[t.as_str()]);
             m.nacks.with_label_values(&[t.as_str()]);
         }
-        for reason in ["too_many_names", "unknown_type"] {
+        for reason in [
+            "too_many_names",
+            "unknown_type",
+            "malformed",
+            "too_large",
+            "compressed",
+        ] {
             m.requests_rejected.with_label_values(&[reason]);
         }
         Ok(m)

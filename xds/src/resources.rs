@@ -29,6 +29,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_connection_manager, http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
 use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
+use prost::bytes::Bytes;
 use prost::{Message, Name};
 use svcd_registry::{ServedState, ServiceEndpoints};
 
@@ -42,22 +43,36 @@ pub struct Resource {
     /// holds a resource as of the generation it last pushed, so it needs this one again exactly
     /// when this is newer. No per-stream, per-resource record is kept.
     pub generation: u64,
-    pub any: Any,
+    /// The resource as one element of a `DiscoveryResponse`'s `resources` (field key, length,
+    /// the `Any`), encoded once: every stream's response is these bytes put together
+    /// ([`crate::grpc`]), never a per-stream copy of the message.
+    pub framed: Bytes,
 }
+
+/// `resources` in `DiscoveryResponse`.
+const RESOURCES_FIELD: u32 = 2;
 
 impl Resource {
     fn new<M: Message + Name>(name: Arc<str>, message: &M) -> Resource {
-        let value = message.encode_to_vec();
+        Resource::from_any(
+            name,
+            Any {
+                type_url: M::type_url(),
+                value: message.encode_to_vec(),
+            },
+        )
+    }
+
+    pub fn from_any(name: Arc<str>, any: Any) -> Resource {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        value.hash(&mut hasher);
+        any.value.hash(&mut hasher);
+        let mut framed = Vec::with_capacity(any.encoded_len() + 6);
+        prost::encoding::message::encode(RESOURCES_FIELD, &any, &mut framed);
         Resource {
             name,
             hash: hasher.finish(),
             generation: 0,
-            any: Any {
-                type_url: M::type_url(),
-                value,
-            },
+            framed: framed.into(),
         }
     }
 }

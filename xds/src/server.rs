@@ -12,29 +12,19 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_server::{
-    ClusterDiscoveryService, ClusterDiscoveryServiceServer,
-};
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
-use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_server::{
-    EndpointDiscoveryService, EndpointDiscoveryServiceServer,
-};
+use hyper::body::{Body, Bytes};
 use svcd_lifecycle::Phase;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 use tracing::{debug, info};
 
 use crate::cache::XdsCache;
 use crate::clients::Clients;
+use crate::grpc::{Output, ReadError, Requests, ResponseBody};
 use crate::metrics::XdsMetrics;
 use crate::names::ResourceType;
 use crate::stream::{Rejected, StreamState};
+use crate::subscriptions::SubscriptionLists;
 
 /// Responses a stream may have waiting for its client (one per type would do; two lets a push
 /// be built while the previous one is still being written).
@@ -52,6 +42,8 @@ pub struct Shared {
     pub cache: XdsCache,
     pub metrics: XdsMetrics,
     pub clients: Arc<Clients>,
+    /// Equal subscriptions of different streams, held once.
+    lists: Arc<SubscriptionLists>,
     /// Streams run in it and end with it.
     pub phase: Phase,
     pub max_streams: usize,
@@ -75,6 +67,7 @@ impl Shared {
             cache,
             metrics,
             clients: Arc::new(Clients::default()),
+            lists: Arc::default(),
             phase,
             max_streams,
             max_names,
@@ -83,33 +76,71 @@ impl Shared {
         })
     }
 
-    /// The tonic services: ADS, CDS and EDS.
-    pub fn routes(self: &Arc<Self>) -> tonic::service::Routes {
-        let service = XdsService(self.clone());
-        tonic::service::Routes::new(
-            AggregatedDiscoveryServiceServer::new(service.clone())
-                .max_decoding_message_size(MAX_REQUEST_BYTES)
-                .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(
-            ClusterDiscoveryServiceServer::new(service.clone())
-                .max_decoding_message_size(MAX_REQUEST_BYTES)
-                .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(
-            EndpointDiscoveryServiceServer::new(service)
-                .max_decoding_message_size(MAX_REQUEST_BYTES)
-                .max_encoding_message_size(usize::MAX),
-        )
+    /// Answers one HTTP/2 request: an xDS stream, or a gRPC error.
+    pub fn handle<B>(self: &Arc<Self>, request: hyper::Request<B>) -> hyper::Response<ResponseBody>
+    where
+        B: Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let (api, fixed) = match request.uri().path() {
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources" => {
+                ("ads", None)
+            }
+            "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters" => {
+                ("cds", Some(ResourceType::Cluster))
+            }
+            "/envoy.service.endpoint.v3.EndpointDiscoveryService/StreamEndpoints" => {
+                ("eds", Some(ResourceType::Endpoint))
+            }
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+            | "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters"
+            | "/envoy.service.endpoint.v3.EndpointDiscoveryService/DeltaEndpoints" => {
+                return no_delta().into_http();
+            }
+            "/envoy.service.cluster.v3.ClusterDiscoveryService/FetchClusters"
+            | "/envoy.service.endpoint.v3.EndpointDiscoveryService/FetchEndpoints" => {
+                return no_fetch().into_http();
+            }
+            path => {
+                return Status::unimplemented(format!("{path} is not an xDS method svcd serves"))
+                    .into_http();
+            }
+        };
+        let grpc = request
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        if request.method() != hyper::Method::POST || !grpc {
+            // What the gRPC spec asks of a server for a request that is not gRPC.
+            let mut response = hyper::Response::new(ResponseBody::default());
+            *response.status_mut() = hyper::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+            return response;
+        }
+        match self.open(api, fixed, request) {
+            Ok(body) => {
+                let mut response = hyper::Response::new(body);
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/grpc"),
+                );
+                response
+            }
+            Err(status) => status.into_http(),
+        }
     }
 
     /// Opens a stream: refused past `max_streams`, else run as a task of the phase.
-    fn open(
+    fn open<B>(
         self: &Arc<Self>,
         api: &'static str,
         fixed: Option<ResourceType>,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Responses>, Status> {
+        request: hyper::Request<B>,
+    ) -> Result<ResponseBody, Status>
+    where
+        B: Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.max_streams {
             self.open.fetch_sub(1, Ordering::AcqRel);
             self.metrics.streams_refused.inc();
@@ -128,15 +159,17 @@ impl Shared {
         let state = StreamState::new(
             fixed,
             self.max_names,
+            self.lists.clone(),
             self.domain.clone(),
             self.metrics.clone(),
             client,
         );
         let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
         debug!(%peer, api, "xDS stream opened");
+        let requests = Requests::new(request.into_body(), MAX_REQUEST_BYTES);
         self.phase
-            .spawn(run(self.clone(), state, request.into_inner(), tx, guard));
-        Ok(Response::new(ReceiverStream::new(rx)))
+            .spawn(run(self.clone(), state, requests, tx, guard));
+        Ok(ResponseBody::new(rx))
     }
 }
 
@@ -150,16 +183,17 @@ impl Drop for OpenStream {
     }
 }
 
-type Responses = ReceiverStream<Result<DiscoveryResponse, Status>>;
-
 /// One stream until the client leaves, breaks the protocol, or the phase stops.
-async fn run(
+async fn run<B>(
     shared: Arc<Shared>,
     mut state: StreamState,
-    mut requests: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    mut requests: Requests<B>,
+    tx: mpsc::Sender<Output>,
     _open: OpenStream,
-) {
+) where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let mut changes = shared.cache.changes();
     let stop = shared.phase.token();
     loop {
@@ -176,17 +210,18 @@ async fn run(
                             Rejected::TooManyNames { .. } => "too_many_names",
                             Rejected::UnknownType(_) => "unknown_type",
                         };
-                        shared.metrics.requests_rejected.with_label_values(&[reason]).inc();
-                        info!(error = %rejected, "xDS stream ended");
-                        // The output queue may be full (a client that does not read): then
-                        // the stream simply ends.
-                        let _ = tx.try_send(Err(Status::invalid_argument(rejected.to_string())));
+                        let status = Status::invalid_argument(rejected.to_string());
+                        end_refused(&shared, &tx, reason, status);
                         break;
                     }
                 }
                 Ok(None) => break,
-                Err(status) => {
-                    debug!(%status, "xDS stream broke");
+                Err(ReadError::Refused { reason, status }) => {
+                    end_refused(&shared, &tx, reason, status);
+                    break;
+                }
+                Err(ReadError::Broken(error)) => {
+                    debug!(%error, "xDS stream broke");
                     break;
                 }
             },
@@ -200,18 +235,24 @@ async fn run(
                 let Ok(permit) = permit else { break };
                 let snapshot = changes.borrow_and_update().clone();
                 if let Some(response) = snapshot.and_then(|s| state.next_push(&s)) {
-                    permit.send(Ok(response));
+                    permit.send(Ok(Box::new(response)));
                 }
             }
         }
     }
 }
 
-/// The tonic handlers; every stream shares [`Shared`].
-#[derive(Clone)]
-struct XdsService(Arc<Shared>);
-
-type DeltaResponses = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+/// Ends a stream over a request svcd does not take: counted, logged, and told to the client.
+fn end_refused(shared: &Shared, tx: &mpsc::Sender<Output>, reason: &'static str, status: Status) {
+    shared
+        .metrics
+        .requests_rejected
+        .with_label_values(&[reason])
+        .inc();
+    info!(reason, error = %status.message(), "xDS stream ended");
+    // The output queue may be full (a client that does not read): then the stream simply ends.
+    let _ = tx.try_send(Err(Box::new(status)));
+}
 
 fn no_delta() -> Status {
     Status::unimplemented("svcd serves state-of-the-world xDS only (no delta xDS)")
@@ -219,78 +260,4 @@ fn no_delta() -> Status {
 
 fn no_fetch() -> Status {
     Status::unimplemented("svcd serves streaming xDS only (no REST-style fetch)")
-}
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for XdsService {
-    type StreamAggregatedResourcesStream = Responses;
-    type DeltaAggregatedResourcesStream = DeltaResponses;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Responses>, Status> {
-        self.0.open("ads", None, request)
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<DeltaResponses>, Status> {
-        Err(no_delta())
-    }
-}
-
-#[tonic::async_trait]
-impl ClusterDiscoveryService for XdsService {
-    type StreamClustersStream = Responses;
-    type DeltaClustersStream = DeltaResponses;
-
-    async fn stream_clusters(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Responses>, Status> {
-        self.0.open("cds", Some(ResourceType::Cluster), request)
-    }
-
-    async fn delta_clusters(
-        &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<DeltaResponses>, Status> {
-        Err(no_delta())
-    }
-
-    async fn fetch_clusters(
-        &self,
-        _request: Request<DiscoveryRequest>,
-    ) -> Result<Response<DiscoveryResponse>, Status> {
-        Err(no_fetch())
-    }
-}
-
-#[tonic::async_trait]
-impl EndpointDiscoveryService for XdsService {
-    type StreamEndpointsStream = Responses;
-    type DeltaEndpointsStream = DeltaResponses;
-
-    async fn stream_endpoints(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Responses>, Status> {
-        self.0.open("eds", Some(ResourceType::Endpoint), request)
-    }
-
-    async fn delta_endpoints(
-        &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<DeltaResponses>, Status> {
-        Err(no_delta())
-    }
-
-    async fn fetch_endpoints(
-        &self,
-        _request: Request<DiscoveryRequest>,
-    ) -> Result<Response<DiscoveryResponse>, Status> {
-        Err(no_fetch())
-    }
 }

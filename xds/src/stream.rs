@@ -15,18 +15,18 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tracing::{debug, warn};
 
-use envoy_types::pb::google::protobuf::Any;
-
 use crate::cache::{XdsSnapshot, TYPE_CLUSTER, TYPE_ENDPOINT};
+use crate::grpc::Push;
 use crate::resources::Resource;
+use crate::subscriptions::{NameList, SubscriptionLists};
 
 /// EDS responses are cut at about this many bytes (the rest follows in further responses, as
-/// the spec allows for EDS): the gRPC encoder of each stream keeps a buffer as large as the
-/// largest message it sent, for the stream's life.
-pub const EDS_RESPONSE_BYTES: usize = 32 * 1024;
+/// the spec allows for EDS): gRPC clients refuse messages over 4 MiB by default. (CDS and LDS
+/// cannot be cut: in state of the world, a resource left out of a response is removed.)
+pub const EDS_RESPONSE_BYTES: usize = 1024 * 1024;
 use crate::clients::{unix_now, ClientHandle, NackInfo};
 use crate::metrics::XdsMetrics;
 use crate::names::ResourceType;
@@ -54,8 +54,9 @@ struct TypeState {
     /// The client asked for this type at least once.
     subscribed: bool,
     wildcard: bool,
-    /// Subscribed names, sorted, shared with the cache's keys where they exist.
-    names: Vec<Arc<str>>,
+    /// Subscribed names, sorted: one list shared by every stream subscribed to the same names,
+    /// of strings shared with the cache's keys where they exist.
+    names: NameList,
     /// The nonce of the last response sent; only a request echoing it is an ACK or NACK.
     nonce: String,
     sent_version: String,
@@ -85,6 +86,10 @@ pub struct StreamState {
     nonces: u64,
     node_seen: bool,
     max_names: usize,
+    /// [`EDS_RESPONSE_BYTES`], smaller in tests.
+    eds_cut: usize,
+    /// Where equal subscriptions become one list.
+    lists: Arc<SubscriptionLists>,
     domain: Arc<str>,
     metrics: XdsMetrics,
     client: ClientHandle,
@@ -98,6 +103,7 @@ impl StreamState {
     pub fn new(
         fixed: Option<ResourceType>,
         max_names: usize,
+        lists: Arc<SubscriptionLists>,
         domain: Arc<str>,
         metrics: XdsMetrics,
         client: ClientHandle,
@@ -108,10 +114,19 @@ impl StreamState {
             nonces: 0,
             node_seen: false,
             max_names,
+            eds_cut: EDS_RESPONSE_BYTES,
+            lists,
             domain,
             metrics,
             client,
         }
+    }
+
+    /// Cuts EDS responses at `bytes` instead.
+    #[cfg(test)]
+    pub fn cut_eds_at(mut self, bytes: usize) -> Self {
+        self.eds_cut = bytes;
+        self
     }
 
     /// Applies one request from the client; `snapshot` (the newest, if any) only lends its
@@ -196,20 +211,20 @@ impl StreamState {
         names.sort_unstable();
         names.dedup();
         let same = names.len() == t.names.len()
-            && names.iter().zip(&t.names).all(|(a, b)| a.as_str() == &**b);
+            && names
+                .iter()
+                .zip(t.names.iter())
+                .all(|(a, b)| a.as_str() == &**b);
         if !t.subscribed || wildcard != t.wildcard || !same {
             // A changed subscription is answered (new names pushed, dropped ones no longer).
             t.force = true;
             t.backlog.clear();
             t.subscribed = true;
             t.wildcard = wildcard;
-            t.names = names
-                .iter()
-                .map(|n| match snapshot {
-                    Some(s) => s.intern(kind, n),
-                    None => Arc::from(n.as_str()),
-                })
-                .collect();
+            t.names = match snapshot {
+                Some(s) => self.lists.get(&names, |n| s.intern(kind, n)),
+                None => self.lists.get(&names, |n: &str| Arc::from(n)),
+            };
             t.dirty = true;
             let (w, n) = (t.wildcard, &t.names);
             self.client
@@ -237,7 +252,7 @@ impl StreamState {
 
     /// The next response due, built from `snapshot`; `None` when nothing the client holds
     /// changed (the due marks are cleared).
-    pub fn next_push(&mut self, snapshot: &XdsSnapshot) -> Option<DiscoveryResponse> {
+    pub fn next_push(&mut self, snapshot: &XdsSnapshot) -> Option<Push> {
         for kind in PUSH_ORDER {
             let t = &mut self.types[index(kind)];
             if !t.dirty {
@@ -272,9 +287,8 @@ impl StreamState {
                 let cut = resources
                     .iter()
                     .position(|r| {
-                        // The value, its type URL and the framing around both.
-                        bytes += r.any.value.len() + r.any.type_url.len() + 8;
-                        bytes > EDS_RESPONSE_BYTES
+                        bytes += r.framed.len();
+                        bytes > self.eds_cut
                     })
                     .map(|i| i.max(1));
                 if let Some(cut) = cut.filter(|c| *c < resources.len()) {
@@ -296,18 +310,16 @@ impl StreamState {
             if resources.is_empty() && !t.force {
                 continue;
             }
-            let resources: Vec<Any> = resources.iter().map(|r| r.any.clone()).collect();
             t.force = false;
             self.nonces += 1;
             t.nonce = self.nonces.to_string();
             t.sent_version = snapshot.version.clone();
             t.sent_at = Some(Instant::now());
-            let response = DiscoveryResponse {
+            let response = Push {
                 version_info: t.sent_version.clone(),
-                resources,
-                type_url: kind.type_url().to_string(),
+                type_url: kind.type_url(),
                 nonce: t.nonce.clone(),
-                ..Default::default()
+                resources,
             };
             self.metrics
                 .build_seconds

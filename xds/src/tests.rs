@@ -89,6 +89,7 @@ impl Fixture {
         StreamState::new(
             None,
             100,
+            Default::default(),
             "cluster.local".into(),
             self.metrics.clone(),
             self.clients.register("ads", "test".into()),
@@ -101,6 +102,7 @@ impl Fixture {
 
     fn push(&self, s: &mut StreamState) -> Option<DiscoveryResponse> {
         s.next_push(&self.cache.load().unwrap())
+            .map(|p| p.to_response())
     }
 }
 
@@ -423,6 +425,7 @@ fn an_ejection_on_this_node_is_pushed_though_the_revision_did_not_move() {
 
 #[test]
 fn a_large_eds_push_is_cut_into_parts_that_together_hold_everything() {
+    const CUT: usize = 8 * 1024;
     let mut f = Fixture::new();
     for i in 0..600 {
         put(
@@ -438,16 +441,18 @@ fn a_large_eds_push_is_cut_into_parts_that_together_hold_everything() {
     let mut s = StreamState::new(
         None,
         1000,
+        Default::default(),
         "cluster.local".into(),
         f.metrics.clone(),
         f.clients.register("ads", "test".into()),
-    );
+    )
+    .cut_eds_at(CUT);
     f.ask(&mut s, request(ResourceType::Endpoint, &names, "", ""))
         .unwrap();
     let mut got = Vec::new();
     let mut parts = 0;
     while let Some(r) = f.push(&mut s) {
-        assert!(r.encoded_len() < 2 * crate::stream::EDS_RESPONSE_BYTES);
+        assert!(r.encoded_len() < 2 * CUT);
         got.extend(names_of(&r));
         parts += 1;
     }

@@ -315,3 +315,159 @@ async fn streams_past_the_limit_are_refused_and_counted() {
     let mut again = open(ch, "n4").await.unwrap();
     again.next().await;
 }
+
+async fn next_of(rx: &mut Streaming<DiscoveryResponse>) -> DiscoveryResponse {
+    tokio::time::timeout(Duration::from_secs(10), rx.message())
+        .await
+        .expect("a response within 10 s")
+        .expect("stream open")
+        .expect("a response")
+}
+
+/// `curl --http2-prior-knowledge` against `path` with `body` (gRPC-framed or not): the response
+/// head and trailers as curl dumps them.
+async fn raw_http2(port: u16, method: &str, path: &str, body: &[u8]) -> String {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), body).unwrap();
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-X",
+            method,
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("--data-binary")
+        .arg(format!("@{}", file.path().display()))
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .await
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_cds_and_eds_streams_and_what_svcd_does_not_serve() {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient;
+    use prost::Message;
+
+    let (d, port) = daemon("").await;
+    put(&d, "web", "w1", 8001).await;
+    let ch = channel(port).await;
+
+    // CDS on its own stream; the type URL may be left out there.
+    let (cds_tx, requests) = mpsc::channel(4);
+    cds_tx.send(request("", &[], "", "")).await.unwrap();
+    let mut cds = ClusterDiscoveryServiceClient::new(ch.clone())
+        .stream_clusters(ReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = next_of(&mut cds).await;
+    assert_eq!(r.type_url, CDS);
+    let clusters: Vec<String> = r
+        .resources
+        .iter()
+        .map(|a| Cluster::decode(&a.value[..]).unwrap().name)
+        .collect();
+    assert_eq!(clusters, ["web.default:http"]);
+
+    // EDS on its own stream, by name; a change is pushed after the ACK.
+    let (eds_tx, requests) = mpsc::channel(4);
+    eds_tx
+        .send(request("", &["web.default:http"], "", ""))
+        .await
+        .unwrap();
+    let mut eds = EndpointDiscoveryServiceClient::new(ch.clone())
+        .stream_endpoints(ReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let ports = |r: &DiscoveryResponse| -> Vec<u32> {
+        assert_eq!(r.type_url, EDS);
+        let cla = ClusterLoadAssignment::decode(&r.resources[0].value[..]).unwrap();
+        let mut ports: Vec<u32> = cla
+            .endpoints
+            .iter()
+            .flat_map(|l| &l.lb_endpoints)
+            .map(|e| {
+                use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
+                use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+                let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                    panic!()
+                };
+                let Some(address::Address::SocketAddress(sa)) =
+                    ep.address.as_ref().and_then(|a| a.address.as_ref())
+                else {
+                    panic!()
+                };
+                let Some(socket_address::PortSpecifier::PortValue(p)) = sa.port_specifier else {
+                    panic!()
+                };
+                p
+            })
+            .collect();
+        ports.sort_unstable();
+        ports
+    };
+    let first = next_of(&mut eds).await;
+    assert_eq!(ports(&first), [8001]);
+    eds_tx
+        .send(request(
+            EDS,
+            &["web.default:http"],
+            &first.version_info,
+            &first.nonce,
+        ))
+        .await
+        .unwrap();
+    put(&d, "web", "w2", 8002).await;
+    assert_eq!(ports(&next_of(&mut eds).await), [8001, 8002]);
+
+    // Delta xDS and REST-style fetch are not served.
+    let (_delta_tx, requests) = mpsc::channel(1);
+    let delta = AggregatedDiscoveryServiceClient::new(ch.clone())
+        .delta_aggregated_resources(ReceiverStream::new(requests))
+        .await;
+    let code = match delta {
+        Err(status) => status.code(),
+        Ok(r) => r.into_inner().message().await.unwrap_err().code(),
+    };
+    assert_eq!(code, tonic::Code::Unimplemented);
+    let fetch = ClusterDiscoveryServiceClient::new(ch)
+        .fetch_clusters(request(CDS, &[], "", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(fetch.code(), tonic::Code::Unimplemented);
+
+    // Not gRPC, and not a DiscoveryRequest: told why, counted; the other streams go on.
+    let ads_path =
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+    let head = raw_http2(port, "GET", ads_path, b"").await;
+    assert!(head.starts_with("http/2 415"), "{head}");
+    let garbage = [0, 0, 0, 0, 3, 0xff, 0xff, 0xff];
+    let reply = raw_http2(port, "POST", ads_path, &garbage).await;
+    assert!(reply.contains("grpc-status: 3"), "{reply}");
+    assert!(reply.contains("malformed%20discoveryrequest"), "{reply}");
+    assert_eq!(
+        d.metric("svcd_xds_requests_rejected_total{reason=\"malformed\"}")
+            .await,
+        Some(1.0)
+    );
+    put(&d, "web", "w3", 8003).await;
+    let r = next_of(&mut eds).await;
+    assert_eq!(ports(&r), [8001, 8002, 8003]);
+    drop(cds_tx);
+}
