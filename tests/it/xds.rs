@@ -216,14 +216,42 @@ fn share(answers: &[String], id: &str) -> f64 {
     answers.iter().filter(|a| *a == id).count() as f64 / answers.len() as f64
 }
 
-/// Runs the balancing scenario against one client process.
-async fn balances_and_follows_changes(d: &Daemon, echo: &EchoServers, client: &Lines) {
-    // Balanced over the two registered instances.
+/// The client's next 100 calls are spread over `e1` and `e2`, 30–70 % each.
+async fn balanced_over_e1_and_e2(client: &Lines) {
     let answers = next_calls(client, 100).await;
     for id in ["e1", "e2"] {
         let s = share(&answers, id);
         assert!((0.3..=0.7).contains(&s), "{id} got {s} of {answers:?}");
     }
+}
+
+/// `method path` on the admin API succeeds, and `id` gets no calls within 1 s of it.
+async fn stops_within_a_second(d: &Daemon, client: &Lines, method: &str, path: &str, id: &str) {
+    let t = Instant::now();
+    let r = d.request(method, path, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let took = stops_answering(client, id, t).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "{id} answered {took:?} after {method} {path}"
+    );
+}
+
+/// The grpc-js client (tests/it/xds/grpc_js_client.js) calling `target` with `bootstrap`.
+fn grpc_js_client(target: &str, bootstrap: &std::path::Path) -> Lines {
+    let mut command = Command::new("node");
+    command
+        .arg(script("grpc_js_client.js"))
+        .arg(target)
+        .env("GRPC_XDS_BOOTSTRAP", bootstrap)
+        .env("NODE_PATH", tool("node/node_modules"));
+    Lines::spawn(command)
+}
+
+/// Runs the balancing scenario against one client process.
+async fn balances_and_follows_changes(d: &Daemon, echo: &EchoServers, client: &Lines) {
+    // Balanced over the two registered instances.
+    balanced_over_e1_and_e2(client).await;
 
     // A new instance gets traffic within 1 s.
     let t = Instant::now();
@@ -235,28 +263,11 @@ async fn balances_and_follows_changes(d: &Daemon, echo: &EchoServers, client: &L
     );
 
     // Deregistered: no traffic within 1 s.
-    let t = Instant::now();
-    let r = d
-        .request("DELETE", "/v1/services/default/echo/instances/e1", None)
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let took = stops_answering(client, "e1", t).await;
-    assert!(
-        took < Duration::from_secs(1),
-        "e1 answered {took:?} after its deregistration"
-    );
+    let instances = "/v1/services/default/echo/instances";
+    stops_within_a_second(d, client, "DELETE", &format!("{instances}/e1"), "e1").await;
 
     // Drained: no new traffic within 1 s.
-    let t = Instant::now();
-    let r = d
-        .request("POST", "/v1/services/default/echo/instances/e2/drain", None)
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let took = stops_answering(client, "e2", t).await;
-    assert!(
-        took < Duration::from_secs(1),
-        "e2 answered {took:?} after its drain"
-    );
+    stops_within_a_second(d, client, "POST", &format!("{instances}/e2/drain"), "e2").await;
 
     // Failing its active check: no traffic within 1 s of the failure.
     register(d, echo, "e4").await;
@@ -318,31 +329,18 @@ async fn grpc_js_xds_client_resolves_the_same_target() {
     register(&d, &echo, "e1").await;
     register(&d, &echo, "e2").await;
     let bootstrap = bootstrap(&d, port, "js-client", false);
-    let mut command = Command::new("node");
-    command
-        .arg(script("grpc_js_client.js"))
-        .arg("echo.default.svc.cluster.local")
-        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
-        .env("NODE_PATH", tool("node/node_modules"));
-    let client = Lines::spawn(command);
-    let answers = next_calls(&client, 100).await;
-    for id in ["e1", "e2"] {
-        let s = share(&answers, id);
-        assert!((0.3..=0.7).contains(&s), "{id} got {s} of {answers:?}");
-    }
-    let t = Instant::now();
-    let r = d
-        .request("DELETE", "/v1/services/default/echo/instances/e1", None)
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let took = stops_answering(&client, "e1", t).await;
-    assert!(
-        took < Duration::from_secs(1),
-        "e1 answered {took:?} after its deregistration"
-    );
+    let client = grpc_js_client("echo.default.svc.cluster.local", &bootstrap);
+    balanced_over_e1_and_e2(&client).await;
+    stops_within_a_second(
+        &d,
+        &client,
+        "DELETE",
+        "/v1/services/default/echo/instances/e1",
+        "e1",
+    )
+    .await;
 }
 
-mod envoy;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcio_reaches_xds_over_tls_with_a_client_certificate() {
     let ca = crate::support::tls::TestCa::new("xds-ca");
@@ -387,11 +385,7 @@ async fn grpcio_reaches_xds_over_tls_with_a_client_certificate() {
         .arg("echo.default")
         .env("GRPC_XDS_BOOTSTRAP", &bootstrap);
     let client = Lines::spawn(command);
-    let answers = next_calls(&client, 100).await;
-    for id in ["e1", "e2"] {
-        let s = share(&answers, id);
-        assert!((0.3..=0.7).contains(&s), "{id} got {s} of {answers:?}");
-    }
+    balanced_over_e1_and_e2(&client).await;
     let clients = d.get("/v1/xds/clients").await.json();
     assert_eq!(clients["clients"][0]["node_id"], "tls-client");
 }
@@ -418,21 +412,12 @@ async fn grpc_js_reaches_xds_over_a_unix_socket() {
     assert_success(&out);
     let bootstrap = d.dir.path().join("unix-client.json");
     std::fs::write(&bootstrap, &out.stdout).unwrap();
-    let mut command = Command::new("node");
-    command
-        .arg(script("grpc_js_client.js"))
-        .arg("echo.default.svc.cluster.local")
-        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
-        .env("NODE_PATH", tool("node/node_modules"));
-    let client = Lines::spawn(command);
-    let answers = next_calls(&client, 100).await;
-    for id in ["e1", "e2"] {
-        let s = share(&answers, id);
-        assert!((0.3..=0.7).contains(&s), "{id} got {s} of {answers:?}");
-    }
+    let client = grpc_js_client("echo.default.svc.cluster.local", &bootstrap);
+    balanced_over_e1_and_e2(&client).await;
     let clients = d.get("/v1/xds/clients").await.json();
     assert_eq!(clients["clients"][0]["node_id"], "unix-client");
     assert_eq!(clients["clients"][0]["peer"], "unix");
 }
 
+mod envoy;
 mod protocol;

@@ -100,6 +100,16 @@ impl Fixture {
         s.on_request(r, self.cache.load().as_deref())
     }
 
+    /// Subscribes `s` to the ClusterLoadAssignment `name`, takes the first push and ACKs it.
+    fn subscribe_and_ack(&self, s: &mut StreamState, name: &str) -> DiscoveryResponse {
+        let kind = ResourceType::Endpoint;
+        self.ask(s, request(kind, &[name], "", "")).unwrap();
+        let first = self.push(s).unwrap();
+        self.ask(s, request(kind, &[name], &first.version_info, &first.nonce))
+            .unwrap();
+        first
+    }
+
     fn push(&self, s: &mut StreamState) -> Option<DiscoveryResponse> {
         s.next_push(&self.cache.load().unwrap())
             .map(|p| p.to_response())
@@ -218,23 +228,9 @@ fn nack_is_counted_and_recorded_and_the_client_is_not_re_sent() {
 fn names_that_appear_later_are_pushed_then_and_only_changes_are_pushed() {
     let mut f = Fixture::new();
     let mut s = f.stream();
-    f.ask(
-        &mut s,
-        request(ResourceType::Endpoint, &["new.default:grpc"], "", ""),
-    )
-    .unwrap();
-    let first = f.push(&mut s).unwrap();
+    let first = f.subscribe_and_ack(&mut s, "new.default:grpc");
     assert!(first.resources.is_empty());
-    f.ask(
-        &mut s,
-        request(
-            ResourceType::Endpoint,
-            &["new.default:grpc"],
-            "4",
-            &first.nonce,
-        ),
-    )
-    .unwrap();
+    assert_eq!(first.version_info, "4");
     // A change to another service: nothing for this client.
     put(
         &mut f.builder,
@@ -377,23 +373,8 @@ fn a_slow_stream_folds_changes_into_one_push_of_the_newest_state() {
 fn an_ejection_on_this_node_is_pushed_though_the_revision_did_not_move() {
     let mut f = Fixture::new();
     let mut s = f.stream();
-    f.ask(
-        &mut s,
-        request(ResourceType::Endpoint, &["web.default:http"], "", ""),
-    )
-    .unwrap();
-    let first = f.push(&mut s).unwrap();
+    let first = f.subscribe_and_ack(&mut s, "web.default:http");
     assert_eq!(first.version_info, "4");
-    f.ask(
-        &mut s,
-        request(
-            ResourceType::Endpoint,
-            &["web.default:http"],
-            "4",
-            &first.nonce,
-        ),
-    )
-    .unwrap();
     // What the publisher does for an ejection: the same revision, the service replaced.
     let web = f.last.service("default", "web").unwrap();
     let ejection = svcd_registry::Ejection {
