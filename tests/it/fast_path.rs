@@ -252,3 +252,143 @@ async fn a_connection_whose_instance_left_mid_exchange_is_not_pooled() {
     assert_eq!(slow.await.unwrap(), (http::StatusCode::OK, "b1".into()));
     until_open(&b1, 2, "the answered connection closed", |n| n == 0).await;
 }
+
+/// Raw bytes over TLS (ALPN `http/1.1`, SNI `web`, the client certificate `client` if given);
+/// what comes back until the server closes.
+async fn tls_exchange(
+    port: u16,
+    ca_pem: &str,
+    client: Option<&crate::support::tls::Issued>,
+    bytes: &[u8],
+) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut config = match client {
+        Some(issued) => {
+            let chain = CertificateDer::pem_slice_iter(issued.cert.as_bytes())
+                .map(Result::unwrap)
+                .collect();
+            let key = PrivateKeyDer::from_pem_slice(issued.key.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("web").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(bytes).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The same comparison over HTTPS (HTTP/1.1 chosen in ALPN): the fast path serves TLS streams
+/// too. With a client certificate, so what the instance gets includes svcd's
+/// `x-forwarded-client-cert` (a client's own is dropped) and `x-forwarded-proto: https`; and
+/// on a listener whose `allow` does not name the client, both answer 403.
+#[tokio::test]
+async fn fast_path_and_hyper_answer_alike_over_tls() {
+    use crate::support::tls::{toml_path, TestCa};
+    let ca = TestCa::new("fast path ca");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (cert, key) = ca
+        .issue_sans("web", &["web"], None, false)
+        .write(dir.path(), "web");
+    let client = ca.issue_sans(
+        "client",
+        &[],
+        Some("spiffe://td/ns/default/svc/client"),
+        false,
+    );
+    let backend = Backend::start("b1").await;
+    let client_ca = format!("client_ca = {}\n", toml_path(&ca_file));
+    let https = |tls_extra: &str| {
+        let port = crate::support::free_port();
+        let config = format!(
+            "[[proxy.http]]\nlisten = \"127.0.0.1:{port}\"\n[proxy.http.tls]\ncert = {}\n\
+             key = {}\n{tls_extra}",
+            toml_path(&cert),
+            toml_path(&key),
+        );
+        (port, config)
+    };
+    let forged: &[u8] = b"GET /headers HTTP/1.1\r\nHost: web\r\nX-Forwarded-Client-Cert: By=forged\r\nConnection: close\r\n\r\n";
+    // Without client certificates, then with them required.
+    for with_cert in [None, Some(&client)] {
+        let tls_extra = if with_cert.is_some() {
+            client_ca.as_str()
+        } else {
+            ""
+        };
+        let (fast_port, fast_config) = https(tls_extra);
+        let (hyper_port, hyper_config) = https(tls_extra);
+        let fast = daemon(&fast_config, backend.addr).await;
+        let hyper = daemon(&on_path(&hyper_config, HYPER_PATH), backend.addr).await;
+        for (i, case) in CASES.iter().chain([&forged]).enumerate() {
+            let before = backend.count();
+            let a = tls_exchange(fast_port, &ca.pem(), with_cert, case).await;
+            let via_fast = backend.count() - before;
+            let b = tls_exchange(hyper_port, &ca.pem(), with_cert, case).await;
+            let via_hyper = backend.count() - before - via_fast;
+            let certified = with_cert.is_some();
+            assert!(
+                !a.is_empty(),
+                "case {i} (client certificate: {certified}): no answer"
+            );
+            assert_eq!(
+                normalised(&a),
+                normalised(&b),
+                "case {i} (client certificate: {certified}): the paths differ\nfast path:\n{a}\nhyper:\n{b}"
+            );
+            assert_eq!(via_fast, via_hyper, "case {i}: backend requests differ");
+        }
+        assert_eq!(
+            http_counters(&fast.get("/metrics").await.body),
+            http_counters(&hyper.get("/metrics").await.body),
+            "the paths count differently"
+        );
+        // What the instance got over the fast path: https, and svcd's certificate line only.
+        let echo = tls_exchange(fast_port, &ca.pem(), with_cert, forged).await;
+        assert!(echo.contains("x-forwarded-proto: https"), "{echo}");
+        assert!(!echo.contains("By=forged"), "{echo}");
+        assert_eq!(
+            echo.contains("URI=spiffe://td/ns/default/svc/client"),
+            with_cert.is_some(),
+            "{echo}"
+        );
+    }
+
+    // A listener allowing another identity: 403 on both paths, the instance never asked.
+    let allow_other = format!("{client_ca}allow = [\"spiffe://td/ns/default/svc/other\"]\n");
+    let (fast_port, fast_config) = https(&allow_other);
+    let (hyper_port, hyper_config) = https(&allow_other);
+    let _fast = daemon(&fast_config, backend.addr).await;
+    let _hyper = daemon(&on_path(&hyper_config, HYPER_PATH), backend.addr).await;
+    let before = backend.count();
+    let get = b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n";
+    let a = tls_exchange(fast_port, &ca.pem(), Some(&client), get).await;
+    let b = tls_exchange(hyper_port, &ca.pem(), Some(&client), get).await;
+    assert!(a.starts_with("HTTP/1.1 403"), "{a}");
+    assert_eq!(normalised(&a), normalised(&b));
+    assert_eq!(backend.count(), before);
+}

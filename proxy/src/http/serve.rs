@@ -155,6 +155,7 @@ async fn serve_connection(
             &ctx,
             settings.clone(),
             stream,
+            None,
             peer.ip(),
             &stop,
             last_request,
@@ -175,8 +176,8 @@ async fn serve_connection(
 }
 
 /// An HTTPS connection: the handshake (bounded by the listener's `handshake_timeout`), then
-/// hyper for both HTTP/2 and HTTP/1.1 (ALPN decides what the client speaks; the HTTP/1.1 fast
-/// path serves plaintext connections only).
+/// the HTTP/1.1 fast path when the client did not choose `h2` in ALPN (and the fast path is on),
+/// hyper for HTTP/2 and for what the fast path hands over.
 async fn serve_tls_connection(
     ctx: Arc<HttpContext>,
     tls: Arc<ServerTls>,
@@ -205,17 +206,38 @@ async fn serve_tls_connection(
     };
     ctx.metrics.downstream_open.inc();
     let settings = ctx.settings.load_full();
-    hyper_boxed(
-        &ctx,
-        &settings,
-        accepted.stream,
-        bytes::Bytes::new(),
-        peer,
-        stop,
-        admitted,
-        Some(client_tls),
-    )
-    .await;
+    let handoff = if settings.l7.http1_fast_path && !accepted.h2 {
+        let last_request = admitted == Admitted::AtClose;
+        match h1::serve(
+            &ctx,
+            settings.clone(),
+            accepted.stream,
+            Some(&client_tls),
+            peer.ip(),
+            &stop,
+            last_request,
+        )
+        .await
+        {
+            h1::Ended::Closed => None,
+            h1::Ended::Handoff(stream, read) => Some((stream, read.freeze())),
+        }
+    } else {
+        Some((accepted.stream, bytes::Bytes::new()))
+    };
+    if let Some((stream, read)) = handoff {
+        hyper_boxed(
+            &ctx,
+            &settings,
+            stream,
+            read,
+            peer,
+            stop,
+            admitted,
+            Some(client_tls),
+        )
+        .await;
+    }
     ctx.metrics.downstream_open.dec();
     debug!(%peer, "HTTPS client connection closed");
 }

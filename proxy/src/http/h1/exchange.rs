@@ -7,10 +7,10 @@ use bytes::{Buf, BytesMut};
 use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::WriteHalf;
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::buffers;
+use super::client::{self, ClientStream};
 use super::head::{self, RequestInfo, ResponseInfo};
 use super::pool::{self, UpstreamConn};
 use super::read::{idle_timeout_notice, read_response_head, read_some};
@@ -47,7 +47,7 @@ enum Attempt {
     ClientGone,
 }
 
-impl ClientConn<'_> {
+impl<S: ClientStream> ClientConn<'_, S> {
     pub(super) async fn exchange(&mut self, info: RequestInfo, closing: bool) -> Next {
         let ctx = self.ctx;
         let settings = self.settings.clone();
@@ -61,8 +61,18 @@ impl ClientConn<'_> {
         let access = settings.l7.access_log.then(|| {
             AccessEntry::from_parts(&text(info.method.clone(), &self.buf), host, full_path)
         });
-        // Plaintext: no client certificate, so routes with `allow` refuse.
-        let routed = match route(ctx, settings, path, host, None) {
+        if self.tls.is_some_and(|t| t.denied) {
+            ctx.metrics.unrouted(StatusCode::FORBIDDEN.as_u16());
+            let refused = (
+                StatusCode::FORBIDDEN,
+                "client certificate identity not allowed on this listener\n".into(),
+                false,
+            );
+            return self.refuse(&info, refused, closing, None, access).await;
+        }
+        // Without a verified client certificate (plaintext too), routes with `allow` refuse.
+        let identity = self.tls.and_then(|t| t.identity.as_ref());
+        let routed = match route(ctx, settings, path, host, identity) {
             Ok(r) => r,
             Err(refused) => {
                 ctx.metrics.unrouted(refused.0.as_u16());
@@ -472,8 +482,8 @@ enum UploadError {
 }
 
 /// The rest of the request body, client to instance.
-async fn upload(
-    client: &mut TcpStream,
+async fn upload<S: ClientStream>(
+    client: &mut S,
     buf: &mut BytesMut,
     body: &mut FramingGuard,
     up: &mut WriteHalf<'_>,
@@ -482,7 +492,7 @@ async fn upload(
 ) -> Result<(), UploadError> {
     while !body.body_done() {
         buffers::room_for_body(buf);
-        match tokio::time::timeout(idle, read_some(client, buf)).await {
+        match tokio::time::timeout(idle, client::read_some(client, buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => return Err(UploadError::Client),
         }
@@ -498,13 +508,13 @@ async fn upload(
 
 /// Resolves when the client closes its connection (or resets it). Bytes it sends meanwhile (a
 /// pipelined request) are kept in `buf`, up to `limit`; then it stops looking.
-async fn client_gone(stream: &mut TcpStream, buf: &mut BytesMut, limit: usize) {
+async fn client_gone<S: ClientStream>(stream: &mut S, buf: &mut BytesMut, limit: usize) {
     loop {
         if buf.len() > limit {
             return std::future::pending().await;
         }
         buffers::room(buf);
-        match read_some(stream, buf).await {
+        match client::read_some(stream, buf).await {
             Ok(n) if n > 0 => {}
             _ => return,
         }
@@ -512,11 +522,13 @@ async fn client_gone(stream: &mut TcpStream, buf: &mut BytesMut, limit: usize) {
 }
 
 /// Writes all of `data` to the client within `idle`; false if the client is gone or stalled.
-async fn write_timed(stream: &mut TcpStream, data: &[u8], idle: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(idle, stream.write_all(data)).await,
-        Ok(Ok(()))
-    )
+/// Flushed: TLS keeps records it could not send yet (TCP has nothing to flush).
+async fn write_timed<S: ClientStream>(stream: &mut S, data: &[u8], idle: Duration) -> bool {
+    let write = async {
+        stream.write_all(data).await?;
+        stream.flush().await
+    };
+    matches!(tokio::time::timeout(idle, write).await, Ok(Ok(())))
 }
 
 fn response_says_close(head: &[u8]) -> bool {

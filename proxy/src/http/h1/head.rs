@@ -71,16 +71,39 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|t| !t.is_empty())
 }
 
+/// Who sent a request, for the forwarding fields.
+#[derive(Clone, Copy)]
+pub struct Downstream<'a> {
+    pub ip: &'a str,
+    /// It came over TLS: `X-Forwarded-Proto: https`.
+    pub https: bool,
+    /// Its verified client certificate, as `X-Forwarded-Client-Cert` (a client's own is always
+    /// dropped).
+    pub xfcc: Option<&'a [u8]>,
+}
+
+impl<'a> Downstream<'a> {
+    /// A plaintext client at `ip`.
+    pub fn plain(ip: &'a str) -> Downstream<'a> {
+        Downstream {
+            ip,
+            https: false,
+            xfcc: None,
+        }
+    }
+}
+
 /// Parses the head at the start of `buf`; on a usual request writes the head to send upstream
 /// into `out` (cleared first): the request line, the client's fields but hop-by-hop ones, `Host`,
-/// `X-Forwarded-For` (appended to), `X-Forwarded-Proto`, `X-Forwarded-Host` (unless set) and
-/// `Via`, as the hyper path's header rewrite does.
+/// `X-Forwarded-For` (appended to), `X-Forwarded-Proto`, `X-Forwarded-Host` (unless set),
+/// `X-Forwarded-Client-Cert` (only svcd's) and `Via`, as the hyper path's header rewrite does.
 pub fn parse_request(
     buf: &[u8],
     max_headers: usize,
-    client_ip: &str,
+    client: Downstream<'_>,
     out: &mut Vec<u8>,
 ) -> ParsedRequest {
+    let client_ip = client.ip;
     let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
     let limit = max_headers.min(HEADER_SLOTS);
     let mut req = httparse::Request::new(&mut slots[..limit]);
@@ -195,7 +218,15 @@ pub fn parse_request(
         out.extend_from_slice(client_ip.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+    out.extend_from_slice(match client.https {
+        true => b"x-forwarded-proto: https\r\n",
+        false => b"x-forwarded-proto: http\r\n",
+    });
+    if let Some(xfcc) = client.xfcc {
+        out.extend_from_slice(b"x-forwarded-client-cert: ");
+        out.extend_from_slice(xfcc);
+        out.extend_from_slice(b"\r\n");
+    }
     if !forwarded_host {
         out.extend_from_slice(b"x-forwarded-host: ");
         out.extend_from_slice(host.as_bytes());

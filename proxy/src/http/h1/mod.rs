@@ -17,6 +17,7 @@
 
 pub mod bridge;
 mod buffers;
+pub mod client;
 mod exchange;
 pub mod head;
 pub mod pool;
@@ -29,10 +30,10 @@ use std::future::Future;
 use std::task::Poll;
 
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{HttpContext, HttpSettings};
+use client::ClientStream;
 use head::{ParsedRequest, RequestInfo};
 
 /// An IP address as text, on the stack.
@@ -57,19 +58,26 @@ impl IpText {
 }
 
 /// How a fast-path connection ended.
-pub enum Ended {
+pub enum Ended<S> {
     Closed,
     /// hyper takes the connection from here; the bytes are what was read of the next request.
-    Handoff(TcpStream, BytesMut),
+    Handoff(S, BytesMut),
 }
 
+/// What an HTTPS client showed in its handshake: the fast path forwards and routes on it as
+/// hyper's path does (`forward::ClientTls`).
+pub type ClientTls = super::forward::ClientTls;
+
 /// One client connection's state between and during exchanges.
-struct ClientConn<'a> {
+struct ClientConn<'a, S> {
     ctx: &'a HttpContext,
+    /// Set on HTTPS listeners: `X-Forwarded-Proto: https`, the client's certificate in
+    /// `X-Forwarded-Client-Cert`, its identity for routes with `allow`.
+    tls: Option<&'a ClientTls>,
     /// The settings of the current request: loaded again for each, so a reload (routes,
     /// timeouts, limits) applies to the next request of an open connection, as on hyper's path.
     settings: Arc<HttpSettings>,
-    stream: TcpStream,
+    stream: S,
     /// The client's address, for `X-Forwarded-For` and the access log (formatted per request
     /// on the stack: an idle connection keeps no string).
     ip: IpAddr,
@@ -103,16 +111,18 @@ enum HeadRead {
 /// Serves `stream` until it closes or needs hyper. `stop`: the listener's shutdown (the current
 /// response ends the connection); `last_request`: accepted out of the queue at shutdown, so one
 /// request is served without keep-alive.
-pub async fn serve(
+pub async fn serve<S: ClientStream>(
     ctx: &HttpContext,
     settings: Arc<HttpSettings>,
-    stream: TcpStream,
+    stream: S,
+    tls: Option<&ClientTls>,
     ip: IpAddr,
     stop: &CancellationToken,
     last_request: bool,
-) -> Ended {
+) -> Ended<S> {
     let mut conn = ClientConn {
         ctx,
+        tls,
         settings,
         stream,
         ip,
@@ -178,8 +188,8 @@ pub async fn serve(
 /// Waits until the client's socket is readable (true), or until `deadline` or `ends` (false).
 /// This is the state every idle connection sits in, so it is kept small: `poll_read_ready`
 /// keeps its waker in the socket's own slot, with no waiter stored in this future.
-async fn readable_by(
-    stream: &TcpStream,
+async fn readable_by<S: ClientStream>(
+    stream: &S,
     deadline: tokio::time::Instant,
     ends: Option<&CancellationToken>,
 ) -> bool {
@@ -204,7 +214,7 @@ async fn readable_by(
     .await
 }
 
-impl<'a> ClientConn<'a> {
+impl<'a, S: ClientStream> ClientConn<'a, S> {
     /// The exchange's future, made and boxed outside the caller's async frame (made inside it,
     /// the compiler keeps room for it there too, and every idle connection would carry it).
     fn exchange_boxed<'c>(
@@ -226,7 +236,12 @@ impl<'a> ClientConn<'a> {
                 buffers::head_room(&mut self.up_head);
                 // A head of up to `max_header_bytes` is taken, one byte more gets 431: the
                 // fast path answers it itself rather than hand hyper an oversized start.
-                match head::parse_request(&self.buf, l7.max_headers, ip, &mut self.up_head) {
+                let client = head::Downstream {
+                    ip,
+                    https: self.tls.is_some(),
+                    xfcc: self.tls.and_then(|t| t.xfcc.as_ref()).map(|v| v.as_bytes()),
+                };
+                match head::parse_request(&self.buf, l7.max_headers, client, &mut self.up_head) {
                     ParsedRequest::Request(info) if info.len > l7.max_header_bytes => {
                         return HeadRead::TooLarge
                     }
@@ -239,7 +254,7 @@ impl<'a> ClientConn<'a> {
                 }
             }
             buffers::room(&mut self.buf);
-            match read::try_read_some(&self.stream, &mut self.buf) {
+            match self.stream.try_read_some(&mut self.buf) {
                 Ok(0) => return HeadRead::Closed,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -254,14 +269,14 @@ impl<'a> ClientConn<'a> {
     }
 
     /// Ends the connection, its buffers back to the worker's pools.
-    fn close(mut self) -> Ended {
+    fn close(mut self) -> Ended<S> {
         self.release_buffers();
         Ended::Closed
     }
 
     /// Hands the connection to hyper with the bytes it has read; the rest of its buffers go back
     /// to the worker's pools.
-    fn hand_off(mut self) -> Ended {
+    fn hand_off(mut self) -> Ended<S> {
         self.release_exchange_buffers();
         Ended::Handoff(self.stream, self.buf)
     }

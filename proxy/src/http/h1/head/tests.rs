@@ -2,7 +2,7 @@ use super::*;
 
 fn request(raw: &[u8]) -> (ParsedRequest, String) {
     let mut out = Vec::new();
-    let parsed = parse_request(raw, 100, "10.1.2.3", &mut out);
+    let parsed = parse_request(raw, 100, Downstream::plain("10.1.2.3"), &mut out);
     (parsed, String::from_utf8(out).unwrap())
 }
 
@@ -61,7 +61,7 @@ fn partial_heads_wait_and_unusual_ones_go_to_hyper() {
     let mut out = Vec::new();
     let many = b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\n\r\n";
     assert!(matches!(
-        parse_request(many, 2, "1.1.1.1", &mut out),
+        parse_request(many, 2, Downstream::plain("1.1.1.1"), &mut out),
         ParsedRequest::Unusual
     ));
 }
@@ -124,7 +124,7 @@ fn arbitrary_heads_never_panic() {
         for _ in 0..(next() % 10) {
             input.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
         }
-        let _ = parse_request(&input, 8, "::1", &mut out);
+        let _ = parse_request(&input, 8, Downstream::plain("::1"), &mut out);
         let _ = parse_response(&input, next() % 2 == 0, next() % 2 == 0, &mut out);
     }
 }
