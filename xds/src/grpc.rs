@@ -77,10 +77,13 @@ impl Push {
     }
 }
 
-/// What a stream's task queues for its response body: a push, or the status that ends the
-/// stream. Boxed: the queue's block holds 32 slots however short the queue, so a slot is a
-/// pointer.
-pub type Output = Result<Box<Push>, Box<Status>>;
+/// What a stream's task queues for its response body. Boxed: the queue's block holds 32 slots
+/// however short the queue, so a slot is a pointer.
+pub type Output = Box<Push>;
+
+/// The status a stream ends with, left by its task before it ends. Not queued: a client that
+/// stopped reading has the queue full, and its refusal must not become an OK.
+pub type Ending = Arc<std::sync::Mutex<Option<Status>>>;
 
 /// A [`Push`] being written out.
 struct Writing {
@@ -142,14 +145,16 @@ impl Writing {
 /// status (OK when the task ended it without an error).
 pub struct ResponseBody {
     queue: Option<mpsc::Receiver<Output>>,
+    ending: Ending,
     writing: Option<Writing>,
     ended: bool,
 }
 
 impl ResponseBody {
-    pub fn new(queue: mpsc::Receiver<Output>) -> ResponseBody {
+    pub fn new(queue: mpsc::Receiver<Output>, ending: Ending) -> ResponseBody {
         ResponseBody {
             queue: Some(queue),
+            ending,
             writing: None,
             ended: false,
         }
@@ -161,6 +166,7 @@ impl Default for ResponseBody {
     fn default() -> Self {
         ResponseBody {
             queue: None,
+            ending: Ending::default(),
             writing: None,
             ended: true,
         }
@@ -200,14 +206,12 @@ impl Body for ResponseBody {
                 return Poll::Ready(None);
             };
             match ready!(queue.poll_recv(cx)) {
-                Some(Ok(push)) => this.writing = Some(Writing::new(push)),
-                Some(Err(status)) => {
-                    this.ended = true;
-                    return Poll::Ready(Some(Ok(trailers(&status))));
-                }
+                Some(push) => this.writing = Some(Writing::new(push)),
                 None => {
                     this.ended = true;
-                    return Poll::Ready(Some(Ok(trailers(&Status::ok("")))));
+                    let status = this.ending.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let status = status.unwrap_or_else(|| Status::ok(""));
+                    return Poll::Ready(Some(Ok(trailers(&status))));
                 }
             }
         }
@@ -235,13 +239,74 @@ fn refused(reason: &'static str, status: Status) -> ReadError {
     ReadError::Refused { reason, status }
 }
 
+/// What requests may hold before they are complete, across all streams: a client declaring a
+/// 16 MiB request and sending it slowly holds that much, so many of them are bounded together.
+pub struct RequestBudget {
+    limit: usize,
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl RequestBudget {
+    pub fn new(limit: usize) -> Arc<RequestBudget> {
+        Arc::new(RequestBudget {
+            limit,
+            held: Default::default(),
+        })
+    }
+
+    fn take(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.held.fetch_add(n, Ordering::AcqRel) + n > self.limit {
+            self.held.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, n: usize) {
+        self.held.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Limits on what one stream's requests may be.
+#[derive(Clone, Copy)]
+pub struct RequestLimits {
+    /// Bytes of one request.
+    pub max_bytes: usize,
+    /// Names in one request (`xds.max_names`), counted before the request is decoded.
+    pub max_names: usize,
+}
+
 /// A stream's requests, decoded one at a time.
 pub struct Requests<B> {
     body: B,
-    /// The bytes of requests not complete yet; no allocation between requests.
+    /// The bytes of requests not complete yet; no allocation between requests. Counted in
+    /// `budget` while held.
     partial: BytesMut,
-    max_bytes: usize,
+    limits: RequestLimits,
+    budget: Arc<RequestBudget>,
     ended: bool,
+}
+
+impl<B> Drop for Requests<B> {
+    fn drop(&mut self) {
+        self.budget.give(self.partial.len());
+    }
+}
+
+/// How many `resource_names` (field 3) an encoded `DiscoveryRequest` carries, read without
+/// decoding it (a request of 16 MiB of one-byte names would decode to ~20 times that).
+fn count_names(mut message: &[u8]) -> Result<usize, prost::DecodeError> {
+    use prost::encoding::{decode_key, skip_field, DecodeContext, WireType};
+    let mut names = 0;
+    while !message.is_empty() {
+        let (tag, wire_type) = decode_key(&mut message)?;
+        if tag == 3 && wire_type == WireType::LengthDelimited {
+            names += 1;
+        }
+        skip_field(wire_type, tag, &mut message, DecodeContext::default())?;
+    }
+    Ok(names)
 }
 
 impl<B> Requests<B>
@@ -249,12 +314,13 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    /// Reads `body`, refusing requests larger than `max_bytes`.
-    pub fn new(body: B, max_bytes: usize) -> Requests<B> {
+    /// Reads `body`, refusing requests past `limits` or past what `budget` has left.
+    pub fn new(body: B, limits: RequestLimits, budget: Arc<RequestBudget>) -> Requests<B> {
         Requests {
             body,
             partial: BytesMut::new(),
-            max_bytes,
+            limits,
+            budget,
             ended: false,
         }
     }
@@ -282,6 +348,14 @@ where
                 Some(Ok(frame)) => {
                     // Trailers carry nothing for a request stream.
                     if let Ok(data) = frame.into_data() {
+                        if !self.budget.take(data.len()) {
+                            return Err(refused(
+                                "too_large",
+                                Status::resource_exhausted(
+                                    "xDS requests being read hold all the memory svcd gives them",
+                                ),
+                            ));
+                        }
                         self.partial.extend_from_slice(&data);
                     }
                 }
@@ -303,20 +377,34 @@ where
             ));
         }
         let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-        if len > self.max_bytes {
+        if len > self.limits.max_bytes {
             return Err(refused(
                 "too_large",
                 Status::resource_exhausted(format!(
                     "a request of {len} bytes; the limit is {}",
-                    self.max_bytes
+                    self.limits.max_bytes
                 )),
             ));
         }
         let Some(message) = self.partial.get(PREFIX..PREFIX + len) else {
             return Ok(None);
         };
-        let decoded = DiscoveryRequest::decode(message);
+        let names = count_names(message);
+        let decoded = match names {
+            Ok(n) if n > self.limits.max_names => {
+                return Err(refused(
+                    "too_many_names",
+                    Status::invalid_argument(format!(
+                        "{n} resource names in one request; the limit is {} (xds.max_names)",
+                        self.limits.max_names
+                    )),
+                ))
+            }
+            Ok(_) => DiscoveryRequest::decode(message),
+            Err(e) => Err(e),
+        };
         self.partial.advance(PREFIX + len);
+        self.budget.give(PREFIX + len);
         if self.partial.is_empty() {
             // Let the buffer go: an idle stream holds none.
             self.partial = BytesMut::new();
@@ -385,12 +473,13 @@ mod tests {
         ];
         let (tx, rx) = mpsc::channel(4);
         for p in &pushes {
-            tx.send(Ok(Box::new(p.clone()))).await.unwrap();
+            tx.send(Box::new(p.clone())).await.unwrap();
         }
-        tx.send(Err(Box::new(Status::invalid_argument("bye"))))
-            .await
-            .unwrap();
-        let mut body = ResponseBody::new(rx);
+        // The queue is full: the refusal still ends the stream, after what was queued.
+        let ending = Ending::default();
+        *ending.lock().unwrap() = Some(Status::invalid_argument("bye"));
+        drop(tx);
+        let mut body = ResponseBody::new(rx, ending);
         let mut data = Vec::new();
         let mut trailers = None;
         while let Some(frame) = body.frame().await {
@@ -420,7 +509,7 @@ mod tests {
     async fn a_queue_that_closes_ends_with_status_ok() {
         let (tx, rx) = mpsc::channel(1);
         drop(tx);
-        let mut body = ResponseBody::new(rx);
+        let mut body = ResponseBody::new(rx, Ending::default());
         let frame = body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_trailers().unwrap()["grpc-status"], "0");
         assert!(body.frame().await.is_none());
@@ -462,7 +551,12 @@ mod tests {
         // Frames of 7 bytes, then of 10,000: messages cut anywhere, and two in one frame.
         let mut chunks: Vec<Vec<u8>> = bytes[..70].chunks(7).map(<[u8]>::to_vec).collect();
         chunks.extend(bytes[70..].chunks(10_000).map(<[u8]>::to_vec));
-        let mut requests = Requests::new(body_of(chunks), 1 << 20);
+        let limits = RequestLimits {
+            max_bytes: 1 << 20,
+            max_names: 10_000,
+        };
+        let budget = RequestBudget::new(1 << 20);
+        let mut requests = Requests::new(body_of(chunks), limits, budget.clone());
         assert_eq!(requests.message().await.unwrap(), Some(a));
         assert_eq!(requests.message().await.unwrap(), Some(b.clone()));
         assert_eq!(requests.message().await.unwrap(), Some(b));
@@ -494,15 +588,46 @@ mod tests {
                 tonic::Code::InvalidArgument,
             ),
             (garbage, "malformed", tonic::Code::InvalidArgument),
+            (
+                framed(&DiscoveryRequest {
+                    resource_names: vec![String::new(); 4],
+                    ..Default::default()
+                }),
+                "too_many_names",
+                tonic::Code::InvalidArgument,
+            ),
         ];
         for (bytes, want_reason, code) in cases {
-            let mut requests = Requests::new(body_of(vec![bytes]), 1_000);
+            let limits = RequestLimits {
+                max_bytes: 1_000,
+                max_names: 3,
+            };
+            let budget = RequestBudget::new(1 << 20);
+            let mut requests = Requests::new(body_of(vec![bytes]), limits, budget.clone());
             match requests.message().await {
                 Err(ReadError::Refused { reason, status }) => {
                     assert_eq!((reason, status.code()), (want_reason, code), "{status}")
                 }
                 other => panic!("{want_reason}: {other:?}"),
             }
+            drop(requests);
+            assert_eq!(budget.held.load(std::sync::atomic::Ordering::Relaxed), 0);
+        }
+        // Streams together past the budget: the one that would pass it is refused.
+        let limits = RequestLimits {
+            max_bytes: 1 << 20,
+            max_names: 10,
+        };
+        let budget = RequestBudget::new(100);
+        let mut head = vec![0];
+        head.extend_from_slice(&1000u32.to_be_bytes());
+        head.extend_from_slice(&[0; 60]);
+        let mut first = Requests::new(body_of(vec![head.clone()]), limits, budget.clone());
+        let mut second = Requests::new(body_of(vec![head]), limits, budget.clone());
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(50), first.message()).await;
+        match second.message().await {
+            Err(ReadError::Refused { reason, .. }) => assert_eq!(reason, "too_large"),
+            other => panic!("{other:?}"),
         }
     }
 }

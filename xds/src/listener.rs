@@ -89,6 +89,9 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 /// Accepts connections until the phase stops.
 pub async fn serve(socket: XdsSocket, shared: Arc<Shared>, tls: Option<Arc<ServerTls>>) {
     let phase = shared.phase.clone();
+    // Connections, as many as streams may be open: each stream needs one, and a client that
+    // opens connections and never a stream must not spend the daemon's descriptors.
+    let slots = Arc::new(tokio::sync::Semaphore::new(shared.max_streams));
     let mut builder = hyper::server::conn::http2::Builder::new(PhaseExecutor(phase.clone()));
     // An idle ADS stream is normal; keepalives find dead peers.
     builder
@@ -112,11 +115,17 @@ pub async fn serve(socket: XdsSocket, shared: Arc<Shared>, tls: Option<Arc<Serve
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            shared.metrics.connections_refused.inc();
+            debug!(%peer, "xDS connection refused: xds.max_streams connections are open");
+            continue; // closed as it drops
+        };
         let shared = shared.clone();
         let builder = builder.clone();
         let tls = tls.clone();
         let stop = phase.token();
         phase.spawn(async move {
+            let _slot = slot;
             let io: Box<dyn Io> = match (&tls, is_tcp) {
                 (Some(tls), true) => {
                     let Some(accepted) = tls.accept(stream, peer).await else {

@@ -13,6 +13,8 @@ pub struct XdsMetrics {
     pub streams: IntGauge,
     /// Streams refused at `xds.max_streams`.
     pub streams_refused: IntCounter,
+    /// Connections closed at accept: `xds.max_streams` connections were open.
+    pub connections_refused: IntCounter,
     /// Streams ended by a request past `xds.max_names`, or naming a type svcd does not serve.
     pub requests_rejected: IntCounterVec,
     /// Responses sent, by type.
@@ -32,6 +34,10 @@ impl XdsMetrics {
         let by_type = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["type"]);
         let m = XdsMetrics {
             streams: IntGauge::new("svcd_xds_streams", "Open xDS streams (ADS, CDS, EDS).")?,
+            connections_refused: IntCounter::new(
+                "svcd_xds_connections_refused_total",
+                "xDS connections closed at accept because xds.max_streams connections were open.",
+            )?,
             streams_refused: IntCounter::new(
                 "svcd_xds_streams_refused_total",
                 "xDS streams refused because xds.max_streams were open.",
@@ -82,6 +88,7 @@ impl XdsMetrics {
         };
         registry.register(Box::new(m.streams.clone()))?;
         registry.register(Box::new(m.streams_refused.clone()))?;
+        registry.register(Box::new(m.connections_refused.clone()))?;
         registry.register(Box::new(m.requests_rejected.clone()))?;
         registry.register(Box::new(m.pushes.clone()))?;
         registry.register(Box::new(m.pushes_superseded.clone()))?;

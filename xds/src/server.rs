@@ -20,7 +20,9 @@ use tracing::{debug, info};
 
 use crate::cache::XdsCache;
 use crate::clients::Clients;
-use crate::grpc::{Output, ReadError, Requests, ResponseBody};
+use crate::grpc::{
+    Ending, Output, ReadError, RequestBudget, RequestLimits, Requests, ResponseBody,
+};
 use crate::metrics::XdsMetrics;
 use crate::names::ResourceType;
 use crate::stream::{Rejected, StreamState};
@@ -33,6 +35,9 @@ pub const OUTPUT_QUEUE: usize = 2;
 /// Largest request accepted (a subscription to every cluster of a 100k-service registry fits).
 const MAX_REQUEST_BYTES: usize = 16 << 20;
 
+/// What requests being read may hold, all streams together: four of the largest at once.
+const REQUEST_BUDGET_BYTES: usize = 4 * MAX_REQUEST_BYTES;
+
 /// The peer of a connection, put in each request's extensions by the accept loop.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
@@ -44,6 +49,8 @@ pub struct Shared {
     pub clients: Arc<Clients>,
     /// Equal subscriptions of different streams, held once.
     lists: Arc<SubscriptionLists>,
+    /// What requests not complete yet may hold, all streams together.
+    request_budget: Arc<RequestBudget>,
     /// Streams run in it and end with it.
     pub phase: Phase,
     pub max_streams: usize,
@@ -68,6 +75,7 @@ impl Shared {
             metrics,
             clients: Arc::new(Clients::default()),
             lists: Arc::default(),
+            request_budget: RequestBudget::new(REQUEST_BUDGET_BYTES),
             phase,
             max_streams,
             max_names,
@@ -110,7 +118,11 @@ impl Shared {
             .headers()
             .get(hyper::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/grpc"));
+            .is_some_and(|v| {
+                v == "application/grpc"
+                    || v.starts_with("application/grpc+")
+                    || v.starts_with("application/grpc;")
+            });
         if request.method() != hyper::Method::POST || !grpc {
             // What the gRPC spec asks of a server for a request that is not gRPC.
             let mut response = hyper::Response::new(ResponseBody::default());
@@ -165,11 +177,20 @@ impl Shared {
             client,
         );
         let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
+        let ending = Ending::default();
         debug!(%peer, api, "xDS stream opened");
-        let requests = Requests::new(request.into_body(), MAX_REQUEST_BYTES);
+        let limits = RequestLimits {
+            max_bytes: MAX_REQUEST_BYTES,
+            max_names: self.max_names,
+        };
+        let requests = Requests::new(request.into_body(), limits, self.request_budget.clone());
+        let out = Out {
+            tx,
+            ending: ending.clone(),
+        };
         self.phase
-            .spawn(run(self.clone(), state, requests, tx, guard));
-        Ok(ResponseBody::new(rx))
+            .spawn(run(self.clone(), state, requests, out, guard));
+        Ok(ResponseBody::new(rx, ending))
     }
 }
 
@@ -188,7 +209,7 @@ async fn run<B>(
     shared: Arc<Shared>,
     mut state: StreamState,
     mut requests: Requests<B>,
-    tx: mpsc::Sender<Output>,
+    out: Out,
     _open: OpenStream,
 ) where
     B: Body<Data = Bytes> + Unpin,
@@ -196,6 +217,7 @@ async fn run<B>(
 {
     let mut changes = shared.cache.changes();
     let stop = shared.phase.token();
+    let tx = &out.tx;
     loop {
         let due = state.has_due() && changes.borrow().is_some();
         tokio::select! {
@@ -211,13 +233,13 @@ async fn run<B>(
                             Rejected::UnknownType(_) => "unknown_type",
                         };
                         let status = Status::invalid_argument(rejected.to_string());
-                        end_refused(&shared, &tx, reason, status);
+                        end_refused(&shared, &out, reason, status);
                         break;
                     }
                 }
                 Ok(None) => break,
                 Err(ReadError::Refused { reason, status }) => {
-                    end_refused(&shared, &tx, reason, status);
+                    end_refused(&shared, &out, reason, status);
                     break;
                 }
                 Err(ReadError::Broken(error)) => {
@@ -235,23 +257,29 @@ async fn run<B>(
                 let Ok(permit) = permit else { break };
                 let snapshot = changes.borrow_and_update().clone();
                 if let Some(response) = snapshot.and_then(|s| state.next_push(&s)) {
-                    permit.send(Ok(Box::new(response)));
+                    permit.send(Box::new(response));
                 }
             }
         }
     }
 }
 
-/// Ends a stream over a request svcd does not take: counted, logged, and told to the client.
-fn end_refused(shared: &Shared, tx: &mpsc::Sender<Output>, reason: &'static str, status: Status) {
+/// A stream task's side of its response body: pushes, and the status it ends with.
+struct Out {
+    tx: mpsc::Sender<Output>,
+    ending: Ending,
+}
+
+/// Ends a stream over a request svcd does not take: counted, logged, and told to the client
+/// (after the pushes already queued).
+fn end_refused(shared: &Shared, out: &Out, reason: &'static str, status: Status) {
     shared
         .metrics
         .requests_rejected
         .with_label_values(&[reason])
         .inc();
     info!(reason, error = %status.message(), "xDS stream ended");
-    // The output queue may be full (a client that does not read): then the stream simply ends.
-    let _ = tx.try_send(Err(Box::new(status)));
+    *out.ending.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
 }
 
 fn no_delta() -> Status {

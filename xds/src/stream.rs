@@ -59,6 +59,8 @@ struct TypeState {
     names: NameList,
     /// The nonce of the last response sent; only a request echoing it is an ACK or NACK.
     nonce: String,
+    /// The client answered (ACK or NACK) the response with `nonce` already.
+    answered: bool,
     sent_version: String,
     /// The snapshot generation of the last response: the client holds every resource as of it.
     sent_generation: u64,
@@ -139,7 +141,7 @@ impl StreamState {
         let kind = match (self.fixed, ResourceType::from_type_url(&req.type_url)) {
             (_, Some(kind)) => kind,
             (Some(fixed), None) if req.type_url.is_empty() => fixed,
-            _ => return Err(Rejected::UnknownType(req.type_url)),
+            _ => return Err(Rejected::UnknownType(bounded(&req.type_url))),
         };
         if req.resource_names.len() > self.max_names {
             return Err(Rejected::TooManyNames {
@@ -152,9 +154,9 @@ impl StreamState {
                 self.node_seen = true;
                 let agent = format!("{} {}", node.user_agent_name, version_of(node));
                 self.client.update(|c| {
-                    c.node_id = Some(node.id.clone());
-                    c.node_cluster = Some(node.cluster.clone()).filter(|s| !s.is_empty());
-                    c.user_agent = Some(agent.trim().to_string()).filter(|s| !s.is_empty());
+                    c.node_id = Some(bounded(&node.id));
+                    c.node_cluster = Some(bounded(&node.cluster)).filter(|s| !s.is_empty());
+                    c.user_agent = Some(bounded(agent.trim())).filter(|s| !s.is_empty());
                 });
             }
         }
@@ -162,24 +164,29 @@ impl StreamState {
         let t = &mut self.types[index(kind)];
         if !req.response_nonce.is_empty() {
             if req.response_nonce != t.nonce {
-                debug!(r#type = label, nonce = %req.response_nonce, "stale xDS request ignored");
+                debug!(r#type = label, "stale xDS request ignored");
                 return Ok(());
             }
             let latency = t.sent_at.map(|s| s.elapsed());
+            // The first answer to a response is its ACK or NACK; later requests naming the
+            // same nonce change the subscription only (counted once, logged once).
+            let first_answer = !std::mem::replace(&mut t.answered, true);
             match &req.error_detail {
+                _ if !first_answer => {}
                 Some(status) => {
                     self.metrics.nacks.with_label_values(&[label]).inc();
+                    let error = bounded(&status.message);
                     warn!(
                         r#type = label,
                         version = %t.sent_version,
-                        nonce = %req.response_nonce,
-                        error = %status.message,
+                        nonce = %t.nonce,
+                        %error,
                         "xDS client rejected (NACKed) a response; it keeps its last good version"
                     );
                     let nack = NackInfo {
                         rejected_version: t.sent_version.clone(),
-                        nonce: req.response_nonce.clone(),
-                        error: status.message.clone(),
+                        nonce: t.nonce.clone(),
+                        error,
                         at: unix_now(),
                     };
                     self.client.update(|c| {
@@ -194,7 +201,7 @@ impl StreamState {
                             .with_label_values(&[label])
                             .observe(latency.as_secs_f64());
                     }
-                    let version = req.version_info.clone();
+                    let version = bounded(&req.version_info);
                     self.client.update(|c| {
                         c.types.entry(label).or_default().acked_version = Some(version);
                     });
@@ -260,7 +267,8 @@ impl StreamState {
             }
             t.dirty = false;
             let started = Instant::now();
-            let (resources, generation) = if !t.backlog.is_empty() {
+            let from_backlog = !t.backlog.is_empty();
+            let (resources, generation) = if from_backlog {
                 // The rest of a push cut into parts, in the newest state.
                 let all = snapshot.map(kind).expect("only EDS is cut");
                 let rest = std::mem::take(&mut t.backlog);
@@ -306,6 +314,11 @@ impl StreamState {
             if t.backlog.is_empty() {
                 t.sent_generation = generation;
                 t.evaluated_generation = generation;
+                // Snapshots published while the parts went out changed what the client holds
+                // from the parts already sent: due again, from the cut push's generation.
+                if from_backlog && snapshot.generation > generation {
+                    t.dirty = true;
+                }
             }
             if resources.is_empty() && !t.force {
                 continue;
@@ -313,6 +326,7 @@ impl StreamState {
             t.force = false;
             self.nonces += 1;
             t.nonce = self.nonces.to_string();
+            t.answered = false;
             t.sent_version = snapshot.version.clone();
             t.sent_at = Some(Instant::now());
             let response = Push {
@@ -435,6 +449,20 @@ fn built_push(
     };
     t.sent_hashes = selected.iter().map(|r| (r.name.clone(), r.hash)).collect();
     (t.force || !resources.is_empty()).then_some(resources)
+}
+
+/// What a client sent, cut to 256 bytes for logs and `/v1/xds/clients` (a client decides its
+/// strings' length; a request may be 16 MiB).
+fn bounded(text: &str) -> String {
+    const MAX: usize = 256;
+    if text.len() <= MAX {
+        return text.to_string();
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
 }
 
 fn version_of(node: &envoy_types::pb::envoy::config::core::v3::Node) -> String {

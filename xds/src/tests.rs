@@ -211,13 +211,24 @@ fn nack_is_counted_and_recorded_and_the_client_is_not_re_sent() {
         message: "bad cluster".into(),
         details: vec![],
     });
-    f.ask(&mut s, nack).unwrap();
+    f.ask(&mut s, nack.clone()).unwrap();
     assert!(f.push(&mut s).is_none());
     assert_eq!(f.metrics.nacks.with_label_values(&["cluster"]).get(), 1);
     let clients = f.clients.list();
-    let nack = clients[0].types["cluster"].last_nack.as_ref().unwrap();
-    assert_eq!(nack.error, "bad cluster");
-    assert_eq!(nack.rejected_version, "4");
+    let recorded = clients[0].types["cluster"].last_nack.as_ref().unwrap();
+    assert_eq!(recorded.error, "bad cluster");
+    assert_eq!(recorded.rejected_version, "4");
+    // The same NACK again (a replay, or a subscription change naming the same nonce): counted
+    // once; a client's huge message is kept cut.
+    nack.error_detail.as_mut().unwrap().message = "x".repeat(1 << 20);
+    for _ in 0..3 {
+        f.ask(&mut s, nack.clone()).unwrap();
+    }
+    assert_eq!(f.metrics.nacks.with_label_values(&["cluster"]).get(), 1);
+    let mut long = request(ResourceType::Cluster, &[], "", "");
+    long.type_url = "t".repeat(1 << 20);
+    let rejected = f.ask(&mut f.stream(), long).unwrap_err().to_string();
+    assert!(rejected.len() < 1024, "{} bytes", rejected.len());
     // A stale nonce is ignored: neither ACK nor NACK.
     f.ask(&mut s, request(ResourceType::Cluster, &[], "4", "999"))
         .unwrap();
@@ -453,4 +464,56 @@ fn a_large_eds_push_is_cut_into_parts_that_together_hold_everything() {
     s.on_change();
     assert_eq!(names_of(&f.push(&mut s).unwrap()), ["s3.default:http"]);
     assert!(f.push(&mut s).is_none());
+}
+
+#[test]
+fn a_change_to_a_part_already_sent_is_pushed_after_the_last_part() {
+    const CUT: usize = 8 * 1024;
+    let mut f = Fixture::new();
+    for i in 0..600 {
+        put(
+            &mut f.builder,
+            10 + i,
+            &format!("default/s{i}/a"),
+            r#"{"ip":"10.9.0.1","ports":{"http":80}}"#,
+        );
+    }
+    f.publish();
+    let mut names: Vec<String> = (0..600).map(|i| format!("s{i}.default:http")).collect();
+    names.sort();
+    let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    let mut s = StreamState::new(
+        None,
+        1000,
+        Default::default(),
+        "cluster.local".into(),
+        f.metrics.clone(),
+        f.clients.register("ads", "test".into()),
+    )
+    .cut_eds_at(CUT);
+    f.ask(&mut s, request(ResourceType::Endpoint, &names, "", ""))
+        .unwrap();
+    let first = f.push(&mut s).unwrap();
+    let sent = names_of(&first);
+    assert!(sent.len() < 600, "the push is cut");
+    // A resource of the part already sent changes while the rest is still to go.
+    let changed = sent[0].trim_end_matches(".default:http").to_string();
+    put(
+        &mut f.builder,
+        700,
+        &format!("default/{changed}/b"),
+        r#"{"ip":"10.9.0.2","ports":{"http":80}}"#,
+    );
+    f.publish();
+    s.on_change();
+    let mut later = Vec::new();
+    while let Some(r) = f.push(&mut s) {
+        later.push(names_of(&r));
+    }
+    let last = later.last().expect("more parts");
+    assert_eq!(
+        last,
+        &vec![sent[0].clone()],
+        "after the parts, the change to {changed}: {later:?}"
+    );
 }

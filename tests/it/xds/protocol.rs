@@ -314,6 +314,29 @@ async fn streams_past_the_limit_are_refused_and_counted() {
     .await;
     let mut again = open(ch, "n4").await.unwrap();
     again.next().await;
+    // Connections too: the channel holds one of three; of three more that never open a
+    // stream, the last is closed at accept and counted.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    eventually(Duration::from_secs(5), "a connection refused", || async {
+        (d.metric("svcd_xds_connections_refused_total").await == Some(1.0)).then_some(())
+    })
+    .await;
+    let mut closed = idle.pop().unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut closed, &mut byte),
+    )
+    .await
+    .expect("closed by svcd");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 }
 
 async fn next_of(rx: &mut Streaming<DiscoveryResponse>) -> DiscoveryResponse {
