@@ -196,6 +196,29 @@ fn wildcard_cds_then_eds_by_name_with_acks_and_versions() {
         .collect();
     seen.sort();
     assert_eq!(seen, [(1, 1, 1), (3, 3, 3)]);
+    // The localities: e1's registration names zone `a`; e2 names none.
+    let mut localities: Vec<(String, String, u32)> = cla
+        .endpoints
+        .iter()
+        .map(|l| {
+            let loc = l.locality.as_ref().expect("a locality");
+            let ports: Vec<u32> = l
+                .lb_endpoints
+                .iter()
+                .map(|e| e.load_balancing_weight.as_ref().unwrap().value)
+                .collect();
+            assert_eq!(ports.len(), 1);
+            (loc.region.clone(), loc.zone.clone(), ports[0])
+        })
+        .collect();
+    localities.sort();
+    assert_eq!(
+        localities,
+        [
+            (String::new(), String::new(), 3),
+            (String::new(), "a".to_string(), 1)
+        ]
+    );
 }
 
 #[test]
@@ -516,4 +539,32 @@ fn a_change_to_a_part_already_sent_is_pushed_after_the_last_part() {
         &vec![sent[0].clone()],
         "after the parts, the change to {changed}: {later:?}"
     );
+}
+
+#[test]
+fn duplicate_names_are_answered_once_and_pending_instances_are_left_out() {
+    let mut f = Fixture::new();
+    put(
+        &mut f.builder,
+        9,
+        "default/echo/e3",
+        r#"{"ip":"10.0.0.3","ports":{"grpc":5003},"state":"pending"}"#,
+    );
+    f.publish();
+    let echo = f.last.service("default", "echo").unwrap();
+    let e3 = echo
+        .all
+        .iter()
+        .find(|e| &*e.id == "e3")
+        .expect("e3 registered");
+    assert_eq!(echo.served_state(e3), svcd_registry::ServedState::Pending);
+    let mut s = f.stream();
+    let names = ["echo.default:grpc", "echo.default:grpc", "web.default:http"];
+    f.ask(&mut s, request(ResourceType::Endpoint, &names, "", ""))
+        .unwrap();
+    let eds = f.push(&mut s).unwrap();
+    assert_eq!(names_of(&eds), ["echo.default:grpc", "web.default:http"]);
+    let cla = ClusterLoadAssignment::decode(&eds.resources[0].value[..]).unwrap();
+    let hosts: usize = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+    assert_eq!(hosts, 2, "e1 and e2; e3 awaits its first check");
 }
