@@ -60,7 +60,17 @@ pub struct XdsSnapshot {
     pub removed_generation: [u64; 2],
     /// The registry snapshot itself: listener names are resolved against it on demand.
     pub registry: Arc<EndpointSnapshot>,
+    /// Listeners and RouteConfigurations built from this snapshot so far, by name (`None`: the
+    /// name resolves to nothing): every stream subscribed to a name shares one build per
+    /// snapshot. At most [`BUILT_NAMES`] names; past them names are built per stream.
+    built: std::sync::Mutex<HashMap<(ResourceType, Arc<str>), Option<Arc<Resource>>>>,
+    /// Every service's canonical listener name, sorted, for wildcard LDS (made once).
+    canonical_listeners: std::sync::OnceLock<Vec<Arc<str>>>,
 }
+
+/// Names of Listeners and RouteConfigurations one snapshot keeps built (clients choose the
+/// names, so the memo is bounded; it goes with the snapshot).
+const BUILT_NAMES: usize = 100_000;
 
 impl XdsSnapshot {
     /// The Clusters or the ClusterLoadAssignments.
@@ -101,29 +111,49 @@ impl XdsSnapshot {
                 }
             }
             ResourceType::Listener | ResourceType::Route => {
-                let wanted: Vec<String> = match names {
-                    Some(names) => names.iter().map(|n| n.to_string()).collect(),
+                let wanted: &[Arc<str>] = match names {
+                    Some(names) => names,
                     None if kind == ResourceType::Listener => {
-                        let mut all: Vec<String> =
-                            names::canonical_listeners(&self.registry).collect();
-                        all.sort_unstable();
-                        all
+                        self.canonical_listeners.get_or_init(|| {
+                            let mut all: Vec<Arc<str>> = names::canonical_listeners(&self.registry)
+                                .map(Arc::from)
+                                .collect();
+                            all.sort_unstable();
+                            all
+                        })
                     }
-                    None => Vec::new(),
+                    None => &[],
                 };
                 wanted
                     .iter()
-                    .filter_map(|name| {
-                        let target = names::resolve_listener(name, &self.registry, domain)?;
-                        Some(Arc::new(if kind == ResourceType::Listener {
-                            resources::listener(name)
-                        } else {
-                            resources::route_configuration(name, &target.cluster)
-                        }))
-                    })
+                    .filter_map(|name| self.built(kind, name, domain))
                     .collect()
             }
         }
+    }
+}
+
+impl XdsSnapshot {
+    /// The Listener or RouteConfiguration `name`, built once per snapshot.
+    fn built(&self, kind: ResourceType, name: &Arc<str>, domain: &str) -> Option<Arc<Resource>> {
+        let build = || {
+            let target = names::resolve_listener(name, &self.registry, domain)?;
+            Some(Arc::new(if kind == ResourceType::Listener {
+                resources::listener(name)
+            } else {
+                resources::route_configuration(name, &target.cluster)
+            }))
+        };
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (kind, name.clone());
+        if let Some(found) = built.get(&key) {
+            return found.clone();
+        }
+        let made = build();
+        if built.len() < BUILT_NAMES {
+            built.insert(key, made.clone());
+        }
+        made
     }
 }
 
@@ -287,6 +317,8 @@ impl CacheWriter {
             changed_generation,
             removed_generation,
             registry,
+            built: Default::default(),
+            canonical_listeners: Default::default(),
         })));
     }
 }

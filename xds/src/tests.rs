@@ -568,3 +568,31 @@ fn duplicate_names_are_answered_once_and_pending_instances_are_left_out() {
     let hosts: usize = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
     assert_eq!(hosts, 2, "e1 and e2; e3 awaits its first check");
 }
+
+#[test]
+fn listeners_and_routes_are_built_once_per_snapshot_for_every_stream() {
+    let mut f = Fixture::new();
+    let names: Vec<Arc<str>> = vec!["echo.default.svc.cluster.local".into(), "nope.x".into()];
+    let snapshot = f.cache.load().unwrap();
+    for kind in [ResourceType::Listener, ResourceType::Route] {
+        let a = snapshot.select(kind, Some(&names), "cluster.local");
+        let b = snapshot.select(kind, Some(&names), "cluster.local");
+        assert_eq!(a.len(), 1, "the name that resolves");
+        assert!(Arc::ptr_eq(&a[0], &b[0]), "{kind:?} built twice");
+    }
+    let wildcard = snapshot.select(ResourceType::Listener, None, "cluster.local");
+    assert!(!wildcard.is_empty());
+    // The next snapshot builds anew (what a name resolves to may have changed).
+    put(
+        &mut f.builder,
+        20,
+        "default/echo/e9",
+        r#"{"ip":"10.0.0.9","ports":{"grpc":5009}}"#,
+    );
+    f.publish();
+    let next = f.cache.load().unwrap();
+    let c = next.select(ResourceType::Listener, Some(&names), "cluster.local");
+    let a = snapshot.select(ResourceType::Listener, Some(&names), "cluster.local");
+    assert!(!Arc::ptr_eq(&a[0], &c[0]));
+    assert_eq!(a[0].hash, c[0].hash, "the same bytes");
+}
