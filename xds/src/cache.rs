@@ -63,10 +63,13 @@ pub struct XdsSnapshot {
     /// Listeners and RouteConfigurations built from this snapshot so far, by name (`None`: the
     /// name resolves to nothing): every stream subscribed to a name shares one build per
     /// snapshot. At most [`BUILT_NAMES`] names; past them names are built per stream.
-    built: std::sync::Mutex<HashMap<(ResourceType, Arc<str>), Option<Arc<Resource>>>>,
+    built: std::sync::Mutex<BuiltByName>,
     /// Every service's canonical listener name, sorted, for wildcard LDS (made once).
     canonical_listeners: std::sync::OnceLock<Vec<Arc<str>>>,
 }
+
+/// Built Listeners and RouteConfigurations by type and name (`None`: resolves to nothing).
+type BuiltByName = HashMap<(ResourceType, Arc<str>), Option<Arc<Resource>>>;
 
 /// Names of Listeners and RouteConfigurations one snapshot keeps built (clients choose the
 /// names, so the memo is bounded; it goes with the snapshot).
