@@ -384,9 +384,26 @@ async fn hostile_clients_are_closed_counted_and_harm_no_one() {
             .await
             >= 2.0
     );
-    // TLS 1.0 only: refused in the handshake.
+    // TLS 1.0 only: refused in the handshake (an alert), counted as a protocol failure.
+    let before = h
+        .metric(r#"svcd_tls_handshake_failures_total{reason="protocol"}"#)
+        .await;
     let old = s_client(h.port, &["-tls1", "-servername", "web"]);
-    assert!(!old.contains("Cipher is TLS"), "{old}");
+    assert!(
+        old.contains("Cipher is (NONE)") && old.contains("alert handshake failure"),
+        "{old}"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the TLS 1.0 client counted",
+        || async {
+            (h.metric(r#"svcd_tls_handshake_failures_total{reason="protocol"}"#)
+                .await
+                > before)
+                .then_some(())
+        },
+    )
+    .await;
 }
 
 /// The serial number openssl sees, for spotting a new certificate.

@@ -125,6 +125,46 @@ pub struct Leaf {
     pub not_after_text: String,
 }
 
+/// `name` as RFC 4514 text, as OpenSSL's RFC 2253 printing gives it (what Envoy puts in
+/// `x-forwarded-client-cert`): the most specific RDN first, `,` between RDNs, `+` within one,
+/// and in values `,` `+` `"` `\` `<` `>` `;` escaped with `\`, as are a leading `#` or space
+/// and a trailing space. An attribute whose value is not a string is left out.
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let rdns: Vec<String> = name
+        .iter_rdn()
+        .map(|rdn| {
+            rdn.iter()
+                .filter_map(|attr| {
+                    let value = attr.as_str().ok()?;
+                    let kind = x509_parser::objects::oid2abbrev(attr.attr_type(), registry)
+                        .map(str::to_string)
+                        .unwrap_or_else(|_| attr.attr_type().to_id_string());
+                    Some(format!("{kind}={}", escape_value(value)))
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .filter(|rdn| !rdn.is_empty())
+        .collect();
+    rdns.into_iter().rev().collect::<Vec<_>>().join(",")
+}
+
+fn escape_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 impl Leaf {
     pub fn parse(der: &[u8]) -> Result<Leaf, String> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
@@ -150,7 +190,7 @@ impl Leaf {
             dns,
             uris,
             common_name,
-            subject: cert.subject().to_string(),
+            subject: rfc4514(cert.subject()),
             not_after: validity.not_after.timestamp(),
             not_after_text: validity.not_after.to_string(),
         })
