@@ -86,6 +86,21 @@ impl Passthrough {
         )
     }
 
+    /// curl to the listener by address: a ClientHello without SNI (curl sends none for an IP).
+    /// The certificate is not checked (whichever instance answers, its name is not the IP).
+    async fn curl_without_sni(&self) -> (i32, String) {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "-k", "--max-time", "5"])
+            .arg(format!("https://127.0.0.1:{}/", self.port))
+            .output()
+            .await
+            .expect("curl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     async fn failures(&self, reason: &str) -> f64 {
         self.d
             .metric(&format!(
@@ -140,6 +155,23 @@ async fn a_listener_with_its_own_service_takes_clients_no_route_names() {
             .await
             .unwrap_or(0.0);
     assert_eq!(after, before + 1.0);
+    // No SNI at all: the listener's own service too.
+    assert_eq!(p.curl_without_sni().await, (0, "b".to_string()));
+}
+
+/// Without a service of its own, a listener closes clients that send no SNI, and counts them.
+#[tokio::test]
+async fn a_client_without_sni_is_closed_where_the_listener_has_no_service() {
+    let p = Passthrough::start("").await;
+    let before = p.failures("no_sni_match").await;
+    let (code, body) = p.curl_without_sni().await;
+    assert_ne!(code, 0, "{body}");
+    assert!(body.is_empty());
+    eventually(Duration::from_secs(5), "counted", || async {
+        (p.failures("no_sni_match").await > before).then_some(())
+    })
+    .await;
+    assert_eq!(p.curl("a.example.test").await, (0, "a".to_string()));
 }
 
 /// Not TLS, too big, or too slow: closed within the bounds and counted, while a good client is
@@ -160,15 +192,23 @@ async fn hostile_client_hellos_are_bounded_and_counted() {
         .expect("closed")
         .ok();
     assert!(out.is_empty());
-    // A handshake record announcing 64 KiB, sent in full: over the 16 KiB bound.
+    // A ClientHello announcing 20,000 bytes, its first record (16 KiB, well-formed) sent and
+    // the rest held back: TLS allows it, rustls would wait for the rest until the 5 s timeout;
+    // the 16 KiB bound closes it at once.
     let mut big = TcpStream::connect(addr).await.unwrap();
-    let mut record = vec![0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0x00, 0xff, 0xfb];
-    record.resize(20 * 1024, 0x41);
+    let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x4e, 0x20];
+    record.resize(5 + 0x4000, 0x41);
+    let started = std::time::Instant::now();
     let _ = big.write_all(&record).await;
     tokio::time::timeout(Duration::from_secs(3), big.read_to_end(&mut Vec::new()))
         .await
-        .expect("closed")
+        .expect("closed at once, not at the timeout")
         .ok();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     // Dribbled: a byte a second never makes a ClientHello within 5 s.
     let dribble = tokio::spawn(async move {
         let mut s = TcpStream::connect(addr).await.unwrap();
