@@ -448,6 +448,12 @@ async fn wait_for_signals(
                         for line in &lines {
                             error!(error = %line, "config reload rejected; keeping the running config");
                         }
+                        // The running listeners' certificates are still re-read: a SIGHUP after
+                        // a rotation must not wait for a config file that parses (each file
+                        // that does not load keeps its listener's old material, counted).
+                        for e in live.tls.reload_all() {
+                            error!(error = %e, "certificate reload");
+                        }
                     }
                 }
                 notify::reloaded();
