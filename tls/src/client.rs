@@ -175,6 +175,20 @@ fn build(key: &str, spec: &UpstreamTlsConfig) -> Result<[Arc<ClientConfig>; 3], 
     let config = match (&spec.cert, &spec.key) {
         (Some(cert), Some(key_file)) => {
             let chain = read_certs(&format!("{key}.cert"), cert)?;
+            // An expired client certificate is refused here as a served one is: a reload keeps
+            // the one in use, a start says which file.
+            let leaf = chain
+                .first()
+                .map(|der| crate::material::Leaf::parse(der))
+                .transpose()
+                .map_err(|reason| TlsError::material(format!("{key}.cert"), cert, reason))?;
+            if let Some(leaf) = leaf.filter(|l| l.not_after <= crate::material::now_unix()) {
+                return Err(TlsError::material(
+                    format!("{key}.cert"),
+                    cert,
+                    format!("expired (notAfter {})", leaf.not_after_text),
+                ));
+            }
             let private = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
                 TlsError::material(format!("{key}.key"), key_file, format!("{e:?}"))
             })?;
@@ -204,4 +218,56 @@ fn build(key: &str, spec: &UpstreamTlsConfig) -> Result<[Arc<ClientConfig>; 3], 
         with_alpn(&[b"h2"]),
         with_alpn(&[]),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expired_client_certificate_is_refused_naming_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let write = |name: &str, text: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let ca_file = write("ca.pem", ca.pem());
+        let mut spec = UpstreamTlsConfig {
+            service: "web".into(),
+            namespace: "default".into(),
+            ca: ca_file,
+            server_name: "web.default.svc.cluster.local".into(),
+            cert: None,
+            key: None,
+        };
+        for (expired, name) in [(false, "fresh"), (true, "old")] {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec!["node".to_string()]).unwrap();
+            if expired {
+                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
+            let cert = params.self_signed(&key).unwrap();
+            spec.cert = Some(write(&format!("{name}.pem"), cert.pem()));
+            spec.key = Some(write(&format!("{name}.key"), key.serialize_pem()));
+            let built = build("proxy.upstream_tls[0]", &spec);
+            match (expired, built) {
+                (false, Ok(_)) => {}
+                (true, Err(e)) => {
+                    let text = e.to_string();
+                    assert!(
+                        text.contains("expired") && text.contains("old.pem"),
+                        "{text}"
+                    );
+                }
+                (expired, Err(e)) => panic!("expired={expired}: {e}"),
+                (expired, Ok(_)) => panic!("expired={expired}: loaded"),
+            }
+        }
+    }
 }
