@@ -438,9 +438,9 @@ fn an_ejection_on_this_node_is_pushed_though_the_revision_did_not_move() {
     );
 }
 
-#[test]
-fn a_large_eds_push_is_cut_into_parts_that_together_hold_everything() {
-    const CUT: usize = 8 * 1024;
+/// 600 services of one instance each, and a stream subscribed to all their assignments whose
+/// EDS pushes are cut at `cut` bytes; the names, sorted.
+fn six_hundred_subscribed(cut: usize) -> (Fixture, StreamState, Vec<String>) {
     let mut f = Fixture::new();
     for i in 0..600 {
         put(
@@ -451,8 +451,8 @@ fn a_large_eds_push_is_cut_into_parts_that_together_hold_everything() {
         );
     }
     f.publish();
-    let names: Vec<String> = (0..600).map(|i| format!("s{i}.default:http")).collect();
-    let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    let mut names: Vec<String> = (0..600).map(|i| format!("s{i}.default:http")).collect();
+    names.sort();
     let mut s = StreamState::new(
         None,
         1000,
@@ -461,9 +461,17 @@ fn a_large_eds_push_is_cut_into_parts_that_together_hold_everything() {
         f.metrics.clone(),
         f.clients.register("ads", "test".into()),
     )
-    .cut_eds_at(CUT);
-    f.ask(&mut s, request(ResourceType::Endpoint, &names, "", ""))
+    .cut_eds_at(cut);
+    let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    f.ask(&mut s, request(ResourceType::Endpoint, &refs, "", ""))
         .unwrap();
+    (f, s, names)
+}
+
+#[test]
+fn a_large_eds_push_is_cut_into_parts_that_together_hold_everything() {
+    const CUT: usize = 8 * 1024;
+    let (mut f, mut s, names) = six_hundred_subscribed(CUT);
     let mut got = Vec::new();
     let mut parts = 0;
     while let Some(r) = f.push(&mut s) {
@@ -473,9 +481,7 @@ fn a_large_eds_push_is_cut_into_parts_that_together_hold_everything() {
     }
     assert!(parts > 1, "one response of {} resources", got.len());
     got.sort();
-    let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    want.sort();
-    assert_eq!(got, want);
+    assert_eq!(got, names);
     // All sent: a change pushes just the changed assignment.
     put(
         &mut f.builder,
@@ -491,31 +497,7 @@ fn a_large_eds_push_is_cut_into_parts_that_together_hold_everything() {
 
 #[test]
 fn a_change_to_a_part_already_sent_is_pushed_after_the_last_part() {
-    const CUT: usize = 8 * 1024;
-    let mut f = Fixture::new();
-    for i in 0..600 {
-        put(
-            &mut f.builder,
-            10 + i,
-            &format!("default/s{i}/a"),
-            r#"{"ip":"10.9.0.1","ports":{"http":80}}"#,
-        );
-    }
-    f.publish();
-    let mut names: Vec<String> = (0..600).map(|i| format!("s{i}.default:http")).collect();
-    names.sort();
-    let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-    let mut s = StreamState::new(
-        None,
-        1000,
-        Default::default(),
-        "cluster.local".into(),
-        f.metrics.clone(),
-        f.clients.register("ads", "test".into()),
-    )
-    .cut_eds_at(CUT);
-    f.ask(&mut s, request(ResourceType::Endpoint, &names, "", ""))
-        .unwrap();
+    let (mut f, mut s, _) = six_hundred_subscribed(8 * 1024);
     let first = f.push(&mut s).unwrap();
     let sent = names_of(&first);
     assert!(sent.len() < 600, "the push is cut");

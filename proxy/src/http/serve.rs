@@ -131,6 +131,8 @@ fn admit(
     ctx.phase.spawn(serve_connection(
         ctx.clone(),
         stream,
+        None,
+        false,
         peer,
         stop.clone(),
         admitted,
@@ -138,9 +140,15 @@ fn admit(
     ));
 }
 
-async fn serve_connection(
+/// A client connection, plaintext or after its TLS handshake (`tls`): the HTTP/1.1 fast path
+/// unless it is off or the client chose `h2` in ALPN, then hyper for HTTP/2 and for what the
+/// fast path hands over.
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection<S: h1::client::ClientStream>(
     ctx: Arc<HttpContext>,
-    stream: TcpStream,
+    stream: S,
+    tls: Option<ClientTls>,
+    h2: bool,
     peer: SocketAddr,
     stop: CancellationToken,
     admitted: Admitted,
@@ -149,13 +157,13 @@ async fn serve_connection(
     // TCP_NODELAY is inherited from the listener (and by the queue drained at close).
     ctx.metrics.downstream_open.inc();
     let settings = ctx.settings.load_full();
-    let handoff = if settings.l7.http1_fast_path {
+    let handoff = if settings.l7.http1_fast_path && !h2 {
         let last_request = admitted == Admitted::AtClose;
         match h1::serve(
             &ctx,
             settings.clone(),
             stream,
-            None,
+            tls.as_ref(),
             peer.ip(),
             &stop,
             last_request,
@@ -168,16 +176,16 @@ async fn serve_connection(
     } else {
         Some((stream, bytes::Bytes::new()))
     };
+    let https = tls.is_some();
     if let Some((stream, read)) = handoff {
-        hyper_boxed(&ctx, &settings, stream, read, peer, stop, admitted, None).await;
+        hyper_boxed(&ctx, &settings, stream, read, peer, stop, admitted, tls).await;
     }
     ctx.metrics.downstream_open.dec();
-    debug!(%peer, "HTTP client connection closed");
+    debug!(%peer, https, "HTTP client connection closed");
 }
 
 /// An HTTPS connection: the handshake (bounded by the listener's `handshake_timeout`), then
-/// the HTTP/1.1 fast path when the client did not choose `h2` in ALPN (and the fast path is on),
-/// hyper for HTTP/2 and for what the fast path hands over.
+/// [`serve_connection`] with what the handshake told.
 async fn serve_tls_connection(
     ctx: Arc<HttpContext>,
     tls: Arc<ServerTls>,
@@ -185,7 +193,7 @@ async fn serve_tls_connection(
     peer: SocketAddr,
     stop: CancellationToken,
     admitted: Admitted,
-    _permit: crate::fds::FdPermit,
+    permit: crate::fds::FdPermit,
 ) {
     let accepted = tokio::select! {
         a = tls.accept(stream, peer) => a,
@@ -204,42 +212,17 @@ async fn serve_tls_connection(
         denied: !allowed,
         identity: accepted.peer,
     };
-    ctx.metrics.downstream_open.inc();
-    let settings = ctx.settings.load_full();
-    let handoff = if settings.l7.http1_fast_path && !accepted.h2 {
-        let last_request = admitted == Admitted::AtClose;
-        match h1::serve(
-            &ctx,
-            settings.clone(),
-            accepted.stream,
-            Some(&client_tls),
-            peer.ip(),
-            &stop,
-            last_request,
-        )
-        .await
-        {
-            h1::Ended::Closed => None,
-            h1::Ended::Handoff(stream, read) => Some((stream, read.freeze())),
-        }
-    } else {
-        Some((accepted.stream, bytes::Bytes::new()))
-    };
-    if let Some((stream, read)) = handoff {
-        hyper_boxed(
-            &ctx,
-            &settings,
-            stream,
-            read,
-            peer,
-            stop,
-            admitted,
-            Some(client_tls),
-        )
-        .await;
-    }
-    ctx.metrics.downstream_open.dec();
-    debug!(%peer, "HTTPS client connection closed");
+    serve_connection(
+        ctx,
+        accepted.stream,
+        Some(client_tls),
+        accepted.h2,
+        peer,
+        stop,
+        admitted,
+        permit,
+    )
+    .await;
 }
 
 /// [`serve_with_hyper`], made and boxed outside the caller's async frame: a fast-path

@@ -65,6 +65,15 @@ async fn get(addr: std::net::SocketAddr) -> u16 {
     http(addr, "GET", "/", None).await.map_or(0, |r| r.status)
 }
 
+/// Registers `backend` as instance `id` of `web` (its `http` port).
+async fn register(d: &Daemon, id: &str, backend: &Backend) {
+    let value = format!(
+        r#"{{"ip":"127.0.0.1","ports":{{"http":{}}}}}"#,
+        backend.addr.port()
+    );
+    d.put_instance("web", id, &value).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_balances_by_weight_drops_a_deregistered_instance_and_survives_a_restart() {
     let (w1, w2, w3) = (
@@ -109,15 +118,7 @@ async fn envoy_balances_by_weight_drops_a_deregistered_instance_and_survives_a_r
     );
 
     // A registered instance gets traffic; deregistered, none within 1 s.
-    d.put_instance(
-        "web",
-        "w3",
-        &format!(
-            r#"{{"ip":"127.0.0.1","ports":{{"http":{}}}}}"#,
-            w3.addr.port()
-        ),
-    )
-    .await;
+    register(&d, "w3", &w3).await;
     eventually(Duration::from_secs(5), "w3 served by Envoy", || async {
         get(addr).await;
         (w3.count() > 0).then_some(())
@@ -172,15 +173,7 @@ async fn envoy_balances_by_weight_drops_a_deregistered_instance_and_survives_a_r
     })
     .await;
     // And converges: a registration made after the restart reaches it over the new stream.
-    d.put_instance(
-        "web",
-        "w3",
-        &format!(
-            r#"{{"ip":"127.0.0.1","ports":{{"http":{}}}}}"#,
-            w3.addr.port()
-        ),
-    )
-    .await;
+    register(&d, "w3", &w3).await;
     let before = w3.count();
     eventually(Duration::from_secs(5), "w3 served again", || async {
         (w3.count() > before).then_some(())
