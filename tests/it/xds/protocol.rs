@@ -188,6 +188,21 @@ async fn two_hundred_streams_holding_every_cluster_all_get_a_change() {
         (acks >= 400.0).then_some(())
     })
     .await;
+    // Each stream was pushed its first assignments and the change (400 EDS pushes, 200 CDS),
+    // and every ACK was timed.
+    assert_eq!(
+        d.metric("svcd_xds_pushes_total{type=\"endpoint\"}").await,
+        Some(400.0)
+    );
+    assert_eq!(
+        d.metric("svcd_xds_pushes_total{type=\"cluster\"}").await,
+        Some(200.0)
+    );
+    assert_eq!(
+        d.metric("svcd_xds_push_ack_seconds_count{type=\"endpoint\"}")
+            .await,
+        Some(400.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
