@@ -384,6 +384,64 @@ async fn hostile_clients_are_closed_counted_and_harm_no_one() {
             .await
             >= 2.0
     );
+    // A ClientHello announcing 128 KiB (past what a handshake message may be): closed at
+    // once, not at the handshake timeout.
+    let protocol_before = h
+        .metric(r#"svcd_tls_handshake_failures_total{reason="protocol"}"#)
+        .await;
+    let started = Instant::now();
+    let mut big = TcpStream::connect(addr).await.unwrap();
+    let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x02, 0x00, 0x00];
+    record.resize(5 + 0x4000, 0x41);
+    let _ = big.write_all(&record).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), big.read_to_end(&mut Vec::new()))
+        .await
+        .expect("oversized ClientHello closed");
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the oversized ClientHello counted",
+        || async {
+            (h.metric(r#"svcd_tls_handshake_failures_total{reason="protocol"}"#)
+                .await
+                > protocol_before)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // A flood of bad clients: each counted, the log bounded (5 lines a second).
+    let logged = |log: &str| log.matches("TLS handshake failed").count();
+    let (lines_before, flood_started) = (logged(&h.d.log()), Instant::now());
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(b"not tls at all\r\n\r\n").await;
+        let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut Vec::new())).await;
+    }
+    let seconds = flood_started.elapsed().as_secs() + 1;
+    eventually(Duration::from_secs(5), "the flood counted", || async {
+        (h.metric(r#"svcd_tls_handshake_failures_total{reason="protocol"}"#)
+            .await
+            >= protocol_before + 201.0)
+            .then_some(())
+    })
+    .await;
+    let lines = logged(&h.d.log()) - lines_before;
+    assert!(
+        lines <= 2 * 5 * seconds as usize,
+        "{lines} log lines for 200 bad clients in {seconds} s"
+    );
+    let (code, out) = h.curl("/", &[]).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "b1"),
+        "a good client still served"
+    );
+
     // TLS 1.0 only: refused in the handshake (an alert), counted as a protocol failure.
     let before = h
         .metric(r#"svcd_tls_handshake_failures_total{reason="protocol"}"#)

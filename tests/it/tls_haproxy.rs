@@ -107,7 +107,7 @@ async fn haproxy_as_a_tls_client_of_svcd_with_a_client_certificate() {
             server("h2"),
         ),
     );
-    for port in [h1_port, h2_port] {
+    for (port, via) in [(h1_port, "1.1 svcd"), (h2_port, "2 svcd")] {
         listening(port).await;
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let got = eventually(
@@ -122,6 +122,12 @@ async fn haproxy_as_a_tls_client_of_svcd_with_a_client_certificate() {
         assert!(
             got.contains("uri=spiffe://td/ns/default/svc/haproxy")
                 || got.contains("URI=spiffe://td/ns/default/svc/haproxy"),
+            "{got}"
+        );
+        // The HTTP version HAProxy spoke to svcd, as svcd's Via tells the instance: the h2
+        // listener's ALPN really chose HTTP/2.
+        assert!(
+            got.to_ascii_lowercase().contains(&format!("via: {via}")),
             "{got}"
         );
     }
