@@ -598,6 +598,93 @@ async fn admin_and_metrics_listeners_serve_https() {
     assert!(!plain.status.success());
 }
 
+/// The admin API and metrics listener with client certificates: a client without one fails
+/// the handshake, one from another CA too, an identity `allow` does not list gets 403, the
+/// listed one gets its answer.
+#[tokio::test]
+async fn admin_and_metrics_listeners_take_client_certificates_and_an_allow_list() {
+    let ca = TestCa::new("admin mtls ca");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (cert, key) = ca
+        .issue_sans("admin", &["127.0.0.1", "localhost"], None, false)
+        .write(dir.path(), "admin");
+    let (ops_cert, ops_key) = ca
+        .issue_sans("ops", &[], Some("spiffe://td/ns/ops/svc/prometheus"), false)
+        .write(dir.path(), "ops");
+    let (dev_cert, dev_key) = ca
+        .issue_sans("dev", &[], Some("spiffe://td/ns/dev/svc/laptop"), false)
+        .write(dir.path(), "dev");
+    let stranger = TestCa::new("stranger");
+    let (odd_cert, odd_key) = stranger
+        .issue_sans("ops", &[], Some("spiffe://td/ns/ops/svc/prometheus"), false)
+        .write(dir.path(), "odd");
+    let (admin_port, metrics_port) = (free_port(), free_port());
+    let config = dir.path().join("svcd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+             [admin.tls]\ncert = {}\nkey = {}\nclient_ca = {}\n\
+             allow = [\"spiffe://td/ns/ops/svc/prometheus\"]\n\
+             [dns]\nlisten = \"127.0.0.1:{}\"\n[[proxy.http]]\nlisten = \"127.0.0.1:{}\"\n",
+            toml_path(&cert),
+            toml_path(&key),
+            toml_path(&ca_file),
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let _daemon = KillOnDrop(
+        Command::new(crate::support::svcd_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // (curl exit code, HTTP status as curl wrote it, body)
+    let get = |port: u16, client: Option<(&PathBuf, &PathBuf)>| {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--max-time", "5", "-w", "\n%{http_code}", "--cacert"])
+            .arg(&ca_file);
+        if let Some((cert, key)) = client {
+            c.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        let out = c
+            .arg(format!("https://localhost:{port}/readyz"))
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    eventually(Duration::from_secs(10), "admin over mTLS ready", || async {
+        let (code, out) = get(admin_port, Some((&ops_cert, &ops_key)));
+        (code == 0 && out == "ready\n\n200").then_some(())
+    })
+    .await;
+    for port in [admin_port, metrics_port] {
+        assert_eq!(
+            get(port, Some((&ops_cert, &ops_key))),
+            (0, "ready\n\n200".to_string()),
+            "{port}: the allowed identity"
+        );
+        let (_, denied) = get(port, Some((&dev_cert, &dev_key)));
+        assert!(
+            denied.ends_with("403"),
+            "{port}: another identity: {denied}"
+        );
+        let (code, _) = get(port, None);
+        assert_ne!(code, 0, "{port}: no client certificate");
+        let (code, _) = get(port, Some((&odd_cert, &odd_key)));
+        assert_ne!(code, 0, "{port}: a certificate from another CA");
+    }
+}
+
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
