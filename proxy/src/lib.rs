@@ -117,7 +117,15 @@ impl ProxyTls {
                     spec,
                     &self.metrics,
                 ) {
-                    Ok(t) => t,
+                    Ok(t) => {
+                        // A changed entry: the old one's client-certificate series goes, the
+                        // new one's is set (again, if it had the same name).
+                        if let Some(replaced) = old.get(&service) {
+                            replaced.forget_expiry();
+                            t.republish();
+                        }
+                        t
+                    }
                     Err(e) => {
                         errors.push(e.into());
                         match old.get(&service) {

@@ -6,15 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use svcd_config::UpstreamTlsConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tracing::{info, warn};
 
-use crate::material::{load_roots, read_certs};
+use crate::material::load_roots;
 use crate::metrics::TlsMetrics;
 use crate::TlsError;
 
@@ -42,8 +41,10 @@ pub struct UpstreamTls {
     /// One config per ALPN offer (ALPN is fixed per config in rustls); index: Http1, H2, None.
     configs: ArcSwap<[Arc<ClientConfig>; 3]>,
     metrics: TlsMetrics,
-    /// Held by a reload while it builds and swaps; never by a connection.
-    reloading: Mutex<()>,
+    /// Held by a reload while it builds and swaps, and holding the name and end of the client
+    /// certificate whose expiry series exists (the 14-day alert sees it as it sees served
+    /// ones). Never taken by a connection.
+    reloading: Mutex<Option<(String, i64)>>,
 }
 
 impl UpstreamTls {
@@ -58,23 +59,53 @@ impl UpstreamTls {
                 key: format!("{key}.server_name"),
                 reason: format!("{:?}: {e}", spec.server_name),
             })?;
-        let configs = build(&key, spec)?;
+        let (configs, client_cert) = build(&key, spec)?;
         let service = format!("{}.{}", spec.service, spec.namespace);
+        let label = format!("upstream/{service}");
         for result in ["ok", "failed"] {
-            metrics
-                .reloads
-                .with_label_values(&[format!("upstream/{service}").as_str(), result]);
+            metrics.reloads.with_label_values(&[label.as_str(), result]);
         }
-        Ok(Arc::new(UpstreamTls {
-            label: format!("upstream/{service}"),
+        let tls = UpstreamTls {
+            label,
             service,
             key,
             spec: spec.clone(),
             server_name,
             configs: ArcSwap::from_pointee(configs),
             metrics: metrics.clone(),
-            reloading: Mutex::new(()),
-        }))
+            reloading: Mutex::new(None),
+        };
+        tls.set_expiry(&mut tls.lock(), client_cert);
+        Ok(Arc::new(tls))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(String, i64)>> {
+        self.reloading.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the client certificate's expiry series (`held` is `self.reloading`'s).
+    fn set_expiry(&self, held: &mut Option<(String, i64)>, cert: Option<(String, i64)>) {
+        if let Some((gone, _)) = held.take() {
+            let _ = self
+                .metrics
+                .expiry
+                .remove_label_values(&[self.label.as_str(), gone.as_str()]);
+        }
+        if let Some((name, not_after)) = &cert {
+            self.metrics
+                .expiry
+                .with_label_values(&[self.label.as_str(), name.as_str()])
+                .set(*not_after);
+        }
+        *held = cert;
+    }
+
+    /// Sets the expiry series again: the entry this one replaced (same service, changed
+    /// spec) removed its own, which may have had the same name.
+    pub fn republish(&self) {
+        let mut held = self.lock();
+        let cert = held.clone();
+        self.set_expiry(&mut held, cert);
     }
 
     /// `svc.ns`.
@@ -118,6 +149,12 @@ impl UpstreamTls {
     /// Its series go with it (a reload that removes the entry).
     pub fn forget(&self) {
         self.metrics.forget(&self.label);
+        self.forget_expiry();
+    }
+
+    /// Its client certificate's expiry series goes (the entry is replaced by another).
+    pub fn forget_expiry(&self) {
+        self.set_expiry(&mut self.lock(), None);
     }
 
     pub fn files(&self) -> Vec<PathBuf> {
@@ -128,11 +165,12 @@ impl UpstreamTls {
     }
 
     pub fn reload(&self) -> Result<(), TlsError> {
-        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.lock();
         let label = &self.label;
         match build(&self.key, &self.spec) {
-            Ok(configs) => {
+            Ok((configs, client_cert)) => {
                 self.configs.store(Arc::new(configs));
+                self.set_expiry(&mut held, client_cert);
                 self.metrics
                     .reloads
                     .with_label_values(&[label.as_str(), "ok"])
@@ -162,7 +200,28 @@ impl crate::Reload for UpstreamTls {
     }
 }
 
-fn build(key: &str, spec: &UpstreamTlsConfig) -> Result<[Arc<ClientConfig>; 3], TlsError> {
+/// The client certificate an instance asks for: always this node's (one per service entry).
+#[derive(Debug)]
+struct ClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The configs (one per ALPN offer) and the client certificate's expiry-series name and end.
+type Built = ([Arc<ClientConfig>; 3], Option<(String, i64)>);
+
+fn build(key: &str, spec: &UpstreamTlsConfig) -> Result<Built, TlsError> {
     let provider = crate::provider();
     let roots = load_roots(&format!("{key}.ca"), &spec.ca)?;
     let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -172,89 +231,112 @@ fn build(key: &str, spec: &UpstreamTlsConfig) -> Result<[Arc<ClientConfig>; 3], 
             reason: e.to_string(),
         })?
         .with_root_certificates(roots);
-    let config = match (&spec.cert, &spec.key) {
+    let (config, client_cert) = match (&spec.cert, &spec.key) {
         (Some(cert), Some(key_file)) => {
-            let chain = read_certs(&format!("{key}.cert"), cert)?;
-            // An expired client certificate is refused here as a served one is: a reload keeps
-            // the one in use, a start says which file.
-            let leaf = chain
-                .first()
-                .map(|der| crate::material::Leaf::parse(der))
-                .transpose()
-                .map_err(|reason| TlsError::material(format!("{key}.cert"), cert, reason))?;
-            if let Some(leaf) = leaf.filter(|l| l.not_after <= crate::material::now_unix()) {
-                return Err(TlsError::material(
-                    format!("{key}.cert"),
-                    cert,
-                    format!("expired (notAfter {})", leaf.not_after_text),
-                ));
-            }
-            let private = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
-                TlsError::material(format!("{key}.key"), key_file, format!("{e:?}"))
-            })?;
-            let certified =
-                rustls::sign::CertifiedKey::from_der(chain.clone(), private.clone_key(), &provider)
-                    .map_err(|e| {
-                        TlsError::material(
-                            format!("{key}.key"),
-                            key_file,
-                            format!("does not go with {}: {e}", cert.display()),
-                        )
-                    })?;
-            drop(certified);
-            builder
-                .with_client_auth_cert(chain, private)
-                .map_err(|e| TlsError::material(format!("{key}.cert"), cert, e))?
+            // Checked as a served certificate is (parses, goes with its key, in date): a reload
+            // keeps the one in use, a start says which file.
+            let files = svcd_config::CertKeyFiles {
+                cert: cert.clone(),
+                key: key_file.clone(),
+            };
+            let loaded = crate::material::load_cert(key, &files, &provider)?;
+            let expiry = (loaded.label.clone(), loaded.not_after);
+            (
+                builder.with_client_cert_resolver(Arc::new(ClientCert(loaded.key))),
+                Some(expiry),
+            )
         }
-        _ => builder.with_no_client_auth(),
+        _ => (builder.with_no_client_auth(), None),
     };
     let with_alpn = |alpn: &[&[u8]]| {
         let mut c = config.clone();
         c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(c)
     };
-    Ok([
-        with_alpn(&[b"http/1.1"]),
-        with_alpn(&[b"h2"]),
-        with_alpn(&[]),
-    ])
+    Ok((
+        [
+            with_alpn(&[b"http/1.1"]),
+            with_alpn(&[b"h2"]),
+            with_alpn(&[]),
+        ],
+        client_cert,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
-    #[test]
-    fn an_expired_client_certificate_is_refused_naming_its_file() {
-        let dir = tempfile::tempdir().unwrap();
+    fn write(dir: &Path, name: &str, text: String) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// An entry for `web.default` trusting a fresh CA, without a client certificate.
+    fn spec(dir: &Path) -> UpstreamTlsConfig {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca = ca_params.self_signed(&ca_key).unwrap();
-        let write = |name: &str, text: String| {
-            let path = dir.path().join(name);
-            std::fs::write(&path, text).unwrap();
-            path
-        };
-        let ca_file = write("ca.pem", ca.pem());
-        let mut spec = UpstreamTlsConfig {
+        UpstreamTlsConfig {
             service: "web".into(),
             namespace: "default".into(),
-            ca: ca_file,
+            ca: write(dir, "ca.pem", ca.pem()),
             server_name: "web.default.svc.cluster.local".into(),
             cert: None,
             key: None,
-        };
+        }
+    }
+
+    /// Writes a self-signed client certificate for `dns` as `<file>.pem`/`<file>.key` and
+    /// points `spec` at it; returns its notAfter.
+    fn client_cert(
+        dir: &Path,
+        spec: &mut UpstreamTlsConfig,
+        file: &str,
+        dns: &str,
+        expired: bool,
+    ) -> i64 {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![dns.to_string()]).unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = params.self_signed(&key).unwrap();
+        spec.cert = Some(write(dir, &format!("{file}.pem"), cert.pem()));
+        spec.key = Some(write(dir, &format!("{file}.key"), key.serialize_pem()));
+        params.not_after.unix_timestamp()
+    }
+
+    /// `svcd_tls_certificate_expiry_timestamp_seconds` as (labels, value).
+    fn expiry(metrics: &TlsMetrics) -> Vec<(Vec<String>, i64)> {
+        use prometheus::core::Collector;
+        metrics
+            .expiry
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| {
+                let labels = m
+                    .get_label()
+                    .iter()
+                    .map(|l| l.value().to_string())
+                    .collect();
+                (labels, m.get_gauge().get_value() as i64)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_expired_client_certificate_is_refused_naming_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(dir.path());
         for (expired, name) in [(false, "fresh"), (true, "old")] {
-            let key = rcgen::KeyPair::generate().unwrap();
-            let mut params = rcgen::CertificateParams::new(vec!["node".to_string()]).unwrap();
-            if expired {
-                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-                params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-            }
-            let cert = params.self_signed(&key).unwrap();
-            spec.cert = Some(write(&format!("{name}.pem"), cert.pem()));
-            spec.key = Some(write(&format!("{name}.key"), key.serialize_pem()));
+            client_cert(dir.path(), &mut spec, name, "node", expired);
             let built = build("proxy.upstream_tls[0]", &spec);
             match (expired, built) {
                 (false, Ok(_)) => {}
@@ -269,5 +351,47 @@ mod tests {
                 (expired, Ok(_)) => panic!("expired={expired}: loaded"),
             }
         }
+    }
+
+    /// The 14-day alert reads the expiry series: the client certificate svcd presents to
+    /// instances is in it, follows a reload, stays when a reload fails, and goes with the entry.
+    #[test]
+    fn the_client_certificate_is_in_the_expiry_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = TlsMetrics::unregistered();
+        let mut spec = spec(dir.path());
+        let none = UpstreamTls::new("proxy.upstream_tls[0]", &spec, &metrics).unwrap();
+        assert!(
+            expiry(&metrics).is_empty(),
+            "no client certificate, no series"
+        );
+        none.forget();
+
+        let first = client_cert(dir.path(), &mut spec, "node", "node-a.example", false);
+        let tls = UpstreamTls::new("proxy.upstream_tls[0]", &spec, &metrics).unwrap();
+        let label = "upstream/web.default".to_string();
+        assert_eq!(
+            expiry(&metrics),
+            [(vec![label.clone(), "node-a.example".into()], first)]
+        );
+
+        // Rotated in place (same files, another name): the old series goes.
+        let second = client_cert(dir.path(), &mut spec, "node", "node-b.example", false);
+        tls.reload().unwrap();
+        assert_eq!(
+            expiry(&metrics),
+            [(vec![label.clone(), "node-b.example".into()], second)]
+        );
+
+        // An expired replacement is refused: the series still shows the one in use.
+        client_cert(dir.path(), &mut spec, "node", "node-c.example", true);
+        assert!(tls.reload().is_err());
+        assert_eq!(
+            expiry(&metrics),
+            [(vec![label.clone(), "node-b.example".into()], second)]
+        );
+
+        tls.forget();
+        assert!(expiry(&metrics).is_empty());
     }
 }

@@ -96,7 +96,7 @@ impl TlsMetrics {
         let expiry = IntGaugeVec::new(
             Opts::new(
                 "svcd_tls_certificate_expiry_timestamp_seconds",
-                "End of validity (notAfter) of each certificate a listener serves, in seconds since the epoch.",
+                "End of validity (notAfter) of each certificate a listener serves or svcd presents to instances (listener upstream/<svc>.<ns>), in seconds since the epoch.",
             ),
             &["listener", "name"],
         )?;
