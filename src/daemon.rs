@@ -166,24 +166,14 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
         xds: xds.clone(),
     });
     // The admin listeners' TLS (restart-only: they are bound once), each its own series.
-    let admin_tls = |listener: &str| {
-        config
-            .load()
-            .admin
-            .tls
-            .as_ref()
-            .map(|t| {
-                svcd_tls::ServerTls::new(
-                    listener,
-                    "admin.tls",
-                    t,
-                    svcd_tls::Alpn::Http1,
-                    &tls_metrics,
-                )
-            })
-            .transpose()
+    let admin_tls = |listener: &str, tls: Option<(&svcd_config::TlsServerConfig, &str)>| {
+        tls.map(|(spec, key)| {
+            svcd_tls::ServerTls::new(listener, key, spec, svcd_tls::Alpn::Http1, &tls_metrics)
+        })
+        .transpose()
     };
-    let api_tls = admin_tls("admin")?;
+    let admin_config = config.load().admin.clone();
+    let api_tls = admin_tls("admin", admin_config.tls.as_ref().map(|t| (t, "admin.tls")))?;
     answer.spawn(admin::serve(
         admin_socket,
         admin_state.clone(),
@@ -194,7 +184,7 @@ pub async fn run(sources: Sources) -> anyhow::Result<()> {
     let mut scrape_tls = None;
     if let Some(socket) = scrape_socket {
         info!(addr = %socket.describe(), "metrics listener (/metrics, /healthz, /readyz, /v1/prometheus/sd)");
-        scrape_tls = admin_tls("metrics")?;
+        scrape_tls = admin_tls("metrics", admin_config.scrape_tls())?;
         answer.spawn(admin::serve(
             socket,
             admin_state.clone(),

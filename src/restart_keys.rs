@@ -35,6 +35,12 @@ pub fn split(old: &Config, mut new: Config) -> (Config, Vec<PendingKey>) {
         &mut pending,
     );
     diff(
+        "admin.metrics_tls",
+        &json(&old.admin.metrics_tls),
+        &json(&new.admin.metrics_tls),
+        &mut pending,
+    );
+    diff(
         "dns.listen",
         &json(&old.dns.listen),
         &json(&new.dns.listen),
@@ -66,6 +72,7 @@ pub fn split(old: &Config, mut new: Config) -> (Config, Vec<PendingKey>) {
     new.admin.listen = old.admin.listen.clone();
     new.admin.metrics_listen = old.admin.metrics_listen;
     new.admin.tls = old.admin.tls.clone();
+    new.admin.metrics_tls = old.admin.metrics_tls.clone();
     new.dns.listen = old.dns.listen.clone();
     new.registry = old.registry.clone();
     (new, pending)

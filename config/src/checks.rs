@@ -330,13 +330,23 @@ fn admin(c: &mut Checker, raw: RawAdmin) -> AdminConfig {
         }
         AdminListen::Unix(_) if tls.is_some() => c.err(
             "admin.tls",
-            "TLS needs a TCP admin.listen (a unix socket is guarded by its file mode)",
+            "TLS needs a TCP admin.listen (a unix socket is guarded by its file mode); \
+             for HTTPS on admin.metrics_listen alone use admin.metrics_tls",
         ),
         _ => {}
     }
     let metrics_listen = raw
         .metrics_listen
         .map(|text| c.addr("admin.metrics_listen", Some(text), "127.0.0.1:0"));
+    let metrics_tls = raw
+        .metrics_tls
+        .map(|t| tls::server(c, "admin.metrics_tls", t));
+    if metrics_tls.is_some() && metrics_listen.is_none() {
+        c.err(
+            "admin.metrics_tls",
+            "is the metrics listener's TLS; set admin.metrics_listen too",
+        );
+    }
     AdminConfig {
         listen,
         metrics_listen,
@@ -350,6 +360,7 @@ fn admin(c: &mut Checker, raw: RawAdmin) -> AdminConfig {
             10_000_000,
         ),
         tls,
+        metrics_tls,
     }
 }
 

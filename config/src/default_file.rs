@@ -20,6 +20,12 @@ listen = "127.0.0.1:9901"
 # [admin.tls]
 # cert = "/etc/svcd/tls/admin.crt"
 # key = "/etc/svcd/tls/admin.key"
+# metrics_listen's own TLS in place of [admin.tls] there (same keys), e.g. HTTPS with
+# Prometheus' client CA while listen stays plaintext on loopback or a unix socket.
+# [admin.metrics_tls]
+# cert = "/etc/svcd/tls/metrics.crt"
+# key = "/etc/svcd/tls/metrics.key"
+# client_ca = "/etc/svcd/tls/prometheus-ca.crt"
 # One svcd_endpoint_state series per endpoint on /metrics (per-service counts by state,
 # svcd_service_endpoints, are always there). Off by default: at 100k endpoints it is 100k series.
 endpoint_state_series = false

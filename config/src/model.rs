@@ -95,6 +95,22 @@ pub struct AdminConfig {
     /// no plaintext port is then needed off the node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsServerConfig>,
+    /// The metrics listener's own TLS, in place of `tls` there: Prometheus across hosts gets
+    /// HTTPS (and its own client CA) while the API stays plaintext on loopback or a unix socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_tls: Option<TlsServerConfig>,
+}
+
+impl AdminConfig {
+    /// What the metrics listener serves with: its own table, else the API's; and that table's
+    /// key.
+    pub fn scrape_tls(&self) -> Option<(&TlsServerConfig, &'static str)> {
+        match (&self.metrics_tls, &self.tls) {
+            (Some(own), _) => Some((own, "admin.metrics_tls")),
+            (None, Some(api)) => Some((api, "admin.tls")),
+            (None, None) => None,
+        }
+    }
 }
 
 /// A listener's `tls` table: TLS is terminated with these certificates, chosen by the client's

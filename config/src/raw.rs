@@ -24,9 +24,10 @@ pub struct RawAdmin {
     pub endpoint_state_series: Option<bool>,
     pub max_service_series: Option<i64>,
     pub tls: Option<RawTls>,
+    pub metrics_tls: Option<RawTls>,
 }
 
-/// A listener's `tls` table (`[[proxy.http]]`, `[admin]`).
+/// A listener's `tls` table (`[[proxy.http]]`, `[admin]`, `admin.metrics_tls`).
 #[derive(Debug, Default, Deserialize)]
 pub struct RawTls {
     pub cert: Option<String>,

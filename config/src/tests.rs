@@ -717,7 +717,7 @@ fn tls_tables_report_every_shape_error_with_its_key() {
     assert_eq!(
         errors,
         [
-            "admin.tls: TLS needs a TCP admin.listen (a unix socket is guarded by its file mode)",
+            "admin.tls: TLS needs a TCP admin.listen (a unix socket is guarded by its file mode); for HTTPS on admin.metrics_listen alone use admin.metrics_tls",
             "proxy.http[0].tls.key: missing",
             "proxy.http[0].tls.certs[0].key: missing",
             "proxy.http[0].tls.allow[1]: invalid identity \"has space\" (a URI SAN such as spiffe://td/ns/default/svc/web, or a DNS name)",
@@ -739,6 +739,54 @@ fn tls_tables_report_every_shape_error_with_its_key() {
         "#,
     );
     assert!(ok.is_ok(), "{ok:?}");
+}
+
+/// `admin.metrics_tls` is the metrics listener's own table: checked as any `tls` table, only
+/// with `metrics_listen`, and it serves there in place of `admin.tls`, even when the API is a
+/// unix socket.
+#[test]
+fn the_metrics_listener_takes_its_own_tls_table() {
+    let errors = errors_of(
+        r#"
+        [admin.metrics_tls]
+        cert = "/etc/m.crt"
+        "#,
+    );
+    assert_eq!(
+        errors,
+        [
+            "admin.metrics_tls.key: missing",
+            "admin.metrics_tls: is the metrics listener's TLS; set admin.metrics_listen too",
+        ]
+    );
+    let config = crate::parse(
+        r#"
+        [admin]
+        listen = "unix:/run/svcd/admin.sock"
+        metrics_listen = "0.0.0.0:9902"
+        [admin.metrics_tls]
+        cert = "/etc/m.crt"
+        key = "/etc/m.key"
+        client_ca = "/etc/prometheus-ca.pem"
+        "#,
+    )
+    .unwrap();
+    let (spec, key) = config.admin.scrape_tls().unwrap();
+    assert_eq!(key, "admin.metrics_tls");
+    assert_eq!(spec.certs[0].cert, std::path::Path::new("/etc/m.crt"));
+    assert!(config.admin.tls.is_none());
+    // Without its own table the metrics listener serves the API's.
+    let config = crate::parse(
+        r#"
+        [admin]
+        metrics_listen = "127.0.0.1:9902"
+        [admin.tls]
+        cert = "/etc/a.crt"
+        key = "/etc/a.key"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.admin.scrape_tls().unwrap().1, "admin.tls");
 }
 
 #[test]

@@ -484,6 +484,13 @@ async fn rotated_certificates_are_served_next_and_a_bad_file_keeps_the_old() {
     let h = Https::start("", "").await;
     let first = served_serial(h.port);
     assert!(first.starts_with("serial="), "{first}");
+    // A keep-alive connection made with the first certificate, used again after each change.
+    let config = crate::support::tls::client_config(&h.ca.pem(), None, &[b"http/1.1"]);
+    let held = crate::support::tls::tls_connect(h.port, config, "web")
+        .await
+        .unwrap();
+    let mut held = crate::support::proxy::H1::over(held).await.unwrap();
+    assert_eq!(held.get("web", "/").await.1, "b1");
 
     let renewed = h.ca.issue_sans("web", &["web", "127.0.0.1"], None, false);
     renewed.write(h.dir.path(), "web");
@@ -501,6 +508,12 @@ async fn rotated_certificates_are_served_next_and_a_bad_file_keeps_the_old() {
         1.0,
         "one reload for one change"
     );
+    assert!(
+        h.d.log().contains("TLS certificates reloaded"),
+        "{}",
+        h.d.log()
+    );
+    assert_eq!(held.get("web", "/").await.1, "b1", "established, kept");
 
     // A broken key: the old material stays.
     std::fs::write(
@@ -519,6 +532,12 @@ async fn rotated_certificates_are_served_next_and_a_bad_file_keeps_the_old() {
     assert_eq!(served_serial(h.port), second);
     let (code, out) = h.curl("/", &[]).await;
     assert_eq!((code, out.as_str()), (0, "b1"));
+    assert!(
+        h.d.log()
+            .contains("TLS reload failed; the certificates in use stay"),
+        "{}",
+        h.d.log()
+    );
 
     // Fixed again, and SIGHUP (also) re-reads it.
     let third = h.ca.issue_sans("web", &["web", "127.0.0.1"], None, false);
@@ -533,156 +552,255 @@ async fn rotated_certificates_are_served_next_and_a_bad_file_keeps_the_old() {
         },
     )
     .await;
+    assert_eq!(
+        held.get("web", "/").await.1,
+        "b1",
+        "still the first connection"
+    );
+    assert!(!held.is_closed());
 }
 
-/// The admin API and the metrics listener over HTTPS, client certificates allowed in place of
-/// a token off loopback.
-#[tokio::test]
-async fn admin_and_metrics_listeners_serve_https() {
-    let ca = TestCa::new("admin ca");
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    let (cert, key) = ca
-        .issue_sans("admin", &["127.0.0.1", "localhost"], None, false)
-        .write(dir.path(), "admin");
-    let (admin_port, metrics_port) = (free_port(), free_port());
-    let config = dir.path().join("svcd.toml");
-    std::fs::write(
-        &config,
+/// The admin listeners' tests: a CA, a server certificate for localhost from it, and svcd
+/// started by hand with `[admin]` on two ports (`Daemon` waits through a plaintext admin API).
+struct AdminTls {
+    dir: tempfile::TempDir,
+    ca: TestCa,
+    ca_file: PathBuf,
+    /// The listeners' certificate and key (`localhost`, `127.0.0.1`).
+    cert: PathBuf,
+    key: PathBuf,
+    admin_port: u16,
+    metrics_port: u16,
+    daemon: Option<KillOnDrop>,
+}
+
+impl AdminTls {
+    fn new(ca_name: &str) -> AdminTls {
+        let ca = TestCa::new(ca_name);
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let (cert, key) = ca
+            .issue_sans("admin", &["127.0.0.1", "localhost"], None, false)
+            .write(dir.path(), "admin");
+        AdminTls {
+            dir,
+            ca,
+            ca_file,
+            cert,
+            key,
+            admin_port: free_port(),
+            metrics_port: free_port(),
+            daemon: None,
+        }
+    }
+
+    /// A client certificate from this CA for `uri` (or from `ca`), written as `file`.
+    fn client(&self, ca: Option<&TestCa>, file: &str, uri: &str) -> (PathBuf, PathBuf) {
+        ca.unwrap_or(&self.ca)
+            .issue_sans(file, &[], Some(uri), false)
+            .write(self.dir.path(), file)
+    }
+
+    /// `cert = …, key = …` of the listeners' certificate, plus `extra`, as a `tls` table body.
+    fn table(&self, extra: &str) -> String {
         format!(
-            "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
-             [admin.tls]\ncert = {}\nkey = {}\n[dns]\nlisten = \"127.0.0.1:{}\"\n[[proxy.http]]\nlisten = \"127.0.0.1:{}\"\n",
-            toml_path(&cert),
-            toml_path(&key),
-            free_port(),
-            free_port()
-        ),
-    )
-    .unwrap();
-    let _daemon = KillOnDrop(
-        Command::new(crate::support::svcd_bin())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let url = |port: u16, path: &str| format!("https://localhost:{port}{path}");
-    let get = |u: String| {
-        Command::new("curl")
-            .args(["-sS", "--max-time", "5", "--cacert"])
-            .arg(&ca_file)
-            .arg(u)
-            .output()
-            .unwrap()
-    };
-    eventually(
-        Duration::from_secs(10),
-        "admin over https ready",
-        || async {
-            let out = get(url(admin_port, "/readyz"));
-            (String::from_utf8_lossy(&out.stdout) == "ready\n").then_some(())
-        },
-    )
-    .await;
-    let out = get(url(metrics_port, "/metrics"));
-    assert!(String::from_utf8_lossy(&out.stdout)
-        .contains("svcd_tls_handshakes_total{listener=\"admin\""));
-    // Plaintext is refused on both.
-    let plain = Command::new("curl")
-        .args(["-sS", "--max-time", "3"])
-        .arg(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .output()
+            "cert = {}\nkey = {}\n{extra}",
+            toml_path(&self.cert),
+            toml_path(&self.key)
+        )
+    }
+
+    /// Starts svcd with `tables` after `[admin]`'s two listen lines.
+    fn run(&mut self, tables: &str) {
+        let config = self.dir.path().join("svcd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[admin]\nlisten = \"127.0.0.1:{}\"\nmetrics_listen = \"127.0.0.1:{}\"\n{tables}\n\
+                 [dns]\nlisten = \"127.0.0.1:{}\"\n[[proxy.http]]\nlisten = \"127.0.0.1:{}\"\n",
+                self.admin_port,
+                self.metrics_port,
+                free_port(),
+                free_port()
+            ),
+        )
         .unwrap();
-    assert!(!plain.status.success());
-}
+        self.daemon = Some(KillOnDrop(
+            Command::new(crate::support::svcd_bin())
+                .args(["run", "--config"])
+                .arg(&config)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
+    }
 
-/// The admin API and metrics listener with client certificates: a client without one fails
-/// the handshake, one from another CA too, an identity `allow` does not list gets 403, the
-/// listed one gets its answer.
-#[tokio::test]
-async fn admin_and_metrics_listeners_take_client_certificates_and_an_allow_list() {
-    let ca = TestCa::new("admin mtls ca");
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    let (cert, key) = ca
-        .issue_sans("admin", &["127.0.0.1", "localhost"], None, false)
-        .write(dir.path(), "admin");
-    let (ops_cert, ops_key) = ca
-        .issue_sans("ops", &[], Some("spiffe://td/ns/ops/svc/prometheus"), false)
-        .write(dir.path(), "ops");
-    let (dev_cert, dev_key) = ca
-        .issue_sans("dev", &[], Some("spiffe://td/ns/dev/svc/laptop"), false)
-        .write(dir.path(), "dev");
-    let stranger = TestCa::new("stranger");
-    let (odd_cert, odd_key) = stranger
-        .issue_sans("ops", &[], Some("spiffe://td/ns/ops/svc/prometheus"), false)
-        .write(dir.path(), "odd");
-    let (admin_port, metrics_port) = (free_port(), free_port());
-    let config = dir.path().join("svcd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
-             [admin.tls]\ncert = {}\nkey = {}\nclient_ca = {}\n\
-             allow = [\"spiffe://td/ns/ops/svc/prometheus\"]\n\
-             [dns]\nlisten = \"127.0.0.1:{}\"\n[[proxy.http]]\nlisten = \"127.0.0.1:{}\"\n",
-            toml_path(&cert),
-            toml_path(&key),
-            toml_path(&ca_file),
-            free_port(),
-            free_port()
-        ),
-    )
-    .unwrap();
-    let _daemon = KillOnDrop(
-        Command::new(crate::support::svcd_bin())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    // (curl exit code, HTTP status as curl wrote it, body)
-    let get = |port: u16, client: Option<(&PathBuf, &PathBuf)>| {
+    /// curl `url` trusting the CA, with a client certificate if given: (exit code, body, then
+    /// a line with the HTTP status).
+    fn get(&self, url: &str, client: Option<&(PathBuf, PathBuf)>) -> (i32, String) {
         let mut c = Command::new("curl");
         c.args(["-sS", "--max-time", "5", "-w", "\n%{http_code}", "--cacert"])
-            .arg(&ca_file);
+            .arg(&self.ca_file);
         if let Some((cert, key)) = client {
             c.arg("--cert").arg(cert).arg("--key").arg(key);
         }
-        let out = c
-            .arg(format!("https://localhost:{port}/readyz"))
-            .output()
-            .unwrap();
+        let out = c.arg(url).output().unwrap();
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
         )
-    };
-    eventually(Duration::from_secs(10), "admin over mTLS ready", || async {
-        let (code, out) = get(admin_port, Some((&ops_cert, &ops_key)));
-        (code == 0 && out == "ready\n\n200").then_some(())
-    })
-    .await;
-    for port in [admin_port, metrics_port] {
+    }
+
+    /// `https://localhost:{port}{path}`.
+    fn https(port: u16, path: &str) -> String {
+        format!("https://localhost:{port}{path}")
+    }
+
+    async fn wait_ready(&self, url: &str, client: Option<&(PathBuf, PathBuf)>) {
+        eventually(Duration::from_secs(10), "svcd ready", || async {
+            let (code, out) = self.get(url, client);
+            (code == 0 && out == "ready\n\n200").then_some(())
+        })
+        .await;
+    }
+
+    /// `openssl s_client -cert/-key` (or none) asking the metrics listener for `/readyz` over
+    /// HTTP/1.0: its whole output.
+    fn s_client_readyz(&self, client: Option<&(PathBuf, PathBuf)>) -> String {
+        let mut args = vec![
+            "-servername".to_string(),
+            "localhost".into(),
+            "-CAfile".into(),
+            self.ca_file.display().to_string(),
+        ];
+        if let Some((cert, key)) = client {
+            args.extend([
+                "-cert".into(),
+                cert.display().to_string(),
+                "-key".into(),
+                key.display().to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        s_client_sending(
+            self.metrics_port,
+            &args,
+            "GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n",
+        )
+    }
+}
+
+/// The admin API and the metrics listener over HTTPS from `admin.tls`; plaintext is refused.
+#[tokio::test]
+async fn admin_and_metrics_listeners_serve_https() {
+    let mut a = AdminTls::new("admin ca");
+    a.run(&format!("[admin.tls]\n{}", a.table("")));
+    a.wait_ready(&AdminTls::https(a.admin_port, "/readyz"), None)
+        .await;
+    let (_, out) = a.get(&AdminTls::https(a.metrics_port, "/metrics"), None);
+    assert!(
+        out.contains("svcd_tls_handshakes_total{listener=\"admin\""),
+        "{out}"
+    );
+    let (code, _) = a.get(
+        &format!("http://127.0.0.1:{}/metrics", a.metrics_port),
+        None,
+    );
+    assert_ne!(code, 0, "plaintext on a TLS port");
+}
+
+/// The admin API and metrics listener with client certificates: a client without one fails
+/// the handshake, one from another CA too, an identity `allow` does not list gets 403, the
+/// listed one gets its answer; with curl and with `openssl s_client -cert`.
+#[tokio::test]
+async fn admin_and_metrics_listeners_take_client_certificates_and_an_allow_list() {
+    let mut a = AdminTls::new("admin mtls ca");
+    let ops = a.client(None, "ops", "spiffe://td/ns/ops/svc/prometheus");
+    let dev = a.client(None, "dev", "spiffe://td/ns/dev/svc/laptop");
+    let stranger = TestCa::new("stranger");
+    let odd = a.client(Some(&stranger), "odd", "spiffe://td/ns/ops/svc/prometheus");
+    a.run(&format!(
+        "[admin.tls]\n{}",
+        a.table(&format!(
+            "client_ca = {}\nallow = [\"spiffe://td/ns/ops/svc/prometheus\"]\n",
+            toml_path(&a.ca_file)
+        ))
+    ));
+    a.wait_ready(&AdminTls::https(a.admin_port, "/readyz"), Some(&ops))
+        .await;
+    for port in [a.admin_port, a.metrics_port] {
+        let url = AdminTls::https(port, "/readyz");
         assert_eq!(
-            get(port, Some((&ops_cert, &ops_key))),
+            a.get(&url, Some(&ops)),
             (0, "ready\n\n200".to_string()),
             "{port}: the allowed identity"
         );
-        let (_, denied) = get(port, Some((&dev_cert, &dev_key)));
+        let (_, denied) = a.get(&url, Some(&dev));
         assert!(
             denied.ends_with("403"),
             "{port}: another identity: {denied}"
         );
-        let (code, _) = get(port, None);
+        let (code, _) = a.get(&url, None);
         assert_ne!(code, 0, "{port}: no client certificate");
-        let (code, _) = get(port, Some((&odd_cert, &odd_key)));
+        let (code, _) = a.get(&url, Some(&odd));
         assert_ne!(code, 0, "{port}: a certificate from another CA");
     }
+    // openssl s_client: accepted with the listed certificate, refused with an alert without one
+    // or with another CA's.
+    let accepted = a.s_client_readyz(Some(&ops));
+    assert!(
+        accepted.contains("HTTP/1.0 200") && accepted.contains("ready"),
+        "{accepted}"
+    );
+    for (what, client) in [("none", None), ("another CA's", Some(&odd))] {
+        let refused = a.s_client_readyz(client);
+        assert!(
+            refused.contains("alert") && !refused.contains("HTTP/1.0 200"),
+            "{what}: {refused}"
+        );
+    }
+}
+
+/// `admin.metrics_tls`: the metrics listener serves HTTPS with its own certificate and client
+/// CA (Prometheus') while the API stays plaintext on loopback; the API's clients' CA does not
+/// get in there.
+#[tokio::test]
+async fn the_metrics_listener_serves_its_own_tls_table() {
+    let mut a = AdminTls::new("scrape ca");
+    let prometheus = a.client(
+        None,
+        "prometheus",
+        "spiffe://td/ns/monitoring/svc/prometheus",
+    );
+    let elsewhere = TestCa::new("api clients ca");
+    let other = a.client(Some(&elsewhere), "other", "spiffe://td/ns/ops/svc/cli");
+    a.run(&format!(
+        "[admin.metrics_tls]\n{}",
+        a.table(&format!("client_ca = {}\n", toml_path(&a.ca_file)))
+    ));
+    a.wait_ready(&format!("http://127.0.0.1:{}/readyz", a.admin_port), None)
+        .await;
+    let (code, out) = a.get(
+        &AdminTls::https(a.metrics_port, "/metrics"),
+        Some(&prometheus),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("svcd_tls_handshakes_total{listener=\"metrics\",result=\"ok\""),
+        "{out}"
+    );
+    assert!(
+        !out.contains("listener=\"admin\""),
+        "the API has no TLS: {out}"
+    );
+    let (code, _) = a.get(&AdminTls::https(a.metrics_port, "/metrics"), Some(&other));
+    assert_ne!(code, 0, "another CA's certificate");
+    let (code, _) = a.get(
+        &format!("http://127.0.0.1:{}/metrics", a.metrics_port),
+        None,
+    );
+    assert_ne!(code, 0, "plaintext on the metrics listener");
 }
 
 struct KillOnDrop(std::process::Child);
@@ -783,31 +901,13 @@ async fn a_grpc_client_over_tls_reaches_a_grpc_instance() {
     register(&h.d, "grpcsvc", "g1", grpc.addr, "grpc").await;
     h.d.wait_instances("default", "grpcsvc", &["g1"], Duration::from_secs(5))
         .await;
-    let roots = {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls::pki_types::CertificateDer::pem_file_iter(h.ca_file()).unwrap() {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        roots
-    };
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let config = crate::support::tls::client_config(&h.ca.pem(), None, &[b"h2"]);
     let port = h.port;
     let channel = tonic::transport::Endpoint::from_static("http://grpcsvc")
         .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let connector = connector.clone();
+            let config = config.clone();
             async move {
-                let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-                let name = rustls::pki_types::ServerName::try_from("web").unwrap();
-                let tls = connector.connect(name, tcp).await?;
+                let tls = crate::support::tls::tls_connect(port, config, "web").await?;
                 assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
             }
