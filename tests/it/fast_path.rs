@@ -261,36 +261,9 @@ async fn tls_exchange(
     client: Option<&crate::support::tls::Issued>,
     bytes: &[u8],
 ) -> String {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    let mut config = match client {
-        Some(issued) => {
-            let chain = CertificateDer::pem_slice_iter(issued.cert.as_bytes())
-                .map(Result::unwrap)
-                .collect();
-            let key = PrivateKeyDer::from_pem_slice(issued.key.as_bytes()).unwrap();
-            builder.with_client_auth_cert(chain, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut tls = connector
-        .connect(ServerName::try_from("web").unwrap(), tcp)
+    let config = crate::support::tls::client_config(ca_pem, client, &[b"http/1.1"]);
+    let mut tls = crate::support::tls::tls_connect(port, config, "web")
         .await
         .unwrap();
     tls.write_all(bytes).await.unwrap();

@@ -102,7 +102,14 @@ impl H1 {
 
     /// [`Self::connect`], the failure returned.
     pub async fn try_connect(addr: SocketAddr) -> Result<H1, Box<dyn std::error::Error>> {
-        let stream = TcpStream::connect(addr).await?;
+        H1::over(TcpStream::connect(addr).await?).await
+    }
+
+    /// HTTP/1.1 over an established `stream` (a TLS one, say).
+    pub async fn over<S>(stream: S) -> Result<H1, Box<dyn std::error::Error>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn.with_upgrades());
         Ok(H1 { send })

@@ -2,6 +2,8 @@
 //! certificates (valid or expired), written as PEM files where etcd and svcd read them.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rcgen::{
     date_time_ymd, BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
@@ -118,53 +120,161 @@ impl Issued {
     }
 }
 
-/// A TLS instance: terminates TLS with `issued` (ALPN http/1.1) and answers every request with
-/// `200` and its `name`, closing after each. Runs until the test's runtime ends.
+/// A TLS instance: terminates TLS with `issued` (ALPN http/1.1) and answers every request on a
+/// connection with `200` and its `name`, keeping the connection open as real servers do (a
+/// client's `connection: close` closes it). It counts its handshakes and records the server name
+/// (SNI) each client sent. Runs until the test's runtime ends.
+pub struct TlsBackend {
+    pub addr: std::net::SocketAddr,
+    handshakes: Arc<AtomicUsize>,
+    server_names: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+impl TlsBackend {
+    pub async fn start(name: &'static str, issued: &Issued) -> TlsBackend {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(issued.cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(issued.key.as_bytes()).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = TlsBackend {
+            addr: listener.local_addr().unwrap(),
+            handshakes: Arc::default(),
+            server_names: Arc::default(),
+        };
+        let (handshakes, server_names) = (backend.handshakes.clone(), backend.server_names.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let (handshakes, server_names) = (handshakes.clone(), server_names.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    handshakes.fetch_add(1, Ordering::SeqCst);
+                    let sni = tls.get_ref().1.server_name().map(str::to_string);
+                    server_names.lock().unwrap().push(sni);
+                    serve_requests(tls, name).await;
+                });
+            }
+        });
+        backend
+    }
+
+    /// TLS handshakes completed so far (one per connection).
+    pub fn handshakes(&self) -> usize {
+        self.handshakes.load(Ordering::SeqCst)
+    }
+
+    /// The server name each connection's ClientHello carried, in order.
+    pub fn server_names(&self) -> Vec<Option<String>> {
+        self.server_names.lock().unwrap().clone()
+    }
+}
+
+/// Answers each request head on `stream` (a request body is skipped by its content-length)
+/// with `200` and `name`, until the client closes or asks to.
+async fn serve_requests<S>(mut stream: S, name: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let body: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < end + 4 + body {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..end + 4 + body);
+        let close = head.lines().any(|l| l == "connection: close");
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{}\r\n{name}",
+            name.len(),
+            if close { "connection: close\r\n" } else { "" }
+        );
+        if stream.write_all(reply.as_bytes()).await.is_err() || close {
+            let _ = stream.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// A [`TlsBackend`]'s address, for tests that need no more of it.
 pub async fn tls_backend(name: &'static str, issued: &Issued) -> std::net::SocketAddr {
+    TlsBackend::start(name, issued).await.addr
+}
+
+/// A client config trusting `ca_pem`, offering `alpn`, presenting `client` if given.
+pub fn client_config(
+    ca_pem: &str,
+    client: Option<&Issued>,
+    alpn: &[&[u8]],
+) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let certs = CertificateDer::pem_slice_iter(issued.cert.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(issued.key.as_bytes()).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
-                    name.len()
-                );
-                let _ = tls.write_all(reply.as_bytes()).await;
-                let _ = tls.shutdown().await;
-            });
+    .with_root_certificates(roots);
+    let mut config = match client {
+        Some(issued) => {
+            let chain = CertificateDer::pem_slice_iter(issued.cert.as_bytes())
+                .map(Result::unwrap)
+                .collect();
+            let key = PrivateKeyDer::from_pem_slice(issued.key.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
         }
-    });
-    addr
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// A TLS connection to `127.0.0.1:port` with `config`, SNI `server_name`.
+pub async fn tls_connect(
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+    server_name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
 }
 
 /// `p` as a TOML string.
